@@ -1,0 +1,119 @@
+"""What every benchmark shares: timing, the card's ceilings, and the Case record.
+
+Timing: on CUDA, triton.testing.do_bench (CUDA events, L2 flushed between repetitions, median);
+on CPU, the median of wall-clock repetitions. Inputs that should not sit in L2 are rotated by
+the case itself (see ``Rotating``).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# bytes for the copy ceiling; sized far past the H100/H200 L2 (50/60 MB) on CUDA
+_COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 26}
+_MATMUL_SIZE = {"cuda": 8192, "cpu": 512}
+
+
+@dataclass
+class Case:
+    """One benchmark: ``fns`` maps a label ("fastcore5", "eager", "torch.compile", ...) to a
+    zero-argument callable; ``ours`` names the label whose ratios to the others are reported.
+
+    ``bytes_moved`` (memory-bound ops) or ``flops`` (GEMMs) turn a time into a fraction of the
+    card's copy bandwidth or bf16 matmul rate. ``anchor_keys`` maps a label to the key of the
+    same measurement in the shared H200 anchors file, for reference.
+    """
+
+    op: str
+    shape: str
+    dtype: str
+    mode: str  # "fwd", "fwdbwd" or "step"
+    fns: dict[str, Callable[[], object]]
+    ours: str = "fastcore5"
+    bytes_moved: float | None = None
+    flops: float | None = None
+    anchor_keys: dict[str, str] = field(default_factory=dict)
+
+
+class Rotating:
+    """Cycles through ``count`` copies of some inputs so consecutive calls miss in L2."""
+
+    def __init__(self, make: Callable[[], tuple], count: int):
+        self.sets = [make() for _ in range(max(count, 1))]
+        self.index = 0
+
+    def next(self) -> tuple:
+        self.index = (self.index + 1) % len(self.sets)
+        return self.sets[self.index]
+
+
+def copies_to_exceed_l2(bytes_per_set: int, device: str, l2_bytes: int = 64 << 20) -> int:
+    """How many input sets to rotate so together they exceed L2 (1 set on CPU)."""
+    if device != "cuda":
+        return 1
+    return max(1, -(-3 * l2_bytes // max(bytes_per_set, 1)))
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> float:
+    """Median milliseconds per call of ``fn`` on ``device``."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100))
+    fn()
+    samples = []
+    for _ in range(3 if quick else 7):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
+    """The card's measured copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s)."""
+    numel = _COPY_BYTES[device] // 4 // (4 if quick else 1)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, quick)
+    ceilings = {"copy_GBps": 2 * numel * 4 / ms / 1e6}
+    del src, dst
+    size = _MATMUL_SIZE[device]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, quick)
+    ceilings["matmul_bf16_TFLOPs" if device == "cuda" else "matmul_fp32_TFLOPs"] = 2 * size**3 / ms / 1e9
+    return ceilings
+
+
+def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = False) -> dict:
+    """Time every callable of ``case`` and return one result row (all numbers, no formatting)."""
+    times = {label: time_ms(fn, device, quick) for label, fn in case.fns.items()}
+    ours = times[case.ours]
+    row = {
+        "op": case.op,
+        "shape": case.shape,
+        "dtype": case.dtype,
+        "mode": case.mode,
+        "ms": times,
+        "speedup": {label: t / ours for label, t in times.items() if label != case.ours},
+    }
+    if case.bytes_moved is not None:
+        row["GBps"] = case.bytes_moved / ours / 1e6
+        row["fraction_of_copy_ceiling"] = row["GBps"] / ceilings["copy_GBps"]
+    if case.flops is not None:
+        row["TFLOPs"] = case.flops / ours / 1e9
+        peak = ceilings.get("matmul_bf16_TFLOPs") or ceilings.get("matmul_fp32_TFLOPs")
+        row["fraction_of_matmul_ceiling"] = row["TFLOPs"] / peak
+    if case.anchor_keys:
+        row["anchor_keys"] = case.anchor_keys
+    return row

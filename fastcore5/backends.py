@@ -1,0 +1,134 @@
+"""Which implementation runs an op: the one place that decides.
+
+Backends:
+  "triton"  the Triton kernels in fastcore5.kernels (CUDA tensors; CPU tensors only under
+            TRITON_INTERPRET=1, which is how CI runs them)
+  "cuda"    the CUDA C++ kernels in the optional extension fastcore5._C (CUDA tensors)
+  "torch"   the plain-PyTorch reference in fastcore5.reference (anywhere)
+
+A request comes from ``use_backend(name)`` (innermost wins) or else the environment variable
+FASTCORE5_BACKEND; "auto" (or nothing) lets ``select`` choose. An explicit request for a backend
+that cannot run the op raises BackendUnavailableError saying how to get it; the automatic choice
+falls back quietly to the next backend in PREFERENCE.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+ENV_VAR = "FASTCORE5_BACKEND"
+OPS = ("linear_relu", "embedding_dot_bias", "sgd")
+
+# Automatic order on CUDA tensors, fastest measured first. Until the CUDA extension has been
+# measured against Triton on a GPU (bench/NOTES.md) Triton leads for every op.
+PREFERENCE = {op: ("triton", "cuda", "torch") for op in OPS}
+
+# Stack of use_backend() requests. A plain module list rather than a ContextVar because
+# torch.compile can read (and guard on) a global list but cannot trace ContextVar.get; the
+# price is that use_backend() applies to every thread of the process, not just the caller's.
+_requests: list[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled module fastcore5._C, or None when the package was installed without it."""
+    try:
+        return importlib.import_module("fastcore5._C")
+    except ImportError:
+        return None
+
+
+@torch.compiler.assume_constant_result  # facts about the installation: evaluated, not traced
+def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` (for ``dtype``), with how to fix it; None if it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _triton_import_error() is not None:
+            return f"triton is not importable ({_triton_import_error()}); install it with `pip install triton` (Linux)"
+        if device.type == "cuda" and dtype == torch.float64 and op == "linear_relu":
+            return "compiled Triton has no float64 tl.dot (float64 runs only under TRITON_INTERPRET=1 on CPU)"
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
+            return None
+        return (
+            f"Triton kernels run on CUDA tensors; got {device.type} tensors. To run them on CPU set "
+            "TRITON_INTERPRET=1 in the environment before triton is imported"
+        )
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA C++ kernels need CUDA tensors; got {device.type} tensors"
+        module = cuda_extension()
+        if module is None:
+            return (
+                "the CUDA extension fastcore5._C is not built; reinstall with "
+                "`FASTCORE5_BUILD_CUDA=1 pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch"
+            )
+        if not hasattr(torch.ops.fastcore5_cuda, op + "_forward"):
+            return f"the CUDA extension has no kernel for {op}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+
+
+def requested() -> str | None:
+    """The backend asked for by use_backend() or FASTCORE5_BACKEND, or None for automatic."""
+    name = _requests[-1] if _requests else (os.environ.get(ENV_VAR, "").strip().lower() or None)
+    if name == "auto":
+        return None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}/use_backend got {name!r}; choose one of {BACKENDS} or 'auto'")
+    return name
+
+
+def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``dtype`` living on ``device``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {OPS}")
+    device = torch.device(device)
+    name = requested()
+    if name is not None:
+        reason = unavailable_reason(name, op, device, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} was requested for {op} but cannot run: {reason}")
+        return name
+    if device.type == "cuda":
+        order = PREFERENCE[op]
+    elif interpreter_active():
+        order = ("triton", "torch")
+    else:
+        order = ("torch",)
+    return next(b for b in order if unavailable_reason(b, op, device, dtype) is None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on ``name`` ("triton", "cuda", "torch" or "auto")."""
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"use_backend got {name!r}; choose one of {BACKENDS} or 'auto'")
+    _requests.append(name)
+    try:
+        yield
+    finally:
+        _requests.pop()

@@ -1,0 +1,35 @@
+"""What every launcher shares: output allocation and interpreter facts."""
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (it must be switched on before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised output; filled with NaN (or -1 for integers) when FASTCORE5_POISON=1.
+
+    The test suite turns poisoning on, so an element a kernel forgets to write shows up as
+    NaN in the comparison instead of silently passing on whatever memory held.
+    """
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FASTCORE5_POISON", "0") == "1":
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for operands of ``dtype``: fp32 follows torch's allow_tf32 flag."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def dot_needs_upcast(dtype: torch.dtype) -> bool:
+    """The interpreter computes tl.dot on bfloat16 operands wrongly (garbage of order 1e9 with
+    triton 3.9 on CPU), so under it bf16 tiles are widened to fp32 before the dot. Compiled
+    kernels keep bf16 tensor-core dots."""
+    return interpreting() and dtype == torch.bfloat16
