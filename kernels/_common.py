@@ -33,3 +33,18 @@ def dot_needs_upcast(dtype: torch.dtype) -> bool:
     triton 3.9 on CPU), so under it bf16 tiles are widened to fp32 before the dot. Compiled
     kernels keep bf16 tensor-core dots."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def kernel_output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel should write a ``dtype`` result in.
+
+    The interpreter converts fp32 to bf16 by truncation, not round-to-nearest-even as compiled
+    kernels do (up to 1 ulp off with triton 3.9 on CPU), so under it bf16 results are written in
+    fp32 and rounded by torch in the launcher (``finish_output``). Compiled kernels write bf16.
+    """
+    return torch.float32 if interpreting() and dtype == torch.bfloat16 else dtype
+
+
+def finish_output(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` as ``dtype``: a no-op unless kernel_output_dtype widened it."""
+    return out if out.dtype == dtype else out.to(dtype)

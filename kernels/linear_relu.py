@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_needs_upcast, dot_precision, interpreting, new_output
+from ._common import dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output
 
 
 def _configs():
@@ -181,6 +181,13 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _in_features(x, weight) -> int:
+    """K from whichever of x (M, K) and weight (N, K) was saved; 0 when only grad_b is wanted."""
+    if x is not None:
+        return x.shape[1]
+    return weight.shape[1] if weight is not None else 0
+
+
 def _grid(rows, cols):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
@@ -189,9 +196,11 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """relu(x @ weight.T + bias) for 2-D x (M, K) of any strides; returns a new (M, N) tensor."""
     M, K = x.shape
     N = weight.shape[0]
-    out = new_output((M, N), x.dtype, x.device)
+    out = new_output((M, N), kernel_output_dtype(x.dtype), x.device)
     if M == 0 or N == 0:
-        return out
+        return finish_output(out, x.dtype)
+    if bias is not None:
+        bias = bias.contiguous()  # N elements: cheaper to copy than to stride in the epilogue
     _linear_relu_fwd_kernel[_grid(M, N)](
         x, weight, bias if bias is not None else x, out,
         M, N, K,
@@ -199,7 +208,7 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         HAS_BIAS=bias is not None, INPUT_PRECISION=dot_precision(x.dtype),
         UPCAST=dot_needs_upcast(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype),
     )
-    return out
+    return finish_output(out, x.dtype)
 
 
 def linear_relu_backward(
@@ -217,12 +226,13 @@ def linear_relu_backward(
     x (M, K), weight (N, K).
     """
     M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1]
+    K = _in_features(x, weight)
     dtype = out.dtype
+    grad_dtype = kernel_output_dtype(dtype)
     precision, upcast, acc_dtype = dot_precision(dtype), dot_needs_upcast(dtype), _acc_dtype(dtype)
     grad_x = grad_w = grad_b = None
     if need_input_grad:
-        grad_x = new_output((M, K), dtype, out.device)
+        grad_x = new_output((M, K), grad_dtype, out.device)
         if M and K:
             if N == 0:
                 grad_x.zero_()
@@ -235,8 +245,8 @@ def linear_relu_backward(
                     INPUT_PRECISION=precision, UPCAST=upcast, ACC_DTYPE=acc_dtype,
                 )
     if need_weight_grad or need_bias_grad:
-        grad_w = new_output((N, K), dtype, out.device) if need_weight_grad else None
-        grad_b = new_output((N,), dtype, out.device) if need_bias_grad else None
+        grad_w = new_output((N, K), grad_dtype, out.device) if need_weight_grad else None
+        grad_b = new_output((N,), grad_dtype, out.device) if need_bias_grad else None
         weight_tiles = need_weight_grad and K > 0
         if M == 0:
             for g in (grad_w, grad_b):
@@ -254,4 +264,4 @@ def linear_relu_backward(
                 HAS_WEIGHT_GRAD=weight_tiles, HAS_BIAS_GRAD=need_bias_grad,
                 INPUT_PRECISION=precision, UPCAST=upcast, ACC_DTYPE=acc_dtype,
             )
-    return grad_x, grad_w, grad_b
+    return tuple(None if g is None else finish_output(g, dtype) for g in (grad_x, grad_w, grad_b))

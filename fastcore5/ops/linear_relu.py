@@ -63,7 +63,7 @@ def linear_relu_backward_op(
 @linear_relu_backward_op.register_fake
 def _(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, backend):
     M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1]
+    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
     return (
         out.new_empty((M, K) if need_input_grad else 0),
         out.new_empty((N, K) if need_weight_grad else 0),
@@ -133,5 +133,6 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     backend = backends.select(OP, device, dtype)
     if backend == "torch":
         return reference.linear_relu(x, weight, bias)
-    out = linear_relu_op(x.reshape(-1, in_features), weight, bias, backend)
-    return out.reshape(*x.shape[:-1], out_features)
+    batch_shape = x.shape[:-1]
+    out = linear_relu_op(x.reshape(batch_shape.numel(), in_features), weight, bias, backend)
+    return out.reshape(*batch_shape, out_features)

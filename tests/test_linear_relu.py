@@ -1,0 +1,276 @@
+"""fastcore5.linear_relu and nn.LinearReLU against relu(x @ W.T + b).
+
+On CPU the Triton kernels run through the interpreter (conftest), so every test here exercises
+the real kernels; shapes stay small because the interpreter is slow.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcore5
+from fastcore5 import use_backend
+from fastcore5.nn import LinearReLU
+from fastcore5.ops.linear_relu import linear_relu_backward_op, linear_relu_op
+
+from conftest import DEVICE
+
+
+def reference(x, weight, bias):
+    return F.relu(F.linear(x, weight, bias))
+
+
+def make_inputs(M, K, N, dtype=torch.float32, bias=True, requires_grad=False, device=DEVICE):
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    weight = torch.randn(N, K, dtype=dtype, device=device) / K**0.5
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    tensors = [t for t in (x, weight, b) if t is not None]
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return x, weight, b
+
+
+def low_precision_error_ok(ours, torch_out, exact, atol):
+    """The parity rule: our error against float64 is at most 2x PyTorch's own error (+ atol)."""
+    our_err = (ours.double() - exact).abs().max().item()
+    torch_err = (torch_out.double() - exact).abs().max().item()
+    return our_err <= 2 * torch_err + atol, (our_err, torch_err)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("M, K, N", [(37, 29, 23), (1, 16, 16), (64, 48, 40)])
+def test_forward_within_torch_error(dtype, atol, M, K, N):
+    x, w, b = make_inputs(M, K, N, dtype)
+    with use_backend("triton"):
+        ours = fastcore5.linear_relu(x, w, b)
+    exact = reference(x.double(), w.double(), b.double())
+    assert ours.dtype == dtype and ours.shape == (M, N)
+    ok, errs = low_precision_error_ok(ours, reference(x, w, b), exact, atol)
+    assert ok, errs
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_backward_within_torch_error(dtype, atol):
+    x, w, b = make_inputs(33, 21, 19, dtype, requires_grad=True)
+    grad_out = torch.randn(33, 19, dtype=dtype, device=DEVICE)
+    with use_backend("triton"):
+        ours = torch.autograd.grad(fastcore5.linear_relu(x, w, b), (x, w, b), grad_out)
+    theirs = torch.autograd.grad(reference(x, w, b), (x, w, b), grad_out)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    exact = torch.autograd.grad(reference(x64, w64, b64), (x64, w64, b64), grad_out.double())
+    for name, o, t, e in zip(("grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
+        assert o.dtype == dtype
+        ok, errs = low_precision_error_ok(o, t, e, atol)
+        assert ok, (name, errs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7)])
+def test_gradcheck_float64(bias, shape):
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, shape[-1], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+    with use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda *t: fastcore5.linear_relu(*t), inputs)
+
+
+def test_gradgrad_is_not_claimed():
+    """The fused backward is itself a custom op without a derivative: asking for a double
+    backward must fail loudly rather than return a wrong second derivative."""
+    x, w, b = make_inputs(4, 3, 2, torch.float64, requires_grad=True)
+    with use_backend("triton"):
+        (gx,) = torch.autograd.grad(fastcore5.linear_relu(x, w, b).sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_only_requested_gradients_are_computed(needs):
+    x, w, b = make_inputs(9, 6, 5, torch.float64)
+    for t, need in zip((x, w, b), needs):
+        t.requires_grad_(need)
+    with use_backend("triton"):
+        out = fastcore5.linear_relu(x, w, b)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    x64, w64, b64 = (t.detach().clone().requires_grad_(need) for t, need in zip((x, w, b), needs))
+    reference(x64, w64, b64).backward(grad_out)
+    for t, ref_t, need in zip((x, w, b), (x64, w64, b64), needs):
+        if need:
+            torch.testing.assert_close(t.grad, ref_t.grad)
+        else:
+            assert t.grad is None
+
+
+def test_backward_saves_output_not_preactivation():
+    """What autograd keeps for the backward: the output (whose sign is relu'), x and W; never a
+    tensor holding the pre-activation x @ W.T + b."""
+    x, w, b = make_inputs(8, 5, 6, torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastcore5.linear_relu(x, w, b)
+    pre_activation = F.linear(x, w, b)
+    assert any(s.shape == out.shape and torch.equal(s, out) for s in saved)
+    assert not any(s.shape == pre_activation.shape and torch.equal(s, pre_activation) for s in saved)
+
+
+@pytest.mark.parametrize("M, K, N", [(0, 8, 4), (3, 0, 4), (3, 8, 0), (1, 1, 1), (17, 31, 13)])
+def test_edge_shapes(M, K, N):
+    x, w, b = make_inputs(M, K, N, torch.float64, requires_grad=True)
+    grad_out = torch.randn(M, N, dtype=torch.float64)
+    with use_backend("triton"):
+        out = fastcore5.linear_relu(x, w, b)
+        out.backward(grad_out)
+    x64, w64, b64 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    expected = reference(x64, w64, b64)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected)
+    for t, r in ((x, x64), (w, w64), (b, b64)):
+        torch.testing.assert_close(t.grad, r.grad)
+
+
+def test_non_contiguous_and_transposed_inputs():
+    base = torch.randn(12, 40, dtype=torch.float64)
+    x = base[:, ::2]  # (12, 20) with a column stride of 2
+    weight = torch.randn(20, 7, dtype=torch.float64).t()  # (7, 20): out=7, in=20, column-major
+    bias = torch.randn(14, dtype=torch.float64)[::2]
+    assert not x.is_contiguous() and not weight.is_contiguous() and not bias.is_contiguous()
+    with use_backend("triton"):
+        out = fastcore5.linear_relu(x, weight, bias)
+    torch.testing.assert_close(out, reference(x, weight, bias))
+
+
+def test_leading_batch_dims_and_permuted_input():
+    x = torch.randn(4, 6, 3, dtype=torch.float64).permute(1, 0, 2)  # (6, 4, 3), not contiguous
+    w = torch.randn(5, 3, dtype=torch.float64)
+    with use_backend("triton"):
+        out = fastcore5.linear_relu(x, w)
+    assert out.shape == (6, 4, 5)
+    torch.testing.assert_close(out, reference(x, w, None))
+
+
+def test_tf32_flag_is_followed():
+    x, w, b = make_inputs(16, 32, 16)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        from fastcore5.kernels._common import dot_precision
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_autocast_computes_in_autocast_dtype_like_nn_linear():
+    layer = LinearReLU(12, 8)
+    x = torch.randn(5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("triton"):
+        ours = layer(x)
+        theirs = F.relu(torch.nn.Linear.forward(layer, x))
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    exact = reference(x.double(), layer.weight.double(), layer.bias.double())
+    ok, errs = low_precision_error_ok(ours, theirs, exact, 1e-2)
+    assert ok, errs
+
+
+def test_module_is_a_drop_in_for_nn_linear():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(10, 6)
+    torch.manual_seed(0)
+    fused = LinearReLU(10, 6)
+    assert isinstance(fused, torch.nn.Linear)
+    torch.testing.assert_close(fused.weight, plain.weight)  # same init
+    assert set(fused.state_dict()) == set(plain.state_dict()) == {"weight", "bias"}
+    other = torch.nn.Linear(10, 6)
+    fused.load_state_dict(other.state_dict())
+    x = torch.randn(3, 10)
+    with use_backend("triton"):
+        torch.testing.assert_close(fused(x), F.relu(other(x)))
+    plain.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(plain.weight, other.weight)
+    no_bias = LinearReLU(10, 6, bias=False, dtype=torch.float64)
+    assert no_bias.bias is None and no_bias.weight.dtype == torch.float64
+
+
+def test_opcheck_forward_and_backward():
+    x, w, b = make_inputs(11, 9, 7, torch.float64)
+    for backend in ("triton",):
+        torch.library.opcheck(linear_relu_op, (x, w, b, backend))
+        torch.library.opcheck(linear_relu_op, (x.requires_grad_(), w.requires_grad_(), None, backend))
+        out = reference(x, w, b).detach()
+        grad_out = torch.randn_like(out)
+        torch.library.opcheck(linear_relu_backward_op, (grad_out, out, x.detach(), w.detach(), True, True, True, backend))
+        torch.library.opcheck(linear_relu_backward_op, (grad_out, out, None, w.detach(), True, False, False, backend))
+
+
+def test_torch_compile_fullgraph():
+    layer = LinearReLU(9, 5, dtype=torch.float64)
+    x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
+    with use_backend("triton"):
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        out = compiled(x)
+        out.sum().backward()
+    expected = reference(x, layer.weight, layer.bias)
+    torch.testing.assert_close(out, expected)
+    grad_x = x.grad.clone()
+    x.grad = None
+    expected.sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+
+
+def test_torch_backend_runs_the_reference():
+    x, w, b = make_inputs(4, 3, 2)
+    with use_backend("torch"):
+        torch.testing.assert_close(fastcore5.linear_relu(x, w, b), reference(x, w, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (lambda: (torch.randn(3, 4), torch.randn(5, 6), None), ValueError, "weight expects in_features=6"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(6)), ValueError, "bias has 6 elements"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4, 1), None), ValueError, "weight must have 2 dimensions"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 1)), ValueError, "bias must have 1 dimensions"),
+        (lambda: (torch.randn(()), torch.randn(5, 4), None), ValueError, "x must have at least 1 dimension"),
+        (lambda: (torch.randint(0, 3, (3, 4)), torch.randn(5, 4), None), TypeError, "x has dtype torch.int64"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), None), TypeError, "weight is torch.float64"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, device="meta")), ValueError, "bias on meta"),
+        (lambda: ([[1.0]], torch.randn(5, 4), None), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(args, error, match):
+    with use_backend("triton"), pytest.raises(error, match=match):
+        fastcore5.linear_relu(*args())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)])
+@pytest.mark.parametrize("M, K, N", [(8192, 1024, 4096), (8192, 4096, 1024), (65536, 256, 256), (1024, 1024, 1024), (1000, 999, 97)])
+def test_gpu_parity_at_benchmark_shapes(dtype, tf32, M, K, N):
+    x, w, b = make_inputs(M, K, N, dtype, requires_grad=True, device="cuda")
+    grad_out = torch.randn(M, N, dtype=dtype, device="cuda")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with use_backend("triton"):
+            out = fastcore5.linear_relu(x, w, b)
+            ours = (out, *torch.autograd.grad(out, (x, w, b), grad_out))
+        torch_out = reference(x, w, b)
+        theirs = (torch_out, *torch.autograd.grad(torch_out, (x, w, b), grad_out))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    exact_out = reference(x64, w64, b64)
+    exact = (exact_out, *torch.autograd.grad(exact_out, (x64, w64, b64), grad_out.double()))
+    scale = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    for name, o, t, e in zip(("out", "grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
+        ok, errs = low_precision_error_ok(o, t, e, scale)
+        assert ok, (name, errs)
