@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call (see README "Running on a GPU").
+#
+# Installs fastcore5 from this working tree without network, builds the CUDA extension, runs the
+# GPU-marked tests and the quick benchmark, and writes every log and JSON under $OUT (default
+# ./gpu-out). Each stage has its own time limit so one slow stage cannot eat the device budget;
+# a failed stage is recorded and the next still runs. The exit status is that of the tests.
+#
+# Usage on the device machine: bash scripts/gpu_check.sh            (everything)
+#                              STAGES="install tests" bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+STAGES=${STAGES:-"install tests bench"}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+status=0
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 seconds=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+  tail -n 15 "$OUT/$name.log"
+  return $rc
+}
+
+{
+  date -u +%FT%TZ
+  git rev-parse HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+  $PYTHON -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+for s in $STAGES; do
+  case $s in
+    install)
+      FASTCORE5_BUILD_CUDA=${FASTCORE5_BUILD_CUDA:-1} stage install 300 \
+        $PYTHON -m pip install --no-deps --no-build-isolation -e . \
+        || { echo "CUDA build failed; installing without it so the Triton path is still checked"; \
+             FASTCORE5_BUILD_CUDA=0 stage install-python-only 120 $PYTHON -m pip install --no-deps --no-build-isolation -e .; } ;;
+    tests)
+      # Only the GPU-marked tests: the rest of the suite is written for CPU tensors under the
+      # Triton interpreter, which CI runs.
+      stage tests 300 $PYTHON -m pytest tests -m gpu -q -rfE --junitxml="$OUT/tests.xml" || status=1 ;;
+    bench)
+      stage bench 240 $PYTHON -m bench --quick --out "$OUT/bench" || true ;;
+    *) echo "unknown stage $s"; status=2 ;;
+  esac
+done
+exit $status
