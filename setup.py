@@ -36,6 +36,34 @@ def _want_cuda_extension():
     return bool(has_toolchain) and bool(glob.glob("csrc/*.cu"))
 
 
+def _cublaslt_paths():
+    """(include dir, library dir, library file) of cuBLASLt, which csrc/linear_relu.cu uses.
+
+    Looked for in the CUDA toolkit first, then in the nvidia-cublas wheel that CUDA builds of
+    torch depend on (site-packages/nvidia/cu13 or nvidia/cublas): a toolkit that has nvcc but
+    not cuBLAS (as on a minimal install) still builds against the wheel's headers.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    roots = [CUDA_HOME] if CUDA_HOME else []
+    try:
+        import nvidia
+
+        roots += [os.path.join(base, sub) for base in nvidia.__path__ for sub in sorted(os.listdir(base))]
+    except ImportError:
+        pass
+    for root in roots:
+        if os.path.isfile(os.path.join(root, "include", "cublasLt.h")):
+            for lib_dir in ("lib64", "lib"):
+                libraries = sorted(glob.glob(os.path.join(root, lib_dir, "libcublasLt.so*")))
+                if libraries:
+                    return os.path.join(root, "include"), os.path.join(root, lib_dir), os.path.basename(libraries[0])
+    raise RuntimeError(
+        "building the CUDA extension needs cuBLASLt (cublasLt.h and libcublasLt.so): install the CUDA toolkit's "
+        "cuBLAS or `pip install nvidia-cublas` matching your CUDA, or set FASTCORE5_BUILD_CUDA=0"
+    )
+
+
 def _cuda_extension_kwargs():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
@@ -46,11 +74,16 @@ def _cuda_extension_kwargs():
             os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    include_dir, lib_dir, lib_file = _cublaslt_paths()
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
     extension = CUDAExtension(
         name="fastcore5._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        include_dirs=[include_dir],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        # Link the exact file (the wheel ships only libcublasLt.so.N, no unversioned name).
+        extra_link_args=[f"-L{lib_dir}", f"-l:{lib_file}", f"-Wl,-rpath,{lib_dir}"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 

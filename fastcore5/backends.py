@@ -54,11 +54,17 @@ def _triton_import_error() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def cuda_extension():
-    """The compiled module fastcore5._C, or None when the package was installed without it."""
+    """The compiled module fastcore5._C, or None when the package was installed without it.
+
+    Loading it registers the ops torch.ops.fastcore5_cuda.*; their fake implementations (for
+    torch.compile and opcheck) are registered here too, right after.
+    """
     try:
-        return importlib.import_module("fastcore5._C")
+        module = importlib.import_module("fastcore5._C")
     except ImportError:
         return None
+    importlib.import_module("fastcore5._cuda_ops").register()
+    return module
 
 
 @torch.compiler.assume_constant_result  # facts about the installation: evaluated, not traced

@@ -1,0 +1,486 @@
+// EmbeddingDotBias (fastai's collaborative-filtering model) forward and backward kernels.
+//
+// Contract (preconditions guaranteed by csrc/registration.cpp and fastcore5/ops/embedding_dot_bias.py):
+//   users, items: (B,) int32 or int64, any stride, every index already checked on the host to lie
+//     in [0, rows) (so no kernel here ever sees a bad index and none asserts on the device).
+//   u_weight (n_users, D), i_weight (n_items, D): one floating dtype T, any strides.
+//   u_bias, i_bias: one element per row at stride(0) ((n,) or (n, 1) tables).
+//   res[s] = <U[users[s]], V[items[s]]> + ub[users[s]] + ib[items[s]];
+//   out[s] = res[s], or sigmoid(res[s]) * (hi - lo) + lo with a y_range.
+// Backward: coef[s] = grad_out[s] * d out / d res (res recomputed from the rows, nothing saved),
+//   grad_U[r] = sum_{s: users[s] = r} coef[s] * V[items[s]],  grad_ub[r] = sum coef[s]; same for V.
+//   atomic:        per-sample scatter into fp32 (fp64 for fp64) zero-filled accumulators, 16-byte
+//                  vector atomics on sm_90; the order of additions varies: not deterministic.
+//   deterministic: the caller sorts the indices (stable); segment_chunk_kernel + segment_carry_kernel
+//                  sum every row's samples in an order fixed by B alone: bitwise reproducible.
+//   sparse:        per-sample values (nn.Embedding(sparse=True)'s COO values): no reduction.
+// Math in fp32 (fp64 for fp64 tables). All row offsets are int64 (tables may exceed 2^31 elements).
+// Work split: a group of G lanes (G a power of two <= 32, just enough lanes to cover a row with
+// one 16-byte access each) handles one sample, so for D = 64 in bf16 a warp serves 4 samples.
+#include "common.cuh"
+#include "fastcore5.h"
+
+#include <c10/cuda/CUDACachingAllocator.h>
+
+namespace fastcore5 {
+namespace {
+
+constexpr int kThreads = 256;
+
+// An index vector of either integer width, read at any stride.
+struct IndexRef {
+  const void* ptr;
+  int64_t stride;
+  bool wide;
+  __device__ __forceinline__ int64_t operator[](int64_t s) const {
+    return wide ? static_cast<const int64_t*>(ptr)[s * stride]
+                : static_cast<int64_t>(static_cast<const int32_t*>(ptr)[s * stride]);
+  }
+};
+
+IndexRef index_ref(const at::TensorBase& t) {
+  return IndexRef{t.const_data_ptr(), t.stride(0), t.scalar_type() == c10::ScalarType::Long};
+}
+
+template <typename T>
+struct TableRef {
+  const T* ptr;
+  int64_t row_stride, col_stride;
+  __device__ __forceinline__ const T* row(int64_t r) const { return ptr + r * row_stride; }
+};
+
+template <typename T>
+TableRef<T> table_ref(const at::TensorBase& t) {
+  if (!t.defined()) return TableRef<T>{nullptr, 0, 0};
+  return TableRef<T>{t.const_data_ptr<T>(), t.stride(0), t.dim() > 1 ? t.stride(1) : 1};
+}
+
+// Sum over the G lanes of a group (G a power of two); every lane of the warp must call it.
+template <typename A>
+__device__ __forceinline__ A group_sum(A value, int G) {
+  for (int offset = G / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset, G);
+  return value;
+}
+
+template <typename A>
+__device__ __forceinline__ A sigmoid(A x) {
+  return A(1) / (A(1) + exp(-x));
+}
+
+// This lane's share of <a_row, b_row>: columns lane*VEC + k*G*VEC (16-byte loads) when VEC > 1,
+// else columns lane + k*G at the tables' column strides.
+template <typename T, int VEC>
+__device__ __forceinline__ acc_t<T> partial_dot(const T* a_row, int64_t a_cs, const T* b_row, int64_t b_cs, int64_t D,
+                                                int lane, int G) {
+  using A = acc_t<T>;
+  A acc = A(0);
+  if (VEC > 1) {
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+      const Vec<T, VEC> a = *reinterpret_cast<const Vec<T, VEC>*>(a_row + c);
+      const Vec<T, VEC> b = *reinterpret_cast<const Vec<T, VEC>*>(b_row + c);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc += static_cast<A>(a.v[j]) * static_cast<A>(b.v[j]);
+    }
+  } else {
+    for (int64_t c = lane; c < D; c += G) acc += static_cast<A>(a_row[c * a_cs]) * static_cast<A>(b_row[c * b_cs]);
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VEC>
+__global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
+                               TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo, acc_t<T> hi,
+                               T* __restrict__ out) {
+  using A = acc_t<T>;
+  const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
+  const int lane = threadIdx.x % G;
+  const bool valid = s < B;
+  int64_t u = 0, i = 0;
+  A dot = A(0);
+  if (valid) {
+    u = users[s];
+    i = items[s];
+    dot = partial_dot<T, VEC>(U.row(u), U.col_stride, V.row(i), V.col_stride, D, lane, G);
+  }
+  dot = group_sum(dot, G);  // outside the branch: every lane of the warp takes part
+  if (valid && lane == 0) {
+    A res = dot + static_cast<A>(*ub.row(u)) + static_cast<A>(*ib.row(i));
+    if (has_range) res = sigmoid(res) * (hi - lo) + lo;
+    out[s] = static_cast<T>(res);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, per sample. MODE selects what is written:
+//   kCoef:   coef[s] (acc type) for the deterministic path;
+//   kAtomic: coef * partner row atomically added into acc-type accumulators (grad_uw/grad_iw
+//            contiguous (n, D), grad_ub/grad_ib contiguous (n,)); each may be null (not wanted);
+//   kSparse: per-sample values in T: uw[s] = coef*V[i], iw[s] = coef*U[u] (contiguous (B, D)),
+//            ub[s] = ib[s] = coef.
+// ---------------------------------------------------------------------------------------------
+enum Mode { kCoef = 0, kAtomic = 1, kSparse = 2 };
+
+template <typename A, int VEC>
+__device__ __forceinline__ void atomic_add_vec(A* dst, const A (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kFloat4 = sizeof(A) == 4 && VEC % 4 == 0;
+#else
+  constexpr bool kFloat4 = false;
+#endif
+  if constexpr (kFloat4) {
+    // sm_90 has 16-byte float atomics. dst is 16-byte aligned: the accumulators are fresh
+    // allocations, D % VEC == 0 and the column is a multiple of VEC.
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, v[j]);
+  }
+}
+
+template <typename T, int VEC, int MODE>
+__global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64_t grad_stride, IndexRef users,
+                                           IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
+                                           TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo,
+                                           acc_t<T> hi, acc_t<T>* __restrict__ coef_out, void* __restrict__ out_uw,
+                                           void* __restrict__ out_iw, void* __restrict__ out_ub,
+                                           void* __restrict__ out_ib) {
+  using A = acc_t<T>;
+  const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
+  const int lane = threadIdx.x % G;
+  const bool valid = s < B;
+  int64_t u = 0, i = 0;
+  A coef = A(0), dot = A(0);
+  if (valid) {
+    u = users[s];
+    i = items[s];
+    coef = static_cast<A>(grad_out[s * grad_stride]);
+    if (has_range) dot = partial_dot<T, VEC>(U.row(u), U.col_stride, V.row(i), V.col_stride, D, lane, G);
+  }
+  if (has_range) {
+    dot = group_sum(dot, G);
+    if (valid) {
+      const A sg = sigmoid(dot + static_cast<A>(*ub.row(u)) + static_cast<A>(*ib.row(i)));
+      coef *= (hi - lo) * sg * (A(1) - sg);
+    }
+  }
+  if (!valid) return;  // no shuffles below
+  if constexpr (MODE == kCoef) {
+    if (lane == 0) coef_out[s] = coef;
+    return;
+  }
+  if (lane == 0) {
+    if constexpr (MODE == kAtomic) {
+      if (out_ub != nullptr) atomicAdd(static_cast<A*>(out_ub) + u, coef);
+      if (out_ib != nullptr) atomicAdd(static_cast<A*>(out_ib) + i, coef);
+    } else {
+      if (out_ub != nullptr) static_cast<T*>(out_ub)[s] = static_cast<T>(coef);
+      if (out_ib != nullptr) static_cast<T*>(out_ib)[s] = static_cast<T>(coef);
+    }
+  }
+  // Two passes, one per table gradient: grad_U rows take the item row, grad_V rows the user row.
+  for (int side = 0; side < 2; ++side) {
+    void* dst_table = side == 0 ? out_uw : out_iw;
+    if (dst_table == nullptr) continue;
+    const TableRef<T>& src = side == 0 ? V : U;
+    const T* src_row = src.row(side == 0 ? i : u);
+    const int64_t dst_row = MODE == kAtomic ? (side == 0 ? u : i) : s;
+    for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
+      A v[VEC];
+      if (VEC > 1) {
+        const Vec<T, VEC> row = *reinterpret_cast<const Vec<T, VEC>*>(src_row + c);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = coef * static_cast<A>(row.v[j]);
+      } else {
+        v[0] = coef * static_cast<A>(src_row[c * src.col_stride]);
+      }
+      if constexpr (MODE == kAtomic) {
+        atomic_add_vec<A, VEC>(static_cast<A*>(dst_table) + dst_row * D + c, v);
+      } else {
+        Vec<T, VEC> w;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) w.v[j] = static_cast<T>(v[j]);
+        *reinterpret_cast<Vec<T, VEC>*>(static_cast<T*>(dst_table) + dst_row * D + c) = w;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic segment reduction over the sorted keys of one table.
+//
+// The sorted sequence (N entries: key = row, order = sample) is cut into chunks of kChunk
+// entries, one warp each. Inside a chunk the warp walks the entries in order; each run of equal
+// keys (a "piece") is summed in fp32 registers, lanes spanning the D columns (32*VEC per column
+// tile). A piece that is its row's whole segment is stored straight into the gradient row (its
+// only writer). A piece cut by a chunk boundary goes to a scratch slot: ``head`` if its segment
+// began in an earlier chunk, else ``tail``. segment_carry_kernel then lets the chunk where each
+// cut segment begins add its tail and the following chunks' heads, in chunk order, and store the
+// row. Every sum runs in an order fixed by N and kChunk: bitwise identical from run to run.
+// Scratch rows are D + 1 wide; column D carries the bias sum.
+// ---------------------------------------------------------------------------------------------
+constexpr int kChunk = 32;
+
+struct SegmentArgs {
+  IndexRef keys;           // sorted rows (N,)
+  const int64_t* order;    // sample of each sorted entry (N,)
+  int64_t N, D;
+  IndexRef partners;       // the other table's index per sample (B,)
+};
+
+template <typename T, int VEC>
+__global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restrict__ coef, TableRef<T> partner_table,
+                                     T* __restrict__ grad_w, T* __restrict__ grad_b, acc_t<T>* __restrict__ head,
+                                     acc_t<T>* __restrict__ tail) {
+  using A = acc_t<T>;
+  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t begin = chunk * kChunk;
+  if (begin >= args.N) return;  // whole warps exit together
+  const int64_t end = min(args.N, begin + kChunk);
+  const int64_t D = args.D;
+  // Lane l fetches entry begin + l once; the walk below broadcasts it (kChunk == 32 lanes).
+  int64_t my_key = -1, my_partner = 0;
+  A my_coef = A(0);
+  if (begin + lane < end) {
+    my_key = args.keys[begin + lane];
+    const int64_t sample = args.order[begin + lane];
+    my_coef = coef[sample];
+    if (grad_w != nullptr) my_partner = args.partners[sample];
+  }
+  const int64_t key_before = begin > 0 ? args.keys[begin - 1] : -1;
+  const int64_t key_after = end < args.N ? args.keys[end] : -1;
+  const int64_t width = D + 1;
+  const int64_t col_extent = grad_w != nullptr ? D : 1;  // one pass for the bias alone
+  for (int64_t col0 = 0; col0 < col_extent; col0 += 32 * VEC) {
+    const int64_t c = col0 + static_cast<int64_t>(lane) * VEC;
+    const bool has_cols = grad_w != nullptr && c < D;
+    A acc[VEC];
+    A bias_acc = A(0);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[j] = A(0);
+    int piece_begin = 0;
+    const int count = static_cast<int>(end - begin);
+    for (int e = 0; e < count; ++e) {
+      const int64_t key = __shfl_sync(0xffffffffu, my_key, e);
+      const A cf = __shfl_sync(0xffffffffu, my_coef, e);
+      const int64_t partner = __shfl_sync(0xffffffffu, my_partner, e);
+      if (has_cols) {
+        const T* row = partner_table.row(partner);
+        if (VEC > 1) {
+          const Vec<T, VEC> r = *reinterpret_cast<const Vec<T, VEC>*>(row + c);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[j] += cf * static_cast<A>(r.v[j]);
+        } else {
+          acc[0] += cf * static_cast<A>(row[c * partner_table.col_stride]);
+        }
+      }
+      bias_acc += cf;
+      const bool last_of_piece = e + 1 == count || __shfl_sync(0xffffffffu, my_key, e + 1) != key;
+      if (!last_of_piece) continue;
+      const bool starts_before = piece_begin == 0 && key_before == key;
+      const bool continues_after = e + 1 == count && key_after == key;
+      A* slot = nullptr;
+      if (starts_before) {
+        slot = head + chunk * width;
+      } else if (continues_after) {
+        slot = tail + chunk * width;
+      }
+      if (has_cols) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (slot != nullptr) {
+            slot[c + j] = acc[j];
+          } else {
+            grad_w[key * D + c + j] = static_cast<T>(acc[j]);
+          }
+          acc[j] = A(0);
+        }
+      }
+      if (col0 == 0 && lane == 0 && grad_b != nullptr) {
+        if (slot != nullptr) {
+          slot[D] = bias_acc;
+        } else {
+          grad_b[key] = static_cast<T>(bias_acc);
+        }
+      }
+      bias_acc = A(0);
+      piece_begin = e + 1;
+    }
+  }
+}
+
+// One warp per chunk; the warp of the chunk where a cut segment begins finishes that segment.
+template <typename T>
+__global__ void segment_carry_kernel(SegmentArgs args, T* __restrict__ grad_w, T* __restrict__ grad_b,
+                                     const acc_t<T>* __restrict__ head, const acc_t<T>* __restrict__ tail) {
+  using A = acc_t<T>;
+  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t chunks = (args.N + kChunk - 1) / kChunk;
+  if (chunk >= chunks) return;
+  const int64_t begin = chunk * kChunk;
+  const int64_t end = min(args.N, begin + kChunk);
+  const int64_t key = args.keys[end - 1];
+  const bool continues_after = end < args.N && args.keys[end] == key;
+  const bool starts_before = begin > 0 && args.keys[begin] == key && args.keys[begin - 1] == key;
+  if (!continues_after || starts_before) return;
+  // Chunks chunk+1 .. last hold the head pieces of this segment; the last is where it stops.
+  int64_t last = chunk + 1;
+  while ((last + 1) * kChunk < args.N && args.keys[(last + 1) * kChunk] == key) ++last;
+  const int64_t D = args.D, width = D + 1;
+  const int64_t col_extent = grad_w != nullptr ? D : 0;
+  for (int64_t c = lane; c < col_extent; c += 32) {
+    A sum = tail[chunk * width + c];
+    for (int64_t k = chunk + 1; k <= last; ++k) sum += head[k * width + c];
+    grad_w[key * D + c] = static_cast<T>(sum);
+  }
+  if (grad_b != nullptr && lane == 0) {
+    A sum = tail[chunk * width + D];
+    for (int64_t k = chunk + 1; k <= last; ++k) sum += head[k * width + D];
+    grad_b[key] = static_cast<T>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch helpers
+// ---------------------------------------------------------------------------------------------
+
+// Lanes per sample: enough for one VEC-wide access per lane across the row, a power of two <= 32.
+int group_size(int64_t D, int vec) {
+  const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));
+  int G = 1;
+  while (G < 32 && G < lanes) G *= 2;
+  return G;
+}
+
+// 16-byte row accesses need unit column stride, D and the row stride multiples of VEC, an
+// aligned base; checked for every table the kernel reads rows of.
+template <typename T>
+bool rows_vectorizable(std::initializer_list<const at::TensorBase*> tables, int64_t D) {
+  constexpr int V = vec16<T>();
+  if (V == 1 || D % V != 0) return false;
+  for (const at::TensorBase* t : tables) {
+    if (!t->defined()) continue;
+    if (t->stride(1) != 1 || t->stride(0) % V != 0 || !aligned16(t->const_data_ptr())) return false;
+  }
+  return true;
+}
+
+unsigned sample_blocks(int64_t B, int G) {
+  const int64_t blocks = ceil_div(B * G, kThreads);
+  TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace
+
+void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::TensorBase& items,
+                                     const at::TensorBase& u_weight, const at::TensorBase& i_weight,
+                                     const at::TensorBase& u_bias, const at::TensorBase& i_bias, bool has_range,
+                                     double lo, double hi, const at::TensorBase& out) {
+  const int64_t B = users.size(0), D = u_weight.size(1);
+  if (B == 0) return;
+  dispatch_floating(u_weight.scalar_type(), "embedding_dot_bias", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const bool vector = rows_vectorizable<T>({&u_weight, &i_weight}, D);
+    const int G = group_size(D, vector ? vec16<T>() : 1);
+    const auto launch = [&](auto kernel) {
+      kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
+          index_ref(users), index_ref(items), table_ref<T>(u_weight), table_ref<T>(i_weight), table_ref<T>(u_bias),
+          table_ref<T>(i_bias), B, D, G, has_range, static_cast<A>(lo), static_cast<A>(hi), out.mutable_data_ptr<T>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vector) {
+      launch(forward_kernel<T, vec16<T>()>);
+    } else {
+      launch(forward_kernel<T, 1>);
+    }
+  });
+}
+
+void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at::TensorBase& users,
+                                        const at::TensorBase& items, const at::TensorBase& u_weight,
+                                        const at::TensorBase& i_weight, const at::TensorBase& u_bias,
+                                        const at::TensorBase& i_bias, int64_t D, bool has_range, double lo, double hi,
+                                        int mode, const at::TensorBase& coef, const at::TensorBase& out_uw,
+                                        const at::TensorBase& out_iw, const at::TensorBase& out_ub,
+                                        const at::TensorBase& out_ib) {
+  const int64_t B = users.size(0);
+  if (B == 0) return;
+  dispatch_floating(grad_out.scalar_type(), "embedding_dot_bias backward", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const bool vector = rows_vectorizable<T>({&u_weight, &i_weight}, D);
+    const int G = group_size(D, vector ? vec16<T>() : 1);
+    const auto ptr = [](const at::TensorBase& t) { return t.defined() ? t.data_ptr() : nullptr; };
+    const auto launch = [&](auto kernel) {
+      kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
+          grad_out.const_data_ptr<T>(), grad_out.stride(0), index_ref(users), index_ref(items), table_ref<T>(u_weight),
+          table_ref<T>(i_weight), table_ref<T>(u_bias), table_ref<T>(i_bias), B, D, G, has_range,
+          static_cast<A>(lo), static_cast<A>(hi), coef.defined() ? coef.mutable_data_ptr<A>() : nullptr, ptr(out_uw),
+          ptr(out_iw), ptr(out_ub), ptr(out_ib));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    constexpr int V = vec16<T>();
+    switch (mode) {
+      case kCoef: vector ? launch(per_sample_backward_kernel<T, V, kCoef>) : launch(per_sample_backward_kernel<T, 1, kCoef>); break;
+      case kAtomic: vector ? launch(per_sample_backward_kernel<T, V, kAtomic>) : launch(per_sample_backward_kernel<T, 1, kAtomic>); break;
+      case kSparse: vector ? launch(per_sample_backward_kernel<T, V, kSparse>) : launch(per_sample_backward_kernel<T, 1, kSparse>); break;
+      default: TORCH_CHECK(false, "embedding_dot_bias backward: unknown mode ", mode);
+    }
+  });
+}
+
+void embedding_segment_reduce_cuda(const at::TensorBase& sorted_keys, const at::TensorBase& order,
+                                   const at::TensorBase& coef, const at::TensorBase& partners,
+                                   const at::TensorBase& partner_table, int64_t D, const at::TensorBase& grad_w,
+                                   const at::TensorBase& grad_b) {
+  const int64_t N = sorted_keys.size(0);
+  if (N == 0 || (!grad_w.defined() && !grad_b.defined())) return;
+  const at::TensorBase& like = grad_w.defined() ? grad_w : grad_b;
+  dispatch_floating(like.scalar_type(), "embedding_dot_bias backward", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const int64_t chunks = ceil_div(N, kChunk);
+    const int64_t width = D + 1;
+    auto& allocator = *c10::cuda::CUDACachingAllocator::get();
+    c10::DataPtr head = allocator.allocate(sizeof(A) * chunks * width);
+    c10::DataPtr tail = allocator.allocate(sizeof(A) * chunks * width);
+    SegmentArgs args{index_ref(sorted_keys), order.const_data_ptr<int64_t>(), N, D,
+                     grad_w.defined() ? index_ref(partners) : IndexRef{nullptr, 0, true}};
+    T* grad_w_ptr = grad_w.defined() ? grad_w.mutable_data_ptr<T>() : nullptr;
+    T* grad_b_ptr = grad_b.defined() ? grad_b.mutable_data_ptr<T>() : nullptr;
+    const TableRef<T> table = table_ref<T>(partner_table);
+    const int64_t warps_per_block = kThreads / 32;
+    const int64_t blocks = ceil_div(chunks, warps_per_block);
+    TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
+    // The gradient rows are contiguous (grad_w is a fresh (n, D) tensor), so only the partner
+    // table decides whether rows move as 16-byte vectors.
+    const bool vector = grad_w.defined() && rows_vectorizable<T>({&partner_table}, D) && aligned16(grad_w_ptr);
+    const auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
+          args, coef.const_data_ptr<A>(), table, grad_w_ptr, grad_b_ptr, static_cast<A*>(head.get()),
+          static_cast<A*>(tail.get()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vector) {
+      launch(segment_chunk_kernel<T, vec16<T>()>);
+    } else {
+      launch(segment_chunk_kernel<T, 1>);
+    }
+    if (chunks > 1) {
+      segment_carry_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
+          args, grad_w_ptr, grad_b_ptr, static_cast<const A*>(head.get()), static_cast<const A*>(tail.get()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace fastcore5

@@ -1,0 +1,69 @@
+"""Fake (meta) implementations of the CUDA C++ ops in torch.ops.fastcore5_cuda.
+
+The ops themselves are defined in C++ (csrc/registration.cpp) and exist only once the optional
+extension fastcore5._C is loaded, so importing this module registers nothing: ``register()``
+does, and ``fastcore5.backends.cuda_extension()`` calls it right after loading the extension.
+With the fakes, torch.compile can trace the ops and torch.library.opcheck can test them.
+
+Each fake mirrors the shapes of the real op: a gradient that was not asked for is an empty
+(0,)-shaped tensor, as the C++ op returns it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _linear_relu_forward(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
+    M, N = out.shape
+    K = x.shape[1] if x is not None else weight.shape[1]
+    return (
+        out.new_empty((M, K) if need_input_grad else (0,)),
+        out.new_empty((N, K) if need_weight_grad else (0,)),
+        out.new_empty((N,) if need_bias_grad else (0,)),
+    )
+
+
+def _embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi):
+    return u_weight.new_empty((users.shape[0],))
+
+
+def _embedding_dot_bias_backward(
+    grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+    need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
+):
+    B = users.shape[0]
+    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
+    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
+    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
+    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+    return tuple(grad_out.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _sgd_forward(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay, nesterov,
+                 maximize, decoupled_weight_decay, first_step, grad_scale, found_inf):
+    return None
+
+
+FAKES = {
+    "linear_relu_forward": _linear_relu_forward,
+    "linear_relu_backward": _linear_relu_backward,
+    "embedding_dot_bias_forward": _embedding_dot_bias_forward,
+    "embedding_dot_bias_backward": _embedding_dot_bias_backward,
+    "sgd_forward": _sgd_forward,
+}
+
+_registered = False
+
+
+def register() -> None:
+    """Register every fake once; needs the extension loaded (the ops must exist)."""
+    global _registered
+    if _registered:
+        return
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"fastcore5_cuda::{name}", fake)
+    _registered = True

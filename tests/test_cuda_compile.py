@@ -1,0 +1,173 @@
+"""Compile check of the CUDA C++ backend (csrc/) on a machine without a GPU.
+
+Every csrc/*.cu and csrc/*.cpp is compiled to an object file for Hopper (sm_90: nvcc runs
+ptxas, so resource errors show up too) against the headers of the installed torch wheel, which
+for the CPU build lacks the generated c10/cuda/impl/cuda_cmake_macros.h (hence
+-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE) and every CUDA library header. The CUDA files therefore
+include only c10/cuda and ATen/core headers (ATen/cuda/CUDAContext.h would pull cuSPARSE and
+cuSOLVER headers that neither the wheel nor a minimal toolkit has); cuBLASLt's header comes from
+the toolkit or from the nvidia-cublas wheel (a test dependency, see pyproject.toml).
+
+The tests fail on: a compile error, a warning whose location is in csrc/, and a fastcore5::
+symbol that some object uses but none defines (the link step the GPU build would do next).
+They are skipped only when nvcc is not installed.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCES = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for candidate in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
+        path = Path(candidate, "bin", "nvcc")
+        if candidate and path.is_file():
+            return str(path)
+    return None
+
+
+def _cublaslt_include(nvcc: str) -> str | None:
+    """The directory holding cublasLt.h: the toolkit's, else the nvidia-cublas wheel's."""
+    roots = [Path(nvcc).resolve().parent.parent]
+    try:
+        import nvidia
+
+        roots += [sub for base in nvidia.__path__ for sub in sorted(Path(base).iterdir())]
+    except ImportError:
+        pass
+    for root in roots:
+        if (root / "include" / "cublasLt.h").is_file():
+            return str(root / "include")
+    return None
+
+
+def _cxx_standard() -> str:
+    # The standard torch's own extension builder passes (C++20 from torch 2.10 on, C++17 before):
+    # the GPU build uses that, so the check must too.
+    return "c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "c++17"
+
+
+NVCC = _nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (no CUDA toolkit on this machine)")
+
+
+def _flags(cublaslt_include: str | None) -> list[str]:
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    if cublaslt_include:
+        includes.append(cublaslt_include)
+    return [
+        f"-std={_cxx_standard()}",
+        "-O3",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-Xcompiler", "-fPIC",
+        *[f"-I{d}" for d in includes],
+    ]
+
+
+def _compile(source: str, out_dir: Path, flags: list[str]) -> dict:
+    obj = out_dir / (source + ".o")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [NVCC, "-c", str(CSRC / source), "-o", str(obj), *flags], capture_output=True, text=True, cwd=ROOT
+    )
+    return {
+        "source": source,
+        "returncode": proc.returncode,
+        "output": proc.stdout + proc.stderr,
+        "seconds": time.perf_counter() - start,
+        "object": obj,
+    }
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, dict]:
+    """Compile every source once, two at a time (the CI machine has 2 cores)."""
+    out_dir = tmp_path_factory.mktemp("csrc_objects")
+    cublaslt = _cublaslt_include(NVCC)
+    flags = _flags(cublaslt)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda s: _compile(s, out_dir, flags), SOURCES))
+    for r in results:
+        r["cublaslt_include"] = cublaslt
+        print(f"nvcc {r['source']}: {r['seconds']:.1f} s, exit {r['returncode']}", file=sys.stderr)
+    return {r["source"]: r for r in results}
+
+
+def _own_warnings(output: str) -> list[str]:
+    """Diagnostics located in csrc/ (torch's headers have warnings of their own we cannot fix)."""
+    lines = output.splitlines()
+    return [line for line in lines if re.search(r"csrc/[\w.]+[(:]\d+", line) and "warning" in line.lower()]
+
+
+def test_sources_exist():
+    assert {"linear_relu.cu", "embedding_dot_bias.cu", "sgd.cu", "registration.cpp"} <= set(SOURCES)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_compiles_for_sm90(compiled, source, record_property):
+    result = compiled[source]
+    record_property("nvcc_seconds", round(result["seconds"], 1))
+    if result["returncode"] != 0 and "cublasLt.h" in result["output"] and result["cublaslt_include"] is None:
+        pytest.fail(
+            f"{source} needs cublasLt.h, found neither in the CUDA toolkit nor in an nvidia-cublas wheel: "
+            "`pip install nvidia-cublas` (it is in the test extra)"
+        )
+    assert result["returncode"] == 0, f"nvcc failed on {source}:\n{result['output'][-6000:]}"
+    assert not _own_warnings(result["output"]), "\n".join(_own_warnings(result["output"]))
+
+
+def _symbols(obj: Path, undefined: bool) -> set[str]:
+    args = ["nm", "-C", "--undefined-only" if undefined else "--defined-only", str(obj)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    names = set()
+    for line in out.splitlines():
+        parts = line.split(maxsplit=1 if undefined else 2)
+        name = parts[-1].strip()
+        if name.startswith("fastcore5::") and "(anonymous namespace)" not in name:
+            names.add(name)
+    return names
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
+def test_every_fastcore5_symbol_is_defined(compiled):
+    """What registration.cpp calls in the .cu files (declared in csrc/fastcore5.h) is defined with
+    the same signature: a mismatch compiles but would fail only when the GPU build links."""
+    failed = [s for s, r in compiled.items() if r["returncode"] != 0]
+    assert not failed, f"cannot check symbols: {failed} did not compile"
+    defined = set().union(*(_symbols(r["object"], undefined=False) for r in compiled.values()))
+    used = set().union(*(_symbols(r["object"], undefined=True) for r in compiled.values()))
+    assert used, "registration.cpp should call into the .cu files"
+    assert used <= defined, f"used but not defined: {sorted(used - defined)}"
+
+
+def test_registration_declares_every_op():
+    """The schemas in registration.cpp name exactly the ops fastcore5/_cuda_ops.py gives fakes to
+    and fastcore5/ops/*.py call."""
+    text = (CSRC / "registration.cpp").read_text()
+    defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', text))
+    implemented = set(re.findall(r'm\.impl\("(\w+)"', text))
+    from fastcore5 import _cuda_ops
+
+    expected = {"linear_relu_forward", "linear_relu_backward", "embedding_dot_bias_forward",
+                "embedding_dot_bias_backward", "sgd_forward"}
+    assert defined == implemented == expected
+    assert set(_cuda_ops.FAKES) == expected
