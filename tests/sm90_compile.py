@@ -1,0 +1,133 @@
+"""Compile every Triton kernel for Hopper (sm_90) on a machine without a GPU.
+
+Run as a script in a process WITHOUT TRITON_INTERPRET (the test suite starts it in a subprocess,
+tests/test_triton_sm90_compile.py). It calls the real launchers with CPU tensors, but patches
+Triton's launch path so that, instead of running, each launch is compiled to a cubin for
+sm_90 — for every autotune config the launcher would try. That catches what the interpreter
+cannot: type errors of the compiled language, unsupported dot shapes, and configs whose shared
+memory does not fit a Hopper SM. Prints one JSON line per compiled (kernel, config).
+
+Usage: python tests/sm90_compile.py [--all-configs] [OP ...]   (default: every op in LAUNCHES)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, native_specialize_impl
+
+HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_MEMORY_PER_BLOCK = 232448  # bytes an H100/H200 block may opt into
+_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+ALL_CONFIGS = "--all-configs" in sys.argv
+results: list[dict] = []
+_seen: set[str] = set()
+
+
+def compile_launch(jit_fn: JITFunction, args: tuple, kwargs: dict) -> dict:
+    """Compile one launch of ``jit_fn`` with these arguments for sm_90; return its facts."""
+    options = {name: kwargs.pop(name) for name in _OPTION_NAMES if name in kwargs}
+    kwargs.pop("grid", None)
+    kwargs.pop("warmup", None)
+    bound = dict(zip(jit_fn.arg_names, args))
+    bound.update(kwargs)
+    # Specialise exactly as Triton's JIT would at launch: ints equal to 1 become constants,
+    # 16-divisible ints and 16-byte-aligned pointers get tt.divisibility. Without this the
+    # compiler cannot vectorise or pipeline the loads and the result says nothing about the
+    # kernel a GPU would run.
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(jit_fn.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+            continue
+        kind, key = native_specialize_impl(
+            CUDABackend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = key
+        elif key is not None and BaseBackend.parse_attr(key):
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    identity = json.dumps([jit_fn.__name__, signature, sorted((k[0], str(v)) for k, v in constexprs.items()), options])
+    if identity in _seen:
+        return None
+    _seen.add(identity)
+    start = time.perf_counter()
+    source = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=HOPPER, options=options)
+    shared = compiled.metadata.shared
+    return {
+        "kernel": jit_fn.__name__,
+        "signature": ",".join(signature.values()),
+        "constexprs": {jit_fn.arg_names[i[0]]: str(v) for i, v in constexprs.items()},
+        "options": options,
+        "shared_bytes": shared,
+        "fits_hopper": shared <= HOPPER_SHARED_MEMORY_PER_BLOCK,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _record(row: dict | None) -> None:
+    if row is not None:
+        results.append(row)
+
+
+def _jit_run(self, *args, **kwargs):
+    _record(compile_launch(self, args, dict(kwargs)))
+
+
+def _autotuner_run(self, *args, **kwargs):
+    # By default the largest and the smallest config: enough to catch language errors and
+    # shared-memory overflow in CI time; --all-configs compiles every one.
+    configs = self.configs if ALL_CONFIGS else [self.configs[0], self.configs[-1]]
+    for config in dict.fromkeys(configs):
+        launch = dict(kwargs)
+        launch.update(config.all_kwargs())
+        _record(compile_launch(self.fn, args, launch))
+
+
+def _linear_relu_launches():
+    from fastcore5.kernels import linear_relu as k
+
+    # Benchmark-like sizes (multiples of 16, as the large shapes are) so the compile sees the
+    # same specialisation, hence the same pipelining, as the benchmark launches.
+    M, K, N = 512, 256, 128
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        out = k.linear_relu_forward(x, w, b)
+        k.linear_relu_backward(torch.randn(M, N, dtype=dtype), out, x, w, True, True, True)
+    x, w = torch.randn(M, K, dtype=torch.float16), torch.randn(N, K, dtype=torch.float16)
+    out = k.linear_relu_forward(x, w, None)
+    k.linear_relu_backward(torch.randn(M, N, dtype=torch.float16), out, None, None, False, False, True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# op name -> a function that calls that op's launchers at representative dtypes and flags
+LAUNCHES = {"linear_relu": _linear_relu_launches}
+
+
+def main(ops: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: this compiles the real kernels")
+    JITFunction.run = _jit_run
+    Autotuner.run = _autotuner_run
+    for op in ops:
+        LAUNCHES[op]()
+    for row in results:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main([a for a in sys.argv[1:] if not a.startswith("--")] or list(LAUNCHES)))
