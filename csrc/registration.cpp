@@ -197,15 +197,16 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
 // EmbeddingDotBias
 // ---------------------------------------------------------------------------------------------
 
-void check_table(const char* op, const char* name, const Tensor& t, const Tensor& ref) {
+void check_table(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
   check_cuda(op, name, t);
   check_floating(op, name, t);
   check_dim(op, name, t, 2);
-  check_like(op, name, t, "the first table", ref);
+  check_like(op, name, t, ref_name, ref);
 }
 
-void check_bias(const char* op, const char* name, const Tensor& t, const Tensor& ref, std::optional<int64_t> rows) {
-  check_like(op, name, t, "the first table", ref);
+void check_bias(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref,
+                std::optional<int64_t> rows) {
+  check_like(op, name, t, ref_name, ref);
   TORCH_CHECK_VALUE(t.dim() == 1 || (t.dim() == 2 && t.size(1) == 1), op, ": ", name,
                     " must have shape (n,) or (n, 1), got ", t.sizes());
   if (rows.has_value()) {
@@ -228,14 +229,14 @@ Tensor embedding_dot_bias_forward(const Tensor& users, const Tensor& items, cons
   check_index(op, "items", items);
   TORCH_CHECK_VALUE(users.size(0) == items.size(0), op, ": users has ", users.size(0), " entries but items has ",
                     items.size(0));
-  check_table(op, "u_weight", u_weight, u_weight);
-  check_table(op, "i_weight", i_weight, u_weight);
+  check_table(op, "u_weight", u_weight, "u_weight", u_weight);
+  check_table(op, "i_weight", i_weight, "u_weight", u_weight);
   TORCH_CHECK(users.device() == u_weight.device() && items.device() == u_weight.device(), op,
               ": users and items must be on the tables' device ", u_weight.device());
   TORCH_CHECK_VALUE(u_weight.size(1) == i_weight.size(1), op, ": u_weight has ", u_weight.size(1),
                     " factors but i_weight has ", i_weight.size(1));
-  check_bias(op, "u_bias", u_bias, u_weight, u_weight.size(0));
-  check_bias(op, "i_bias", i_bias, u_weight, i_weight.size(0));
+  check_bias(op, "u_bias", u_bias, "u_weight", u_weight, u_weight.size(0));
+  check_bias(op, "i_bias", i_bias, "u_weight", u_weight, i_weight.size(0));
   const auto [has_range, bounds] = y_range(op, y_lo, y_hi);
   const c10::cuda::CUDAGuard guard(u_weight.device());
   Tensor out = new_output({users.size(0)}, u_weight.options());
@@ -260,6 +261,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_dot_bias_backward(
   const int64_t B = users.size(0);
   TORCH_CHECK_VALUE(items.size(0) == B && grad_out.size(0) == B, op, ": users, items and grad_out must have one entry "
                     "per sample, got ", B, ", ", items.size(0), " and ", grad_out.size(0));
+  TORCH_CHECK(users.device() == grad_out.device() && items.device() == grad_out.device(), op,
+              ": users and items must be on grad_out's device ", grad_out.device());
   const auto [has_range, bounds] = y_range(op, y_lo, y_hi);
   TORCH_CHECK_VALUE(!need_u_weight || i_weight.has_value(), op, ": i_weight is needed for the gradient of u_weight");
   TORCH_CHECK_VALUE(!need_i_weight || u_weight.has_value(), op, ": u_weight is needed for the gradient of i_weight");
@@ -267,12 +270,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_dot_bias_backward(
                                    i_bias.has_value()),
                     op, ": with a y_range all four tables are needed to recompute the score");
   if (u_weight.has_value()) {
-    check_table(op, "u_weight", *u_weight, grad_out);
+    check_table(op, "u_weight", *u_weight, "grad_out", grad_out);
     TORCH_CHECK_VALUE(u_weight->size(0) == num_users, op, ": u_weight has ", u_weight->size(0),
                       " rows but num_users is ", num_users);
   }
   if (i_weight.has_value()) {
-    check_table(op, "i_weight", *i_weight, grad_out);
+    check_table(op, "i_weight", *i_weight, "grad_out", grad_out);
     TORCH_CHECK_VALUE(i_weight->size(0) == num_items, op, ": i_weight has ", i_weight->size(0),
                       " rows but num_items is ", num_items);
   }
@@ -280,8 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_dot_bias_backward(
     TORCH_CHECK_VALUE(u_weight->size(1) == i_weight->size(1), op, ": u_weight has ", u_weight->size(1),
                       " factors but i_weight has ", i_weight->size(1));
   }
-  if (u_bias.has_value()) check_bias(op, "u_bias", *u_bias, grad_out, num_users);
-  if (i_bias.has_value()) check_bias(op, "i_bias", *i_bias, grad_out, num_items);
+  if (u_bias.has_value()) check_bias(op, "u_bias", *u_bias, "grad_out", grad_out, num_users);
+  if (i_bias.has_value()) check_bias(op, "i_bias", *i_bias, "grad_out", grad_out, num_items);
   const int64_t D = u_weight.has_value() ? u_weight->size(1) : i_weight.has_value() ? i_weight->size(1) : 0;
   const auto table = [](const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); };
   const Tensor U = table(u_weight), V = table(i_weight), ub = table(u_bias), ib = table(i_bias);
