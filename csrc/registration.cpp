@@ -423,6 +423,9 @@ void sgd_forward(at::TensorList params, at::TensorList grads, at::TensorList mom
 }  // namespace fastcore5
 
 TORCH_LIBRARY(fastcore5_cuda, m) {
+  // The fake (meta) implementations are registered from Python, by this module (imported by
+  // fastcore5.backends.cuda_extension); torch requires a C++-defined op to name it.
+  m.set_python_module("fastcore5._cuda_ops");
   m.def("linear_relu_forward(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_relu_backward(Tensor grad_out, Tensor out, Tensor? x, Tensor? weight, bool need_input_grad, "

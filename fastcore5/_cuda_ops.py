@@ -1,9 +1,12 @@
 """Fake (meta) implementations of the CUDA C++ ops in torch.ops.fastcore5_cuda.
 
 The ops themselves are defined in C++ (csrc/registration.cpp) and exist only once the optional
-extension fastcore5._C is loaded, so importing this module registers nothing: ``register()``
-does, and ``fastcore5.backends.cuda_extension()`` calls it right after loading the extension.
-With the fakes, torch.compile can trace the ops and torch.library.opcheck can test them.
+extension fastcore5._C is loaded. ``register()`` registers the fakes; it runs when this module is
+imported with the ops present, which ``fastcore5.backends.cuda_extension()`` does right after it
+loads the extension. The C++ library names this module (``m.set_python_module``): torch requires
+that for a C++ op with a Python fake, and its error for a fake tensor reaching an op without one
+tells the user to import this module. Without the extension, importing it does nothing. With the fakes, torch.compile can trace the ops and
+torch.library.opcheck can test them.
 
 Each fake mirrors the shapes of the real op: a gradient that was not asked for is an empty
 (0,)-shaped tensor, as the C++ op returns it.
@@ -59,11 +62,22 @@ FAKES = {
 _registered = False
 
 
+def _ops_loaded() -> bool:
+    return hasattr(torch.ops.fastcore5_cuda, "linear_relu_forward")
+
+
 def register() -> None:
-    """Register every fake once; needs the extension loaded (the ops must exist)."""
+    """Register every fake once; needs the extension loaded (the ops must exist).
+
+    Called from this module so that torch's check that a C++ op's fake comes from the module
+    named by its ``set_python_module`` (this one) passes."""
     global _registered
     if _registered:
         return
     for name, fake in FAKES.items():
         torch.library.register_fake(f"fastcore5_cuda::{name}", fake)
     _registered = True
+
+
+if _ops_loaded():
+    register()
