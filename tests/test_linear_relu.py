@@ -252,15 +252,16 @@ def test_bad_input_names_the_argument(args, error, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype, tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float16, False)])
 @pytest.mark.parametrize("M, K, N", [(8192, 1024, 4096), (8192, 4096, 1024), (65536, 256, 256), (1024, 1024, 1024), (1000, 999, 97)])
-def test_gpu_parity_at_benchmark_shapes(dtype, tf32, M, K, N):
+def test_gpu_parity_at_benchmark_shapes(backend, dtype, tf32, M, K, N):
     x, w, b = make_inputs(M, K, N, dtype, requires_grad=True, device="cuda")
     grad_out = torch.randn(M, N, dtype=dtype, device="cuda")
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with use_backend("triton"):
+        with use_backend(backend):
             out = fastcore5.linear_relu(x, w, b)
             ours = (out, *torch.autograd.grad(out, (x, w, b), grad_out))
         torch_out = reference(x, w, b)
