@@ -1,0 +1,160 @@
+"""EmbeddingDotBias: fastai's collaborative-filtering model on the fused op, plus the lesson's
+tools for reading what it learned."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import INDEX_DTYPES, check_tensor
+from ..ops.embedding_dot_bias import embedding_dot_bias
+
+
+def _fastai_init_(weight: Tensor) -> None:
+    """fastai's embedding init: a normal truncated (by fmod) to +-2 sigma, scaled to std 0.01."""
+    with torch.no_grad():
+        weight.normal_().fmod_(2).mul_(0.01)
+
+
+class EmbeddingDotBias(nn.Module):
+    """Drop-in for ``fastai.collab.EmbeddingDotBias`` (fastai 2.8), computed by one fused kernel.
+
+    Parameters are four nn.Embedding modules with fastai's names and shapes — ``u_weight``
+    (n_users, n_factors), ``i_weight`` (n_items, n_factors), ``u_bias`` (n_users, 1),
+    ``i_bias`` (n_items, 1) — and fastai's init, so a state_dict saved from fastai's model loads
+    here unchanged and gives the same predictions.
+
+    ``forward(x)`` takes a (B, 2) integer tensor of (user, item) index pairs and returns
+    ``(U[u] * V[i]).sum(1) + ub[u] + ib[i]``, squashed into ``y_range`` by a sigmoid when given.
+    The output is always shape (B,), B == 1 included. (fastai ``.squeeze()``s its (B, 1) bias
+    lookups, which gives 0-d biases when B == 1; its output is still (1,) because they are added
+    to the (1,) dot product. We never squeeze, so no batch size can produce a 0-d result.)
+
+    Extras beyond fastai, keyword-only: ``sparse=True`` gives nn.Embedding(sparse=True)-style
+    COO gradients for all four tables (use torch.optim.SparseAdam or SGD); ``device``/``dtype``
+    as for any torch module.
+    """
+
+    def __init__(
+        self,
+        n_factors: int,
+        n_users: int,
+        n_items: int,
+        y_range: tuple[float, float] | None = None,
+        *,
+        sparse: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.y_range = y_range
+        self.sparse = sparse
+        factory = {"device": device, "dtype": dtype}
+        self.u_weight = nn.Embedding(n_users, n_factors, sparse=sparse, **factory)
+        self.i_weight = nn.Embedding(n_items, n_factors, sparse=sparse, **factory)
+        self.u_bias = nn.Embedding(n_users, 1, sparse=sparse, **factory)
+        self.i_bias = nn.Embedding(n_items, 1, sparse=sparse, **factory)
+        for embedding in (self.u_weight, self.i_weight, self.u_bias, self.i_bias):
+            _fastai_init_(embedding.weight)
+
+    @classmethod
+    def from_classes(
+        cls,
+        n_factors: int,
+        classes: Mapping[str, Sequence],
+        user: str | None = None,
+        item: str | None = None,
+        y_range: tuple[float, float] | None = None,
+        **kwargs,
+    ) -> "EmbeddingDotBias":
+        """Size the tables from ``classes`` (a DataLoaders' ``classes``: name -> vocabulary),
+        taking the first key as the user column and the second as the item column unless named.
+        The model remembers the vocabularies, so ``bias``/``weight`` accept class labels."""
+        names = list(classes.keys())
+        if user is None or item is None:
+            if len(names) < 2:
+                raise ValueError(f"classes must name a user and an item column, got keys {names}")
+        user = names[0] if user is None else user
+        item = names[1] if item is None else item
+        for role, name in (("user", user), ("item", item)):
+            if name not in classes:
+                raise KeyError(f"{role} column {name!r} is not in classes (keys: {names})")
+        model = cls(n_factors, len(classes[user]), len(classes[item]), y_range=y_range, **kwargs)
+        model.classes, model.user, model.item = classes, user, item
+        return model
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, dtypes=INDEX_DTYPES, ndim=2)
+        if x.shape[1] != 2:
+            raise ValueError(f"x must have shape (B, 2) of (user, item) index pairs, got {tuple(x.shape)}")
+        return embedding_dot_bias(
+            x[:, 0], x[:, 1],
+            self.u_weight.weight, self.i_weight.weight, self.u_bias.weight, self.i_bias.weight,
+            y_range=self.y_range, sparse=self.sparse,
+        )
+
+    def _ids(self, ids, is_item: bool) -> Tensor:
+        """Row indices for ``ids``: class labels mapped through the vocabulary when the model was
+        built with from_classes (as fastai does), else integer indices taken as they are."""
+        rows = self.i_weight.num_embeddings if is_item else self.u_weight.num_embeddings
+        what = "item" if is_item else "user"
+        if hasattr(self, "classes"):
+            vocabulary = self.classes[self.item if is_item else self.user]
+            position = {label: index for index, label in enumerate(vocabulary)}
+            labels = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+            missing = [label for label in labels if label not in position]
+            if missing:
+                raise KeyError(
+                    f"{what} labels not in the training vocabulary: {missing[:5]}; a label seen only in "
+                    "the validation split has no embedding"
+                )
+            return torch.tensor([position[label] for label in labels], dtype=torch.int64)
+        index = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        if index.numel() and (index.min() < 0 or index.max() >= rows):
+            raise IndexError(f"{what} ids must lie in [0, {rows}), got values from {index.min()} to {index.max()}")
+        return index
+
+    def bias(self, ids, is_item: bool = True) -> Tensor:
+        """The learned biases (1-D, detached, on the CPU) of the items (or users) ``ids``."""
+        table = (self.i_bias if is_item else self.u_bias).weight.detach()
+        return table[self._ids(ids, is_item).to(table.device)].reshape(-1).cpu()
+
+    def weight(self, ids, is_item: bool = True) -> Tensor:
+        """The learned factors (len(ids), n_factors), detached, on the CPU, of items (or users) ``ids``."""
+        table = (self.i_weight if is_item else self.u_weight).weight.detach()
+        return table[self._ids(ids, is_item).to(table.device)].cpu()
+
+    def _labels(self, rows: Tensor, is_item: bool) -> list:
+        if hasattr(self, "classes"):
+            vocabulary = self.classes[self.item if is_item else self.user]
+            return [vocabulary[r] for r in rows.tolist()]
+        return rows.tolist()
+
+    def top_by_bias(self, k: int = 10, is_item: bool = True, largest: bool = True) -> list[tuple[object, float]]:
+        """The ``k`` items (or users) with the largest (``largest=False``: smallest) bias, as
+        (label or index, bias) pairs, most extreme first. The lesson reads these as the movies
+        people like (or dislike) more than their factors alone predict."""
+        biases = (self.i_bias if is_item else self.u_bias).weight.detach().reshape(-1).float().cpu()
+        values, rows = torch.topk(biases, min(k, biases.numel()), largest=largest)
+        return list(zip(self._labels(rows, is_item), values.tolist()))
+
+    def bottom_by_bias(self, k: int = 10, is_item: bool = True) -> list[tuple[object, float]]:
+        """The ``k`` items (or users) with the smallest bias, smallest first."""
+        return self.top_by_bias(k, is_item=is_item, largest=False)
+
+    def pca(self, k: int = 3, ids=None, is_item: bool = True) -> Tensor:
+        """Coordinates (len(ids) or n_items, k) of the item (or user) factors on their first ``k``
+        principal components: the factors of ``ids`` (all rows when None) are centred and
+        projected on the top right singular vectors (as fastai's ``Tensor.pca``; each component's
+        sign is arbitrary). Returned in float32."""
+        if ids is None:
+            factors = (self.i_weight if is_item else self.u_weight).weight.detach().cpu()
+        else:
+            factors = self.weight(ids, is_item=is_item)
+        factors = factors.double()
+        if not 0 < k <= min(factors.shape):
+            raise ValueError(f"k must lie in [1, {min(factors.shape)}] for factors of shape {tuple(factors.shape)}, got {k}")
+        centred = factors - factors.mean(0)
+        _, _, components = torch.linalg.svd(centred, full_matrices=False)
+        return (centred @ components[:k].T).float()

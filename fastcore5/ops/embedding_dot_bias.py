@@ -1,0 +1,282 @@
+"""fastcore5::embedding_dot_bias — fastai's EmbeddingDotBias forward as a differentiable custom op.
+
+Same pattern as fastcore5.ops.linear_relu: ``_launchers(backend)``, a custom op for the forward
+and one for the backward (each with a fake), ``register_autograd`` saving only what the
+requested gradients need, and a public function that checks its arguments and picks the backend.
+
+Index range: the forward op checks, on the host, that every index lies in [0, rows) with one
+min/max reduction per index tensor before any kernel runs, and raises IndexError naming
+``users`` or ``items``. On a GPU that costs one device-to-host sync per forward; it is what keeps a
+bad index from becoming a device-side assert that kills the CUDA context. The check lives inside
+the custom op, so it also runs under torch.compile (the op is opaque to the compiler).
+"""
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends, reference
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_same_dtype, check_tensor
+
+OP = "embedding_dot_bias"
+
+
+def _launchers(backend: str):
+    """(forward, backward) launchers; the CUDA ones take the same arguments as the Triton ones
+    (see fastcore5.kernels.embedding_dot_bias.embedding_dot_bias_forward / _backward)."""
+    if backend == "triton":
+        from fastcore5.kernels import embedding_dot_bias as triton_kernels
+
+        return triton_kernels.embedding_dot_bias_forward, triton_kernels.embedding_dot_bias_backward
+    if backend == "cuda":
+        cuda_ops = torch.ops.fastcore5_cuda
+        return cuda_ops.embedding_dot_bias_forward, cuda_ops.embedding_dot_bias_backward
+    raise ValueError(f"no fused {OP} kernels for backend {backend!r}")
+
+
+def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: int) -> None:
+    """IndexError naming ``users`` or ``items`` if any index is negative or past its table.
+
+    One aminmax per tensor and a single transfer of the four bounds: on a GPU this synchronises
+    the host with the device once.
+    """
+    if users.numel() == 0:
+        return
+    bounds = torch.stack([b.to(torch.int64) for b in (*torch.aminmax(users), *torch.aminmax(items))]).tolist()
+    for name, (low, high), rows, table in (
+        ("users", bounds[:2], num_users, "u_weight"),
+        ("items", bounds[2:], num_items, "i_weight"),
+    ):
+        if low < 0:
+            raise IndexError(f"{name} contains the negative index {low}; indices must lie in [0, {rows})")
+        if high >= rows:
+            raise IndexError(f"{name} contains the index {high}, out of range for {table} with {rows} rows")
+
+
+@torch.library.custom_op("fastcore5::embedding_dot_bias", mutates_args=())
+def embedding_dot_bias_op(
+    users: Tensor,
+    items: Tensor,
+    u_weight: Tensor,
+    i_weight: Tensor,
+    u_bias: Tensor,
+    i_bias: Tensor,
+    y_lo: float | None,
+    y_hi: float | None,
+    sparse: bool,
+    backend: str,
+) -> Tensor:
+    """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
+    because setup_context sees only the op's inputs)."""
+    check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
+    forward, _ = _launchers(backend)
+    return forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi)
+
+
+@embedding_dot_bias_op.register_fake
+def _(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend):
+    return u_weight.new_empty((users.shape[0],))
+
+
+@torch.library.custom_op("fastcore5::embedding_dot_bias_backward", mutates_args=())
+def embedding_dot_bias_backward_op(
+    grad_out: Tensor,
+    users: Tensor,
+    items: Tensor,
+    u_weight: Tensor | None,
+    i_weight: Tensor | None,
+    u_bias: Tensor | None,
+    i_bias: Tensor | None,
+    num_users: int,
+    num_items: int,
+    y_lo: float | None,
+    y_hi: float | None,
+    need_u_weight: bool,
+    need_i_weight: bool,
+    need_u_bias: bool,
+    need_i_bias: bool,
+    deterministic: bool,
+    sparse: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
+    (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
+    COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
+    (custom ops cannot return None); the CUDA launcher may return either."""
+    _, backward = _launchers(backend)
+    grads = backward(
+        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+        need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
+    )
+    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
+
+
+@embedding_dot_bias_backward_op.register_fake
+def _(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+      need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, backend):
+    B = users.shape[0]
+    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
+    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
+    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
+    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+    return tuple(grad_out.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend = inputs
+    need_u_weight, need_i_weight = ctx.needs_input_grad[2:4]
+    has_y_range = y_lo is not None
+    # Each weight gradient needs the other weight table; only the y_range derivative needs the
+    # score itself, recomputed from all four tables (so the forward saves no (B,) tensor).
+    ctx.save_for_backward(
+        users,
+        items,
+        u_weight if need_i_weight or has_y_range else None,
+        i_weight if need_u_weight or has_y_range else None,
+        u_bias if has_y_range else None,
+        i_bias if has_y_range else None,
+    )
+    ctx.y_range = (y_lo, y_hi)
+    ctx.sparse, ctx.backend = sparse, backend
+    ctx.num_users, ctx.num_items, ctx.factors = u_weight.shape[0], i_weight.shape[0], u_weight.shape[1]
+    ctx.u_bias_shape, ctx.i_bias_shape = u_bias.shape, i_bias.shape
+
+
+def _sparse_grad(indices: Tensor, values: Tensor, size) -> Tensor:
+    """An uncoalesced COO gradient with one entry per sample, as nn.Embedding(sparse=True) gives."""
+    # The indices were range-checked by the forward, so the invariant check would only cost time.
+    return torch.sparse_coo_tensor(indices.to(torch.int64).unsqueeze(0), values, size, check_invariants=False)
+
+
+def _backward(ctx, grad_out):
+    users, items, u_weight, i_weight, u_bias, i_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad[2:6]
+    if not any(needs):
+        return (None,) * 10
+    grad_uw, grad_iw, grad_ub, grad_ib = embedding_dot_bias_backward_op(
+        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, ctx.num_users, ctx.num_items,
+        *ctx.y_range, *needs, torch.are_deterministic_algorithms_enabled(), ctx.sparse, ctx.backend,
+    )
+    if ctx.sparse:
+        B = users.shape[0]
+        grad_uw = _sparse_grad(users, grad_uw, (ctx.num_users, ctx.factors))
+        grad_iw = _sparse_grad(items, grad_iw, (ctx.num_items, ctx.factors))
+        grad_ub = _sparse_grad(users, grad_ub.reshape((B,) + tuple(ctx.u_bias_shape[1:])), ctx.u_bias_shape)
+        grad_ib = _sparse_grad(items, grad_ib.reshape((B,) + tuple(ctx.i_bias_shape[1:])), ctx.i_bias_shape)
+    else:
+        grad_ub = grad_ub.reshape(ctx.u_bias_shape) if needs[2] else None
+        grad_ib = grad_ib.reshape(ctx.i_bias_shape) if needs[3] else None
+    grads = (grad_uw, grad_iw, grad_ub, grad_ib)
+    return (None, None) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 4
+
+
+embedding_dot_bias_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_y_range(y_range) -> tuple[float | None, float | None]:
+    if y_range is None:
+        return None, None
+    try:
+        low, high = y_range
+    except (TypeError, ValueError):
+        raise ValueError(f"y_range must be None or a pair (low, high) of numbers, got {y_range!r}") from None
+    for bound in (low, high):
+        if not isinstance(bound, Real) or isinstance(bound, bool):
+            raise TypeError(f"y_range must hold two real numbers (Python or NumPy scalars), got {y_range!r}")
+    return float(low), float(high)
+
+
+def _check_bias(name: str, bias: Tensor, weight_name: str, rows: int) -> None:
+    check_tensor(name, bias, dtypes=FLOAT_DTYPES, ndim=(1, 2))
+    if bias.dim() == 2 and bias.shape[1] != 1:
+        raise ValueError(f"{name} must have shape ({rows}, 1) or ({rows},) like nn.Embedding({rows}, 1), got {tuple(bias.shape)}")
+    if bias.shape[0] != rows:
+        raise ValueError(f"{name} has {bias.shape[0]} rows but {weight_name} has {rows}")
+
+
+def _sparse_lookup(indices: Tensor, bias: Tensor) -> Tensor:
+    """bias[indices] as (B,), with a sparse gradient shaped like ``bias``: (n, 1) or (n,)."""
+    if bias.dim() == 2:
+        return F.embedding(indices, bias, sparse=True)[:, 0]
+    return torch.gather(bias, 0, indices.to(torch.int64), sparse_grad=True)
+
+
+def _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, y_range):
+    """The reference computed with nn.Embedding-style sparse gradients (F.embedding(sparse=True))."""
+    dot = (F.embedding(users, u_weight, sparse=True) * F.embedding(items, i_weight, sparse=True)).sum(-1)
+    # No reshape of a table on the way in: view backwards reject sparse gradients.
+    u_b = _sparse_lookup(users, u_bias)
+    i_b = _sparse_lookup(items, i_bias)
+    res = dot + u_b + i_b
+    if y_range is None:
+        return res
+    lo, hi = y_range
+    return torch.sigmoid(res) * (hi - lo) + lo
+
+
+def embedding_dot_bias(
+    users: Tensor,
+    items: Tensor,
+    u_weight: Tensor,
+    i_weight: Tensor,
+    u_bias: Tensor,
+    i_bias: Tensor,
+    y_range: tuple[float, float] | None = None,
+    sparse: bool = False,
+) -> Tensor:
+    """fastai's EmbeddingDotBias forward, fused: for each b,
+    res[b] = <u_weight[users[b]], i_weight[items[b]]> + u_bias[users[b]] + i_bias[items[b]],
+    and with ``y_range=(lo, hi)``: sigmoid(res) * (hi - lo) + lo.
+
+    Args:
+        users, items: (B,) int32 or int64 indices, any stride. Every index must lie in
+            [0, rows of its table): otherwise IndexError naming the tensor, raised after one
+            host-side min/max check (a device sync on GPU), never a device-side assert.
+        u_weight, i_weight: (n_users, D) and (n_items, D) tables of one float dtype (fp32, bf16,
+            fp16; fp64 for testing), any strides.
+        u_bias, i_bias: (n_users, 1) / (n_items, 1) as fastai's nn.Embedding(n, 1), or 1-D.
+        y_range: None or (lo, hi). The compiled GPU kernels take lo and hi as fp32 scalars.
+        sparse: gradients as nn.Embedding(sparse=True) gives them — uncoalesced COO tensors with
+            one entry per sample — for all four tables, biases included, so torch.optim.SparseAdam
+            can take every parameter. Default: dense gradients, as nn.Embedding.
+    Returns (B,) in the table dtype (fp32 accumulation; fp64 for fp64 tables). Not affected by
+    autocast (as nn.Embedding).
+
+    Backward: dense gradients for all four tables in one pass over the batch, without any
+    gathered (B, D) tensor. By default the sums over repeated rows use atomic adds, whose order
+    varies between runs (results may differ in the last bits); under
+    torch.use_deterministic_algorithms(True) a sort + segment reduction is used instead, bitwise
+    identical from run to run. Sparse gradients are deterministic either way.
+    """
+    check_tensor("users", users, dtypes=INDEX_DTYPES, ndim=1)
+    check_tensor("items", items, dtypes=INDEX_DTYPES, ndim=1)
+    if users.shape[0] != items.shape[0]:
+        raise ValueError(f"users and items must have the same length, got {users.shape[0]} and {items.shape[0]}")
+    check_tensor("u_weight", u_weight, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("i_weight", i_weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if u_weight.shape[1] != i_weight.shape[1]:
+        raise ValueError(
+            f"u_weight and i_weight must have the same number of factors, got {u_weight.shape[1]} "
+            f"(u_weight {tuple(u_weight.shape)}) and {i_weight.shape[1]} (i_weight {tuple(i_weight.shape)})"
+        )
+    _check_bias("u_bias", u_bias, "u_weight", u_weight.shape[0])
+    _check_bias("i_bias", i_bias, "i_weight", i_weight.shape[0])
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+    y_lo, y_hi = _check_y_range(y_range)
+    device = check_same_device(users=users, items=items, u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
+    dtype = check_same_dtype(u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
+
+    backend = backends.select(OP, device, dtype)
+    if backend == "torch":
+        if not torch.compiler.is_compiling():
+            check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
+        bounds = None if y_lo is None else (y_lo, y_hi)
+        if sparse:
+            return _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+        return reference.embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+    return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend)

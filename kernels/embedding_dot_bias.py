@@ -1,0 +1,579 @@
+"""Fused EmbeddingDotBias: out[b] = <U[u_b], V[i_b]> + ub[u_b] + ib[i_b] (optionally squashed
+into y_range by a sigmoid), and its backward for all four tables.
+
+Shapes: users, items (B,) int32/int64 of any stride; U (n_users, D), V (n_items, D) of any
+strides; ub (n_users,) or (n_users, 1), ib likewise (only stride(0) is used). Accumulation is
+fp32 for fp32/bf16/fp16 tables and fp64 for fp64 tables; outputs are in the table dtype.
+
+Forward: one kernel. Each program takes BLOCK_B samples, gathers their two rows tile by tile
+(BLOCK_D columns at a time) straight into registers, multiplies, reduces, adds the two biases,
+applies the sigmoid and writes one value per sample. Nothing of shape (B, D) is ever stored.
+
+Backward: with coef[b] = grad_out[b] * d out[b] / d res[b] (1 without y_range,
+(hi - lo) * s * (1 - s) with s = sigmoid(res) otherwise; res is recomputed from the rows the
+backward has to read anyway, so the forward saves nothing), the gradients are
+    grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
+and the same for V and ib with the roles swapped. Three ways to form them:
+
+* atomic (default): one kernel; each program scatters coef * partner-row into the dense
+  gradients with relaxed atomic adds. Fast, and duplicates only contend on the hot rows, but the
+  order of the additions varies from run to run, so the result is nondeterministic in the last
+  bits. bf16/fp16 tables accumulate in an fp32 workspace that is rounded once at the end.
+* deterministic (used when torch.are_deterministic_algorithms_enabled()): the indices are
+  sorted (stable sort) so every row's samples are contiguous, then a segment reduction runs in
+  levels. A level cuts its sorted sequence into tiles of SEGMENT_TILE entries; inside a tile each
+  run of equal rows (a "piece") is summed with a fixed reduction tree. A piece that is the whole
+  segment of its row is added to the gradient row; a piece that crosses a tile boundary is
+  written to one of the tile's two carry slots, and the carries (again sorted by row) are the
+  next level's input. Each level shrinks the sequence by SEGMENT_TILE / 2, so a row hit by all
+  B samples costs log(B) levels of parallel work, not a B-long serial loop. Every addition
+  happens in an order fixed by B and SEGMENT_TILE alone: bitwise identical across runs.
+  Each gradient row receives its full sum once (other writes to it add an exact 0), so bf16/fp16
+  gradients are rounded once, from fp32, without a workspace.
+* sparse: per-sample values coef * partner-row (B, D) and coef (B,), exactly what
+  nn.Embedding(sparse=True) puts in its COO gradient; no reduction, so deterministic.
+
+All sample offsets are int64 (tl.program_id(0).to(tl.int64)), so B * D and n * D may exceed 2^31.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, new_output
+
+# Warps of the per-sample kernels (forward, atomic, coefficient, sparse values).
+SAMPLE_WARPS = 8
+# Entries per tile of the deterministic segment reduction; each level shrinks its input by
+# SEGMENT_TILE / 2. Tests lower it to force many levels on small batches.
+SEGMENT_TILE = 64 if interpreting() else 32
+
+
+@triton.jit
+def _rounded(values, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``values`` rounded to DTYPE, to nearest even. Compiled kernels convert natively; the
+    interpreter truncates fp32 -> bf16 (triton 3.9), so there SOFT_BF16 rounds from the bits."""
+    if SOFT_BF16:
+        bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return values.to(DTYPE)
+
+
+@triton.jit
+def _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items):
+    users = tl.load(users_ptr + samples * stride_users, mask=in_batch, other=0).to(tl.int64)
+    items = tl.load(items_ptr + samples * stride_items, mask=in_batch, other=0).to(tl.int64)
+    return users, items
+
+
+@triton.jit
+def _scores(
+    users, items, in_batch,
+    u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+    D, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """res[b] = <U[users[b]], V[items[b]]> + ub[users[b]] + ib[items[b]], in ACC_DTYPE (BLOCK_B,)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_mask = in_batch[:, None] & (cols[None, :] < D)
+        u_rows = tl.load(
+            u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
+        )
+        i_rows = tl.load(
+            i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
+        )
+        acc += u_rows.to(ACC_DTYPE) * i_rows.to(ACC_DTYPE)
+    u_bias = tl.load(u_bias_ptr + users * stride_ub, mask=in_batch, other=0.0).to(ACC_DTYPE)
+    i_bias = tl.load(i_bias_ptr + items * stride_ib, mask=in_batch, other=0.0).to(ACC_DTYPE)
+    return tl.sum(acc, axis=1) + u_bias + i_bias
+
+
+@triton.jit
+def _coefficients(
+    grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+    u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+    D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    HAS_Y_RANGE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """coef[b] = grad_out[b] * d out[b] / d res[b]; with y_range res is recomputed from the tables."""
+    coef = tl.load(grad_out_ptr + samples * stride_grad_out, mask=in_batch, other=0.0).to(ACC_DTYPE)
+    if HAS_Y_RANGE:
+        res = _scores(
+            users, items, in_batch, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+            D, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+            ACC_DTYPE, BLOCK_B, BLOCK_D,
+        )
+        squashed = 1.0 / (1.0 + tl.exp(-res))
+        coef = coef * (y_hi - y_lo) * (squashed * (1.0 - squashed))
+    return coef
+
+
+@triton.jit
+def _embedding_dot_bias_fwd_kernel(
+    users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, out_ptr,
+    B, D, y_lo, y_hi,
+    stride_users, stride_items, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    HAS_Y_RANGE: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
+    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    res = _scores(
+        users, items, in_batch, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+        D, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+        ACC_DTYPE, BLOCK_B, BLOCK_D,
+    )
+    if HAS_Y_RANGE:
+        res = 1.0 / (1.0 + tl.exp(-res)) * (y_hi - y_lo) + y_lo
+    tl.store(out_ptr + samples, _rounded(res, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+
+
+@triton.jit
+def _embedding_dot_bias_bwd_atomic_kernel(
+    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+    grad_uw_ptr, grad_iw_ptr, grad_ub_ptr, grad_ib_ptr,
+    B, D, y_lo, y_hi,
+    stride_grad_out, stride_users, stride_items,
+    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
+    NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Scatter-add every sample's contribution into contiguous ACC_DTYPE gradients
+    (grad_uw (n_users, D), grad_ub (n_users,), and the item ones), which start at zero."""
+    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
+    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    coef = _coefficients(
+        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+        HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
+    )
+    if NEED_UB:
+        tl.atomic_add(grad_ub_ptr + users, coef, mask=in_batch, sem="relaxed")
+    if NEED_IB:
+        tl.atomic_add(grad_ib_ptr + items, coef, mask=in_batch, sem="relaxed")
+    if NEED_UW or NEED_IW:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_mask = in_batch[:, None] & (cols[None, :] < D)
+            if NEED_UW:
+                i_rows = tl.load(
+                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
+                )
+                tl.atomic_add(
+                    grad_uw_ptr + users[:, None] * D + cols[None, :],
+                    coef[:, None] * i_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
+                )
+            if NEED_IW:
+                u_rows = tl.load(
+                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
+                )
+                tl.atomic_add(
+                    grad_iw_ptr + items[:, None] * D + cols[None, :],
+                    coef[:, None] * u_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
+                )
+
+
+@triton.jit
+def _embedding_dot_bias_bwd_coef_kernel(
+    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, coef_ptr,
+    B, D, y_lo, y_hi,
+    stride_grad_out, stride_users, stride_items,
+    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """coef (B,) in ACC_DTYPE for the deterministic path with y_range."""
+    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
+    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    coef = _coefficients(
+        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+        True, ACC_DTYPE, BLOCK_B, BLOCK_D,
+    )
+    tl.store(coef_ptr + samples, coef, mask=in_batch)
+
+
+@triton.jit
+def _embedding_dot_bias_bwd_sparse_kernel(
+    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+    uw_values_ptr, iw_values_ptr, ub_values_ptr, ib_values_ptr,
+    B, D, y_lo, y_hi,
+    stride_grad_out, stride_users, stride_items,
+    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
+    NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per-sample COO values: uw_values[b] = coef[b] * V[i_b] (contiguous (B, D)),
+    iw_values[b] = coef[b] * U[u_b], ub_values[b] = ib_values[b] = coef[b]."""
+    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
+    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    coef = _coefficients(
+        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
+        HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
+    )
+    if NEED_UB:
+        tl.store(ub_values_ptr + samples, _rounded(coef, ub_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+    if NEED_IB:
+        tl.store(ib_values_ptr + samples, _rounded(coef, ib_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+    if NEED_UW or NEED_IW:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_mask = in_batch[:, None] & (cols[None, :] < D)
+            if NEED_UW:
+                i_rows = tl.load(
+                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
+                )
+                values = coef[:, None] * i_rows.to(ACC_DTYPE)
+                tl.store(
+                    uw_values_ptr + samples[:, None] * D + cols[None, :],
+                    _rounded(values, uw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
+                )
+            if NEED_IW:
+                u_rows = tl.load(
+                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
+                )
+                values = coef[:, None] * u_rows.to(ACC_DTYPE)
+                tl.store(
+                    iw_values_ptr + samples[:, None] * D + cols[None, :],
+                    _rounded(values, iw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
+                )
+
+
+@triton.jit
+def _embedding_dot_bias_bwd_segment_kernel(
+    keys_ptr, N,
+    order_ptr, coef_ptr, partners_ptr, stride_partners, partner_table_ptr, stride_pt_n, stride_pt_d,
+    carry_in_w_ptr, carry_in_b_ptr,
+    grad_w_ptr, grad_b_ptr,
+    carry_out_keys_ptr, carry_out_w_ptr, carry_out_b_ptr,
+    D,
+    FIRST_LEVEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EMIT_CARRY: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One level of the deterministic segment reduction for one table (see the module docstring).
+
+    keys (N,) are row ids sorted ascending. The value of entry p is, on the first level,
+    coef[order[p]] * partner_table[partners[order[p]]] (and coef[order[p]] for the bias); on
+    later levels, carry_in_w[p] (contiguous (N, D)) and carry_in_b[p]. Complete segments are
+    added into the contiguous gradients grad_w (n, D) and grad_b (n,). With EMIT_CARRY, tile t
+    writes slots 2t and 2t+1 of the carry outputs: (its first row, the sum of its first piece when
+    that piece continues into a neighbouring tile, else 0) and (its last row, the sum of its last
+    piece when that piece is a different one that continues into the next tile, else 0).
+    """
+    tile = tl.program_id(0).to(tl.int64)
+    start = tile * TILE
+    stop = tl.minimum(start + TILE, N)
+    positions = start + tl.arange(0, TILE)
+    valid = positions < N
+    keys = tl.load(keys_ptr + positions, mask=valid, other=-1).to(tl.int64)
+    previous_keys = tl.load(keys_ptr + positions - 1, mask=valid & (positions > start), other=-1).to(tl.int64)
+    piece_starts = valid & ((positions == start) | (keys != previous_keys))
+
+    first_key = tl.load(keys_ptr + start).to(tl.int64)
+    last_key = tl.load(keys_ptr + stop - 1).to(tl.int64)
+    before_key = tl.load(keys_ptr + start - 1, mask=start > 0, other=-1).to(tl.int64)
+    after_key = tl.load(keys_ptr + stop, mask=stop < N, other=-1).to(tl.int64)
+    continues_left = before_key == first_key
+    continues_right = after_key == last_key
+    first_is_carried = continues_left | (continues_right & (first_key == last_key))
+    last_is_carried = continues_right & (first_key != last_key)
+    carried = ((keys == first_key) & first_is_carried) | ((keys == last_key) & last_is_carried)
+    # Each complete piece is added once, from the entry where it starts.
+    adds_to_grad = piece_starts & (carried == 0)
+    same_piece = (keys[:, None] == keys[None, :]) & valid[None, :]
+    at_first = positions == start
+    at_last = positions == stop - 1
+
+    if FIRST_LEVEL:
+        samples = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + samples, mask=valid, other=0.0).to(ACC_DTYPE)
+    if EMIT_CARRY:
+        tl.store(carry_out_keys_ptr + 2 * tile, first_key)
+        tl.store(carry_out_keys_ptr + 2 * tile + 1, last_key)
+
+    if HAS_BIAS:
+        if FIRST_LEVEL:
+            bias_values = coef
+        else:
+            bias_values = tl.load(carry_in_b_ptr + positions, mask=valid, other=0.0).to(ACC_DTYPE)
+        bias_pieces = tl.sum(tl.where(same_piece, bias_values[None, :], 0.0), axis=1)
+        grad_b_ptrs = grad_b_ptr + keys
+        previous_biases = tl.load(grad_b_ptrs, mask=adds_to_grad, other=0.0).to(ACC_DTYPE)
+        bias_sums = _rounded(previous_biases + bias_pieces, grad_b_ptr.dtype.element_ty, SOFT_BF16)
+        tl.store(grad_b_ptrs, bias_sums, mask=adds_to_grad)
+        if EMIT_CARRY:
+            first_bias_piece = tl.sum(tl.where(at_first, bias_pieces, 0.0), axis=0)
+            last_bias_piece = tl.sum(tl.where(at_last, bias_pieces, 0.0), axis=0)
+            tl.store(carry_out_b_ptr + 2 * tile, tl.where(first_is_carried, first_bias_piece, 0.0))
+            tl.store(carry_out_b_ptr + 2 * tile + 1, tl.where(last_is_carried, last_bias_piece, 0.0))
+
+    if HAS_WEIGHT:
+        if FIRST_LEVEL:
+            partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            in_cols = cols < D
+            tile_mask = valid[:, None] & in_cols[None, :]
+            if FIRST_LEVEL:
+                rows = tl.load(
+                    partner_table_ptr + partners[:, None] * stride_pt_n + cols[None, :] * stride_pt_d,
+                    mask=tile_mask, other=0.0,
+                )
+                values = coef[:, None] * rows.to(ACC_DTYPE)
+            else:
+                values = tl.load(
+                    carry_in_w_ptr + positions[:, None] * D + cols[None, :], mask=tile_mask, other=0.0
+                ).to(ACC_DTYPE)
+            # pieces[p] = sum of the entries in p's piece: a fixed reduction tree over the tile.
+            pieces = tl.sum(tl.where(same_piece[:, :, None], values[None, :, :], 0.0), axis=1)
+            grad_mask = adds_to_grad[:, None] & in_cols[None, :]
+            grad_ptrs = grad_w_ptr + keys[:, None] * D + cols[None, :]
+            previous_rows = tl.load(grad_ptrs, mask=grad_mask, other=0.0).to(ACC_DTYPE)
+            row_sums = _rounded(previous_rows + pieces, grad_w_ptr.dtype.element_ty, SOFT_BF16)
+            tl.store(grad_ptrs, row_sums, mask=grad_mask)
+            if EMIT_CARRY:
+                first_piece = tl.sum(tl.where(at_first[:, None], pieces, 0.0), axis=0)
+                last_piece = tl.sum(tl.where(at_last[:, None], pieces, 0.0), axis=0)
+                tl.store(
+                    carry_out_w_ptr + (2 * tile) * D + cols,
+                    tl.where(first_is_carried, first_piece, 0.0), mask=in_cols,
+                )
+                tl.store(
+                    carry_out_w_ptr + (2 * tile + 1) * D + cols,
+                    tl.where(last_is_carried, last_piece, 0.0), mask=in_cols,
+                )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _soft_bf16(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _blocks(B: int, D: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_D) of the per-sample kernels. Compiled: about 4096 elements per row tile
+    (D=64: 64 samples of 256-byte fp32 rows; with SAMPLE_WARPS=8 each thread holds 16 elements
+    of each table, about 70 registers for the forward on sm_90); untuned, see bench/NOTES.md.
+    Interpreter: large blocks, since it pays per program instance, not per element."""
+    if interpreting():
+        return min(512, max(16, triton.next_power_of_2(max(B, 1)))), min(64, triton.next_power_of_2(max(D, 1)))
+    block_d = min(128, triton.next_power_of_2(max(D, 1)))
+    return max(16, min(256, 4096 // block_d)), block_d
+
+
+def _segment_block_d(D: int) -> int:
+    # The segment kernel holds a (TILE, TILE, BLOCK_D) tensor: 32 * 32 * 16 = 16K fp32 over 8 warps.
+    return min(64 if interpreting() else 16, triton.next_power_of_2(max(D, 1)))
+
+
+def _bias_stride(bias: torch.Tensor | None) -> int:
+    return bias.stride(0) if bias is not None else 0
+
+
+def _table_args(u_weight, i_weight, u_bias, i_bias, fallback):
+    """Pointers and strides of the four tables; a table that is not needed (None) is replaced by
+    ``fallback`` with zero strides and never read."""
+    tables = [t if t is not None else fallback for t in (u_weight, i_weight, u_bias, i_bias)]
+    strides = (
+        u_weight.stride(0) if u_weight is not None else 0, u_weight.stride(1) if u_weight is not None else 0,
+        i_weight.stride(0) if i_weight is not None else 0, i_weight.stride(1) if i_weight is not None else 0,
+        _bias_stride(u_bias), _bias_stride(i_bias),
+    )
+    return tables, strides
+
+
+def embedding_dot_bias_forward(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    u_weight: torch.Tensor,
+    i_weight: torch.Tensor,
+    u_bias: torch.Tensor,
+    i_bias: torch.Tensor,
+    y_lo: float | None,
+    y_hi: float | None,
+) -> torch.Tensor:
+    """out (B,) in the table dtype: <U[users], V[items]> + ub[users] + ib[items], and with
+    y_lo/y_hi given, sigmoid(that) * (y_hi - y_lo) + y_lo.
+
+    users, items: (B,) int32 or int64, any stride, already checked to lie in range.
+    u_weight (n_users, D), i_weight (n_items, D): one float dtype, any strides.
+    u_bias (n_users,) or (n_users, 1), i_bias likewise (stride(0) is the row stride).
+    y_lo, y_hi: both None (no y_range) or both floats. Compiled kernels take them as fp32 scalars.
+    """
+    B = users.shape[0]
+    D = u_weight.shape[1]
+    out = new_output((B,), u_weight.dtype, u_weight.device)
+    if B == 0:
+        return out
+    block_b, block_d = _blocks(B, D)
+    has_y_range = y_lo is not None
+    _embedding_dot_bias_fwd_kernel[(triton.cdiv(B, block_b),)](
+        users, items, u_weight, i_weight, u_bias, i_bias, out,
+        B, D, float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
+        users.stride(0), items.stride(0),
+        u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
+        u_bias.stride(0), i_bias.stride(0),
+        HAS_Y_RANGE=has_y_range, ACC_DTYPE=_tl_dtype(u_weight.dtype), SOFT_BF16=_soft_bf16(u_weight.dtype),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+    )
+    return out
+
+
+def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, D: int) -> None:
+    """Deterministically add, for every row r of the sorted ``keys``, the sum over its samples b
+    of coef[b] * partner_table[partners[b]] into grad_w[r] and of coef[b] into grad_b[r]
+    (either may be None). ``order`` maps sorted positions to samples."""
+    tile = SEGMENT_TILE
+    acc_dtype = coef.dtype
+    has_weight, has_bias = grad_w is not None, grad_b is not None
+    grad_dtype = grad_w.dtype if has_weight else grad_b.dtype
+    block_d = _segment_block_d(D)
+    first_level = True
+    carry_w = carry_b = coef  # placeholders on the first level, never read there
+    N = keys.shape[0]
+    dummy = coef
+    while N > 0:
+        tiles = triton.cdiv(N, tile)
+        emit_carry = tiles > 1
+        if emit_carry:
+            next_keys = new_output((2 * tiles,), torch.int64, keys.device)
+            next_w = new_output((2 * tiles, D), acc_dtype, keys.device) if has_weight else dummy
+            next_b = new_output((2 * tiles,), acc_dtype, keys.device) if has_bias else dummy
+        else:
+            next_keys = next_w = next_b = dummy
+        _embedding_dot_bias_bwd_segment_kernel[(tiles,)](
+            keys, N,
+            order if first_level else dummy, coef,
+            partners if first_level and has_weight else dummy,
+            partners.stride(0) if first_level and has_weight else 0,
+            partner_table if first_level and has_weight else dummy,
+            partner_table.stride(0) if first_level and has_weight else 0,
+            partner_table.stride(1) if first_level and has_weight else 0,
+            carry_w, carry_b,
+            grad_w if has_weight else dummy, grad_b if has_bias else dummy,
+            next_keys, next_w, next_b,
+            D,
+            FIRST_LEVEL=first_level, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, EMIT_CARRY=emit_carry,
+            ACC_DTYPE=_tl_dtype(acc_dtype), SOFT_BF16=_soft_bf16(grad_dtype), TILE=tile, BLOCK_D=block_d,
+            num_warps=8,
+        )
+        if not emit_carry:
+            return
+        keys, carry_w, carry_b, N = next_keys, next_w, next_b, 2 * tiles
+        first_level = False
+
+
+def embedding_dot_bias_backward(
+    grad_out: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    u_weight: torch.Tensor | None,
+    i_weight: torch.Tensor | None,
+    u_bias: torch.Tensor | None,
+    i_bias: torch.Tensor | None,
+    num_users: int,
+    num_items: int,
+    y_lo: float | None,
+    y_hi: float | None,
+    need_u_weight: bool,
+    need_i_weight: bool,
+    need_u_bias: bool,
+    need_i_bias: bool,
+    deterministic: bool,
+    sparse: bool,
+):
+    """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias); each is None unless asked for.
+
+    grad_out: (B,) in the table dtype, any stride (an expanded scalar is fine).
+    users, items: (B,) int32/int64 as given to the forward.
+    Tables: as in the forward, but only those needed may be given (others None):
+      grad of u_weight needs i_weight, grad of i_weight needs u_weight, and with y_range
+      (y_lo, y_hi floats) all four are needed to recompute the pre-sigmoid score.
+    num_users, num_items: rows of the user and item tables.
+    Dense (sparse=False): contiguous grad_u_weight (num_users, D), grad_i_weight (num_items, D),
+      grad_u_bias (num_users,), grad_i_bias (num_items,), all in grad_out's dtype. With
+      deterministic=True the sort + segment reduction (bitwise reproducible), else atomics.
+    Sparse (sparse=True): the values of nn.Embedding-style COO gradients, one row per sample:
+      (B, D), (B, D), (B,), (B,); the caller pairs them with users/items as indices.
+    """
+    B = users.shape[0]
+    dtype, device = grad_out.dtype, grad_out.device
+    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
+    has_y_range = y_lo is not None
+    lo, hi = (float(y_lo), float(y_hi)) if has_y_range else (0.0, 0.0)
+    acc_dtype = _acc_dtype(dtype)
+    block_b, block_d = _blocks(B, D)
+    grid = (triton.cdiv(B, block_b),)
+    tables, table_strides = _table_args(u_weight, i_weight, u_bias, i_bias, fallback=grad_out)
+    sample_strides = (grad_out.stride(0), users.stride(0), items.stride(0))
+    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+
+    if sparse:
+        shapes = ((B, D), (B, D), (B,), (B,))
+        values = [new_output(shape, dtype, device) if need else None for shape, need in zip(shapes, needs)]
+        if B > 0 and any(needs):
+            _embedding_dot_bias_bwd_sparse_kernel[grid](
+                grad_out, users, items, *tables,
+                *[v if v is not None else grad_out for v in values],
+                B, D, lo, hi, *sample_strides, *table_strides,
+                HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
+                NEED_UB=need_u_bias, NEED_IB=need_i_bias, ACC_DTYPE=_tl_dtype(dtype), SOFT_BF16=_soft_bf16(dtype),
+                BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+            )
+        return tuple(values)
+
+    shapes = ((num_users, D), (num_items, D), (num_users,), (num_items,))
+    if deterministic:
+        # Every row gets its sum written once (see _segment_reduce), so no wider workspace.
+        grads = [torch.zeros(shape, dtype=dtype, device=device) if need else None for shape, need in zip(shapes, needs)]
+        if B == 0 or not any(needs):
+            return tuple(grads)
+        if has_y_range:
+            coef = new_output((B,), acc_dtype, device)
+            _embedding_dot_bias_bwd_coef_kernel[grid](
+                grad_out, users, items, *tables, coef,
+                B, D, lo, hi, *sample_strides, *table_strides,
+                ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+            )
+        else:
+            coef = grad_out.to(acc_dtype).contiguous()
+        grad_uw, grad_iw, grad_ub, grad_ib = grads
+        if need_u_weight or need_u_bias:
+            sorted_users, order = torch.sort(users, stable=True)
+            _segment_reduce(sorted_users, order, coef, items, i_weight, grad_uw, grad_ub, D)
+        if need_i_weight or need_i_bias:
+            sorted_items, order = torch.sort(items, stable=True)
+            _segment_reduce(sorted_items, order, coef, users, u_weight, grad_iw, grad_ib, D)
+        return tuple(grads)
+
+    # Atomic path: low-precision tables accumulate in an fp32 workspace, rounded once at the end.
+    accumulators = [
+        torch.zeros(shape, dtype=acc_dtype, device=device) if need else None for shape, need in zip(shapes, needs)
+    ]
+    if B > 0 and any(needs):
+        _embedding_dot_bias_bwd_atomic_kernel[grid](
+            grad_out, users, items, *tables,
+            *[a if a is not None else grad_out for a in accumulators],
+            B, D, lo, hi, *sample_strides, *table_strides,
+            HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
+            NEED_UB=need_u_bias, NEED_IB=need_i_bias,
+            ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+        )
+    return tuple(a.to(dtype) if a is not None else None for a in accumulators)

@@ -1,0 +1,497 @@
+"""fastcore5.embedding_dot_bias and fastcore5.nn.EmbeddingDotBias against the float64 reference.
+
+On CPU the Triton kernels run through the interpreter (conftest), so shapes are small and large
+blocks of samples go to each program. Every comparison is against fastcore5.reference in float64
+on fresh random tables (never zeros); launcher outputs are NaN-poisoned (FASTCORE5_POISON=1).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastcore5
+from fastcore5 import reference
+from fastcore5.kernels import embedding_dot_bias as kernels
+from fastcore5.nn import EmbeddingDotBias
+from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
+
+FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
+
+
+# --- the torch reference ---------------------------------------------------------------------
+
+
+def reference_fwd_bwd(users, items, tables, y_range, grad_out):
+    """Output and the four table gradients of the reference, in float64."""
+    tables64 = [t.detach().double().requires_grad_() for t in tables]
+    out = reference.embedding_dot_bias(users.long(), items.long(), *tables64, y_range=y_range)
+    out.backward(grad_out.double())
+    return out.detach(), [t.grad for t in tables64]
+
+
+def fused_fwd_bwd(users, items, tables, y_range, grad_out, sparse=False):
+    tables = [t.detach().clone().requires_grad_() for t in tables]
+    out = fastcore5.embedding_dot_bias(users, items, *tables, y_range=y_range, sparse=sparse)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in tables]
+
+
+class FastaiEmbeddingDotBias(nn.Module):
+    """fastai 2.8's collab.EmbeddingDotBias in plain torch (fastai itself is not installed):
+    four nn.Embedding with fastai's names, forward on a (B, 2) tensor, .squeeze() quirk included."""
+
+    def __init__(self, n_factors, n_users, n_items, y_range=None):
+        super().__init__()
+        self.y_range = y_range
+        self.u_weight, self.i_weight, self.u_bias, self.i_bias = (
+            nn.Embedding(*shape) for shape in ((n_users, n_factors), (n_items, n_factors), (n_users, 1), (n_items, 1))
+        )
+
+    def forward(self, x):
+        users, items = x[:, 0], x[:, 1]
+        dot = self.u_weight(users) * self.i_weight(items)
+        res = dot.sum(1) + self.u_bias(users).squeeze() + self.i_bias(items).squeeze()
+        if self.y_range is None:
+            return res
+        return torch.sigmoid(res) * (self.y_range[1] - self.y_range[0]) + self.y_range[0]
+
+
+def random_tables(n_users, n_items, factors, dtype=torch.float32, bias_1d=False):
+    bias_shape = (lambda n: (n,)) if bias_1d else (lambda n: (n, 1))
+    return [
+        torch.randn(n_users, factors, dtype=dtype),
+        torch.randn(n_items, factors, dtype=dtype),
+        torch.randn(bias_shape(n_users), dtype=dtype),
+        torch.randn(bias_shape(n_items), dtype=dtype),
+    ]
+
+
+def random_indices(n, batch, dtype=torch.int64):
+    return torch.randint(0, n, (batch,), dtype=dtype)
+
+
+def zipf_indices(n, batch, exponent=1.2):
+    """Indices with P(row k) proportional to 1 / (k + 1)^exponent: a few rows take most samples."""
+    weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** exponent
+    return torch.multinomial(weights, batch, replacement=True)
+
+
+def assert_parity(ours, torch_same_dtype, exact, atol, rtol, what):
+    """ours is within 2x PyTorch's own error (same dtype) plus atol + rtol*|exact| of float64."""
+    ours, torch_same_dtype = ours.double(), torch_same_dtype.double()
+    torch_error = (torch_same_dtype - exact).abs().max().item() if exact.numel() else 0.0
+    allowed = 2 * torch_error + atol + rtol * exact.abs()
+    error = (ours - exact).abs()
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    assert (error <= allowed).all(), (
+        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol}, rtol {rtol})"
+    )
+
+
+@pytest.fixture(params=["atomic", "deterministic"])
+def backward_path(request):
+    """Run the test body with the atomic backward, then with the sorted deterministic one."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    yield request.param
+    torch.use_deterministic_algorithms(previous)
+
+
+DTYPE_TOLERANCES = [
+    (torch.float64, 1e-12, 1e-12),
+    (torch.float32, 1e-5, 1e-5),
+    (torch.bfloat16, 1e-2, 0.0),
+    (torch.float16, 1e-3, 0.0),
+]
+
+
+# --- values and gradients ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("y_range", [None, (0.5, 5.5)], ids=["no_range", "y_range"])
+def test_matches_reference(dtype, atol, rtol, y_range, backward_path):
+    # 13 x 17 rows for 600 samples: every row repeats; D = 70 spans two column blocks; the
+    # batch spans two interpreter programs and two levels of deterministic tiles.
+    users = random_indices(13, 600)
+    items = random_indices(17, 600, torch.int32)
+    tables = random_tables(13, 17, 70, dtype)
+    grad_out = torch.randn(600, dtype=dtype)
+    out, grads = fused_fwd_bwd(users, items, tables, y_range, grad_out)
+    exact_out, exact_grads = reference_fwd_bwd(users, items, tables, y_range, grad_out)
+    torch_out, torch_grads = fused_in_torch(users, items, tables, y_range, grad_out)
+    assert out.dtype == dtype and out.shape == (600,)
+    assert_parity(out, torch_out, exact_out, atol, rtol, "output")
+    for name, table, grad, torch_grad, exact in zip(FASTAI_KEYS, tables, grads, torch_grads, exact_grads):
+        assert grad.dtype == dtype and grad.shape == table.shape, name
+        assert_parity(grad, torch_grad, exact, atol, rtol, f"grad of {name}")
+
+
+def fused_in_torch(users, items, tables, y_range, grad_out):
+    """The same computation by the "torch" backend (the reference in the tables' dtype)."""
+    with fastcore5.use_backend("torch"):
+        return fused_fwd_bwd(users, items, tables, y_range, grad_out)
+
+
+def test_strided_tables_indices_and_grad_out(backward_path):
+    """Transposed weight storage, biases that are columns of wider tensors, indices that are the
+    columns of a (B, 2) tensor, and an expanded grad_out (from .sum())."""
+    n_users, n_items, factors, batch = 11, 7, 5, 97
+    u_weight = torch.randn(factors, n_users, dtype=torch.float64).t()
+    i_weight = torch.randn(factors, n_items, dtype=torch.float64).t()
+    u_bias = torch.randn(n_users, 3, dtype=torch.float64)[:, 1:2]
+    i_bias = torch.randn(n_items, 2, dtype=torch.float64)[:, 0]
+    pairs = torch.stack([random_indices(n_users, batch), random_indices(n_items, batch)], dim=1)
+    tables = [t.requires_grad_() for t in (u_weight, i_weight, u_bias, i_bias)]
+    out = fastcore5.embedding_dot_bias(pairs[:, 0], pairs[:, 1], *tables, y_range=(-1.0, 3.0))
+    out.sum().backward()
+    exact_out, exact_grads = reference_fwd_bwd(
+        pairs[:, 0], pairs[:, 1], tables, (-1.0, 3.0), torch.ones(batch, dtype=torch.float64)
+    )
+    torch.testing.assert_close(out, exact_out, atol=1e-12, rtol=1e-12)
+    for table, exact in zip(tables, exact_grads):
+        torch.testing.assert_close(table.grad, exact.reshape(table.shape), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2])
+def test_tiny_batches(batch, backward_path):
+    users, items = random_indices(6, batch), random_indices(9, batch)
+    tables = random_tables(6, 9, 4)
+    grad_out = torch.randn(batch)
+    out, grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
+    exact_out, exact_grads = reference_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
+    assert out.shape == (batch,)
+    torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+    for table, grad, exact in zip(tables, grads, exact_grads):
+        assert grad.shape == table.shape
+        torch.testing.assert_close(grad.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_int32_and_int64_indices_agree():
+    users, items = random_indices(20, 300), random_indices(30, 300)
+    tables = random_tables(20, 30, 16)
+    grad_out = torch.randn(300)
+    out64, grads64 = fused_fwd_bwd(users, items, tables, (1.0, 5.0), grad_out)
+    out32, grads32 = fused_fwd_bwd(users.int(), items.int(), tables, (1.0, 5.0), grad_out)
+    assert torch.equal(out32, out64)
+    exact_out, exact_grads = reference_fwd_bwd(users, items, tables, (1.0, 5.0), grad_out)
+    torch.testing.assert_close(out64.double(), exact_out, atol=1e-5, rtol=1e-5)
+    for grad32, grad64, exact in zip(grads32, grads64, exact_grads):
+        torch.testing.assert_close(grad32, grad64, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad64.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def skewed_indices(skew, batch):
+    """(users, items) where a few rows take most of the batch."""
+    if skew == "one_user":
+        return torch.full((batch,), 3, dtype=torch.int64), random_indices(40, batch)
+    return random_indices(50, batch), zipf_indices(40, batch)
+
+
+def check_skewed_batch(skew, batch):
+    users, items = skewed_indices(skew, batch)
+    tables = random_tables(50, 40, 6, torch.float64)
+    grad_out = torch.randn(batch, dtype=torch.float64)
+    out, grads = fused_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out)
+    exact_out, exact_grads = reference_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out)
+    torch.testing.assert_close(out, exact_out, atol=1e-12, rtol=1e-12)
+    for grad, exact in zip(grads, exact_grads):
+        torch.testing.assert_close(grad, exact, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("skew", ["one_user", "zipf_items"])
+def test_heavy_duplicates(skew, backward_path):
+    """Rows hit by most of the batch: every sample the same user, or Zipf-distributed items."""
+    check_skewed_batch(skew, 600)
+
+
+@pytest.mark.parametrize("skew", ["one_user", "zipf_items"])
+def test_heavy_duplicates_through_many_carry_levels(skew, monkeypatch):
+    """Tiles of 4 entries halve the sequence per level: 150 samples take 7 levels."""
+    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_skewed_batch(skew, 150)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_deterministic_low_precision_gradients_are_rounded_once(dtype, monkeypatch):
+    """The deterministic path writes each gradient row's fp32 sum once, so bf16/fp16 gradients
+    equal the same computation on fp32 copies of the tables, rounded at the end (no partial
+    sums rounded on the way)."""
+    monkeypatch.setattr(kernels, "SEGMENT_TILE", 8)
+    users, items = zipf_indices(12, 200), random_indices(15, 200)
+    tables = random_tables(12, 15, 9, dtype)
+    grad_out = torch.randn(200, dtype=dtype)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, low = fused_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out)
+        _, wide = fused_fwd_bwd(users, items, [t.float() for t in tables], (0.0, 5.0), grad_out.float())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, low_grad, wide_grad in zip(FASTAI_KEYS, low, wide):
+        assert torch.equal(low_grad, wide_grad.to(dtype)), name
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel (indexed by its grid) and records each launch by name."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
+    """Under use_deterministic_algorithms the sorted segment reduction runs (and no atomics),
+    and two runs give bitwise identical gradients; without it the atomic kernel runs."""
+    launched = []
+    for name in ("_embedding_dot_bias_bwd_segment_kernel", "_embedding_dot_bias_bwd_atomic_kernel"):
+        monkeypatch.setattr(kernels, name, LaunchSpy(getattr(kernels, name), name, launched))
+
+    users, items = zipf_indices(30, 700), zipf_indices(25, 700)
+    tables = random_tables(30, 25, 12)
+    grad_out = torch.randn(700)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        runs = [fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1] for _ in range(2)]
+        assert launched and set(launched) == {"_embedding_dot_bias_bwd_segment_kernel"}
+        torch.use_deterministic_algorithms(False)
+        launched.clear()
+        atomic_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1]
+        assert launched == ["_embedding_dot_bias_bwd_atomic_kernel"]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second, atomic in zip(*runs, atomic_grads):
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, atomic, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("y_range", [None, (-1.0, 2.0)], ids=["no_range", "y_range"])
+def test_gradcheck(y_range, backward_path, monkeypatch):
+    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)  # two carry levels on 8 samples
+    users = torch.tensor([0, 3, 3, 3, 2, 3, 1, 3])
+    items = random_indices(5, 8)
+    tables = [t.requires_grad_() for t in random_tables(4, 5, 3, torch.float64)]
+
+    def fused(*tables):
+        return fastcore5.embedding_dot_bias(users, items, *tables, y_range=y_range)
+
+    assert torch.autograd.gradcheck(fused, tables, atol=1e-8, rtol=1e-6)
+
+
+def test_opcheck():
+    users, items = random_indices(5, 23), random_indices(7, 23, torch.int32)
+    for y_lo, y_hi in ((None, None), (0.5, 5.5)):
+        tables = [t.requires_grad_() for t in random_tables(5, 7, 6, torch.float64)]
+        torch.library.opcheck(embedding_dot_bias_op, (users, items, *tables, y_lo, y_hi, False, "triton"))
+    grad_out = torch.randn(23, dtype=torch.float64)
+    tables = random_tables(5, 7, 6, torch.float64, bias_1d=True)
+    for deterministic, sparse in ((False, False), (True, False), (False, True)):
+        needs = (True, True, True, True) if not deterministic else (True, False, False, True)
+        torch.library.opcheck(
+            embedding_dot_bias_backward_op,
+            (grad_out, users, items, *tables, 5, 7, 0.0, 5.0, *needs, deterministic, sparse, "triton"),
+        )
+
+
+def test_compiles_fullgraph():
+    torch._dynamo.reset()
+    users, items = random_indices(8, 50), random_indices(9, 50)
+    tables = random_tables(8, 9, 5)
+    grad_out = torch.randn(50)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def compiled(users, items, *tables):
+        return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5))
+
+    compiled_tables = [t.clone().requires_grad_() for t in tables]
+    out = compiled(users, items, *compiled_tables)
+    out.backward(grad_out)
+    eager_out, eager_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
+    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
+    for table, eager in zip(compiled_tables, eager_grads):
+        torch.testing.assert_close(table.grad, eager, atol=1e-6, rtol=1e-6)
+
+
+# --- sparse gradients --------------------------------------------------------------------------
+
+
+def test_sparse_gradients_match_nn_embedding(backward_path):
+    users, items = zipf_indices(9, 130), random_indices(11, 130)
+    tables = random_tables(9, 11, 7, torch.float64)
+    grad_out = torch.randn(130, dtype=torch.float64)
+    _, grads = fused_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out, sparse=True)
+    _, exact_grads = reference_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out)
+    # nn.Embedding(sparse=True): uncoalesced COO with one entry per sample.
+    embeddings = [nn.Embedding(*t.shape, sparse=True, _weight=t.clone(), dtype=torch.float64) for t in tables]
+    reference_out = torch.sigmoid(
+        (embeddings[0](users) * embeddings[1](items)).sum(1) + embeddings[2](users)[:, 0] + embeddings[3](items)[:, 0]
+    ) * 5.0
+    reference_out.backward(grad_out)
+    for grad, embedding, exact in zip(grads, embeddings, exact_grads):
+        expected = embedding.weight.grad
+        assert grad.layout == torch.sparse_coo and not grad.is_coalesced()
+        assert grad.shape == expected.shape
+        assert torch.equal(grad._indices(), expected._indices())
+        torch.testing.assert_close(grad._values(), expected._values(), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(grad.to_dense(), exact, atol=1e-12, rtol=1e-12)
+
+
+def test_sparse_torch_backend_and_sparse_adam():
+    users, items = random_indices(6, 40), random_indices(8, 40)
+    model = EmbeddingDotBias(4, 6, 8, y_range=(0.0, 5.0), sparse=True)
+    with fastcore5.use_backend("torch"):
+        model(torch.stack([users, items], 1)).sum().backward()
+    torch_grads = [p.grad.coalesce().to_dense() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(torch.stack([users, items], 1)).sum().backward()
+    for p, torch_grad in zip(model.parameters(), torch_grads):
+        assert p.grad.layout == torch.sparse_coo
+        torch.testing.assert_close(p.grad.coalesce().to_dense(), torch_grad, atol=1e-6, rtol=1e-6)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.optim.SparseAdam(list(model.parameters()), lr=0.1).step()
+    touched_users = torch.unique(users)
+    assert not torch.equal(model.u_weight.weight[touched_users], before[0][touched_users])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def _bad_call(**changes):
+    args = dict(
+        users=random_indices(5, 8), items=random_indices(6, 8),
+        u_weight=torch.randn(5, 3), i_weight=torch.randn(6, 3), u_bias=torch.randn(5, 1), i_bias=torch.randn(6, 1),
+    )
+    args.update(changes)
+    return lambda: fastcore5.embedding_dot_bias(**args)
+
+
+BAD_INPUTS = {
+    "user_past_table": (_bad_call(users=torch.tensor([0, 1, 5, 2, 0, 1, 2, 3])), IndexError, r"users .*index 5.*5 rows"),
+    "negative_item": (_bad_call(items=torch.tensor([0, 1, -1, 2, 0, 1, 2, 3])), IndexError, r"items .*negative"),
+    "float_users": (_bad_call(users=torch.zeros(8)), TypeError, r"users has dtype torch.float32"),
+    "matrix_items": (_bad_call(items=torch.zeros(8, 2, dtype=torch.int64)), ValueError, r"items must have 1 dim"),
+    "lengths_differ": (_bad_call(items=random_indices(6, 7)), ValueError, r"users and items must have the same length"),
+    "factors_differ": (_bad_call(i_weight=torch.randn(6, 4)), ValueError, r"u_weight and i_weight .* factors"),
+    "wide_bias": (_bad_call(u_bias=torch.randn(5, 2)), ValueError, r"u_bias must have shape \(5, 1\) or \(5,\)"),
+    "bias_rows_differ": (_bad_call(i_bias=torch.randn(7, 1)), ValueError, r"i_bias has 7 rows but i_weight has 6"),
+    "dtype_mismatch": (_bad_call(i_weight=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"i_weight is torch.float64"),
+    "device_mismatch": (_bad_call(u_bias=torch.randn(5, 1, device="meta")), ValueError, r"u_bias on meta"),
+    "y_range_not_pair": (_bad_call(y_range=(1.0,)), ValueError, r"y_range must be None or a pair"),
+    "y_range_not_numbers": (_bad_call(y_range=("0", "5")), TypeError, r"y_range must hold two real numbers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_names_the_argument(case):
+    call, error, message = case
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_bad_index_on_torch_backend_and_module():
+    with fastcore5.use_backend("torch"), pytest.raises(IndexError, match="users"):
+        _bad_call(users=torch.tensor([0, 1, 2, -3, 0, 1, 2, 3]))()
+    model = EmbeddingDotBias(3, 4, 5)
+    with pytest.raises(IndexError, match="items .*index 5"):
+        model(torch.tensor([[0, 5]]))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
+        model(torch.zeros(4, 3, dtype=torch.int64))
+
+
+# --- the module ------------------------------------------------------------------------------
+
+
+def test_module_is_a_drop_in_for_fastai():
+    fastai_model = FastaiEmbeddingDotBias(6, 10, 12, y_range=(0.0, 5.5))
+    with torch.no_grad():
+        for p in fastai_model.parameters():
+            p.normal_()  # trained-looking values, not the tiny init
+    ours = EmbeddingDotBias(6, 10, 12, y_range=(0.0, 5.5))
+    assert list(ours.state_dict().keys()) == list(fastai_model.state_dict().keys()) == list(FASTAI_KEYS)
+    ours.load_state_dict(fastai_model.state_dict())
+    pairs = torch.stack([random_indices(10, 33), random_indices(12, 33)], dim=1)
+    torch.testing.assert_close(ours(pairs), fastai_model(pairs), atol=1e-5, rtol=1e-5)
+    # One pair: fastai squeezes its (1, 1) bias lookups to 0-d, but adding them to the (1,) dot
+    # product gives shape (1,) again; ours returns (1,) directly.
+    one = pairs[:1]
+    assert ours(one).shape == fastai_model(one).shape == (1,)
+    torch.testing.assert_close(ours(one), fastai_model(one), atol=1e-5, rtol=1e-5)
+
+
+def test_module_init_follows_fastai():
+    model = EmbeddingDotBias(50, 1000, 300)
+    weight = model.u_weight.weight.detach()
+    assert weight.abs().max() <= 0.02  # normal truncated at 2 sigma by fmod, times 0.01
+    assert 0.008 < weight.std() < 0.01
+    assert [p.shape for p in model.parameters()] == [(1000, 50), (300, 50), (1000, 1), (300, 1)]
+    assert model.u_weight.weight.dtype == torch.float32
+    half = EmbeddingDotBias(4, 5, 6, dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+
+
+def test_interpretation_tools():
+    classes = {"user": ["#na#", 101, 102, 103], "title": ["#na#", "Alien", "Brazil", "Cube", "Dune"]}
+    model = EmbeddingDotBias.from_classes(3, classes, y_range=(0.0, 5.0))
+    assert model.u_weight.num_embeddings == 4 and model.i_weight.num_embeddings == 5
+    with torch.no_grad():
+        model.i_bias.weight.copy_(torch.tensor([[0.0], [0.3], [-0.7], [0.9], [0.1]]))
+        model.i_weight.weight.normal_()
+    torch.testing.assert_close(model.bias(["Cube", "Brazil"]), torch.tensor([0.9, -0.7]))
+    torch.testing.assert_close(model.weight(["Dune"]), model.i_weight.weight.detach()[4:5])
+    torch.testing.assert_close(model.weight([102], is_item=False), model.u_weight.weight.detach()[2:3])
+    assert [label for label, _ in model.top_by_bias(2)] == ["Cube", "Alien"]
+    assert [label for label, _ in model.bottom_by_bias(2)] == ["Brazil", "#na#"]
+    with pytest.raises(KeyError, match="Zardoz"):
+        model.bias(["Zardoz"])
+
+    titles = ["Alien", "Brazil", "Cube", "Dune"]
+    coordinates = model.pca(2, ids=titles)
+    factors = model.weight(titles).double()
+    centred = factors - factors.mean(0)
+    assert coordinates.shape == (4, 2)
+    # Projections on the principal axes: orthogonal columns carrying the top singular values.
+    singular_values = torch.linalg.svdvals(centred)[:2]
+    torch.testing.assert_close(coordinates.double().norm(dim=0), singular_values, atol=1e-5, rtol=1e-5)
+    gram = coordinates.double().T @ coordinates.double()
+    torch.testing.assert_close(gram, torch.diag(singular_values**2), atol=1e-5, rtol=1e-5)
+
+    plain = EmbeddingDotBias(3, 4, 5)
+    torch.testing.assert_close(plain.bias([4, 0]), plain.i_bias.weight.detach()[[4, 0], 0])
+    assert plain.pca(3).shape == (5, 3)
+    with pytest.raises(IndexError, match=r"item ids must lie in \[0, 5\)"):
+        plain.weight([5])
+
+
+def test_training_beats_predicting_the_mean():
+    """Plain SGD on ratings with planted rank-2 structure: validation MSE far below the mean's."""
+    n_users, n_items = 30, 30
+    user_factors, item_factors = torch.randn(n_users, 2), torch.randn(n_items, 2)
+    user_bias, item_bias = 0.5 * torch.randn(n_users), 0.5 * torch.randn(n_items)
+
+    def ratings(count):
+        users, items = random_indices(n_users, count), random_indices(n_items, count)
+        signal = (user_factors[users] * item_factors[items]).sum(1) + user_bias[users] + item_bias[items]
+        return torch.stack([users, items], 1), 3.0 + signal + 0.1 * torch.randn(count)
+
+    (train_x, train_y), (valid_x, valid_y) = ratings(512), ratings(512)
+    mean = train_y.mean()
+    model = EmbeddingDotBias(4, n_users, n_items)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)
+    for _ in range(200):
+        loss = F.mse_loss(model(train_x) + mean, train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        valid_mse = F.mse_loss(model(valid_x) + mean, valid_y).item()
+    mean_mse = F.mse_loss(torch.full_like(valid_y, mean.item()), valid_y).item()
+    assert valid_mse < 0.1 * mean_mse, (valid_mse, mean_mse)
