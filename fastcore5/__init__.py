@@ -1,5 +1,6 @@
 """fastcore5: fused GPU kernels for Linear+ReLU, EmbeddingDotBias and SGD with momentum."""
 from . import backends, reference
+from . import optim
 from .backends import use_backend
 from .ops.embedding_dot_bias import embedding_dot_bias
 from .ops.linear_relu import linear_relu

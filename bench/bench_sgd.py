@@ -1,0 +1,99 @@
+"""SGD (momentum 0.9, weight decay 1e-2, lr 0.01), one optimizer step: fastcore5.optim.SGD in
+its normal and its contiguous mode against torch.optim.SGD with foreach=True and fused=True,
+on the three parameter sets of the H200 anchors (shared/anchors/measure_anchors.py):
+
+    one_64M               one fp32 tensor of 2**26 parameters
+    resnet50_like_161x    161 tensors, 40,028,608 parameters (107 small + 54 large, seeded mix)
+    many_small_2000x4096  2000 tensors of 4096 parameters (host overhead, not bandwidth)
+
+bytes_moved = 20 bytes per parameter (read p, grad, buf; write p, buf). Every optimizer owns its
+parameters (same values, same fixed gradients), so the runs do not disturb each other; each
+set is larger than L2 (the smallest, 8.2M parameters, is 98 MB of p + grad + buf), so no
+rotation is needed. The first call of each step creates the momentum buffers (and compiles the
+kernel); the timers warm up past it. On CPU the sets are small and fastcore5 runs its
+plain-PyTorch reference (see bench/runner.py).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from fastcore5.optim import SGD
+
+from .common import Case
+
+HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-2)
+
+
+def resnet50_like_sizes() -> list[int]:
+    """The anchors' 161-tensor mix: the same seeded draws as measure_anchors.py."""
+    draw = random.Random(0)
+    small = [draw.choice([64, 256, 512, 2048]) for _ in range(107)]
+    large = [draw.choice([36864, 147456, 589824, 2359296, 1048576]) for _ in range(54)]
+    return small + large
+
+
+def parameter_sets(device: str, quick: bool) -> dict[str, list[int]]:
+    if device != "cuda":
+        return {"one_1M": [1 << 20], "many_small_200x512": [512] * 200}
+    return {
+        "one_64M": [1 << 26],
+        "resnet50_like_161x": resnet50_like_sizes(),
+        "many_small_2000x4096": [4096] * 2000,
+    }
+
+
+def _params(values):
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def _step(optimizer):
+    return lambda: optimizer.step()
+
+
+def _contiguous_step(optimizer, grad_view):
+    # In training, backward accumulates into the flat gradient views, which bumps their shared
+    # version counter: the optimizer's O(1) sign that the views are still the gradients. Bumping
+    # it here (host-only, no device work) stands in for that backward; without it every step
+    # would take the O(n) path that looks at each .grad.
+    def step():
+        torch.autograd.graph.increment_version(grad_view)
+        optimizer.step()
+
+    return step
+
+
+def cases(device: str, quick: bool = False) -> list[Case]:
+    result = []
+    for name, sizes in parameter_sets(device, quick).items():
+        numel = sum(sizes)
+        values = [torch.randn(n, device=device) for n in sizes]
+        torch_fns = {
+            "foreach": _step(torch.optim.SGD(_params(values), foreach=True, **HYPER)),
+            "fused": _step(torch.optim.SGD(_params(values), fused=True, **HYPER)),
+        }
+        normal = SGD(_params(values), **HYPER)
+        flat_params = _params(values)
+        contiguous = SGD(flat_params, contiguous=True, **HYPER)
+        for p in flat_params:
+            p.grad.normal_()  # the flat gradient buffer: fresh values, as a backward would leave
+        del values
+        prefix = f"sgd.{name}.{numel}p"
+        anchors = {"foreach": f"{prefix}.foreach_ms", "fused": f"{prefix}.fused_ms"}
+        ours = (
+            ("step", "fastcore5", _step(normal)),
+            ("step.contiguous", "fastcore5.contiguous", _contiguous_step(contiguous, flat_params[0].grad)),
+        )
+        for mode, label, fn in ours:
+            result.append(
+                Case(
+                    "sgd", f"{name}.{numel}p", "fp32", mode,
+                    {label: fn, **torch_fns},
+                    ours=label, bytes_moved=20.0 * numel, anchor_keys=anchors,
+                )
+            )
+    return result
