@@ -3,7 +3,10 @@
 On CPU the Triton kernels run through the interpreter (conftest), so shapes are small and large
 blocks of samples go to each program. Every comparison is against fastcore5.reference in float64
 on fresh random tables (never zeros); launcher outputs are NaN-poisoned (FASTCORE5_POISON=1).
+With a CUDA device the same tests make their tensors on it and run the compiled kernels.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,16 @@ from fastcore5.kernels import embedding_dot_bias as kernels
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
 
+from conftest import DEVICE
+
 FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device():
+    """Factory calls without a device make their tensors on DEVICE (CUDA when there is one)."""
+    with contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE):
+        yield
 
 
 # --- the torch reference ---------------------------------------------------------------------
@@ -445,9 +457,9 @@ def test_interpretation_tools():
     with torch.no_grad():
         model.i_bias.weight.copy_(torch.tensor([[0.0], [0.3], [-0.7], [0.9], [0.1]]))
         model.i_weight.weight.normal_()
-    torch.testing.assert_close(model.bias(["Cube", "Brazil"]), torch.tensor([0.9, -0.7]))
-    torch.testing.assert_close(model.weight(["Dune"]), model.i_weight.weight.detach()[4:5])
-    torch.testing.assert_close(model.weight([102], is_item=False), model.u_weight.weight.detach()[2:3])
+    torch.testing.assert_close(model.bias(["Cube", "Brazil"]), torch.tensor([0.9, -0.7], device="cpu"))
+    torch.testing.assert_close(model.weight(["Dune"]), model.i_weight.weight.detach()[4:5].cpu())
+    torch.testing.assert_close(model.weight([102], is_item=False), model.u_weight.weight.detach()[2:3].cpu())
     assert [label for label, _ in model.top_by_bias(2)] == ["Cube", "Alien"]
     assert [label for label, _ in model.bottom_by_bias(2)] == ["Brazil", "#na#"]
     with pytest.raises(KeyError, match="Zardoz"):
@@ -465,7 +477,7 @@ def test_interpretation_tools():
     torch.testing.assert_close(gram, torch.diag(singular_values**2), atol=1e-5, rtol=1e-5)
 
     plain = EmbeddingDotBias(3, 4, 5)
-    torch.testing.assert_close(plain.bias([4, 0]), plain.i_bias.weight.detach()[[4, 0], 0])
+    torch.testing.assert_close(plain.bias([4, 0]), plain.i_bias.weight.detach()[[4, 0], 0].cpu())
     assert plain.pca(3).shape == (5, 3)
     with pytest.raises(IndexError, match=r"item ids must lie in \[0, 5\)"):
         plain.weight([5])
