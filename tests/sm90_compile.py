@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -73,6 +74,7 @@ def compile_launch(jit_fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         "options": options,
         "shared_bytes": shared,
         "fits_hopper": shared <= HOPPER_SHARED_MEMORY_PER_BLOCK,
+        "global_memory_ops": sorted(set(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -113,8 +115,42 @@ def _linear_relu_launches():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def _embedding_dot_bias_launches():
+    from fastcore5.kernels import embedding_dot_bias as k
+
+    n_users, n_items, factors, batch = 1024, 512, 64, 4096
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        U, V = torch.randn(n_users, factors, dtype=dtype), torch.randn(n_items, factors, dtype=dtype)
+        ub, ib = torch.randn(n_users, 1, dtype=dtype), torch.randn(n_items, 1, dtype=dtype)
+        users = torch.randint(0, n_users, (batch,))
+        items = torch.randint(0, n_items, (batch,), dtype=torch.int32)
+        grad = torch.randn(batch, dtype=dtype)
+        for y_range in ((None, None), (0.0, 5.5)):
+            k.embedding_dot_bias_forward(users, items, U, V, ub, ib, *y_range)
+            for deterministic, sparse in ((False, False), (True, False), (False, True)):
+                k.embedding_dot_bias_backward(
+                    grad, users, items, U, V, ub, ib, n_users, n_items, *y_range, True, True, True, True, deterministic, sparse
+                )
+
+
+def _sgd_launches():
+    from fastcore5.kernels.sgd import sgd_forward
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        params = [torch.randn(5000).to(dtype), torch.randn(64).to(dtype)]
+        grads, buffers = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
+        sgd_forward(params, grads, buffers, None, 0.1, 0.9, 0.0, 0.01, False, False, False, False, None, None)
+        if dtype == torch.float32:
+            sgd_forward(params, grads, buffers, torch.tensor(0.1), 0.0, 0.9, 0.1, 0.01, True, True, True, True,
+                        torch.tensor(2.0), torch.tensor(0.0))
+
+
 # op name -> a function that calls that op's launchers at representative dtypes and flags
-LAUNCHES = {"linear_relu": _linear_relu_launches}
+LAUNCHES = {
+    "linear_relu": _linear_relu_launches,
+    "embedding_dot_bias": _embedding_dot_bias_launches,
+    "sgd": _sgd_launches,
+}
 
 
 def main(ops: list[str]) -> int:
