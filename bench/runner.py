@@ -1,0 +1,325 @@
+"""`python -m bench`: every op's benchmark cases, in one process, on the device present.
+
+Order of work: measure the card's ceilings (bench.common.measure_ceilings), then for each op
+whose bench/bench_<op>.py exists collect ``cases(device, quick)`` and time every callable of
+every case (bench.common.run_case). The result is a table on stdout, one JSON file (card,
+versions, commit, date, ceilings and every number) and, unless --no-plots, PNG plots of the
+speedups and of the fraction of the ceiling reached.
+
+Without a CUDA device the same cases run on CPU tensors: the pipeline and the comparisons
+against eager PyTorch and torch.compile run, but the fastcore5 column is the plain-PyTorch
+reference (the Triton interpreter is a correctness tool and is never timed), so the numbers
+that matter need a GPU (scripts/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import fastcore5
+from fastcore5 import backends
+
+from .common import Case, measure_ceilings, run_case
+
+OPS = ("linear_relu", "embedding_dot_bias", "sgd")
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+ANCHORS_NAME = "h200-2026-11-26.json"
+# The shared notes live beside the checkout (../shared) on the development machine; a copy of
+# the tree may carry them inside instead (shared/).
+ANCHORS_CANDIDATES = (REPO_ROOT.parent / "shared" / "anchors" / ANCHORS_NAME, REPO_ROOT / "shared" / "anchors" / ANCHORS_NAME)
+
+
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Benchmark every fastcore5 op against its anchors (eager PyTorch, torch.compile, cuBLASLt, "
+            "torch.optim.SGD foreach/fused) on the device present: a table, JSON and PNG plots."
+        ),
+        epilog="Without a CUDA GPU the cases run on CPU tensors and fastcore5 runs its reference: the GPU numbers need a GPU.",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (under two minutes on a GPU)")
+    parser.add_argument(
+        "--op", dest="ops", action="extend", nargs="+", choices=OPS, metavar="OP",
+        help=f"benchmark only these ops (any of: {', '.join(OPS)}; repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+        help=f"where to write the JSON and the plots (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    ops = list(dict.fromkeys(args.ops or OPS))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = environment(device, args.quick)
+    print(f"fastcore5 benchmarks on {run['card']} ({device}); torch {run['torch']}, triton {run['triton']}, "
+          f"commit {run['commit'] or 'unknown'}{' (with uncommitted changes)' if run['dirty'] else ''}, {run['date']}")
+    notes = []
+    if device == "cpu":
+        notes.append(
+            "No CUDA GPU: these are CPU timings, with fastcore5 running its plain-PyTorch reference. "
+            "The fused kernels' numbers need a GPU (scripts/gpu_check.sh runs this on one)."
+        )
+        if backends.interpreter_active():
+            notes.append("TRITON_INTERPRET=1 is set: the Triton interpreter is a correctness tool and is not timed.")
+    for note in notes:
+        print(note)
+
+    started = time.perf_counter()
+    ceilings = measure_ceilings(device, args.quick)
+    print("ceilings: " + ", ".join(f"{name} {value:.4g}" for name, value in ceilings.items()))
+    anchors, anchors_path = load_anchors()
+    if anchors_path is None:
+        notes.append(f"H200 anchors file {ANCHORS_NAME} not found (looked in {', '.join(map(str, ANCHORS_CANDIDATES))})")
+        print(notes[-1])
+
+    results, skipped, op_backends = [], {}, {}
+    # On a CPU fastcore5 runs the reference either way; forcing it keeps TRITON_INTERPRET=1 (set by
+    # the test suite, say) from timing the interpreter for minutes.
+    reference_only = backends.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
+    with reference_only:
+        for op in ops:
+            module = load_cases_module(op)
+            if module is None:
+                skipped[op] = f"bench/bench_{op}.py does not exist yet"
+                print(f"{op}: skipped ({skipped[op]})")
+                continue
+            op_backends[op] = backends.select(op, device, torch.float32)
+            op_started = time.perf_counter()
+            cases = module.cases(device, args.quick)
+            for case in cases:
+                results.append(run_one(case, device, ceilings, args.quick, anchors))
+            print(f"{op}: {len(cases)} cases in {time.perf_counter() - op_started:.1f} s (fastcore5 ran on {op_backends[op]})")
+            del cases
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    print()
+    print(format_table(results))
+    errors = [row for row in results if "error" in row]
+    report = {
+        **run,
+        "device": device,
+        "quick": args.quick,
+        "ops": ops,
+        "fastcore5_backend": op_backends,
+        "ceilings": ceilings,
+        "anchors_file": str(anchors_path) if anchors_path else None,
+        "skipped_ops": skipped,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
+    json_path = args.out / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    print(f"\nJSON: {json_path}")
+    if not args.no_plots:
+        for path in plot(results, args.out, stem, run["card"]):
+            print(f"plot: {path}")
+    for note in notes:
+        print(note)
+    if errors:
+        print(f"{len(errors)} case(s) failed: see 'error' in the table and the JSON", file=sys.stderr)
+        return 1
+    return 0
+
+
+def environment(device: str, quick: bool) -> dict:
+    """Card, versions, commit and date for the JSON."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device == "cuda":
+        card = torch.cuda.get_device_name()
+    else:
+        card = _cpu_name()
+    commit, dirty = _git_commit()
+    return {
+        "card": card,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastcore5": fastcore5.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "dirty": dirty,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + " (CPU)"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + " (CPU)"
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None  # a copy of the tree without .git, or no git installed
+
+
+def load_anchors() -> tuple[dict[str, float], Path | None]:
+    for path in ANCHORS_CANDIDATES:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()), path
+            except (OSError, ValueError) as err:
+                print(f"warning: cannot read the anchors file {path}: {err}", file=sys.stderr)
+    return {}, None
+
+
+def load_cases_module(op: str):
+    """bench/bench_<op>.py, or None while that op has no benchmark file."""
+    if not (BENCH_DIR / f"bench_{op}.py").is_file():
+        return None
+    return importlib.import_module(f"{__package__}.bench_{op}")
+
+
+def run_one(case: Case, device: str, ceilings: dict, quick: bool, anchors: dict) -> dict:
+    """One result row; a case that raises is recorded with its error instead of ending the run."""
+    try:
+        row = run_case(case, device, ceilings, quick)
+    except Exception as err:  # noqa: BLE001 - reported in the table, the JSON and the exit status
+        traceback.print_exc()
+        row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "error": f"{type(err).__name__}: {err}"}
+    row["ours"] = case.ours
+    found = {label: anchors[key] for label, key in case.anchor_keys.items() if key in anchors}
+    if found:
+        row["h200_anchor_ms"] = found
+    return row
+
+
+def format_table(results: list[dict]) -> str:
+    """One line per (case, comparison): ours, the other callable, their ratio (above 1: ours is
+    faster), the fraction of the ceiling ours reached and the H200 anchor for that comparison."""
+    headers = ["op", "shape", "dtype", "mode", "ours ms", "vs", "their ms", "ratio", "of ceiling", "H200 anchor ms"]
+    lines = []
+    for row in results:
+        ids = [row["op"], row["shape"], row["dtype"], row["mode"]]
+        if "error" in row:
+            lines.append(ids + ["error", row["error"][:60], "", "", "", ""])
+            continue
+        ours_ms = row["ms"][row["ours"]]
+        ceiling = _ceiling_text(row)
+        others = [label for label in row["ms"] if label != row["ours"]] or [""]
+        for position, label in enumerate(others):
+            first = position == 0
+            anchor = row.get("h200_anchor_ms", {}).get(label)
+            lines.append(
+                (ids + [f"{ours_ms:.4g}"] if first else [""] * 5)
+                + [
+                    label,
+                    f"{row['ms'][label]:.4g}" if label else "",
+                    f"{row['speedup'][label]:.2f}x" if label else "",
+                    ceiling if first else "",
+                    f"{anchor:.4g}" if anchor is not None else "",
+                ]
+            )
+    if not lines:
+        return "(no results)"
+    widths = [max(len(str(line[c])) for line in lines + [headers]) for c in range(len(headers))]
+    numeric = {4, 6, 7, 8, 9}
+    render = lambda line: "  ".join(  # noqa: E731
+        str(cell).rjust(width) if c in numeric else str(cell).ljust(width) for c, (cell, width) in enumerate(zip(line, widths))
+    ).rstrip()
+    return "\n".join([render(headers), render(["-" * w for w in widths])] + [render(line) for line in lines])
+
+
+def _ceiling_text(row: dict) -> str:
+    if "fraction_of_copy_ceiling" in row:
+        return f"{row['fraction_of_copy_ceiling']:.0%} copy"
+    if "fraction_of_matmul_ceiling" in row:
+        return f"{row['fraction_of_matmul_ceiling']:.0%} matmul"
+    return ""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def plot(results: list[dict], out: Path, stem: str, card: str) -> list[Path]:
+    """speedup per op and shape (one panel per op, a bar per comparison), and fraction of the ceiling."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'fastcore5[bench]')")
+        return []
+    matplotlib.use("Agg")  # off-screen; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    ok = [row for row in results if "error" not in row]
+    ops = list(dict.fromkeys(row["op"] for row in ok))
+    if not ops:
+        return []
+    paths = []
+
+    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.6 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        rows = [row for row in ok if row["op"] == op]
+        labels = list(dict.fromkeys(label for row in rows for label in row["speedup"]))
+        width = 0.8 / max(len(labels), 1)
+        for k, label in enumerate(labels):
+            xs = [i + (k - (len(labels) - 1) / 2) * width for i, row in enumerate(rows) if label in row["speedup"]]
+            ys = [row["speedup"][label] for row in rows if label in row["speedup"]]
+            ax.bar(xs, ys, width, label=f"vs {label}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(rows)), [f"{r['shape']}\n{r['dtype']} {r['mode']}" for r in rows], fontsize=7)
+        ax.set_ylabel("speedup (their ms / ours)")
+        ax.set_title(f"{op} on {card}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / f"{stem}-speedup.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    with_ceiling = [row for row in ok if _ceiling_text(row)]
+    if with_ceiling:
+        fig, ax = plt.subplots(figsize=(11, 4))
+        fractions = [row.get("fraction_of_copy_ceiling", row.get("fraction_of_matmul_ceiling")) for row in with_ceiling]
+        colors = [f"C{ops.index(row['op'])}" for row in with_ceiling]
+        ax.bar(range(len(with_ceiling)), fractions, color=colors)
+        ax.set_xticks(
+            range(len(with_ceiling)),
+            [f"{r['op']}\n{r['shape']}\n{r['dtype']} {r['mode']}" for r in with_ceiling],
+            fontsize=6,
+        )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("fraction of the measured ceiling")
+        ax.set_title(f"fastcore5: fraction of {card}'s copy bandwidth (memory-bound ops) or matmul rate (GEMMs)")
+        fig.tight_layout()
+        paths.append(out / f"{stem}-ceiling.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

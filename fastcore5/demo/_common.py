@@ -1,0 +1,77 @@
+"""What both demo parts share: which backend runs each op, the one-cycle schedule, timing."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends
+
+
+class DemoError(RuntimeError):
+    """A demo option cannot be honoured here (no such device, backend unavailable, too little data
+    for the batch size, ...): the CLI prints the message without a traceback."""
+
+
+def backends_for(ops: tuple[str, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """The backend ``fastcore5.backends.select`` picks for each op on this device and dtype (the
+    choice the ops themselves make when called, including any use_backend/FASTCORE5_BACKEND)."""
+    return {op: backends.select(op, device, dtype) for op in ops}
+
+
+def describe_backend(name: str, device: torch.device) -> str:
+    if name == "triton":
+        if device.type == "cpu":
+            return "fused Triton kernel run by Triton's CPU interpreter, correct but slow (TRITON_INTERPRET=1)"
+        return "fused Triton kernel"
+    if name == "cuda":
+        return "fused CUDA C++ kernel (fastcore5._C)"
+    return "plain-PyTorch reference from fastcore5.reference, not a fused kernel"
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float | list[float], total_steps: int):
+    """The lesson's fit_one_cycle schedule: the learning rate warms up for the first 25% of the
+    steps and anneals (cosine) to ~0, while momentum moves the opposite way between 0.95 and
+    0.85 (fastai's defaults; torch's OneCycleLR with fastai's div factors)."""
+    # OneCycleLR divides by the length of each phase, which must be positive: the warm-up ends at
+    # step pct_start * total_steps - 1, so very short runs (a few batches) get a longer warm-up
+    # share, and a one-step run a two-step schedule of which it takes the first step.
+    total_steps = max(total_steps, 2)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=max(0.25, 1.5 / total_steps),
+        div_factor=25.0,
+        final_div_factor=1e5,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    phase: str
+    train_loss: float
+    valid_loss: float
+    valid_accuracy: float | None
+    seconds: float
+
+
+class Stopwatch:
+    """Wall-clock seconds that include the queued GPU work (synchronizes on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter() - self.start

@@ -1,0 +1,108 @@
+"""The benchmark runner (`python -m bench`): JSON with the expected fields, the table, the plots,
+the H200 anchors, ops without a benchmark file and cases that fail."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # bench/ is a folder of the checkout, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import runner  # noqa: E402
+from bench.common import Case  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUN_FIELDS = {"card", "torch", "triton", "commit", "date", "device", "quick", "ceilings", "results", "skipped_ops", "notes"}
+
+
+def _only_json(directory: Path) -> dict:
+    files = list(directory.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "ANCHORS_CANDIDATES", (tmp_path / "absent" / runner.ANCHORS_NAME,))
+    assert runner.main(["--quick", "--op", "linear_relu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    report = _only_json(tmp_path)
+    assert RUN_FIELDS <= report.keys()
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert report["torch"] == torch.__version__
+    assert report["date"].endswith("Z") and report["anchors_file"] is None
+    assert all(value > 0 for value in report["ceilings"].values()) and len(report["ceilings"]) == 2
+    assert report["ops"] == ["linear_relu"]
+    assert report["results"]
+    for row in report["results"]:
+        assert row["op"] == "linear_relu" and row["mode"] in ("fwd", "fwdbwd")
+        assert row["ms"]["fastcore5"] > 0 and {"eager", "torch.compile"} <= row["speedup"].keys()
+        assert 0 < row["fraction_of_matmul_ceiling"]
+    if not torch.cuda.is_available():
+        assert report["fastcore5_backend"] == {"linear_relu": "torch"}  # never the interpreter
+        assert any("need a GPU" in note for note in report["notes"])
+    assert "ours ms" in printed and "torch.compile" in printed
+    plots = sorted(tmp_path.glob("*.png"))
+    assert [p.name.rsplit("-", 1)[1] for p in plots] == ["ceiling.png", "speedup.png"]
+    assert all(p.read_bytes()[:8] == PNG_SIGNATURE for p in plots)
+
+
+def _fake_cases(device, quick):
+    def fails():
+        raise RuntimeError("kernel exploded")
+
+    return [
+        Case("linear_relu", "8x8x8", "fp32", "fwd", {"fastcore5": lambda: None, "eager": lambda: None},
+             flops=1024.0, anchor_keys={"eager": "linrelu.bf16.1024x1024x1024.eager_fwd_ms"}),
+        Case("linear_relu", "9x9x9", "fp32", "fwd", {"fastcore5": fails, "eager": lambda: None}),
+    ]
+
+
+def test_anchors_missing_ops_and_failing_cases_are_reported(tmp_path, capsys, monkeypatch):
+    anchors = tmp_path / runner.ANCHORS_NAME
+    anchors.write_text(json.dumps({"linrelu.bf16.1024x1024x1024.eager_fwd_ms": 0.0611}))
+    monkeypatch.setattr(runner, "ANCHORS_CANDIDATES", (tmp_path / "nowhere.json", anchors))
+    modules = {"linear_relu": types.SimpleNamespace(cases=_fake_cases), "embedding_dot_bias": None, "sgd": None}
+    monkeypatch.setattr(runner, "load_cases_module", modules.get)
+
+    assert runner.main(["--quick", "--out", str(tmp_path / "out"), "--no-plots"]) == 1
+    captured = capsys.readouterr()
+
+    report = _only_json(tmp_path / "out")
+    assert report["anchors_file"] == str(anchors)
+    assert set(report["skipped_ops"]) == {"embedding_dot_bias", "sgd"}
+    good, bad = report["results"]
+    assert good["h200_anchor_ms"] == {"eager": 0.0611}
+    assert bad["error"] == "RuntimeError: kernel exploded" and "ms" not in bad
+    assert "0.0611" in captured.out and "kernel exploded" in captured.out
+    assert "1 case(s) failed" in captured.err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_table_has_one_line_per_comparison():
+    row = {
+        "op": "sgd", "shape": "64M", "dtype": "fp32", "mode": "step", "ours": "fastcore5",
+        "ms": {"fastcore5": 0.5, "foreach": 1.0, "fused": 0.25},
+        "speedup": {"foreach": 2.0, "fused": 0.5},
+        "fraction_of_copy_ceiling": 0.8,
+        "h200_anchor_ms": {"fused": 0.409},
+    }
+    lines = runner.format_table([row]).splitlines()
+    assert len(lines) == 4  # header, rule, one line per comparison
+    assert lines[2].split() == ["sgd", "64M", "fp32", "step", "0.5", "foreach", "1", "2.00x", "80%", "copy"]
+    assert lines[3].split() == ["fused", "0.25", "0.50x", "0.409"]
+
+
+def test_cli_bench_subcommand_reaches_the_runner(capsys):
+    from fastcore5.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fastcore5 bench" in capsys.readouterr().out
