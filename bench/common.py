@@ -78,20 +78,28 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> float
     return statistics.median(samples)
 
 
-def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
-    """The card's measured copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s)."""
+def _copy_GBps(device: str, quick: bool) -> float:
     numel = _COPY_BYTES[device] // 4 // (4 if quick else 1)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, quick)
-    ceilings = {"copy_GBps": 2 * numel * 4 / ms / 1e6}
-    del src, dst
+    return 2 * numel * 4 / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
+
+
+def _matmul_TFLOPs(device: str, dtype: torch.dtype, quick: bool) -> float:
     size = _MATMUL_SIZE[device]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, quick)
-    ceilings["matmul_bf16_TFLOPs" if device == "cuda" else "matmul_fp32_TFLOPs"] = 2 * size**3 / ms / 1e9
+    return 2 * size**3 / time_ms(lambda: a @ b, device, quick) / 1e9
+
+
+def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
+    """The card's measured copy bandwidth (GB/s, read + write) and matmul rate (TFLOP/s; bf16
+    on CUDA, fp32 on CPU). Each measurement frees its buffers before the next starts."""
+    ceilings = {"copy_GBps": _copy_GBps(device, quick)}
+    if device == "cuda":
+        ceilings["matmul_bf16_TFLOPs"] = _matmul_TFLOPs(device, torch.bfloat16, quick)
+    else:
+        ceilings["matmul_fp32_TFLOPs"] = _matmul_TFLOPs(device, torch.float32, quick)
     return ceilings
 
 

@@ -411,7 +411,7 @@ class SGD(Optimizer):
         for i, p in enumerate(params):
             if missing[i]:
                 continue
-            check_param_and_grad(p, p.grad, f"param {i} of param group {index}", f"its .grad")
+            check_param_and_grad(p, p.grad, f"param {i} of param group {index}", "its .grad")
             entry = self.state.get(p)
             has_buffer = entry is not None and entry.get("momentum_buffer") is not None
             launches.setdefault((p.device, p.dtype, momentum_on and not has_buffer), []).append(i)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .. import backends
+from . import _console
 
 
 class DemoError(RuntimeError):
@@ -75,3 +77,36 @@ class Stopwatch:
     def elapsed(self) -> float:
         synchronize(self.device)
         return time.perf_counter() - self.start
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    stream,
+    label: str,
+    loss_name: str,
+) -> float:
+    """One pass over ``inputs[order]`` in batches (the tail that does not fill a batch is
+    dropped), one optimizer and schedule step per batch; returns the mean batch loss. The
+    running loss stays on the device and is read only when the progress bar redraws."""
+    steps = len(order) // batch_size
+    bar = _console.ProgressBar(steps, stream, label)
+    model.train()
+    loss_sum = torch.zeros((), device=inputs.device)
+    for step in range(steps):
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        loss = loss_fn(model(inputs[batch]), targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach()
+        bar.update(note=lambda: f"{loss_name} {float(loss_sum) / (step + 1):.4f}")
+    bar.close()
+    return float(loss_sum) / steps

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..nn import EmbeddingDotBias
 from ..optim import SGD
 from . import _console
-from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle
+from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle, train_one_epoch
 from .data import Ratings
 
 OPS = ("embedding_dot_bias", "sgd")
@@ -108,24 +108,15 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
     stream.write(f"  {'epoch':>5}  {'train MSE':>9}  {'valid MSE':>9}  {'time':>8}\n")
     for epoch in range(1, settings.epochs + 1):
         epoch_clock = Stopwatch(device)
-        model.train()
         shuffled = train_rows[torch.randperm(len(train_rows), generator=generator)].to(device)
-        loss_sum = torch.zeros((), device=device)
-        bar = _console.ProgressBar(steps_per_epoch, stream, f"epoch {epoch}/{settings.epochs}")
-        for step in range(steps_per_epoch):
-            batch = shuffled[step * settings.batch_size : (step + 1) * settings.batch_size]
-            loss = F.mse_loss(model(pairs[batch]), targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-            bar.update(note=lambda: f"train MSE {float(loss_sum) / (step + 1):.4f}")
-        bar.close()
+        train_loss = train_one_epoch(
+            model, optimizer, schedule, F.mse_loss, pairs, targets, shuffled, settings.batch_size,
+            stream, f"epoch {epoch}/{settings.epochs}", "train MSE",
+        )
         stats = EpochStats(
             epoch=epoch,
             phase="train",
-            train_loss=float(loss_sum) / steps_per_epoch,
+            train_loss=train_loss,
             valid_loss=evaluate_mse(model, valid_pairs, valid_targets),
             valid_accuracy=None,
             seconds=epoch_clock.elapsed(),

@@ -20,7 +20,7 @@ from torch import nn
 from ..nn import LinearReLU
 from ..optim import SGD, discriminative_param_groups, lr_range
 from . import _console
-from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle
+from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle, train_one_epoch
 
 OPS = ("linear_relu", "sgd")
 N_CLASSES = 10
@@ -127,23 +127,14 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
         schedule = one_cycle(optimizer, group_lrs, epochs * steps_per_epoch)
         for _ in range(epochs):
             clock = Stopwatch(device)
-            model.train()
             order = torch.randperm(len(x_train), generator=generator).to(device)
-            loss_sum = torch.zeros((), device=device)
             epoch = len(history) + 1
-            bar = _console.ProgressBar(steps_per_epoch, stream, f"epoch {epoch} ({phase})")
-            for step in range(steps_per_epoch):
-                batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-                loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.detach()
-                bar.update(note=lambda: f"loss {float(loss_sum) / (step + 1):.4f}")
-            bar.close()
+            train_loss = train_one_epoch(
+                model, optimizer, schedule, F.cross_entropy, x_train, y_train, order, settings.batch_size,
+                stream, f"epoch {epoch} ({phase})", "loss",
+            )
             valid_loss, accuracy = evaluate(model, x_valid, y_valid)
-            stats = EpochStats(epoch, phase, float(loss_sum) / steps_per_epoch, valid_loss, accuracy, clock.elapsed())
+            stats = EpochStats(epoch, phase, train_loss, valid_loss, accuracy, clock.elapsed())
             history.append(stats)
             stream.write(
                 f"  {epoch:>5}  {phase:<8}  {stats.train_loss:>10.4f}  {valid_loss:>10.4f}  {accuracy:>8.1%}  "
