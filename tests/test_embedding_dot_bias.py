@@ -20,6 +20,8 @@ from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, emb
 
 from conftest import DEVICE
 
+pytestmark = pytest.mark.any_device
+
 FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
 
 
