@@ -15,9 +15,13 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     The test suite turns poisoning on, so an element a kernel forgets to write shows up as
     NaN in the comparison instead of silently passing on whatever memory held.
     """
-    out = torch.empty(shape, dtype=dtype, device=device)
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def poison_(out: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh output with NaN (or -1 for integers) when FASTCORE5_POISON=1; see new_output."""
     if os.environ.get("FASTCORE5_POISON", "0") == "1":
-        out.fill_(float("nan") if dtype.is_floating_point else -1)
+        out.fill_(float("nan") if out.dtype.is_floating_point else -1)
     return out
 
 

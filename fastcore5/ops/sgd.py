@@ -31,13 +31,12 @@ synchronisation inside.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .. import backends, reference
 from .._checks import FLOAT_DTYPES, check_tensor
+from ..kernels._common import poison_
 
 OP = "sgd"
 
@@ -103,17 +102,9 @@ def check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> No
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _poisoned_if_testing(buffer: Tensor) -> Tensor:
-    # Like kernels._common.new_output: under FASTCORE5_POISON=1 a fresh buffer the kernel forgets
-    # to write shows up as NaN instead of whatever the allocator returned.
-    if os.environ.get("FASTCORE5_POISON", "0") == "1":
-        buffer.fill_(float("nan"))
-    return buffer
-
-
 def new_momentum_buffers(grads) -> list[Tensor]:
     """Uninitialised buffers shaped (and strided) like ``grads``, for a first step to fill."""
-    return [_poisoned_if_testing(torch.empty_like(g, memory_format=torch.preserve_format)) for g in grads]
+    return [poison_(torch.empty_like(g, memory_format=torch.preserve_format)) for g in grads]
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
