@@ -25,9 +25,26 @@ def poison_(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32, however the user said so.
+
+    torch 2.9+ reports every way of setting it (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision`` and the newer ``fp32_precision`` attributes) through
+    ``torch.backends.cuda.matmul.fp32_precision`` ("none" inherits ``torch.backends.fp32_precision``),
+    while reading ``allow_tf32`` after the newer API was used raises. Older torch has only allow_tf32.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input_precision for operands of ``dtype``: fp32 follows torch's allow_tf32 flag."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot input_precision for operands of ``dtype``: fp32 follows torch's TF32 setting."""
+    if dtype == torch.float32 and fp32_matmul_allows_tf32():
         return "tf32"
     return "ieee"
 

@@ -169,6 +169,28 @@ def test_tf32_flag_is_followed():
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),
+        ("torch.backends.fp32_precision = 'tf32'", "tf32"),
+        ("torch.set_float32_matmul_precision('high')", "tf32"),
+        ("torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'", "ieee"),
+        ("pass", "ieee"),
+    ],
+)
+def test_tf32_setting_is_read_through_every_torch_api(setting, expected):
+    """In a fresh process, because mixing the legacy and the newer TF32 APIs in one process makes
+    torch refuse to read the legacy flag."""
+    import subprocess
+    import sys
+
+    code = f"import torch\n{setting}\nfrom fastcore5.kernels._common import dot_precision\nprint(dot_precision(torch.float32))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == expected
+
+
 def test_autocast_computes_in_autocast_dtype_like_nn_linear():
     layer = LinearReLU(12, 8)
     x = torch.randn(5, 12)

@@ -106,7 +106,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         weight: (out_features, in_features), as nn.Linear.weight.
         bias: (out_features,) or None.
     Returns (*, out_features). Under torch.autocast the inputs are cast to the autocast dtype,
-    as for nn.Linear. fp32 follows torch.backends.cuda.matmul.allow_tf32. The backward uses
+    as for nn.Linear. fp32 follows torch's TF32 setting for CUDA matmuls (allow_tf32 / fp32_precision). The backward uses
     only the output (relu' = out > 0), never the pre-activation.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
