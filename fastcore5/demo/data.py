@@ -213,21 +213,26 @@ def _no_ratings(path: Path) -> RatingsFileError:
     return RatingsFileError(f"{path}: the file holds no ratings")
 
 
-def _read_u_data(path: Path) -> tuple[list[int], list[int], list[float]]:
-    users, items, ratings = [], [], []
+def _delimited_lines(path: Path, separator: str, min_fields: int, expected: str):
+    """(where, fields) for each non-blank line of a latin-1 ml-100k file; a line with fewer than
+    ``min_fields`` fields raises, naming the file and line."""
     with open(path, encoding="latin-1", newline="") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            fields = line.rstrip("\r\n").split("\t")
+            fields = line.rstrip("\r\n").split(separator)
             where = f"{path}, line {line_number}"
-            if len(fields) < 3:
-                raise RatingsFileError(
-                    f"{where}: expected tab-separated user, item, rating[, timestamp], got {line.strip()!r}"
-                )
-            users.append(_parse_id(fields[0], "user id", where))
-            items.append(_parse_id(fields[1], "item id", where))
-            ratings.append(_parse_rating(fields[2], where))
+            if len(fields) < min_fields:
+                raise RatingsFileError(f"{where}: expected {expected}, got {line.strip()!r}")
+            yield where, fields
+
+
+def _read_u_data(path: Path) -> tuple[list[int], list[int], list[float]]:
+    users, items, ratings = [], [], []
+    for where, fields in _delimited_lines(path, "\t", 3, "tab-separated user, item, rating[, timestamp]"):
+        users.append(_parse_id(fields[0], "user id", where))
+        items.append(_parse_id(fields[1], "item id", where))
+        ratings.append(_parse_rating(fields[2], where))
     if not ratings:
         raise _no_ratings(path)
     return users, items, ratings
@@ -262,17 +267,10 @@ def _read_ratings_csv(path: Path) -> tuple[list[int], list[int], list[float]]:
 
 
 def _read_u_item(path: Path) -> dict[int, str]:
-    titles = {}
-    with open(path, encoding="latin-1", newline="") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\r\n").split("|")
-            where = f"{path}, line {line_number}"
-            if len(fields) < 2:
-                raise RatingsFileError(f"{where}: expected '|'-separated movie id|title|..., got {line.strip()!r}")
-            titles[_parse_id(fields[0], "movie id", where)] = fields[1]
-    return titles
+    return {
+        _parse_id(fields[0], "movie id", where): fields[1]
+        for where, fields in _delimited_lines(path, "|", 2, "'|'-separated movie id|title|...")
+    }
 
 
 def _read_movies_csv(path: Path) -> dict[int, str]:
