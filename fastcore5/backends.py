@@ -128,6 +128,17 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     return next(b for b in order if unavailable_reason(b, op, device, dtype) is None)
 
 
+def launcher(backend: str, op: str, name: str):
+    """The kernel launcher ``name`` of ``op`` on ``backend``: ``fastcore5.kernels.<op>.<name>`` for
+    "triton", ``torch.ops.fastcore5_cuda.<name>`` for "cuda". Both backends give a launcher of one
+    name the same arguments and results, so the op layer calls either the same way."""
+    if backend == "triton":
+        return getattr(importlib.import_module(f"fastcore5.kernels.{op}"), name)
+    if backend == "cuda":
+        return getattr(torch.ops.fastcore5_cuda, name)
+    raise ValueError(f"no fused {op} kernels for backend {backend!r}")
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the block on ``name`` ("triton", "cuda", "torch" or "auto")."""

@@ -1,6 +1,6 @@
 """fastcore5::embedding_dot_bias — fastai's EmbeddingDotBias forward as a differentiable custom op.
 
-Same pattern as fastcore5.ops.linear_relu: ``_launchers(backend)``, a custom op for the forward
+Same pattern as fastcore5.ops.linear_relu: ``backends.launcher``, a custom op for the forward
 and one for the backward (each with a fake), ``register_autograd`` saving only what the
 requested gradients need, and a public function that checks its arguments and picks the backend.
 
@@ -22,19 +22,6 @@ from .. import backends, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 OP = "embedding_dot_bias"
-
-
-def _launchers(backend: str):
-    """(forward, backward) launchers; the CUDA ones take the same arguments as the Triton ones
-    (see fastcore5.kernels.embedding_dot_bias.embedding_dot_bias_forward / _backward)."""
-    if backend == "triton":
-        from fastcore5.kernels import embedding_dot_bias as triton_kernels
-
-        return triton_kernels.embedding_dot_bias_forward, triton_kernels.embedding_dot_bias_backward
-    if backend == "cuda":
-        cuda_ops = torch.ops.fastcore5_cuda
-        return cuda_ops.embedding_dot_bias_forward, cuda_ops.embedding_dot_bias_backward
-    raise ValueError(f"no fused {OP} kernels for backend {backend!r}")
 
 
 def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: int) -> None:
@@ -72,7 +59,7 @@ def embedding_dot_bias_op(
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
     because setup_context sees only the op's inputs)."""
     check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
-    forward, _ = _launchers(backend)
+    forward = backends.launcher(backend, OP, "embedding_dot_bias_forward")
     return forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi)
 
 
@@ -106,7 +93,7 @@ def embedding_dot_bias_backward_op(
     (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
     COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
     (custom ops cannot return None); the CUDA launcher may return either."""
-    _, backward = _launchers(backend)
+    backward = backends.launcher(backend, OP, "embedding_dot_bias_backward")
     grads = backward(
         grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
         need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,

@@ -1,7 +1,7 @@
 """fastcore5::linear_relu — relu(x @ W.T + b) as a differentiable custom op.
 
 Pattern every op in fastcore5.ops follows:
-  * ``_launchers(backend)`` maps a backend name to the forward/backward kernels;
+  * ``backends.launcher(backend, OP, name)`` finds the Triton or CUDA kernel launcher;
   * a ``custom_op`` for the forward and one for the backward, each with ``register_fake``;
   * ``register_autograd`` on the forward, whose ``setup_context`` saves only what the
     requested gradients need (ctx.needs_input_grad);
@@ -19,22 +19,10 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_t
 OP = "linear_relu"
 
 
-def _launchers(backend: str):
-    if backend == "triton":
-        from fastcore5.kernels import linear_relu as triton_kernels
-
-        return triton_kernels.linear_relu_forward, triton_kernels.linear_relu_backward
-    if backend == "cuda":
-        cuda_ops = torch.ops.fastcore5_cuda
-        return cuda_ops.linear_relu_forward, cuda_ops.linear_relu_backward
-    raise ValueError(f"no fused {OP} kernels for backend {backend!r}")
-
-
 @torch.library.custom_op("fastcore5::linear_relu", mutates_args=())
 def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     """relu(x @ weight.T + bias) for 2-D x; ``backend`` is "triton" or "cuda"."""
-    forward, _ = _launchers(backend)
-    return forward(x, weight, bias)
+    return backends.launcher(backend, OP, "linear_relu_forward")(x, weight, bias)
 
 
 @linear_relu_op.register_fake
@@ -55,7 +43,7 @@ def linear_relu_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); a gradient not asked for comes back as an empty tensor
     (custom ops cannot return None)."""
-    _, backward = _launchers(backend)
+    backward = backends.launcher(backend, OP, "linear_relu_backward")
     grads = backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
     return tuple(g if g is not None else out.new_empty(0) for g in grads)
 

@@ -41,16 +41,6 @@ from ..kernels._common import poison_
 OP = "sgd"
 
 
-def _launcher(backend: str):
-    if backend == "triton":
-        from fastcore5.kernels.sgd import sgd_forward
-
-        return sgd_forward
-    if backend == "cuda":
-        return torch.ops.fastcore5_cuda.sgd_forward
-    raise ValueError(f"no fused {OP} kernel for backend {backend!r}")
-
-
 @torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_step_op(
     params: list[Tensor],
@@ -71,7 +61,7 @@ def sgd_step_op(
 ) -> None:
     """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton" or "cuda".
     Arguments as ``sgd_forward`` in the module docstring."""
-    _launcher(backend)(
+    backends.launcher(backend, OP, "sgd_forward")(
         params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
         nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf,
     )
@@ -177,7 +167,7 @@ def step_tensors(
     if dispatch:
         sgd_step_op(*args, backend)
         return
-    _launcher(backend)(*args)
+    backends.launcher(backend, OP, "sgd_forward")(*args)
     torch.autograd.graph.increment_version(args[0] + args[2] + (args[1] if grad_scale is not None else []))
 
 
