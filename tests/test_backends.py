@@ -64,3 +64,11 @@ def test_unknown_names_are_refused(monkeypatch):
 def test_float64_linear_relu_on_cuda_is_not_sent_to_compiled_triton():
     reason = backends.unavailable_reason("triton", "linear_relu", torch.device("cuda"), torch.float64)
     assert "float64" in reason
+
+
+def test_launcher_maps_backend_and_name_to_the_kernel_function():
+    from fastcore5.kernels import sgd
+
+    assert backends.launcher("triton", "sgd", "sgd_forward") is sgd.sgd_forward
+    with pytest.raises(ValueError, match="no fused sgd kernels for backend 'torch'"):
+        backends.launcher("torch", "sgd", "sgd_forward")
