@@ -5,8 +5,8 @@ extension fastcore5._C is loaded. ``register()`` registers the fakes; it runs wh
 imported with the ops present, which ``fastcore5.backends.cuda_extension()`` does right after it
 loads the extension. The C++ library names this module (``m.set_python_module``): torch requires
 that for a C++ op with a Python fake, and its error for a fake tensor reaching an op without one
-tells the user to import this module. Without the extension, importing it does nothing. With the fakes, torch.compile can trace the ops and
-torch.library.opcheck can test them.
+tells the user to import this module. Without the extension, importing it does nothing. With
+the fakes, torch.compile can trace the ops and torch.library.opcheck can test them.
 
 Each fake mirrors the shapes of the real op: a gradient that was not asked for is an empty
 (0,)-shaped tensor, as the C++ op returns it.
@@ -22,7 +22,7 @@ def _linear_relu_forward(x, weight, bias):
 
 def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
     M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1]
+    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0  # 0: bias grad only
     return (
         out.new_empty((M, K) if need_input_grad else (0,)),
         out.new_empty((N, K) if need_weight_grad else (0,)),
