@@ -87,6 +87,18 @@ __device__ __forceinline__ acc_t<T> partial_dot(const T* a_row, int64_t a_cs, co
   return acc;
 }
 
+// The pre-activation score <U[u], V[i]> + ub[u] + ib[i] of this group's sample, returned to every
+// lane of a valid sample (0 for an invalid one). It shuffles: every lane of the warp must call it.
+template <typename T, int VEC>
+__device__ __forceinline__ acc_t<T> sample_score(const TableRef<T>& U, const TableRef<T>& V, const TableRef<T>& ub,
+                                                 const TableRef<T>& ib, int64_t u, int64_t i, bool valid, int64_t D,
+                                                 int lane, int G) {
+  using A = acc_t<T>;
+  A dot = valid ? partial_dot<T, VEC>(U.row(u), U.col_stride, V.row(i), V.col_stride, D, lane, G) : A(0);
+  dot = group_sum(dot, G);
+  return valid ? dot + static_cast<A>(*ub.row(u)) + static_cast<A>(*ib.row(i)) : A(0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T).
 // ---------------------------------------------------------------------------------------------
@@ -98,16 +110,10 @@ __global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, Ta
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
   const int lane = threadIdx.x % G;
   const bool valid = s < B;
-  int64_t u = 0, i = 0;
-  A dot = A(0);
-  if (valid) {
-    u = users[s];
-    i = items[s];
-    dot = partial_dot<T, VEC>(U.row(u), U.col_stride, V.row(i), V.col_stride, D, lane, G);
-  }
-  dot = group_sum(dot, G);  // outside the branch: every lane of the warp takes part
+  const int64_t u = valid ? users[s] : 0;
+  const int64_t i = valid ? items[s] : 0;
+  A res = sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G);
   if (valid && lane == 0) {
-    A res = dot + static_cast<A>(*ub.row(u)) + static_cast<A>(*ib.row(i));
     if (has_range) res = sigmoid(res) * (hi - lo) + lo;
     out[s] = static_cast<T>(res);
   }
@@ -155,19 +161,15 @@ __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64
   const int lane = threadIdx.x % G;
   const bool valid = s < B;
   int64_t u = 0, i = 0;
-  A coef = A(0), dot = A(0);
+  A coef = A(0);
   if (valid) {
     u = users[s];
     i = items[s];
     coef = static_cast<A>(grad_out[s * grad_stride]);
-    if (has_range) dot = partial_dot<T, VEC>(U.row(u), U.col_stride, V.row(i), V.col_stride, D, lane, G);
   }
-  if (has_range) {
-    dot = group_sum(dot, G);
-    if (valid) {
-      const A sg = sigmoid(dot + static_cast<A>(*ub.row(u)) + static_cast<A>(*ib.row(i)));
-      coef *= (hi - lo) * sg * (A(1) - sg);
-    }
+  if (has_range) {  // uniform across the warp, so every lane calls the shuffling sample_score
+    const A sg = sigmoid(sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G));
+    coef *= (hi - lo) * sg * (A(1) - sg);
   }
   if (!valid) return;  // no shuffles below
   if constexpr (MODE == kCoef) {
