@@ -38,6 +38,20 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
+class BackendConfigError(ValueError):
+    """FASTCORE5_BACKEND or use_backend() names no backend; the message is one line."""
+
+
+def check_environment() -> None:
+    """Raise BackendConfigError when FASTCORE5_BACKEND is set to something that is not a backend."""
+    raw = os.environ.get(ENV_VAR, "")
+    name = raw.strip().lower()
+    if name and name not in BACKENDS + ("auto",):
+        raise BackendConfigError(
+            f"{ENV_VAR}={raw!r} is not a backend; set it to one of {', '.join(BACKENDS + ('auto',))}, or unset it"
+        )
+
+
 def interpreter_active() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -100,12 +114,12 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
 
 def requested() -> str | None:
     """The backend asked for by use_backend() or FASTCORE5_BACKEND, or None for automatic."""
-    name = _requests[-1] if _requests else (os.environ.get(ENV_VAR, "").strip().lower() or None)
-    if name == "auto":
-        return None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}/use_backend got {name!r}; choose one of {BACKENDS} or 'auto'")
-    return name
+    if _requests:
+        name = _requests[-1]
+    else:
+        check_environment()
+        name = os.environ.get(ENV_VAR, "").strip().lower() or None
+    return None if name == "auto" else name
 
 
 def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
