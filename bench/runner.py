@@ -62,11 +62,20 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
         help=f"where to write the JSON and the plots (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
+    parser.add_argument(
+        "--host", action="store_true",
+        help="instead: the host time of every public entry point next to eager PyTorch (bench/host.py; runs without a GPU)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="with --host: also write its results as JSON to PATH")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.host:
+        # A fresh process: on CPU it must switch Triton's interpreter on before triton is imported.
+        command = [sys.executable, "-m", "bench.host"] + (["--json", str(args.json.resolve())] if args.json else [])
+        return subprocess.call(command, cwd=REPO_ROOT)
     ops = list(dict.fromkeys(args.ops or OPS))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run = environment(device, args.quick)

@@ -24,6 +24,9 @@ BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "FASTCORE5_BACKEND"
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 
+# One op of each family in the CUDA extension: its presence says the extension has the family.
+_CUDA_OP_NAMES = {"linear_relu": "linear_relu", "embedding_dot_bias": "embedding_dot_bias", "sgd": "sgd_step"}
+
 # Automatic order on CUDA tensors, fastest measured first. Until the CUDA extension has been
 # measured against Triton on a GPU (bench/NOTES.md) Triton leads for every op.
 PREFERENCE = {op: ("triton", "cuda", "torch") for op in OPS}
@@ -106,7 +109,7 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
                 "the CUDA extension fastcore5._C is not built; reinstall with "
                 "`FASTCORE5_BUILD_CUDA=1 pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch"
             )
-        if not hasattr(torch.ops.fastcore5_cuda, op + "_forward"):
+        if not hasattr(torch.ops.fastcore5_cuda, _CUDA_OP_NAMES[op]):
             return f"the CUDA extension has no kernel for {op}"
         return None
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
@@ -122,11 +125,7 @@ def requested() -> str | None:
     return None if name == "auto" else name
 
 
-def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs ``op`` on tensors of ``dtype`` living on ``device``."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; known ops: {OPS}")
-    device = torch.device(device)
+def _choose(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
     name = requested()
     if name is not None:
         reason = unavailable_reason(name, op, device, dtype)
@@ -142,15 +141,73 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     return next(b for b in order if unavailable_reason(b, op, device, dtype) is None)
 
 
+# os.environ keeps its raw mapping (_data) in sync with every assignment; reading it with a
+# pre-encoded key costs about 0.1 us against 1-2 us for os.environ.get, which encodes and
+# decodes. Only select()'s cache key uses these raw values.
+_RAW_ENVIRONMENT = os.environ._data
+_BACKEND_KEY = os.environ.encodekey(ENV_VAR)
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+
+
+# (op, device type, dtype, request, FASTCORE5_BACKEND, TRITON_INTERPRET) -> backend. Everything
+# the choice depends on is in the key, so use_backend() and the environment are seen at once.
+_selected: dict[tuple, str] = {}
+
+
+def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``dtype`` living on ``device`` (a torch.device
+    or a device type such as "cuda"; no backend depends on the device index).
+
+    Remembered per (op, device type, dtype, request): a repeated call costs a dict lookup."""
+    device_type = device if isinstance(device, str) else device.type
+    if torch.compiler.is_compiling():
+        return _choose(op, torch.device(device_type), dtype)
+    key = (
+        op, device_type, dtype, _requests[-1] if _requests else None,
+        _RAW_ENVIRONMENT.get(_BACKEND_KEY), _RAW_ENVIRONMENT.get(_INTERPRET_KEY),
+    )
+    name = _selected.get(key)
+    if name is None:
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known ops: {OPS}")
+        name = _selected[key] = _choose(op, torch.device(device_type), dtype)
+    return name
+
+
+def device_type(t: torch.Tensor) -> str:
+    """``t.device.type``, in a fraction of its cost for the common devices."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+
+
 def launcher(backend: str, op: str, name: str):
-    """The kernel launcher ``name`` of ``op`` on ``backend``: ``fastcore5.kernels.<op>.<name>`` for
-    "triton", ``torch.ops.fastcore5_cuda.<name>`` for "cuda". Both backends give a launcher of one
-    name the same arguments and results, so the op layer calls either the same way."""
+    """The kernel launcher ``name`` of ``op`` on ``backend`` (the SGD op layer still finds its
+    launcher this way; the other ops use a KernelTable)."""
     if backend == "triton":
         return getattr(importlib.import_module(f"fastcore5.kernels.{op}"), name)
     if backend == "cuda":
         return getattr(torch.ops.fastcore5_cuda, name)
     raise ValueError(f"no fused {op} kernels for backend {backend!r}")
+
+
+class KernelTable:
+    """One op's kernel launchers on each fused backend, each backend's loaded on first use.
+
+    ``loaders`` maps "triton" and "cuda" to a function that returns an object whose attributes
+    are the launchers (the same names and arguments on both backends, so the op layer calls
+    either the same way). A loader runs once: triton is imported, or the CUDA extension loaded,
+    only when that backend is first used."""
+
+    def __init__(self, **loaders):
+        self._loaders = loaders
+        self._loaded: dict[str, object] = {}
+
+    def __getitem__(self, backend: str):
+        kernels = self._loaded.get(backend)
+        if kernels is None:
+            if backend not in self._loaders:
+                raise ValueError(f"no fused kernels for backend {backend!r}")
+            kernels = self._loaded[backend] = self._loaders[backend]()
+        return kernels
 
 
 @contextlib.contextmanager

@@ -67,6 +67,28 @@ def _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_
 
 
 @triton.jit
+def _inside_tables(users, items, in_batch, n_users, n_items):
+    """(users, items, valid): valid = in the batch with both indices inside their tables. Every
+    kernel checks, whatever the validation mode, and masks every table access with ``valid``;
+    bad indices are also replaced by row 0, so no address formed from them leaves a table."""
+    valid = in_batch & (users >= 0) & (users < n_users) & (items >= 0) & (items < n_items)
+    return tl.where(valid, users, 0), tl.where(valid, items, 0), valid
+
+
+@triton.jit
+def _record_bad_indices(indices, bad, rows, counts_ptr):
+    """Add this program's bad ``indices`` to an index-error flag section (count, most negative,
+    largest, rows: see fastcore5/index_errors.py); one branch, taken only when there are any."""
+    count = tl.sum(bad.to(tl.int64), axis=0)
+    if count > 0:
+        tl.atomic_add(counts_ptr, count, sem="relaxed")
+        tl.atomic_min(counts_ptr + 1, tl.min(tl.where(bad & (indices < 0), indices, 0), axis=0), sem="relaxed")
+        tl.atomic_max(counts_ptr + 2, tl.max(tl.where(bad & (indices >= rows), indices, 0), axis=0), sem="relaxed")
+        tl.atomic_max(counts_ptr + 3, rows.to(tl.int64), sem="relaxed")
+    return count
+
+
+@triton.jit
 def _scores(
     users, items, in_batch,
     u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
@@ -112,22 +134,33 @@ def _coefficients(
 
 @triton.jit
 def _embedding_dot_bias_fwd_kernel(
-    users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, out_ptr,
-    B, D, y_lo, y_hi,
+    users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, out_ptr, errors_ptr,
+    B, D, n_users, n_items, y_lo, y_hi,
     stride_users, stride_items, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    HAS_Y_RANGE: tl.constexpr, RECORD_ERRORS: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """out[b] for a block of samples; a sample with a bad index scores NaN and, with
+    RECORD_ERRORS, is recorded in the index-error flag at errors_ptr."""
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    if RECORD_ERRORS:
+        bad_users = in_batch & ((users < 0) | (users >= n_users))
+        bad_items = in_batch & ((items < 0) | (items >= n_items))
+        bad = _record_bad_indices(users, bad_users, n_users, errors_ptr + 1)
+        bad += _record_bad_indices(items, bad_items, n_items, errors_ptr + 5)
+        if bad > 0:
+            tl.atomic_add(errors_ptr, bad, sem="relaxed")
+    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
     res = _scores(
-        users, items, in_batch, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
+        users, items, valid, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
         D, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         ACC_DTYPE, BLOCK_B, BLOCK_D,
     )
     if HAS_Y_RANGE:
         res = 1.0 / (1.0 + tl.exp(-res)) * (y_hi - y_lo) + y_lo
+    res = tl.where(valid, res, float("nan"))
     tl.store(out_ptr + samples, _rounded(res, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
 
 
@@ -135,7 +168,7 @@ def _embedding_dot_bias_fwd_kernel(
 def _embedding_dot_bias_bwd_atomic_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
     grad_uw_ptr, grad_iw_ptr, grad_ub_ptr, grad_ib_ptr,
-    B, D, y_lo, y_hi,
+    B, D, n_users, n_items, y_lo, y_hi,
     stride_grad_out, stride_users, stride_items,
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
     HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
@@ -147,20 +180,21 @@ def _embedding_dot_bias_bwd_atomic_kernel(
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
     coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        grad_out_ptr, stride_grad_out, samples, users, items, valid,
         u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
         D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
     )
     if NEED_UB:
-        tl.atomic_add(grad_ub_ptr + users, coef, mask=in_batch, sem="relaxed")
+        tl.atomic_add(grad_ub_ptr + users, coef, mask=valid, sem="relaxed")
     if NEED_IB:
-        tl.atomic_add(grad_ib_ptr + items, coef, mask=in_batch, sem="relaxed")
+        tl.atomic_add(grad_ib_ptr + items, coef, mask=valid, sem="relaxed")
     if NEED_UW or NEED_IW:
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            tile_mask = in_batch[:, None] & (cols[None, :] < D)
+            tile_mask = valid[:, None] & (cols[None, :] < D)
             if NEED_UW:
                 i_rows = tl.load(
                     i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
@@ -182,7 +216,7 @@ def _embedding_dot_bias_bwd_atomic_kernel(
 @triton.jit
 def _embedding_dot_bias_bwd_coef_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, coef_ptr,
-    B, D, y_lo, y_hi,
+    B, D, n_users, n_items, y_lo, y_hi,
     stride_grad_out, stride_users, stride_items,
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
     ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -191,8 +225,9 @@ def _embedding_dot_bias_bwd_coef_kernel(
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
     coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        grad_out_ptr, stride_grad_out, samples, users, items, valid,
         u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
         D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         True, ACC_DTYPE, BLOCK_B, BLOCK_D,
@@ -204,7 +239,7 @@ def _embedding_dot_bias_bwd_coef_kernel(
 def _embedding_dot_bias_bwd_sparse_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
     uw_values_ptr, iw_values_ptr, ub_values_ptr, ib_values_ptr,
-    B, D, y_lo, y_hi,
+    B, D, n_users, n_items, y_lo, y_hi,
     stride_grad_out, stride_users, stride_items,
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
     HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
@@ -216,8 +251,9 @@ def _embedding_dot_bias_bwd_sparse_kernel(
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
+    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
     coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, in_batch,
+        grad_out_ptr, stride_grad_out, samples, users, items, valid,
         u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
         D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
@@ -230,9 +266,10 @@ def _embedding_dot_bias_bwd_sparse_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             tile_mask = in_batch[:, None] & (cols[None, :] < D)
+            read_mask = valid[:, None] & (cols[None, :] < D)
             if NEED_UW:
                 i_rows = tl.load(
-                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
+                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=read_mask, other=0.0
                 )
                 values = coef[:, None] * i_rows.to(ACC_DTYPE)
                 tl.store(
@@ -241,7 +278,7 @@ def _embedding_dot_bias_bwd_sparse_kernel(
                 )
             if NEED_IW:
                 u_rows = tl.load(
-                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
+                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=read_mask, other=0.0
                 )
                 values = coef[:, None] * u_rows.to(ACC_DTYPE)
                 tl.store(
@@ -257,7 +294,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
     carry_in_w_ptr, carry_in_b_ptr,
     grad_w_ptr, grad_b_ptr,
     carry_out_keys_ptr, carry_out_w_ptr, carry_out_b_ptr,
-    D,
+    D, n_rows, n_partner_rows,
     FIRST_LEVEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EMIT_CARRY: tl.constexpr,
     ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -270,6 +307,8 @@ def _embedding_dot_bias_bwd_segment_kernel(
     writes slots 2t and 2t+1 of the carry outputs: (its first row, the sum of its first piece when
     that piece continues into a neighbouring tile, else 0) and (its last row, the sum of its last
     piece when that piece is a different one that continues into the next tile, else 0).
+    Entries whose row (of n_rows) or partner row (of n_partner_rows) is out of range add nothing
+    and write nothing.
     """
     tile = tl.program_id(0).to(tl.int64)
     start = tile * TILE
@@ -290,14 +329,17 @@ def _embedding_dot_bias_bwd_segment_kernel(
     last_is_carried = continues_right & (first_key != last_key)
     carried = ((keys == first_key) & first_is_carried) | ((keys == last_key) & last_is_carried)
     # Each complete piece is added once, from the entry where it starts.
-    adds_to_grad = piece_starts & (carried == 0)
+    adds_to_grad = piece_starts & (carried == 0) & (keys >= 0) & (keys < n_rows)
     same_piece = (keys[:, None] == keys[None, :]) & valid[None, :]
     at_first = positions == start
     at_last = positions == stop - 1
 
     if FIRST_LEVEL:
         samples = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
-        coef = tl.load(coef_ptr + samples, mask=valid, other=0.0).to(ACC_DTYPE)
+        partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
+        entry_ok = valid & (keys >= 0) & (keys < n_rows) & (partners >= 0) & (partners < n_partner_rows)
+        partners = tl.where(entry_ok, partners, 0)
+        coef = tl.load(coef_ptr + samples, mask=entry_ok, other=0.0).to(ACC_DTYPE)
     if EMIT_CARRY:
         tl.store(carry_out_keys_ptr + 2 * tile, first_key)
         tl.store(carry_out_keys_ptr + 2 * tile + 1, last_key)
@@ -319,8 +361,6 @@ def _embedding_dot_bias_bwd_segment_kernel(
             tl.store(carry_out_b_ptr + 2 * tile + 1, tl.where(last_is_carried, last_bias_piece, 0.0))
 
     if HAS_WEIGHT:
-        if FIRST_LEVEL:
-            partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             in_cols = cols < D
@@ -328,7 +368,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
             if FIRST_LEVEL:
                 rows = tl.load(
                     partner_table_ptr + partners[:, None] * stride_pt_n + cols[None, :] * stride_pt_d,
-                    mask=tile_mask, other=0.0,
+                    mask=entry_ok[:, None] & in_cols[None, :], other=0.0,
                 )
                 values = coef[:, None] * rows.to(ACC_DTYPE)
             else:
@@ -408,38 +448,49 @@ def embedding_dot_bias_forward(
     i_bias: torch.Tensor,
     y_lo: float | None,
     y_hi: float | None,
+    index_errors: torch.Tensor | None,
+    *,
+    wrap=None,
 ) -> torch.Tensor:
     """out (B,) in the table dtype: <U[users], V[items]> + ub[users] + ib[items], and with
     y_lo/y_hi given, sigmoid(that) * (y_hi - y_lo) + y_lo.
 
-    users, items: (B,) int32 or int64, any stride, already checked to lie in range.
+    users, items: (B,) int32 or int64, any stride. A sample with an index outside its table reads
+        nothing and scores NaN.
     u_weight (n_users, D), i_weight (n_items, D): one float dtype, any strides.
     u_bias (n_users,) or (n_users, 1), i_bias likewise (stride(0) is the row stride).
     y_lo, y_hi: both None (no y_range) or both floats. Compiled kernels take them as fp32 scalars.
+    index_errors: None, or an int64 flag of fastcore5.index_errors.SLOTS elements on the tables'
+        device into which the kernel records bad indices (layout in fastcore5/index_errors.py).
+    wrap: None, or a function applied to the kernel before launching it (torch.library.wrap_triton).
     """
     B = users.shape[0]
-    D = u_weight.shape[1]
+    n_users, D = u_weight.shape
     out = new_output((B,), u_weight.dtype, u_weight.device)
     if B == 0:
         return out
     block_b, block_d = _blocks(B, D)
     has_y_range = y_lo is not None
-    _embedding_dot_bias_fwd_kernel[(triton.cdiv(B, block_b),)](
-        users, items, u_weight, i_weight, u_bias, i_bias, out,
-        B, D, float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
+    kernel = _embedding_dot_bias_fwd_kernel if wrap is None else wrap(_embedding_dot_bias_fwd_kernel)
+    kernel[(triton.cdiv(B, block_b),)](
+        users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
+        B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
         users.stride(0), items.stride(0),
         u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
         u_bias.stride(0), i_bias.stride(0),
-        HAS_Y_RANGE=has_y_range, ACC_DTYPE=_tl_dtype(u_weight.dtype), SOFT_BF16=_soft_bf16(u_weight.dtype),
+        HAS_Y_RANGE=has_y_range, RECORD_ERRORS=index_errors is not None,
+        ACC_DTYPE=_tl_dtype(u_weight.dtype), SOFT_BF16=_soft_bf16(u_weight.dtype),
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
     )
     return out
 
 
-def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, D: int) -> None:
+def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, D, n_rows, n_partner_rows, launch):
     """Deterministically add, for every row r of the sorted ``keys``, the sum over its samples b
     of coef[b] * partner_table[partners[b]] into grad_w[r] and of coef[b] into grad_b[r]
-    (either may be None). ``order`` maps sorted positions to samples."""
+    (either may be None). ``order`` maps sorted positions to samples; samples whose row (of
+    n_rows) or partner row (of n_partner_rows) is out of range are left out. ``launch`` is the
+    segment kernel, wrapped or not."""
     tile = SEGMENT_TILE
     acc_dtype = coef.dtype
     has_weight, has_bias = grad_w is not None, grad_b is not None
@@ -458,18 +509,18 @@ def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, 
             next_b = new_output((2 * tiles,), acc_dtype, keys.device) if has_bias else dummy
         else:
             next_keys = next_w = next_b = dummy
-        _embedding_dot_bias_bwd_segment_kernel[(tiles,)](
+        launch[(tiles,)](
             keys, N,
             order if first_level else dummy, coef,
-            partners if first_level and has_weight else dummy,
-            partners.stride(0) if first_level and has_weight else 0,
+            partners if first_level else dummy,
+            partners.stride(0) if first_level else 0,
             partner_table if first_level and has_weight else dummy,
             partner_table.stride(0) if first_level and has_weight else 0,
             partner_table.stride(1) if first_level and has_weight else 0,
             carry_w, carry_b,
             grad_w if has_weight else dummy, grad_b if has_bias else dummy,
             next_keys, next_w, next_b,
-            D,
+            D, n_rows, n_partner_rows,
             FIRST_LEVEL=first_level, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, EMIT_CARRY=emit_carry,
             ACC_DTYPE=_tl_dtype(acc_dtype), SOFT_BF16=_soft_bf16(grad_dtype), TILE=tile, BLOCK_D=block_d,
             num_warps=8,
@@ -498,8 +549,11 @@ def embedding_dot_bias_backward(
     need_i_bias: bool,
     deterministic: bool,
     sparse: bool,
+    *,
+    wrap=None,
 ):
     """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias); each is None unless asked for.
+    A sample with an index outside its table contributes nothing (its sparse values are 0).
 
     grad_out: (B,) in the table dtype, any stride (an expanded scalar is fine).
     users, items: (B,) int32/int64 as given to the forward.
@@ -512,7 +566,9 @@ def embedding_dot_bias_backward(
       deterministic=True the sort + segment reduction (bitwise reproducible), else atomics.
     Sparse (sparse=True): the values of nn.Embedding-style COO gradients, one row per sample:
       (B, D), (B, D), (B,), (B,); the caller pairs them with users/items as indices.
+    wrap: None, or a function applied to each kernel before launching it (torch.library.wrap_triton).
     """
+    launch = (lambda kernel: kernel) if wrap is None else wrap
     B = users.shape[0]
     dtype, device = grad_out.dtype, grad_out.device
     D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
@@ -529,10 +585,10 @@ def embedding_dot_bias_backward(
         shapes = ((B, D), (B, D), (B,), (B,))
         values = [new_output(shape, dtype, device) if need else None for shape, need in zip(shapes, needs)]
         if B > 0 and any(needs):
-            _embedding_dot_bias_bwd_sparse_kernel[grid](
+            launch(_embedding_dot_bias_bwd_sparse_kernel)[grid](
                 grad_out, users, items, *tables,
                 *[v if v is not None else grad_out for v in values],
-                B, D, lo, hi, *sample_strides, *table_strides,
+                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
                 HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
                 NEED_UB=need_u_bias, NEED_IB=need_i_bias, ACC_DTYPE=_tl_dtype(dtype), SOFT_BF16=_soft_bf16(dtype),
                 BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
@@ -547,9 +603,9 @@ def embedding_dot_bias_backward(
             return tuple(grads)
         if has_y_range:
             coef = new_output((B,), acc_dtype, device)
-            _embedding_dot_bias_bwd_coef_kernel[grid](
+            launch(_embedding_dot_bias_bwd_coef_kernel)[grid](
                 grad_out, users, items, *tables, coef,
-                B, D, lo, hi, *sample_strides, *table_strides,
+                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
                 ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
             )
         else:
@@ -557,10 +613,16 @@ def embedding_dot_bias_backward(
         grad_uw, grad_iw, grad_ub, grad_ib = grads
         if need_u_weight or need_u_bias:
             sorted_users, order = torch.sort(users, stable=True)
-            _segment_reduce(sorted_users, order, coef, items, i_weight, grad_uw, grad_ub, D)
+            _segment_reduce(
+                sorted_users, order, coef, items, i_weight, grad_uw, grad_ub, D, num_users, num_items,
+                launch(_embedding_dot_bias_bwd_segment_kernel),
+            )
         if need_i_weight or need_i_bias:
             sorted_items, order = torch.sort(items, stable=True)
-            _segment_reduce(sorted_items, order, coef, users, u_weight, grad_iw, grad_ib, D)
+            _segment_reduce(
+                sorted_items, order, coef, users, u_weight, grad_iw, grad_ib, D, num_items, num_users,
+                launch(_embedding_dot_bias_bwd_segment_kernel),
+            )
         return tuple(grads)
 
     # Atomic path: low-precision tables accumulate in an fp32 workspace, rounded once at the end.
@@ -568,10 +630,10 @@ def embedding_dot_bias_backward(
         torch.zeros(shape, dtype=acc_dtype, device=device) if need else None for shape, need in zip(shapes, needs)
     ]
     if B > 0 and any(needs):
-        _embedding_dot_bias_bwd_atomic_kernel[grid](
+        launch(_embedding_dot_bias_bwd_atomic_kernel)[grid](
             grad_out, users, items, *tables,
             *[a if a is not None else grad_out for a in accumulators],
-            B, D, lo, hi, *sample_strides, *table_strides,
+            B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
             HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
             NEED_UB=need_u_bias, NEED_IB=need_i_bias,
             ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,

@@ -305,7 +305,8 @@ def test_opcheck():
     users, items = random_indices(5, 23), random_indices(7, 23, torch.int32)
     for y_lo, y_hi in ((None, None), (0.5, 5.5)):
         tables = [t.requires_grad_() for t in random_tables(5, 7, 6, torch.float64)]
-        torch.library.opcheck(embedding_dot_bias_op, (users, items, *tables, y_lo, y_hi, False, "triton"))
+        for validate in ("sync", "device"):
+            torch.library.opcheck(embedding_dot_bias_op, (users, items, *tables, y_lo, y_hi, False, validate, "triton"))
     grad_out = torch.randn(23, dtype=torch.float64)
     tables = random_tables(5, 7, 6, torch.float64, bias_1d=True)
     for deterministic, sparse in ((False, False), (True, False), (False, True)):

@@ -32,8 +32,9 @@ class EmbeddingDotBias(nn.Module):
     to the (1,) dot product. We never squeeze, so no batch size can produce a 0-d result.)
 
     Extras beyond fastai, keyword-only: ``sparse=True`` gives nn.Embedding(sparse=True)-style
-    COO gradients for all four tables (use torch.optim.SparseAdam or SGD); ``device``/``dtype``
-    as for any torch module.
+    COO gradients for all four tables (use torch.optim.SparseAdam or SGD); ``validate`` picks how
+    out-of-range ids are reported ("device", "sync" or "off"; None: "device" on CUDA, "sync" on
+    CPU; see fastcore5.embedding_dot_bias); ``device``/``dtype`` as for any torch module.
     """
 
     def __init__(
@@ -44,12 +45,14 @@ class EmbeddingDotBias(nn.Module):
         y_range: tuple[float, float] | None = None,
         *,
         sparse: bool = False,
+        validate: str | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
         self.y_range = y_range
         self.sparse = sparse
+        self.validate = validate
         factory = {"device": device, "dtype": dtype}
         self.u_weight = nn.Embedding(n_users, n_factors, sparse=sparse, **factory)
         self.i_weight = nn.Embedding(n_items, n_factors, sparse=sparse, **factory)
@@ -91,7 +94,7 @@ class EmbeddingDotBias(nn.Module):
         return embedding_dot_bias(
             x[:, 0], x[:, 1],
             self.u_weight.weight, self.i_weight.weight, self.u_bias.weight, self.i_bias.weight,
-            y_range=self.y_range, sparse=self.sparse,
+            y_range=self.y_range, sparse=self.sparse, validate=self.validate,
         )
 
     def _ids(self, ids, is_item: bool) -> Tensor:

@@ -1,27 +1,40 @@
-"""fastcore5::embedding_dot_bias — fastai's EmbeddingDotBias forward as a differentiable custom op.
+"""fastcore5.embedding_dot_bias — fastai's EmbeddingDotBias forward, differentiable and fused.
 
-Same pattern as fastcore5.ops.linear_relu: ``backends.launcher``, a custom op for the forward
-and one for the backward (each with a fake), ``register_autograd`` saving only what the
-requested gradients need, and a public function that checks its arguments and picks the backend.
+The path of an eager call mirrors fastcore5.ops.linear_relu: argument checks once (the detailed
+errors are built only when the fast test fails), a cached backend choice, one autograd boundary
+(``_EmbeddingDotBias`` around the Triton launchers, or the C++ op
+``fastcore5_cuda::embedding_dot_bias`` whose autograd is in C++), the launchers from the static
+table ``KERNELS``. Under torch.compile the call goes through the custom ops
+``fastcore5::embedding_dot_bias`` and ``fastcore5::embedding_dot_bias_backward`` instead.
 
-Index range: the forward op checks, on the host, that every index lies in [0, rows) with one
-min/max reduction per index tensor before any kernel runs, and raises IndexError naming
-``users`` or ``items``. On a GPU that costs one device-to-host sync per forward; it is what keeps a
-bad index from becoming a device-side assert that kills the CUDA context. The check lives inside
-the custom op, so it also runs under torch.compile (the op is opaque to the compiler).
+Index validation (``validate``):
+  "device"  (default on CUDA tensors) the kernels check every index; a bad one reads nothing
+            out of bounds, scores NaN, gets no gradient, and is reported as an IndexError by the
+            next fastcore5 call, with no host sync on the way (fastcore5/index_errors.py), while
+            fastcore5.optim.SGD skips its updates on that device until the error is raised.
+  "sync"    (default on CPU tensors) one min/max per index tensor on the host before any kernel
+            runs, and an immediate IndexError: one device-to-host sync per forward on a GPU.
+  "off"     no report at all. The kernels still never read or write outside a table (a bad
+            sample scores NaN and gets no gradient); use it for indices validated elsewhere.
+The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync".
 """
 from __future__ import annotations
 
 from numbers import Real
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .. import backends, reference
+from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_same_dtype, check_tensor
 
 OP = "embedding_dot_bias"
+VALIDATE_MODES = ("device", "sync", "off")
+_FLOATS = frozenset(FLOAT_DTYPES)
+_INDICES = frozenset(INDEX_DTYPES)
 
 
 def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: int) -> None:
@@ -43,6 +56,104 @@ def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: i
             raise IndexError(f"{name} contains the index {high}, out of range for {table} with {rows} rows")
 
 
+def _triton_kernels():
+    from ..kernels import embedding_dot_bias as kernels
+
+    return SimpleNamespace(
+        forward=kernels.embedding_dot_bias_forward, backward=kernels.embedding_dot_bias_backward, with_autograd=None
+    )
+
+
+def _cuda_kernels():
+    backends.cuda_extension()
+    ops = torch.ops.fastcore5_cuda
+    return SimpleNamespace(
+        forward=ops.embedding_dot_bias_forward,
+        backward=ops.embedding_dot_bias_backward,
+        with_autograd=ops.embedding_dot_bias,
+    )
+
+
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+
+
+def _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate):
+    """``launch`` (a forward launcher: users, ..., y_lo, y_hi, index_errors) with the index
+    validation of ``validate``."""
+    if validate == "sync":
+        check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
+    flag = index_errors.flag_for(u_weight.device) if validate == "device" else None
+    out = launch(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, None if flag is None else flag.tensor)
+    if flag is not None:
+        flag.after_launch()
+    return out
+
+
+def _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse):
+    need_u_weight, need_i_weight = ctx.needs_input_grad[2:4]
+    has_y_range = y_lo is not None
+    # Each weight gradient needs the other weight table; only the y_range derivative needs the
+    # score itself, recomputed from all four tables (so the forward saves no (B,) tensor).
+    ctx.save_for_backward(
+        users,
+        items,
+        u_weight if need_i_weight or has_y_range else None,
+        i_weight if need_u_weight or has_y_range else None,
+        u_bias if has_y_range else None,
+        i_bias if has_y_range else None,
+    )
+    ctx.y_range = (y_lo, y_hi)
+    ctx.sparse = sparse
+    ctx.num_users, ctx.num_items, ctx.factors = u_weight.shape[0], i_weight.shape[0], u_weight.shape[1]
+    ctx.u_bias_shape, ctx.i_bias_shape = u_bias.shape, i_bias.shape
+
+
+def _sparse_grad(indices: Tensor, values: Tensor, size) -> Tensor:
+    """An uncoalesced COO gradient with one entry per sample, as nn.Embedding(sparse=True) gives.
+    A bad index (value 0, see the kernels) is clamped into the table so the tensor stays valid."""
+    rows = indices.to(torch.int64).clamp(0, max(size[0] - 1, 0)).unsqueeze(0)
+    return torch.sparse_coo_tensor(rows, values, size, check_invariants=False)
+
+
+def _table_gradients(ctx, grad_out, backward):
+    """The four table gradients (None where not needed) from ``backward``, a launcher or the
+    backward custom op, given the saved context."""
+    users, items, u_weight, i_weight, u_bias, i_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad[2:6]
+    if not any(needs):
+        return None, None, None, None
+    grad_uw, grad_iw, grad_ub, grad_ib = backward(
+        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, ctx.num_users, ctx.num_items,
+        *ctx.y_range, *needs, torch.are_deterministic_algorithms_enabled(), ctx.sparse,
+    )
+    if ctx.sparse:
+        B = users.shape[0]
+        grad_uw = _sparse_grad(users, grad_uw, (ctx.num_users, ctx.factors))
+        grad_iw = _sparse_grad(items, grad_iw, (ctx.num_items, ctx.factors))
+        grad_ub = _sparse_grad(users, grad_ub.reshape((B,) + tuple(ctx.u_bias_shape[1:])), ctx.u_bias_shape)
+        grad_ib = _sparse_grad(items, grad_ib.reshape((B,) + tuple(ctx.i_bias_shape[1:])), ctx.i_bias_shape)
+    else:
+        grad_ub = grad_ub.reshape(ctx.u_bias_shape) if needs[2] else None
+        grad_ib = grad_ib.reshape(ctx.i_bias_shape) if needs[3] else None
+    return tuple(g if need else None for g, need in zip((grad_uw, grad_iw, grad_ub, grad_ib), needs))
+
+
+class _EmbeddingDotBias(torch.autograd.Function):
+    """The eager autograd boundary around the Triton launchers."""
+
+    @staticmethod
+    def forward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, kernels):
+        out = _forward(kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+        _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse)
+        ctx.kernels = kernels
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        return (None, None) + _table_gradients(ctx, grad_out, ctx.kernels.backward) + (None,) * 5
+
+
 @torch.library.custom_op("fastcore5::embedding_dot_bias", mutates_args=())
 def embedding_dot_bias_op(
     users: Tensor,
@@ -54,17 +165,17 @@ def embedding_dot_bias_op(
     y_lo: float | None,
     y_hi: float | None,
     sparse: bool,
+    validate: str,
     backend: str,
 ) -> Tensor:
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
-    because setup_context sees only the op's inputs)."""
-    check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
-    forward = backends.launcher(backend, OP, "embedding_dot_bias_forward")
-    return forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi)
+    because setup_context sees only the op's inputs). The index-error flag that "device"
+    validation writes is fastcore5's own state, not an input: the compiler never sees it."""
+    return _forward(KERNELS[backend].forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
 
 
 @embedding_dot_bias_op.register_fake
-def _(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend):
+def _(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend):
     return u_weight.new_empty((users.shape[0],))
 
 
@@ -93,8 +204,7 @@ def embedding_dot_bias_backward_op(
     (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
     COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
     (custom ops cannot return None); the CUDA launcher may return either."""
-    backward = backends.launcher(backend, OP, "embedding_dot_bias_backward")
-    grads = backward(
+    grads = KERNELS[backend].backward(
         grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
         need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
     )
@@ -114,51 +224,16 @@ def _(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num
 
 
 def _setup_context(ctx, inputs, output):
-    users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend = inputs
-    need_u_weight, need_i_weight = ctx.needs_input_grad[2:4]
-    has_y_range = y_lo is not None
-    # Each weight gradient needs the other weight table; only the y_range derivative needs the
-    # score itself, recomputed from all four tables (so the forward saves no (B,) tensor).
-    ctx.save_for_backward(
-        users,
-        items,
-        u_weight if need_i_weight or has_y_range else None,
-        i_weight if need_u_weight or has_y_range else None,
-        u_bias if has_y_range else None,
-        i_bias if has_y_range else None,
-    )
-    ctx.y_range = (y_lo, y_hi)
-    ctx.sparse, ctx.backend = sparse, backend
-    ctx.num_users, ctx.num_items, ctx.factors = u_weight.shape[0], i_weight.shape[0], u_weight.shape[1]
-    ctx.u_bias_shape, ctx.i_bias_shape = u_bias.shape, i_bias.shape
-
-
-def _sparse_grad(indices: Tensor, values: Tensor, size) -> Tensor:
-    """An uncoalesced COO gradient with one entry per sample, as nn.Embedding(sparse=True) gives."""
-    # The indices were range-checked by the forward, so the invariant check would only cost time.
-    return torch.sparse_coo_tensor(indices.to(torch.int64).unsqueeze(0), values, size, check_invariants=False)
+    users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend = inputs
+    _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse)
+    ctx.backend = backend
 
 
 def _backward(ctx, grad_out):
-    users, items, u_weight, i_weight, u_bias, i_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad[2:6]
-    if not any(needs):
-        return (None,) * 10
-    grad_uw, grad_iw, grad_ub, grad_ib = embedding_dot_bias_backward_op(
-        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, ctx.num_users, ctx.num_items,
-        *ctx.y_range, *needs, torch.are_deterministic_algorithms_enabled(), ctx.sparse, ctx.backend,
-    )
-    if ctx.sparse:
-        B = users.shape[0]
-        grad_uw = _sparse_grad(users, grad_uw, (ctx.num_users, ctx.factors))
-        grad_iw = _sparse_grad(items, grad_iw, (ctx.num_items, ctx.factors))
-        grad_ub = _sparse_grad(users, grad_ub.reshape((B,) + tuple(ctx.u_bias_shape[1:])), ctx.u_bias_shape)
-        grad_ib = _sparse_grad(items, grad_ib.reshape((B,) + tuple(ctx.i_bias_shape[1:])), ctx.i_bias_shape)
-    else:
-        grad_ub = grad_ub.reshape(ctx.u_bias_shape) if needs[2] else None
-        grad_ib = grad_ib.reshape(ctx.i_bias_shape) if needs[3] else None
-    grads = (grad_uw, grad_iw, grad_ub, grad_ib)
-    return (None, None) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 4
+    def backward(*args):
+        return embedding_dot_bias_backward_op(*args, ctx.backend)
+
+    return (None, None) + _table_gradients(ctx, grad_out, backward) + (None,) * 5
 
 
 embedding_dot_bias_op.register_autograd(_backward, setup_context=_setup_context)
@@ -205,40 +280,8 @@ def _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, y_range):
     return torch.sigmoid(res) * (hi - lo) + lo
 
 
-def embedding_dot_bias(
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor,
-    i_weight: Tensor,
-    u_bias: Tensor,
-    i_bias: Tensor,
-    y_range: tuple[float, float] | None = None,
-    sparse: bool = False,
-) -> Tensor:
-    """fastai's EmbeddingDotBias forward, fused: for each b,
-    res[b] = <u_weight[users[b]], i_weight[items[b]]> + u_bias[users[b]] + i_bias[items[b]],
-    and with ``y_range=(lo, hi)``: sigmoid(res) * (hi - lo) + lo.
-
-    Args:
-        users, items: (B,) int32 or int64 indices, any stride. Every index must lie in
-            [0, rows of its table): otherwise IndexError naming the tensor, raised after one
-            host-side min/max check (a device sync on GPU), never a device-side assert.
-        u_weight, i_weight: (n_users, D) and (n_items, D) tables of one float dtype (fp32, bf16,
-            fp16; fp64 for testing), any strides.
-        u_bias, i_bias: (n_users, 1) / (n_items, 1) as fastai's nn.Embedding(n, 1), or 1-D.
-        y_range: None or (lo, hi). The compiled GPU kernels take lo and hi as fp32 scalars.
-        sparse: gradients as nn.Embedding(sparse=True) gives them — uncoalesced COO tensors with
-            one entry per sample — for all four tables, biases included, so torch.optim.SparseAdam
-            can take every parameter. Default: dense gradients, as nn.Embedding.
-    Returns (B,) in the table dtype (fp32 accumulation; fp64 for fp64 tables). Not affected by
-    autocast (as nn.Embedding).
-
-    Backward: dense gradients for all four tables in one pass over the batch, without any
-    gathered (B, D) tensor. By default the sums over repeated rows use atomic adds, whose order
-    varies between runs (results may differ in the last bits); under
-    torch.use_deterministic_algorithms(True) a sort + segment reduction is used instead, bitwise
-    identical from run to run. Sparse gradients are deterministic either way.
-    """
+def _raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate) -> None:
+    """The argument-naming error for whatever the fast check in embedding_dot_bias refused."""
     check_tensor("users", users, dtypes=INDEX_DTYPES, ndim=1)
     check_tensor("items", items, dtypes=INDEX_DTYPES, ndim=1)
     if users.shape[0] != items.shape[0]:
@@ -254,16 +297,114 @@ def embedding_dot_bias(
     _check_bias("i_bias", i_bias, "i_weight", i_weight.shape[0])
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
-    y_lo, y_hi = _check_y_range(y_range)
-    device = check_same_device(users=users, items=items, u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
-    dtype = check_same_dtype(u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
+    if validate is not None and validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be None or one of {', '.join(map(repr, VALIDATE_MODES))}, got {validate!r}")
+    check_same_device(users=users, items=items, u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
+    check_same_dtype(u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
+    raise AssertionError("embedding_dot_bias refused arguments that pass every detailed check")  # pragma: no cover
 
-    backend = backends.select(OP, device, dtype)
+
+def _bias_fits(bias, rows: int, dtype, device) -> bool:
+    shape = bias.shape
+    return (
+        bias.dtype is dtype
+        and shape[0] == rows
+        and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
+        and bias.device == device
+    )
+
+
+def embedding_dot_bias(
+    users: Tensor,
+    items: Tensor,
+    u_weight: Tensor,
+    i_weight: Tensor,
+    u_bias: Tensor,
+    i_bias: Tensor,
+    y_range: tuple[float, float] | None = None,
+    sparse: bool = False,
+    validate: str | None = None,
+) -> Tensor:
+    """fastai's EmbeddingDotBias forward, fused: for each b,
+    res[b] = <u_weight[users[b]], i_weight[items[b]]> + u_bias[users[b]] + i_bias[items[b]],
+    and with ``y_range=(lo, hi)``: sigmoid(res) * (hi - lo) + lo.
+
+    Args:
+        users, items: (B,) int32 or int64 indices, any stride. Every index must lie in
+            [0, rows of its table); how a bad one is reported depends on ``validate``.
+        u_weight, i_weight: (n_users, D) and (n_items, D) tables of one float dtype (fp32, bf16,
+            fp16; fp64 for testing), any strides.
+        u_bias, i_bias: (n_users, 1) / (n_items, 1) as fastai's nn.Embedding(n, 1), or 1-D.
+        y_range: None or (lo, hi). The compiled GPU kernels take lo and hi as fp32 scalars.
+        sparse: gradients as nn.Embedding(sparse=True) gives them — uncoalesced COO tensors with
+            one entry per sample — for all four tables, biases included, so torch.optim.SparseAdam
+            can take every parameter. Default: dense gradients, as nn.Embedding.
+        validate: how out-of-range indices are caught (module docstring): "device" (default on
+            CUDA tensors: no host sync, IndexError at the next fastcore5 call, fastcore5 SGD skips
+            the bad batch's update), "sync" (default on CPU tensors: IndexError before any kernel
+            runs, one host sync), or "off". No mode ever reads or writes outside a table or
+            raises a device-side assert.
+    Returns (B,) in the table dtype (fp32 accumulation; fp64 for fp64 tables). Not affected by
+    autocast (as nn.Embedding).
+
+    Backward: dense gradients for all four tables in one pass over the batch, without any
+    gathered (B, D) tensor. By default the sums over repeated rows use atomic adds, whose order
+    varies between runs (results may differ in the last bits); under
+    torch.use_deterministic_algorithms(True) a sort + segment reduction is used instead, bitwise
+    identical from run to run. Sparse gradients are deterministic either way. Not differentiable
+    twice.
+    """
+    if index_errors.watching:
+        index_errors.raise_pending()
+    try:
+        device = u_weight.device
+        dtype = u_weight.dtype
+        usable = (
+            users.dtype in _INDICES
+            and items.dtype in _INDICES
+            and users.dim() == 1
+            and items.shape == users.shape
+            and dtype in _FLOATS
+            and u_weight.dim() == 2
+            and i_weight.dim() == 2
+            and i_weight.dtype is dtype
+            and i_weight.shape[1] == u_weight.shape[1]
+            and _bias_fits(u_bias, u_weight.shape[0], dtype, device)
+            and _bias_fits(i_bias, i_weight.shape[0], dtype, device)
+            and users.device == device
+            and items.device == device
+            and i_weight.device == device
+            and (sparse is True or sparse is False)
+            and (validate is None or validate in VALIDATE_MODES)
+        )
+    except (AttributeError, TypeError, IndexError):
+        usable = False
+    if not usable:
+        _raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate)
+    y_lo, y_hi = _check_y_range(y_range)
+    device_type = backends.device_type(u_weight)
+    if validate is None:
+        validate = "device" if device_type == "cuda" else "sync"
+
+    backend = backends.select(OP, device_type, dtype)
     if backend == "torch":
-        if not torch.compiler.is_compiling():
+        if validate != "off" and not torch.compiler.is_compiling():
             check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
         bounds = None if y_lo is None else (y_lo, y_hi)
         if sparse:
             return _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
         return reference.embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
-    return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, backend)
+    if torch.compiler.is_compiling():
+        return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend)
+    kernels = KERNELS[backend]
+    tables_need_grad = torch.is_grad_enabled() and (
+        u_weight.requires_grad or i_weight.requires_grad or u_bias.requires_grad or i_bias.requires_grad
+    )
+    if not tables_need_grad:
+        return _forward(kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+    if kernels.with_autograd is not None:
+        def launch(*args):
+            return kernels.with_autograd(*args[:8], sparse, args[8])
+
+        return _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+    return _EmbeddingDotBias.apply(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, kernels)

@@ -1,36 +1,102 @@
-"""fastcore5::linear_relu — relu(x @ W.T + b) as a differentiable custom op.
+"""fastcore5.linear_relu — relu(x @ W.T + b), differentiable, from the public call to the kernel.
 
-Pattern every op in fastcore5.ops follows:
-  * ``backends.launcher(backend, OP, name)`` finds the Triton or CUDA kernel launcher;
-  * a ``custom_op`` for the forward and one for the backward, each with ``register_fake``;
-  * ``register_autograd`` on the forward, whose ``setup_context`` saves only what the
-    requested gradients need (ctx.needs_input_grad);
-  * a public function that checks arguments (errors name the argument), applies autocast,
-    asks ``backends.select`` for the backend and runs the reference for "torch".
+The path of an eager call, each step once:
+  1. ``linear_relu`` checks its arguments (one fast test; the detailed, argument-naming errors
+     are built only when it fails) and applies autocast;
+  2. ``backends.select`` names the backend (a cached lookup);
+  3. one autograd boundary: ``_LinearReLU`` (an autograd.Function) around the Triton launchers,
+     or, on the CUDA backend, the C++ op ``fastcore5_cuda::linear_relu`` whose autograd is in C++;
+     without any input needing a gradient the launcher is called directly;
+  4. the launcher, found in the static table ``KERNELS``.
+Under torch.compile the same call goes through the ops ``fastcore5::linear_relu`` and
+``fastcore5::linear_relu_backward`` instead: triton_ops whose Triton kernels inductor sees on a
+GPU, custom ops with fake implementations elsewhere (fastcore5/ops/_library.py). torch.library's
+Python dispatch costs about 10 us a call in eager mode, so it is used only there.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .. import backends, reference
+from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ..kernels._common import fp32_matmul_allows_tf32
+from ._library import fused_op, launch, register_fake
 
 OP = "linear_relu"
+_FLOATS = frozenset(FLOAT_DTYPES)
 
 
-@torch.library.custom_op("fastcore5::linear_relu", mutates_args=())
+def _triton_kernels():
+    from ..kernels import linear_relu as kernels
+
+    return SimpleNamespace(forward=kernels.linear_relu_forward, backward=kernels.linear_relu_backward)
+
+
+def _cuda_kernels():
+    backends.cuda_extension()
+    ops = torch.ops.fastcore5_cuda
+
+    def forward(x, weight, bias):
+        return ops.linear_relu_forward(x, weight, bias, fp32_matmul_allows_tf32())
+
+    def backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
+        return ops.linear_relu_backward(
+            grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, fp32_matmul_allows_tf32()
+        )
+
+    def with_autograd(x, weight, bias):
+        return ops.linear_relu(x, weight, bias, fp32_matmul_allows_tf32())
+
+    return SimpleNamespace(forward=forward, backward=backward, with_autograd=with_autograd)
+
+
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+
+
+def _saved_operands(x, weight, output, need_input: bool, need_weight: bool):
+    # Only ``out`` stands in for the pre-activation (relu' = out > 0); x is kept only for
+    # grad_weight and the weight only for grad_x.
+    return x if need_weight else None, weight if need_input else None, output
+
+
+class _LinearReLU(torch.autograd.Function):
+    """The eager autograd boundary around the Triton (or CUDA kernel-level) launchers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernels):
+        out = kernels.forward(x, weight, bias)
+        need_input, need_weight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(*_saved_operands(x, weight, out, need_input, need_weight))
+        ctx.kernels = kernels
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
+        grad_x, grad_w, grad_b = ctx.kernels.backward(grad_out, out, x, weight, need_input, need_weight, need_bias)
+        return grad_x if need_input else None, grad_w if need_weight else None, grad_b if need_bias else None, None
+
+
+@fused_op("fastcore5::linear_relu")
 def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     """relu(x @ weight.T + bias) for 2-D x; ``backend`` is "triton" or "cuda"."""
-    return backends.launcher(backend, OP, "linear_relu_forward")(x, weight, bias)
+    return launch(KERNELS[backend].forward, backend, x, weight, bias)
 
 
-@linear_relu_op.register_fake
+@register_fake(linear_relu_op)
 def _(x, weight, bias, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fastcore5::linear_relu_backward", mutates_args=())
+@fused_op("fastcore5::linear_relu_backward")
 def linear_relu_backward_op(
     grad_out: Tensor,
     out: Tensor,
@@ -43,12 +109,13 @@ def linear_relu_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); a gradient not asked for comes back as an empty tensor
     (custom ops cannot return None)."""
-    backward = backends.launcher(backend, OP, "linear_relu_backward")
-    grads = backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
+    grads = launch(
+        KERNELS[backend].backward, backend, grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad
+    )
     return tuple(g if g is not None else out.new_empty(0) for g in grads)
 
 
-@linear_relu_backward_op.register_fake
+@register_fake(linear_relu_backward_op)
 def _(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, backend):
     M, N = out.shape
     K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
@@ -61,10 +128,8 @@ def _(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_gra
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, backend = inputs
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    # Only ``out`` stands in for the pre-activation (relu' = out > 0); x is kept only for
-    # grad_weight and the weight only for grad_x.
-    ctx.save_for_backward(x if need_weight else None, weight if need_input else None, output)
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(*_saved_operands(x, weight, output, need_input, need_weight))
     ctx.backend = backend
     ctx.has_bias = bias is not None
 
@@ -72,18 +137,35 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
     grad_x, grad_w, grad_b = linear_relu_backward_op(
-        grad_out, out, x, weight, need_input, need_weight, need_bias and ctx.has_bias, ctx.backend
+        grad_out, out, x, weight, need_input, need_weight, need_bias, ctx.backend
     )
-    return (
-        grad_x if need_input else None,
-        grad_w if need_weight else None,
-        grad_b if need_bias and ctx.has_bias else None,
-        None,
-    )
+    return grad_x if need_input else None, grad_w if need_weight else None, grad_b if need_bias else None, None
 
 
 linear_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _raise_bad_arguments(x, weight, bias) -> None:
+    """The argument-naming error for whatever the fast check in linear_relu refused."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension (in_features), got a 0-d tensor")
+    check_same_device(x=x, weight=weight, bias=bias)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects in_features={in_features} "
+            f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"bias has {bias.shape[0]} elements but weight has out_features={out_features}")
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    raise AssertionError("linear_relu refused arguments that pass every detailed check")  # pragma: no cover
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -94,33 +176,51 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         weight: (out_features, in_features), as nn.Linear.weight.
         bias: (out_features,) or None.
     Returns (*, out_features). Under torch.autocast the inputs are cast to the autocast dtype,
-    as for nn.Linear. fp32 follows torch's TF32 setting for CUDA matmuls (allow_tf32 / fp32_precision). The backward uses
-    only the output (relu' = out > 0), never the pre-activation.
+    as for nn.Linear. fp32 follows torch's TF32 setting for CUDA matmuls (allow_tf32 /
+    fp32_precision). The backward uses only the output (relu' = out > 0), never the
+    pre-activation; it is not differentiable again (double backward raises).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dimension (in_features), got a 0-d tensor")
-    device = check_same_device(x=x, weight=weight, bias=bias)
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(
-            f"x has {x.shape[-1]} features in its last dimension but weight expects in_features={in_features} "
-            f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})"
+    if index_errors.watching:
+        index_errors.raise_pending()
+    try:
+        device = x.device
+        usable = (
+            x.dtype in _FLOATS
+            and weight.dtype in _FLOATS
+            and weight.dim() == 2
+            and x.dim() > 0
+            and x.shape[-1] == weight.shape[1]
+            and weight.device == device
+            and (bias is None or (bias.dtype in _FLOATS and bias.shape == weight.shape[:1] and bias.device == device))
         )
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"bias has {bias.shape[0]} elements but weight has out_features={out_features}")
-    if torch.is_autocast_enabled(device.type):
-        compute_dtype = torch.get_autocast_dtype(device.type)
+    except (AttributeError, TypeError):
+        usable = False
+    if not usable:
+        _raise_bad_arguments(x, weight, bias)
+    device_type = backends.device_type(x)
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    dtype = check_same_dtype(x=x, weight=weight, bias=bias)
+    dtype = x.dtype
+    if weight.dtype is not dtype or (bias is not None and bias.dtype is not dtype):
+        check_same_dtype(x=x, weight=weight, bias=bias)
 
-    backend = backends.select(OP, device, dtype)
+    backend = backends.select(OP, device_type, dtype)
     if backend == "torch":
         return reference.linear_relu(x, weight, bias)
+    out_features = weight.shape[0]
     batch_shape = x.shape[:-1]
-    out = linear_relu_op(x.reshape(batch_shape.numel(), in_features), weight, bias, backend)
-    return out.reshape(*batch_shape, out_features)
+    x2d = x if x.dim() == 2 else x.reshape(batch_shape.numel(), x.shape[-1])
+    if torch.compiler.is_compiling():
+        out = linear_relu_op(x2d, weight, bias, backend)
+    elif not (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    ):
+        out = KERNELS[backend].forward(x2d, weight, bias)
+    elif backend == "cuda":
+        out = KERNELS[backend].with_autograd(x2d, weight, bias)
+    else:
+        out = _LinearReLU.apply(x2d, weight, bias, KERNELS[backend])
+    return out if x.dim() == 2 else out.reshape(*batch_shape, out_features)

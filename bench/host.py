@@ -1,0 +1,235 @@
+"""`python -m bench --host`: what each public entry point costs the host, next to eager PyTorch.
+
+Every entry is called on tiny tensors, so the time per call is host work: argument checks,
+backend choice, autograd, allocation, the launcher's Python and the launch itself. Without a
+GPU the Triton kernels are reached through TRITON_INTERPRET=1 (set here before triton is
+imported) with the interpreter's launch replaced by a no-op: the measurement then stops where a
+GPU launch would start, and Triton's own launch path is not included. On a GPU the launches
+are real (tiny tensors, so the device never holds the host back).
+
+The eager equivalent runs on the same tensors: ``F.relu(F.linear(...))``, the nn.Embedding
+formula of fastai's EmbeddingDotBias, and torch.optim.SGD with foreach and with fused.
+
+Timing: for each callable the mean time per call of ``calls`` calls, the best of ``rounds``
+rounds (the best round is the one least disturbed by other processes); on CPU in process time.
+Targets (the hot-path issue): forward and forward+backward at most 1.5x eager; SGD at most torch
+fused's time at 161 tensors and at most 0.3x at 2000 tensors (normal mode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+FORWARD_TARGET = 1.5
+SGD_TARGETS = {161: 1.0, 2000: 0.3}
+
+
+def _prepare_stubbed_launches() -> None:
+    """CPU: route Triton kernels through the interpreter and make its launch a no-op. Must run
+    before triton is first imported (TRITON_INTERPRET is read at import)."""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("bench.host must set TRITON_INTERPRET=1 before triton is imported; run it as a fresh process")
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.pop("FASTCORE5_POISON", None)  # poisoning is a test aid, not part of the hot path
+    from triton.runtime.interpreter import InterpretedFunction
+
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+def _timer(device: str):
+    import torch
+
+    if device == "cuda":
+        def clock():
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return clock
+    return time.process_time
+
+
+def best_us(fn, clock, calls: int, rounds: int) -> float:
+    """Microseconds per call: the best round's mean."""
+    for _ in range(max(calls // 10, 5)):
+        fn()
+    results = []
+    for _ in range(rounds):
+        start = clock()
+        for _ in range(calls):
+            fn()
+        results.append((clock() - start) / calls * 1e6)
+    return min(results)
+
+
+def _linear_cases(device, torch, F, fastcore5):
+    x = torch.randn(4, 8, device=device)
+    weight, bias = torch.randn(16, 8, device=device), torch.randn(16, device=device)
+    params = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grad = torch.ones(4, 16, device=device)
+
+    def fwd_bwd(fn):
+        def run():
+            fn(*params).backward(grad)
+            for p in params:
+                p.grad = None
+
+        return run
+
+    def eager(x, w, b):
+        return F.relu(F.linear(x, w, b))
+
+    return [
+        ("linear_relu", "forward", lambda: fastcore5.linear_relu(x, weight, bias), lambda: eager(x, weight, bias),
+         "F.relu(F.linear(x, w, b))"),
+        ("linear_relu", "forward+backward", fwd_bwd(fastcore5.linear_relu), fwd_bwd(eager),
+         "F.relu(F.linear(x, w, b)).backward(g)"),
+    ]
+
+
+def _embedding_cases(device, torch, F, fastcore5):
+    n_users, n_items, factors, batch = 50, 60, 8, 32
+    users = torch.randint(0, n_users, (batch,), device=device)
+    items = torch.randint(0, n_items, (batch,), device=device)
+    shapes = ((n_users, factors), (n_items, factors), (n_users, 1), (n_items, 1))
+    tables = [torch.randn(shape, device=device) * 0.01 for shape in shapes]
+    trained = [t.clone().requires_grad_() for t in tables]
+    grad = torch.ones(batch, device=device)
+
+    def eager(u_weight, i_weight, u_bias, i_bias):
+        dot = F.embedding(users, u_weight) * F.embedding(items, i_weight)
+        res = dot.sum(1) + F.embedding(users, u_bias).squeeze(-1) + F.embedding(items, i_bias).squeeze(-1)
+        return torch.sigmoid(res) * 5.5
+
+    def ours(*tables):
+        return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5), validate="device")
+
+    def fwd_bwd(fn):
+        def run():
+            fn(*trained).backward(grad)
+            for t in trained:
+                t.grad = None
+
+        return run
+
+    return [
+        ("embedding_dot_bias", "forward", lambda: ours(*tables), lambda: eager(*tables),
+         "sigmoid((emb(u,U)*emb(i,V)).sum(1) + emb(u,ub) + emb(i,ib)) * 5.5"),
+        ("embedding_dot_bias", "forward+backward", fwd_bwd(ours), fwd_bwd(eager), "the same, .backward(g)"),
+    ]
+
+
+def _sgd_cases(device, torch, fastcore5):
+    cases = []
+    for count in SGD_TARGETS:
+        def make_params():
+            params = [torch.randn(16, device=device, requires_grad=True) for _ in range(count)]
+            for p in params:
+                p.grad = torch.randn(16, device=device)
+            return params
+
+        hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+        torch_params = make_params()
+        fused = torch.optim.SGD(torch_params, fused=True, **hyper)
+        foreach = torch.optim.SGD(torch_params, foreach=True, **hyper)
+        for contiguous in (False, True):
+            params = make_params()
+            ours = fastcore5.optim.SGD(params, contiguous=contiguous, **hyper)
+            step = ours.step
+            if contiguous:
+                # A backward accumulates into the flat gradient buffer, bumping its version; the
+                # step's O(1) check for "the .grad tensors are still the flat views" reads it.
+                def step(grad=params[0].grad, bump=torch.autograd.graph.increment_version, ours=ours):
+                    bump(grad)
+                    ours.step()
+            mode = "contiguous" if contiguous else "normal"
+            cases.append(("sgd", f"step, {count} tensors, {mode}", step, fused.step, "torch.optim.SGD(fused=True)"))
+            cases.append(("sgd", f"step, {count} tensors, {mode}", step, foreach.step, "torch.optim.SGD(foreach=True)"))
+    return cases
+
+
+def _target(op: str, entry: str, eager: str) -> float | None:
+    if op != "sgd":
+        return FORWARD_TARGET
+    if "fused" not in eager or "normal" not in entry:
+        return None
+    return SGD_TARGETS[int(entry.split()[1])]
+
+
+def measure(calls: int = 2000, rounds: int = 7) -> dict:
+    """Every entry point's host time and its eager equivalent's, as a JSON-ready dict."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        _prepare_stubbed_launches()
+    import torch.nn.functional as F
+
+    import fastcore5
+    import fastcore5.optim
+
+    backend = fastcore5.backends.select("linear_relu", device, torch.float32)
+    clock = _timer(device)
+    rows = []
+    for op, entry, ours, eager, eager_text in (
+        _linear_cases(device, torch, F, fastcore5) + _embedding_cases(device, torch, F, fastcore5)
+        + _sgd_cases(device, torch, fastcore5)
+    ):
+        n = calls if op != "sgd" else max(calls // 20, 20)
+        fastcore5_us = best_us(ours, clock, n, rounds)
+        eager_us = best_us(eager, clock, n, rounds)
+        target = _target(op, entry, eager_text)
+        ratio = fastcore5_us / eager_us
+        rows.append({
+            "op": op, "entry": entry, "fastcore5_us": round(fastcore5_us, 2), "eager_us": round(eager_us, 2),
+            "eager": eager_text, "ratio": round(ratio, 3), "target_ratio": target,
+            "meets_target": None if target is None else ratio <= target,
+        })
+    return {
+        "device": device,
+        "backend": backend,
+        "launches": "real, tiny tensors" if device == "cuda" else "Triton interpreter launch stubbed out (no-op)",
+        "clock": "perf_counter + cuda.synchronize" if device == "cuda" else "process_time",
+        "torch": torch.__version__,
+        "calls_per_round": calls,
+        "rounds": rounds,
+        "date": time.strftime("%Y-%m-%d"),
+        "cases": rows,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"host time per call on {report['device']} (fastcore5 backend: {report['backend']}; launches: {report['launches']})",
+        f"{'op':<20}{'entry':<30}{'fastcore5 us':>13}{'eager us':>10}{'ratio':>8}{'target':>8}  eager",
+    ]
+    for row in report["cases"]:
+        target = "" if row["target_ratio"] is None else f"<={row['target_ratio']:g}" + (" ok" if row["meets_target"] else " MISS")
+        lines.append(
+            f"{row['op']:<20}{row['entry']:<30}{row['fastcore5_us']:>13.1f}{row['eager_us']:>10.1f}"
+            f"{row['ratio']:>8.2f}{target:>8}  {row['eager']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench --host", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per round (SGD: a twentieth of it)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per callable; the best is kept")
+    args = parser.parse_args(argv)
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json: the folder {args.json.parent} does not exist")
+    report = measure(args.calls, args.rounds)
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
