@@ -46,6 +46,8 @@ SAMPLE_WARPS = 8
 # Entries per tile of the deterministic segment reduction; each level shrinks its input by
 # SEGMENT_TILE / 2. Tests lower it to force many levels on small batches.
 SEGMENT_TILE = 64 if interpreting() else 32
+# Fixed for the process: the interpreter must be switched on before triton is imported.
+INTERPRETING = interpreting()
 
 
 @triton.jit
@@ -404,7 +406,18 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _soft_bf16(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
+    return INTERPRETING and dtype == torch.bfloat16
+
+
+# Plain integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+# calls from Python cost microseconds each.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _blocks(B: int, D: int) -> tuple[int, int]:
@@ -412,15 +425,15 @@ def _blocks(B: int, D: int) -> tuple[int, int]:
     (D=64: 64 samples of 256-byte fp32 rows; with SAMPLE_WARPS=8 each thread holds 16 elements
     of each table, about 70 registers for the forward on sm_90); untuned, see bench/NOTES.md.
     Interpreter: large blocks, since it pays per program instance, not per element."""
-    if interpreting():
-        return min(512, max(16, triton.next_power_of_2(max(B, 1)))), min(64, triton.next_power_of_2(max(D, 1)))
-    block_d = min(128, triton.next_power_of_2(max(D, 1)))
+    if INTERPRETING:
+        return min(512, max(16, _next_power_of_2(B))), min(64, _next_power_of_2(D))
+    block_d = min(128, _next_power_of_2(D))
     return max(16, min(256, 4096 // block_d)), block_d
 
 
 def _segment_block_d(D: int) -> int:
     # The segment kernel holds a (TILE, TILE, BLOCK_D) tensor: 32 * 32 * 16 = 16K fp32 over 8 warps.
-    return min(64 if interpreting() else 16, triton.next_power_of_2(max(D, 1)))
+    return min(64 if INTERPRETING else 16, _next_power_of_2(D))
 
 
 def _bias_stride(bias: torch.Tensor | None) -> int:
@@ -472,7 +485,7 @@ def embedding_dot_bias_forward(
     block_b, block_d = _blocks(B, D)
     has_y_range = y_lo is not None
     kernel = _embedding_dot_bias_fwd_kernel if wrap is None else wrap(_embedding_dot_bias_fwd_kernel)
-    kernel[(triton.cdiv(B, block_b),)](
+    kernel[(_cdiv(B, block_b),)](
         users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
         B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
         users.stride(0), items.stride(0),
@@ -501,7 +514,7 @@ def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, 
     N = keys.shape[0]
     dummy = coef
     while N > 0:
-        tiles = triton.cdiv(N, tile)
+        tiles = _cdiv(N, tile)
         emit_carry = tiles > 1
         if emit_carry:
             next_keys = new_output((2 * tiles,), torch.int64, keys.device)
@@ -576,7 +589,7 @@ def embedding_dot_bias_backward(
     lo, hi = (float(y_lo), float(y_hi)) if has_y_range else (0.0, 0.0)
     acc_dtype = _acc_dtype(dtype)
     block_b, block_d = _blocks(B, D)
-    grid = (triton.cdiv(B, block_b),)
+    grid = (_cdiv(B, block_b),)
     tables, table_strides = _table_args(u_weight, i_weight, u_bias, i_bias, fallback=grad_out)
     sample_strides = (grad_out.stride(0), users.stride(0), items.stride(0))
     needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)

@@ -242,6 +242,8 @@ embedding_dot_bias_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_y_range(y_range) -> tuple[float | None, float | None]:
     if y_range is None:
         return None, None
+    if type(y_range) is tuple and len(y_range) == 2 and type(y_range[0]) is float and type(y_range[1]) is float:
+        return y_range
     try:
         low, high = y_range
     except (TypeError, ValueError):
