@@ -175,7 +175,9 @@ def embedding_dot_bias_op(
 
 
 @embedding_dot_bias_op.register_fake
-def _(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend):
+def forward_fake(users, items, u_weight, *_):
+    """The (B,) scores, as a fake implementation; fastcore5/_cuda_ops.py gives the same function
+    to the C++ forward ops (their other arguments land in ``_``)."""
     return u_weight.new_empty((users.shape[0],))
 
 
@@ -213,8 +215,9 @@ def embedding_dot_bias_backward_op(
 
 
 @embedding_dot_bias_backward_op.register_fake
-def _(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-      need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, backend):
+def backward_fake(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+                  need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, *_):
+    """The four gradients' shapes (dense or per-sample sparse values); one not asked for is (0,)."""
     B = users.shape[0]
     D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
     rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)

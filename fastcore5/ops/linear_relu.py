@@ -92,7 +92,9 @@ def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str)
 
 
 @register_fake(linear_relu_op)
-def _(x, weight, bias, backend):
+def forward_fake(x, weight, bias, *_):
+    """The forward's output for 2-D x, as a fake implementation; fastcore5/_cuda_ops.py gives the
+    same function to the C++ ops (their extra trailing arguments land in ``_``)."""
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -116,7 +118,8 @@ def linear_relu_backward_op(
 
 
 @register_fake(linear_relu_backward_op)
-def _(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, backend):
+def backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, *_):
+    """(grad_x, grad_weight, grad_bias) shapes; a gradient not asked for is (0,)."""
     M, N = out.shape
     K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
     return (
