@@ -849,3 +849,89 @@ def test_training_step_has_no_sync_on_cuda(contiguous):
         torch.cuda.set_sync_debug_mode("default")
         for name in ("grad_scale", "found_inf"):
             opt.__dict__.pop(name, None)
+
+
+# ------------------------------------------------------------------ low precision contract
+
+LOW_PRECISION_CONFIGS = {
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "dampening_wd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov_wd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "decoupled": dict(lr=0.05, momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True),
+    "maximize_no_momentum": dict(lr=0.05, weight_decay=0.01, maximize=True),
+}
+
+
+def _low_precision_run(dtype, config, device, backend, steps=5, scaled=False):
+    """Our functional step and the fp32 contract reference side by side; returns both states and
+    the largest operand seen (for the tolerance)."""
+    from sgd_rounding import fp32_sgd_step
+
+    shapes = [(1,), (7,), (1031,), (33, 65), (2, 3, 5, 7)]
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    ref_params = [p.clone() for p in params]
+    buffers, ref_buffers = [None] * len(params), [None] * len(params)
+    bound = 0.0
+    for _ in range(steps):
+        grads = [torch.randn(s, device=device).to(dtype) for s in shapes]
+        scale = torch.tensor(4.0, device=device) if scaled else None
+        ref_grads = [g.clone() for g in grads]
+        with backends.use_backend(backend):
+            buffers = sgd_ops.sgd_step(params, grads, buffers, grad_scale=scale, **config)
+        ref_buffers = fp32_sgd_step(ref_params, ref_grads, ref_buffers, grad_scale=scale, **config)
+        bound = max([bound] + [t.abs().max().item() for t in ref_params + ref_grads])
+    return (params, buffers), (ref_params, ref_buffers), bound
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_CONFIGS))
+def test_low_precision_step_is_fp32_math_rounded_once(name, dtype, scaled):
+    """The contract: fp32 math, one rounding per stored value and step. The interpreter computes
+    without fused multiply-adds, so it must match the contract's reference bit for bit."""
+    from sgd_rounding import tolerance
+
+    ours, ref, bound = _low_precision_run(dtype, LOW_PRECISION_CONFIGS[name], "cpu", "triton", scaled=scaled)
+    tol = tolerance(dtype, 5, bound, exact=True)
+    for got, want in zip(ours[0] + [b for b in ours[1] if b is not None], ref[0] + [b for b in ref[1] if b is not None]):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_CONFIGS))
+def test_low_precision_step_on_gpu_within_the_derived_tolerance(name, dtype, backend):
+    from sgd_rounding import tolerance
+
+    reason = backends.unavailable_reason(backend, "sgd", torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    ours, ref, bound = _low_precision_run(dtype, LOW_PRECISION_CONFIGS[name], "cuda", backend)
+    tol = tolerance(dtype, 5, bound, exact=False)
+    for got, want in zip(ours[0] + [b for b in ours[1] if b is not None], ref[0] + [b for b in ref[1] if b is not None]):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_contract_reference_differs_from_torch_only_by_torchs_extra_roundings():
+    """The looser check against torch.optim.SGD itself: torch's bf16 SGD rounds after every op, so
+    it drifts from the fp32 contract by a few bf16 ulps per step, never more."""
+    config = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    start = [torch.randn(s).to(torch.bfloat16) for s in [(33, 5), (1031,)]]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    our_opt, torch_opt = SGD(ours, **config), torch.optim.SGD(theirs, foreach=False, **config)
+    steps = 5
+    for _ in range(steps):
+        grads = [torch.randn(p.shape).to(torch.bfloat16) for p in start]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        our_opt.step()
+        torch_opt.step()
+    bound = max(t.abs().max().item() for t in ours + theirs)
+    for p, q in zip(ours, theirs):
+        # torch rounds each of its ~4 ops per step to bf16 (half an ulp of operands up to `bound`
+        # each); ours rounds once: at most 4 bf16 ulps of drift per step, relative or of the bound
+        tol = steps * 4 * 2.0**-8
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol * bound)
