@@ -197,6 +197,7 @@ def _dense_layout(name: str, i: int, t: torch.Tensor, like: torch.Tensor) -> Non
 
 _data_ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 
 # Device chunk tables read by a CUDA graph: a captured launch reads its table (and the captured
 # host-to-device copy re-reads the pinned source) at every replay, so neither may ever be freed
@@ -233,6 +234,7 @@ class StepLaunch:
         self.device, self.dtype, self.itemsize = first.device, first.dtype, first.element_size()
         self.block, chunk, self.num_warps = _block_sizes()
         self.strides = list(map(_stride, params))
+        self.contiguous = all(map(_is_contiguous, params))
         self.count = len(params)
         lengths = np.fromiter(map(torch.Tensor.numel, params), dtype=np.int64, count=self.count)
         chunks = (lengths + chunk - 1) // chunk
@@ -269,9 +271,10 @@ class StepLaunch:
 
     def check_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Gradients the kernel may walk: laid out like their params (torch already ties a .grad's
-        shape, dtype and device to its param; the strides are ours to check)."""
+        shape, dtype and device to its param; the strides are ours to check). Contiguous params
+        need contiguous grads, a cheaper test than comparing strides."""
         try:
-            same = list(map(_stride, grads)) == self.strides
+            same = all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride, grads)) == self.strides
         except RuntimeError:  # a sparse gradient has no strides
             same = False
         if not same:
@@ -286,9 +289,15 @@ class StepLaunch:
         hit = self.tables.get(key)
         capturing = _capturing(self.device)
         if hit is None:
+            # Every address is a multiple of the element size (the base too), so one OR over the
+            # gradient addresses tells both that their offsets are whole elements and whether all
+            # are 16-byte aligned.
+            low_bits = int(np.bitwise_or.reduce(g_ptrs)) if self.count else 0
+            if low_bits % self.itemsize:
+                raise ValueError(f"grads addresses are not multiples of the element size ({self.itemsize} bytes)")
+            align = self.align if low_bits % 16 == 0 else 1
             host = self.host_table.copy()
-            host[:, 1] = self._offsets(g_ptrs, "grads")[self.owner] + self.start
-            align = self.align if not (g_ptrs % 16).any() else 1
+            np.add(((g_ptrs - self.base) // self.itemsize)[self.owner], self.start, out=host[:, 1])
             table = torch.from_numpy(host)
             if self.device.type == "cuda":
                 # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
