@@ -82,18 +82,40 @@ def _picker(index: Sequence[int]):
     return operator.itemgetter(*index)
 
 
+_LOCAL = operator.attrgetter("_local_tensor")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A DTensor (FSDP2's fully_shard makes every param one), recognised without importing
+    torch.distributed where it is not built."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
 class _Launch:
-    """Tensors of one (device, dtype) that step together: all with, or all without, buffers."""
+    """Tensors of one (device, dtype) that step together: all with, or all without, buffers.
 
-    __slots__ = ("params", "pick", "buffers", "first", "device", "prepared")
+    For DTensor params (FSDP2) the kernel steps each rank's local shards: ``members`` are the
+    DTensors (the optimizer's state is keyed by them and holds DTensor buffers, so state_dict and
+    torch.distributed.checkpoint see sharded tensors), ``buffers`` the buffers' local shards, and
+    the local shards of the params and gradients are read at every step, since FSDP2 owns them."""
 
-    def __init__(self, params, index, buffers, first, prepared):
-        self.params = params
+    __slots__ = ("members", "pick", "buffers", "first", "device", "prepared", "dtensor")
+
+    def __init__(self, members, index, buffers, first, prepared, dtensor):
+        self.members = members
         self.pick = _picker(index)
-        self.buffers = buffers
+        self.buffers = list(map(_LOCAL, buffers)) if dtensor else buffers
         self.first = first
-        self.device = params[0].device
+        self.device = (members[0]._local_tensor if dtensor else members[0]).device
         self.prepared = prepared
+        self.dtensor = dtensor
+
+    def params(self) -> list[Tensor]:
+        return list(map(_LOCAL, self.members)) if self.dtensor else self.members
+
+    def grads(self, grads: list) -> list[Tensor]:
+        picked = self.pick(grads)
+        return list(map(_LOCAL, picked)) if self.dtensor else picked
 
 
 class _Plan:
@@ -386,6 +408,11 @@ class SGD(Optimizer):
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
         if self.contiguous:
+            if any(map(_is_dtensor, group["params"])):
+                raise ValueError(
+                    "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
+                    "use the default contiguous=False, which steps the local shards in one launch"
+                )
             by_kind: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 by_kind.setdefault((p.device, p.dtype), []).append(p)
@@ -474,9 +501,14 @@ class SGD(Optimizer):
                     f"the momentum_buffer of {name} must match it in shape, dtype and device: got {tuple(buf.shape)} "
                     f"{buf.dtype} {buf.device} for {tuple(p.shape)} {p.dtype} {p.device}"
                 )
-            by_launch.setdefault((p.device, p.dtype, momentum_on and buf is None), []).append(i)
+            if momentum_on and buf is not None and _is_dtensor(buf) != _is_dtensor(p):
+                raise ValueError(
+                    f"the momentum_buffer of {name} must be a DTensor exactly when the param is one (FSDP2): load "
+                    "a sharded optimizer state dict (torch.distributed.checkpoint.state_dict.set_state_dict)"
+                )
+            by_launch.setdefault((p.device, p.dtype, _is_dtensor(p), momentum_on and buf is None), []).append(i)
         launches = []
-        for (device, dtype, first), idx in by_launch.items():
+        for (device, dtype, dtensor, first), idx in by_launch.items():
             members = [params[i] for i in idx]
             if first:
                 buffers = new_momentum_buffers(members)
@@ -486,9 +518,16 @@ class SGD(Optimizer):
                 buffers = [self.state[p]["momentum_buffer"] for p in members]
             else:
                 buffers = []
-            prepared = PreparedStep(backend_for(device, dtype), members, buffers)
-            prepared.check_grads(members, [grads[i] for i in idx])
-            launches.append(_Launch(members, idx, buffers, first, prepared))
+            launch_grads = [grads[i] for i in idx]
+            if dtensor:
+                members_local, launch_grads = list(map(_LOCAL, members)), list(map(_LOCAL, launch_grads))
+                device = members_local[0].device
+            else:
+                members_local = members
+            launch = _Launch(members, idx, buffers, first, None, dtensor)
+            launch.prepared = PreparedStep(backend_for(device, dtype), members_local, launch.buffers)
+            launch.prepared.check_grads(members_local, launch_grads)
+            launches.append(launch)
         plan = _Plan(missing, momentum_on, launches, _backend_request())
         self._plans[index] = plan
         return plan
@@ -502,13 +541,13 @@ class SGD(Optimizer):
         if (
             plan is None or plan.stale or plan.missing != missing or plan.momentum_on != momentum_on
             or plan.request != _backend_request()
-            or not all(launch.prepared.addresses_unchanged(launch.params) for launch in plan.launches)
+            or not all(launch.prepared.addresses_unchanged(launch.params()) for launch in plan.launches)
         ):
             if capturing and momentum_on and self._would_create_buffers(group, missing):
                 self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
             return self._plan(index, group, grads, missing, momentum_on)
         for launch in plan.launches:
-            launch.prepared.check_grads(launch.params, launch.pick(grads))
+            launch.prepared.check_grads(launch.params(), launch.grads(grads))
         return plan
 
     def _would_create_buffers(self, group: dict, missing: list) -> bool:
@@ -525,7 +564,7 @@ class SGD(Optimizer):
             if self.capturable:
                 self._check_capturable(hyper, launch.device, launch.first, capturing)
             launch.prepared.run(
-                launch.params, launch.pick(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
+                launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
                 self._skip_flag(skip_flags, launch.device),
             )
 

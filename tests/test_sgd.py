@@ -481,7 +481,7 @@ def test_mixed_dtypes_in_one_group_step_per_dtype():
         set_grads(theirs, ours, [torch.randn_like(p) for p in theirs])
         torch_opt.step()
         our_opt.step()
-    assert [len(launch.params) for launch in our_opt._plans[0].launches] == [1, 2, 1, 1]
+    assert [len(launch.members) for launch in our_opt._plans[0].launches] == [1, 2, 1, 1]
     for p, q in zip(theirs, ours):
         assert q.dtype == p.dtype
         tol = 1e-13 if p.dtype == F64 else (1e-5 if p.dtype == torch.float32 else 2e-2)
