@@ -11,15 +11,18 @@ kernel unscales the gradients and skips the step on the device.
 Host work per step
 ------------------
 For every param group the optimizer keeps a *plan*: the params that have gradients split by
-(device, dtype) and by whether their momentum buffer exists yet, with the buffers. A step
-gathers the ``.grad`` of every param (one C-level ``map``), compares which are None with the
-plan (one list comparison) and, if nothing changed, launches one kernel per (device, dtype). The
-kernel's chunk table is cached by tensor addresses (``fastcore5.kernels.sgd``). The plan is
-rebuilt when a gradient appears or disappears, a buffer is created, momentum is switched on or
-off, a param group is added or a state dict is loaded. The launcher is called directly, not
-through the dispatcher (see ``fastcore5.ops.sgd.step_tensors``). What remains grows with the
-number of tensors only through C-level passes (``.grad``, ``data_ptr`` and the version-counter
-bump, well under a microsecond per tensor); contiguous mode removes even those.
+(device, dtype, DTensor or not) and by whether their momentum buffer exists yet, with the buffers
+and, per launch, a ``fastcore5.ops.sgd.PreparedStep`` (for Triton: the chunk table without its
+gradient column, checked layouts and addresses). A step makes C-level passes only: it gathers the
+``.grad`` of every param, compares which are None with the plan, checks that the params still
+live where they did and that the gradients are contiguous like their params (set_to_none makes
+new gradient tensors every step), reads the gradients' addresses (the device table is cached by
+them: the CUDA caching allocator hands a step's gradients the last step's addresses) and bumps
+the params' version counters; then one launch per (device, dtype). The plan is rebuilt when a
+gradient appears or disappears, a buffer is created, momentum is switched on or off, a param
+moves, the backend request changes, a param group is added or a state dict is loaded. The
+launcher is called directly, not through the dispatcher (see ``PreparedStep``). Contiguous mode
+removes even the per-tensor passes.
 
 Contiguous mode (``contiguous=True``)
 -------------------------------------

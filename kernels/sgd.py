@@ -16,7 +16,7 @@ on the device) holds, per chunk, the element offsets of its first element in the
 grad and the momentum buffer, and its length (<= CHUNK). One program handles one chunk: it loops
 over it in BLOCK-sized pieces, unmasked, and finishes with at most one masked piece. So a launch
 over 1 tensor of 64M elements and one over 2000 tensors of 4096 cost the same host work: one
-table (cached, see ``_chunk_table``) and one launch.
+table (prepared once, see ``StepLaunch``) and one launch.
 
 Per element (math in fp32 registers, fp64 for fp64 tensors), p, grad and buf are each read once
 and p and buf written once (20 bytes per fp32 parameter with momentum; 28 with a GradScaler,
