@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from fastcore5 import backends, reference
-from fastcore5.kernels import sgd as sgd_kernels
 from fastcore5.ops import sgd as sgd_ops
 from fastcore5.optim import SGD, discriminative_param_groups, even_mults, lr_range
 
