@@ -768,9 +768,11 @@ def test_capturable_refuses_what_cannot_be_captured():
     torch.testing.assert_close(p.detach(), before - 0.2 * p.grad)
 
 
-def _cuda_graph_training(capturable_steps, lr_values, contiguous=False):
+def _cuda_graph_training(capturable_steps, lr_values, contiguous=False, set_to_none=False):
     """A small MLP trained by a captured step (forward, loss, backward, optimizer step) replayed
-    with a scheduler driving the tensor lr, next to the same run done eagerly."""
+    with the tensor lr changed in place (as a scheduler does), next to the same run done eagerly.
+    With set_to_none the captured backward allocates new gradients in the graph's pool, so the
+    step builds its chunk table during the capture."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
     eager_model = copy.deepcopy(model)
@@ -782,7 +784,7 @@ def _cuda_graph_training(capturable_steps, lr_values, contiguous=False):
     x_static, y_static = data[0][0].clone(), data[0][1].clone()
 
     def train_step(net, optimizer, x, y):
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=set_to_none)
         torch.nn.functional.mse_loss(net(x), y).backward()
         optimizer.step()
 
@@ -807,10 +809,11 @@ def _cuda_graph_training(capturable_steps, lr_values, contiguous=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
-def test_cuda_graph_captured_step_replays_like_eager(contiguous):
+@pytest.mark.parametrize("contiguous,set_to_none", [(False, False), (False, True), (True, False)],
+                         ids=["normal", "normal-set_to_none", "contiguous"])
+def test_cuda_graph_captured_step_replays_like_eager(contiguous, set_to_none):
     lrs = [0.05, 0.04, 0.03, 0.02, 0.01]
-    model, eager_model = _cuda_graph_training(len(lrs), lrs, contiguous)
+    model, eager_model = _cuda_graph_training(len(lrs), lrs, contiguous, set_to_none)
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
