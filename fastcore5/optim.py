@@ -11,15 +11,18 @@ kernel unscales the gradients and skips the step on the device.
 Host work per step
 ------------------
 For every param group the optimizer keeps a *plan*: the params that have gradients split by
-(device, dtype) and by whether their momentum buffer exists yet, with the buffers. A step
-gathers the ``.grad`` of every param (one C-level ``map``), compares which are None with the
-plan (one list comparison) and, if nothing changed, launches one kernel per (device, dtype). The
-kernel's chunk table is cached by tensor addresses (``fastcore5.kernels.sgd``). The plan is
-rebuilt when a gradient appears or disappears, a buffer is created, momentum is switched on or
-off, a param group is added or a state dict is loaded. The launcher is called directly, not
-through the dispatcher (see ``fastcore5.ops.sgd.step_tensors``). What remains grows with the
-number of tensors only through C-level passes (``.grad``, ``data_ptr`` and the version-counter
-bump, well under a microsecond per tensor); contiguous mode removes even those.
+(device, dtype, DTensor or not) and by whether their momentum buffer exists yet, with the buffers
+and, per launch, a ``fastcore5.ops.sgd.PreparedStep`` (for Triton: the chunk table without its
+gradient column, checked layouts and addresses). A step makes C-level passes only: it gathers the
+``.grad`` of every param, compares which are None with the plan, checks that the params still
+live where they did and that the gradients are contiguous like their params (set_to_none makes
+new gradient tensors every step), reads the gradients' addresses (the device table is cached by
+them: the CUDA caching allocator hands a step's gradients the last step's addresses) and bumps
+the params' version counters; then one launch per (device, dtype). The plan is rebuilt when a
+gradient appears or disappears, a buffer is created, momentum is switched on or off, a param
+moves, the backend request changes, a param group is added or a state dict is loaded. The
+launcher is called directly, not through the dispatcher (see ``PreparedStep``). Contiguous mode
+removes even the per-tensor passes.
 
 Contiguous mode (``contiguous=True``)
 -------------------------------------
@@ -63,7 +66,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .ops.sgd import check_hyperparameters, check_param_and_grad, new_momentum_buffers, step_tensors
+from . import backends, index_errors
+from .ops.sgd import PreparedStep, SGDHyper, backend_for, check_param_and_grad, new_momentum_buffers
 
 __all__ = ["SGD", "even_mults", "lr_range", "discriminative_param_groups"]
 
@@ -81,25 +85,63 @@ def _picker(index: Sequence[int]):
     return operator.itemgetter(*index)
 
 
+_LOCAL = operator.attrgetter("_local_tensor")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """A DTensor (FSDP2's fully_shard makes every param one), recognised without importing
+    torch.distributed where it is not built."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
 class _Launch:
-    """Tensors of one (device, dtype) that step together: all with, or all without, buffers."""
+    """Tensors of one (device, dtype) that step together: all with, or all without, buffers.
 
-    __slots__ = ("params", "pick", "buffers", "first")
+    For DTensor params (FSDP2) the kernel steps each rank's local shards: ``members`` are the
+    DTensors (the optimizer's state is keyed by them and holds DTensor buffers, so state_dict and
+    torch.distributed.checkpoint see sharded tensors), ``buffers`` the buffers' local shards, and
+    the local shards of the params and gradients are read at every step, since FSDP2 owns them."""
 
-    def __init__(self, params, index, buffers, first):
-        self.params = params
+    __slots__ = ("members", "pick", "buffers", "first", "device", "prepared", "dtensor")
+
+    def __init__(self, members, index, buffers, first, prepared, dtensor):
+        self.members = members
         self.pick = _picker(index)
-        self.buffers = buffers
+        self.buffers = list(map(_LOCAL, buffers)) if dtensor else buffers
         self.first = first
+        self.device = (members[0]._local_tensor if dtensor else members[0]).device
+        self.prepared = prepared
+        self.dtensor = dtensor
+
+    def params(self) -> list[Tensor]:
+        return list(map(_LOCAL, self.members)) if self.dtensor else self.members
+
+    def grads(self, grads: list) -> list[Tensor]:
+        picked = self.pick(grads)
+        return list(map(_LOCAL, picked)) if self.dtensor else picked
 
 
 class _Plan:
-    __slots__ = ("missing", "momentum_on", "launches")
+    """One param group's launches, valid while the same gradients are None, momentum stays on or
+    off, the params stay where they are, no buffer is new and the backend request is the same."""
 
-    def __init__(self, missing, momentum_on, launches):
+    __slots__ = ("missing", "momentum_on", "launches", "request", "stale")
+
+    def __init__(self, missing, momentum_on, launches, request):
         self.missing = missing
         self.momentum_on = momentum_on
         self.launches = launches
+        self.request = request
+        self.stale = any(launch.first for launch in launches)  # after this step the buffers exist
+
+
+def _backend_request() -> tuple:
+    return backends.requested(), backends.interpreter_active()
+
+
+def _capturing() -> bool:
+    """A CUDA graph capture is under way on the current stream (never initialises CUDA)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _use_count(storage) -> int:
@@ -220,10 +262,10 @@ class _Flat:
         return replaced
 
     def segments_for(self, momentum_on: bool):
-        """{first_step: (param ranges, grad ranges, buffer ranges)}: maximal runs of consecutive
-        trainable params alike in having a buffer (padding between them rides along: it is zero
-        in every flat buffer and stays zero)."""
-        key = (self.layout, momentum_on)
+        """{first_step: (param ranges, grad ranges, buffer ranges, PreparedStep)}: maximal runs of
+        consecutive trainable params alike in having a buffer (padding between them rides along: it
+        is zero in every flat buffer and stays zero)."""
+        key = (self.layout, momentum_on, _backend_request())
         if key == self.segments_key:
             return self.segments
         runs: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
@@ -245,15 +287,14 @@ class _Flat:
             runs[current[0]].append(current[1:])
         if momentum_on and any(runs.values()) and self.flat_buffer is None:
             self.flat_buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.segments = {
-            first: (
-                [self.flat_param[s:e] for s, e in ranges],
-                [self.flat_grad[s:e] for s, e in ranges],
-                [self.flat_buffer[s:e] for s, e in ranges] if momentum_on else [],
-            )
-            for first, ranges in runs.items()
-            if ranges
-        }
+        backend = backend_for(self.device, self.dtype)
+        self.segments = {}
+        for first, ranges in runs.items():
+            if ranges:
+                ps = [self.flat_param[s:e] for s, e in ranges]
+                gs = [self.flat_grad[s:e] for s, e in ranges]
+                bs = [self.flat_buffer[s:e] for s, e in ranges] if momentum_on else []
+                self.segments[first] = (ps, gs, bs, PreparedStep(backend, ps, bs))
         self.segments_key = key
         return self.segments
 
@@ -280,11 +321,24 @@ class SGD(Optimizer):
     contiguous: keep params, grads and momentum buffers in flat buffers so a step costs one launch
         over a few ranges regardless of the number of tensors (constraints in the module docstring).
 
+    capturable: the step may be captured in a CUDA graph (``torch.cuda.graph``) and replayed. lr must
+        then be a tensor on the params' device (a scheduler updates it in place, which replays
+        see); run at least one step eagerly before capturing, so the momentum buffers exist.
+        momentum, dampening, weight_decay and the flags are baked into a captured step: changing
+        them (OneCycleLR's momentum cycling) needs a new capture. Without it, capturing a step
+        raises.
+
     Params whose ``.grad`` is None are skipped. Works with ``torch.optim.lr_scheduler`` (also
     ``OneCycleLR`` with momentum cycling) and ``torch.amp.GradScaler``: an overflowed step changes
-    nothing, momentum buffers included — also on the first step, where the buffers do not exist
-    yet (torch's fused SGD leaves uninitialised buffers there). Only in that case (momentum on,
-    GradScaler, some buffer not yet created) does a step read ``found_inf`` on the host.
+    nothing (read on the device). A step never reads a device value on the host. Momentum buffers
+    are created zero-filled when a param first steps, even if that step is skipped (overflow, or a
+    bad EmbeddingDotBias index: see below); the next step then stores ``(1 - dampening) * g``, which
+    is torch's first step exactly when dampening == 0 (the only case where ours differs from torch,
+    whose fused SGD leaves such a buffer uninitialised).
+
+    Index errors: each step first raises any IndexError that an EmbeddingDotBias kernel has
+    reported (``fastcore5.index_errors``), and passes each device's pending flag to the kernel,
+    which skips the update on the device when a bad index reached this step's gradients.
     """
 
     def __init__(
@@ -302,10 +356,16 @@ class SGD(Optimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         contiguous: bool = False,
+        capturable: bool = False,
     ) -> None:
-        check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+        SGDHyper(lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay).check()
         if differentiable:
             raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
+        if capturable and not isinstance(lr, Tensor):
+            raise ValueError(
+                "capturable=True needs lr as a tensor on the params' device (e.g. lr=torch.tensor(0.1, device='cuda')): "
+                "a float lr would be baked into the captured graph and the scheduler's changes never replayed"
+            )
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=False, fused=fused,
@@ -314,6 +374,7 @@ class SGD(Optimizer):
         self._plans: dict[int, _Plan] = {}
         self._flats: dict[int, list[_Flat]] = {}
         self.contiguous = bool(contiguous)
+        self.capturable = bool(capturable)
         self._warned_regrad = False
         super().__init__(params, defaults)
         self._step_supports_amp_scaling = True
@@ -332,6 +393,7 @@ class SGD(Optimizer):
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_flats", {})
         self.__dict__.setdefault("contiguous", False)
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_warned_regrad", False)
         self._plans.clear()
         self._step_supports_amp_scaling = True
@@ -339,7 +401,7 @@ class SGD(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"])
+        SGDHyper.from_group(group).check()
         if group.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
         for i, p in enumerate(group["params"]):
@@ -349,6 +411,11 @@ class SGD(Optimizer):
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
         if self.contiguous:
+            if any(map(_is_dtensor, group["params"])):
+                raise ValueError(
+                    "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
+                    "use the default contiguous=False, which steps the local shards in one launch"
+                )
             by_kind: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 by_kind.setdefault((p.device, p.dtype), []).append(p)
@@ -379,76 +446,133 @@ class SGD(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimisation step (closure: re-evaluates the model and returns the loss)."""
+        capturing = _capturing()
+        if capturing and not self.capturable:
+            raise RuntimeError(
+                "fastcore5.optim.SGD.step is being captured in a CUDA graph but the optimizer was built without "
+                "capturable=True; build it with capturable=True (and a tensor lr on the device)"
+            )
+        if not capturing:
+            # A replayed graph never runs this; reading the report during a capture is not allowed.
+            index_errors.raise_pending()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        overflow = [None]  # found_inf read on the host at most once, and only if a buffer is new
+        skip_flags: dict[torch.device, Tensor | None] = {}
         for index, group in enumerate(self.param_groups):
-            hyper = dict(
-                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], grad_scale=grad_scale, found_inf=found_inf,
-            )
+            hyper = SGDHyper.from_group(group)
             if self.contiguous:
-                self._step_flat(index, hyper, found_inf, overflow)
+                self._step_flat(index, hyper, grad_scale, found_inf, skip_flags, capturing)
             else:
-                self._step_group(index, group, hyper, found_inf, overflow)
+                self._step_group(index, group, hyper, grad_scale, found_inf, skip_flags, capturing)
         return loss
 
-    def _skip_new_buffers(self, found_inf, overflow) -> bool:
-        if found_inf is None:
-            return False
-        if overflow[0] is None:
-            overflow[0] = float(found_inf) != 0
-        return overflow[0]
+    @staticmethod
+    def _skip_flag(skip_flags: dict, device: torch.device) -> Tensor | None:
+        if device not in skip_flags:
+            skip_flags[device] = index_errors.pending_skip_flag(device)
+        return skip_flags[device]
 
-    def _plan(self, index: int, group: dict, missing: list, momentum_on: bool) -> _Plan:
+    def _check_capturable(self, hyper: SGDHyper, device: torch.device, new_buffers: bool, capturing: bool) -> None:
+        lr = hyper.lr
+        if not isinstance(lr, Tensor) or lr.device != device:
+            where = f"a tensor on {lr.device}" if isinstance(lr, Tensor) else f"the float {lr!r}"
+            raise ValueError(
+                f"capturable=True needs each param group's lr as a tensor on its params' device ({device}); got {where}"
+            )
+        if new_buffers and capturing:
+            raise RuntimeError(
+                "fastcore5.optim.SGD: a momentum buffer would be created inside a CUDA graph capture; run at least "
+                "one step eagerly (a warm-up step, as torch.cuda.graph requires anyway) before capturing"
+            )
+
+    def _plan(self, index: int, group: dict, grads: list, missing: list, momentum_on: bool) -> _Plan:
         params = group["params"]
-        launches: dict[tuple, list[int]] = {}
+        by_launch: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             if missing[i]:
                 continue
-            check_param_and_grad(p, p.grad, f"param {i} of param group {index}", "its .grad")
+            name = f"param {i} of param group {index}"
+            check_param_and_grad(p, grads[i], name, "its .grad")
             entry = self.state.get(p)
-            has_buffer = entry is not None and entry.get("momentum_buffer") is not None
-            launches.setdefault((p.device, p.dtype, momentum_on and not has_buffer), []).append(i)
-        built = []
-        for (_, _, first), idx in launches.items():
+            buf = entry.get("momentum_buffer") if entry else None
+            if momentum_on and buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
+                raise ValueError(
+                    f"the momentum_buffer of {name} must match it in shape, dtype and device: got {tuple(buf.shape)} "
+                    f"{buf.dtype} {buf.device} for {tuple(p.shape)} {p.dtype} {p.device}"
+                )
+            if momentum_on and buf is not None and _is_dtensor(buf) != _is_dtensor(p):
+                raise ValueError(
+                    f"the momentum_buffer of {name} must be a DTensor exactly when the param is one (FSDP2): load "
+                    "a sharded optimizer state dict (torch.distributed.checkpoint.state_dict.set_state_dict)"
+                )
+            by_launch.setdefault((p.device, p.dtype, _is_dtensor(p), momentum_on and buf is None), []).append(i)
+        launches = []
+        for (device, dtype, dtensor, first), idx in by_launch.items():
             members = [params[i] for i in idx]
-            buffers = [] if (first or not momentum_on) else [self.state[p]["momentum_buffer"] for p in members]
-            built.append(_Launch(members, idx, buffers, first))
-        plan = _Plan(missing, momentum_on, built)
+            if first:
+                buffers = new_momentum_buffers(members)
+                for p, buf in zip(members, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+            elif momentum_on:
+                buffers = [self.state[p]["momentum_buffer"] for p in members]
+            else:
+                buffers = []
+            launch_grads = [grads[i] for i in idx]
+            if dtensor:
+                members_local, launch_grads = list(map(_LOCAL, members)), list(map(_LOCAL, launch_grads))
+                device = members_local[0].device
+            else:
+                members_local = members
+            launch = _Launch(members, idx, buffers, first, None, dtensor)
+            launch.prepared = PreparedStep(backend_for(device, dtype), members_local, launch.buffers)
+            launch.prepared.check_grads(members_local, launch_grads)
+            launches.append(launch)
+        plan = _Plan(missing, momentum_on, launches, _backend_request())
         self._plans[index] = plan
         return plan
 
-    def _step_group(self, index, group, hyper, found_inf, overflow) -> None:
-        grads = list(map(_GRAD, group["params"]))
+    def _current_plan(self, index: int, group: dict, grads: list, momentum_on: bool, capturing: bool) -> _Plan:
+        """The plan for this step's gradients: the cached one when nothing it depends on changed,
+        found by C-level passes over the tensors; a new one otherwise. New gradient tensors
+        (set_to_none makes new ones every step) are checked for their strides only."""
         missing = list(map(operator.is_, grads, repeat(None)))
-        momentum_on = group["momentum"] != 0
         plan = self._plans.get(index)
-        if plan is None or plan.missing != missing or plan.momentum_on != momentum_on:
-            plan = self._plan(index, group, missing, momentum_on)
-        stale = False
+        if (
+            plan is None or plan.stale or plan.missing != missing or plan.momentum_on != momentum_on
+            or plan.request != _backend_request()
+            or not all(launch.prepared.addresses_unchanged(launch.params()) for launch in plan.launches)
+        ):
+            if capturing and momentum_on and self._would_create_buffers(group, missing):
+                self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
+            return self._plan(index, group, grads, missing, momentum_on)
         for launch in plan.launches:
-            launch_grads = launch.pick(grads)
-            if launch.first:
-                if self._skip_new_buffers(found_inf, overflow):
-                    continue
-                buffers = new_momentum_buffers(launch_grads)
-                step_tensors(launch.params, launch_grads, buffers, True, dispatch=False, **hyper)
-                for p, buf in zip(launch.params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
-                stale = True
-            else:
-                step_tensors(launch.params, launch_grads, launch.buffers, False, dispatch=False, **hyper)
-        if stale:
-            del self._plans[index]
+            launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        return plan
 
-    def _step_flat(self, index, hyper, found_inf, overflow) -> None:
-        momentum_on = hyper["momentum"] != 0
+    def _would_create_buffers(self, group: dict, missing: list) -> bool:
+        return any(
+            not miss and (self.state.get(p) or {}).get("momentum_buffer") is None
+            for p, miss in zip(group["params"], missing)
+        )
+
+    def _step_group(self, index, group, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+        grads = list(map(_GRAD, group["params"]))
+        momentum_on = hyper.momentum != 0
+        plan = self._current_plan(index, group, grads, momentum_on, capturing)
+        for launch in plan.launches:
+            if self.capturable:
+                self._check_capturable(hyper, launch.device, launch.first, capturing)
+            launch.prepared.run(
+                launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
+                self._skip_flag(skip_flags, launch.device),
+            )
+
+    def _step_flat(self, index, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+        momentum_on = hyper.momentum != 0
         for flat in self._flats.get(index, ()):
             flat.check_params()
             if flat.grads_maybe_replaced() and flat.readopt_grads(copy=True) and not self._warned_regrad:
@@ -459,13 +583,15 @@ class SGD(Optimizer):
                     "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
                     stacklevel=3,
                 )
+            if self.capturable:
+                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
+                self._check_capturable(hyper, flat.device, new_buffers, capturing)
             segments = flat.segments_for(momentum_on)
-            for first, (ps, gs, bs) in segments.items():
-                if first and self._skip_new_buffers(found_inf, overflow):
-                    continue
-                step_tensors(ps, gs, bs, first, dispatch=False, **hyper)
-                if first:
-                    flat.record_new_buffers(self.state)
+            skip_flag = self._skip_flag(skip_flags, flat.device)
+            for first, (ps, gs, bs, prepared) in segments.items():
+                prepared.run(ps, gs, bs, hyper, first, grad_scale, found_inf, skip_flag)
+            if True in segments:
+                flat.record_new_buffers(self.state)
             flat.mark_grads_seen()
 
     # ------------------------------------------------------------------------- layer groups

@@ -16,7 +16,7 @@ on the device) holds, per chunk, the element offsets of its first element in the
 grad and the momentum buffer, and its length (<= CHUNK). One program handles one chunk: it loops
 over it in BLOCK-sized pieces, unmasked, and finishes with at most one masked piece. So a launch
 over 1 tensor of 64M elements and one over 2000 tensors of 4096 cost the same host work: one
-table (cached, see ``_chunk_table``) and one launch.
+table (prepared once, see ``StepLaunch``) and one launch.
 
 Per element (math in fp32 registers, fp64 for fp64 tensors), p, grad and buf are each read once
 and p and buf written once (20 bytes per fp32 parameter with momentum; 28 with a GradScaler,
@@ -28,8 +28,10 @@ whose unscaled gradient is written back like torch's fused SGD does):
     g = g + momentum*buf (nesterov)  or  g = buf
     p = p - lr*g
 lr may live in a device tensor (read by every program, no host sync). A nonzero ``found_inf``
-(read on the device) turns every program's chunk length to 0, so nothing at all is written:
-params, buffers and grads keep their values. No atomics: chunks never overlap.
+(GradScaler's overflow flag) or a nonzero element 0 of ``skip_flag`` (an int64 tensor: a bad
+EmbeddingDotBias index was seen, see fastcore5.index_errors), both read on the device, turns
+every program's chunk length to 0, so nothing at all is written: params, buffers and grads keep
+their values. No atomics: chunks never overlap.
 """
 from __future__ import annotations
 
@@ -133,9 +135,9 @@ def _sgd_piece(
 
 @triton.jit
 def _sgd_kernel(
-    base_ptr, table_ptr, lr_ptr, scale_ptr, found_inf_ptr,
+    base_ptr, table_ptr, lr_ptr, scale_ptr, found_inf_ptr, skip_ptr,
     lr_hi, lr_lo, momentum_hi, momentum_lo, keep_hi, keep_lo, wd_hi, wd_lo,
-    LR_ON_DEVICE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_SKIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, ALIGN: tl.constexpr, COMPUTE: tl.constexpr,
     BF16: tl.constexpr, BLOCK: tl.constexpr,
@@ -149,6 +151,9 @@ def _sgd_kernel(
     if HAS_FOUND_INF:
         # An overflowed GradScaler step: no program touches anything.
         count = tl.where(tl.load(found_inf_ptr) != 0, 0, count)
+    if HAS_SKIP:
+        # A bad index reached this step's gradients: the update is skipped the same way.
+        count = tl.where(tl.load(skip_ptr) != 0, 0, count)
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(COMPUTE)
     else:
@@ -177,10 +182,6 @@ def _sgd_kernel(
         )
 
 
-# (device, dtype, CHUNK, base address, addresses, lengths) -> (device chunk table, ALIGN)
-_tables: collections.OrderedDict = collections.OrderedDict()
-
-
 def _dense_layout(name: str, i: int, t: torch.Tensor, like: torch.Tensor) -> None:
     # The kernel walks numel() consecutive elements from data_ptr(); that is the tensor exactly when
     # it is contiguous (or channels-last) and the param, grad and buffer share their strides.
@@ -194,68 +195,182 @@ def _dense_layout(name: str, i: int, t: torch.Tensor, like: torch.Tensor) -> Non
         )
 
 
-def _chunk_table(params, grads, buffers, chunk: int) -> tuple[torch.Tensor | None, int]:
-    """The device chunk table for these tensors and the alignment (in elements) all offsets keep.
+_data_ptr = torch.Tensor.data_ptr
+_stride = torch.Tensor.stride
+_is_contiguous = torch.Tensor.is_contiguous
 
-    Cached by the tensors' addresses and lengths (least recently used, 32 entries): autograd's
-    caching allocator usually hands every step's gradients the same addresses, so after the first
-    steps a launch only builds this key. A hit is always right, because the table is a pure
-    function of the key. Returns (None, 1) when there is nothing to update.
+# Device chunk tables read by a CUDA graph: a captured launch reads its table (and the captured
+# host-to-device copy re-reads the pinned source) at every replay, so neither may ever be freed
+# or reused. Whatever a launch uses while the stream is capturing is kept here for the process.
+_kept_for_graphs: list[torch.Tensor] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class StepLaunch:
+    """The launch of one (device, dtype) group whose params and momentum buffers stay the same
+    tensors from step to step, while the gradients may be new tensors each step (set_to_none).
+
+    Everything that depends only on the params and buffers is computed here once: their layout
+    checks, their addresses and the chunk table without its gradient column (one row per chunk:
+    offsets from params[0] of the chunk in p, grad and buffer, and its length). A step reads the
+    gradients' addresses and looks the device table up by them; the caching allocator usually
+    hands each step's gradients the addresses of the last step's, so a step seldom builds one, and
+    building one is a numpy gather. It holds no tensor: the caller passes the same params and
+    buffers to every call, checks that they still live where they did (``addresses_unchanged``)
+    and that the gradients are laid out like the params (``check_grads``).
     """
-    device, dtype = params[0].device, params[0].dtype
-    p_addr = tuple(map(torch.Tensor.data_ptr, params))
-    g_addr = tuple(map(torch.Tensor.data_ptr, grads))
-    b_addr = tuple(map(torch.Tensor.data_ptr, buffers)) if buffers else ()
-    numels = tuple(map(torch.Tensor.numel, params))
-    key = (device, dtype, chunk, p_addr, g_addr, b_addr, numels)
-    hit = _tables.get(key)
-    if hit is not None:
-        _tables.move_to_end(key)
+
+    _TABLES_KEPT = 4  # per launch: the gradient address sets seen most recently
+
+    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor]):
+        for i, p in enumerate(params):
+            _dense_layout("params", i, p, p)
+        for i, (p, b) in enumerate(zip(params, buffers)):
+            _dense_layout("momentum_buffers", i, b, p)
+        first = params[0]
+        self.device, self.dtype, self.itemsize = first.device, first.dtype, first.element_size()
+        self.block, chunk, self.num_warps = _block_sizes()
+        self.strides = list(map(_stride, params))
+        self.contiguous = all(map(_is_contiguous, params))
+        self.count = len(params)
+        lengths = np.fromiter(map(torch.Tensor.numel, params), dtype=np.int64, count=self.count)
+        chunks = (lengths + chunk - 1) // chunk
+        self.owner = np.repeat(np.arange(self.count), chunks)
+        first_chunk = np.cumsum(chunks) - chunks
+        self.start = (np.arange(len(self.owner), dtype=np.int64) - first_chunk[self.owner]) * chunk
+        self.rows = len(self.owner)
+        self.p_ptrs = self._ptrs(params)
+        self.b_ptrs = self._ptrs(buffers) if buffers else self.p_ptrs
+        self.base = int(self.p_ptrs[0])
+        self.vector = max(1, 16 // self.itemsize)  # elements per 16-byte access
+        self.align = self.vector if not ((self.p_ptrs % 16).any() or (self.b_ptrs % 16).any()) else 1
+        self.host_table = np.empty((self.rows, TABLE_COLUMNS), dtype=np.int64)
+        self.host_table[:, 0] = self._offsets(self.p_ptrs, "params")[self.owner] + self.start
+        self.host_table[:, 2] = self._offsets(self.b_ptrs, "momentum_buffers")[self.owner] + self.start
+        self.host_table[:, 3] = np.minimum(lengths[self.owner] - self.start, chunk)
+        self.tables: collections.OrderedDict = collections.OrderedDict()
+
+    def _offsets(self, ptrs: np.ndarray, name: str) -> np.ndarray:
+        """Element offsets of ``ptrs`` from params[0]: the kernel adds them to its one base pointer."""
+        delta = ptrs - self.base
+        if (delta % self.itemsize).any():
+            raise ValueError(f"{name} addresses are not a multiple of the element size ({self.itemsize} bytes) apart")
+        return delta // self.itemsize
+
+    def _ptrs(self, tensors) -> np.ndarray:
+        return np.fromiter(map(_data_ptr, tensors), dtype=np.int64, count=self.count)
+
+    def addresses_unchanged(self, params: list[torch.Tensor]) -> bool:
+        """The params still live where they did (``p.data = ...`` and ``model.to()`` move them). The
+        momentum buffers are the optimizer's own: only ``load_state_dict`` replaces them, and it
+        drops the launch."""
+        return bool((self._ptrs(params) == self.p_ptrs).all())
+
+    def check_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Gradients the kernel may walk: laid out like their params (torch already ties a .grad's
+        shape, dtype and device to its param; the strides are ours to check). Contiguous params
+        need contiguous grads, a cheaper test than comparing strides."""
+        try:
+            same = all(map(_is_contiguous, grads)) if self.contiguous else list(map(_stride, grads)) == self.strides
+        except RuntimeError:  # a sparse gradient has no strides
+            same = False
+        if not same:
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(f"fastcore5 SGD does not support sparse gradients (grads[{i}] is {g.layout})")
+                _dense_layout("grads", i, g, p)
+
+    def table_for(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        g_ptrs = self._ptrs(grads)
+        key = g_ptrs.tobytes()
+        hit = self.tables.get(key)
+        capturing = _capturing(self.device)
+        if hit is None:
+            # Every address is a multiple of the element size (the base too), so one OR over the
+            # gradient addresses tells both that their offsets are whole elements and whether all
+            # are 16-byte aligned.
+            low_bits = int(np.bitwise_or.reduce(g_ptrs)) if self.count else 0
+            if low_bits % self.itemsize:
+                raise ValueError(f"grads addresses are not multiples of the element size ({self.itemsize} bytes)")
+            align = self.align if low_bits % 16 == 0 else 1
+            host = self.host_table.copy()
+            np.add(((g_ptrs - self.base) // self.itemsize)[self.owner], self.start, out=host[:, 1])
+            table = torch.from_numpy(host)
+            if self.device.type == "cuda":
+                # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
+                # alive until the copy has run (and _kept_for_graphs keeps a captured one forever).
+                source = table.pin_memory()
+                table = source.to(self.device, non_blocking=True)
+                if capturing:
+                    _kept_for_graphs.append(source)
+            hit = self.tables[key] = (table, align)
+            if len(self.tables) > self._TABLES_KEPT:
+                self.tables.popitem(last=False)
+        else:
+            self.tables.move_to_end(key)
+        if capturing:
+            _kept_for_graphs.append(hit[0])
         return hit
-    for i, p in enumerate(params):
-        _dense_layout("params", i, p, p)
-        _dense_layout("grads", i, grads[i], p)
-        if buffers:
-            _dense_layout("momentum_buffers", i, buffers[i], p)
-    size = dtype.itemsize
-    base = p_addr[0]
-    columns = [p_addr, g_addr, b_addr if buffers else (base,) * len(params)]
-    deltas = [a - base for column in columns for a in column]
-    if any(d % size for d in deltas):
-        raise ValueError(f"tensor addresses are not multiples of the {dtype} element size apart")
-    per_vector = 16 // size if size <= 16 else 1
-    align = per_vector if all((a % 16) == 0 for column in columns for a in column) else 1
-    lengths = torch.tensor(numels, dtype=torch.int64)
-    chunks = (lengths + chunk - 1) // chunk
-    total = int(chunks.sum())
-    if total == 0:
-        result = (None, align)
-    else:
-        owner = torch.repeat_interleave(torch.arange(len(params)), chunks)
-        first_chunk = torch.cumsum(chunks, 0) - chunks
-        start = (torch.arange(total) - first_chunk[owner]) * chunk
-        offsets = torch.tensor(deltas, dtype=torch.int64).view(3, len(params)) // size
-        table = torch.empty(total, TABLE_COLUMNS, dtype=torch.int64)
-        table[:, :3] = offsets[:, owner].T + start[:, None]
-        table[:, 3] = torch.clamp(lengths[owner] - start, max=chunk)
-        if device.type == "cuda":
-            # Pinned so the copy is asynchronous; torch's host allocator keeps the pinned block
-            # alive until the copy has run.
-            table = table.pin_memory().to(device, non_blocking=True)
-        result = (table, align)
-    _tables[key] = result
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return result
+
+    def launch(self, base: torch.Tensor, grads, lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize,
+               decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag) -> None:
+        """One step over the gradients ``grads``; ``base`` is params[0] (other arguments as ``sgd_step``)."""
+        if self.rows == 0:
+            return
+        table, align = self.table_for(grads)
+        has_momentum = momentum != 0
+        lr_hi, lr_lo = _split(lr)
+        momentum_hi, momentum_lo = _split(momentum)
+        keep_hi, keep_lo = _split(1.0 - dampening)
+        wd_hi, wd_lo = _split(weight_decay)
+        _sgd_kernel[(self.rows,)](
+            base, table,
+            table if lr_tensor is None else lr_tensor,  # the table stands in for absent pointers; never read
+            table if grad_scale is None else grad_scale,
+            table if found_inf is None else found_inf,
+            table if skip_flag is None else skip_flag,
+            lr_hi, lr_lo, momentum_hi, momentum_lo, keep_hi, keep_lo, wd_hi, wd_lo,
+            LR_ON_DEVICE=lr_tensor is not None, HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, HAS_SKIP=skip_flag is not None,
+            HAS_MOMENTUM=has_momentum, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov) and has_momentum,
+            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
+            ALIGN=align, COMPUTE=tl.float64 if self.dtype == torch.float64 else tl.float32,
+            BF16=self.dtype == torch.bfloat16, BLOCK=self.block, num_warps=self.num_warps,
+        )
 
 
 def _split(x: float) -> tuple[float, float]:
     """x as an fp32 pair hi + lo (hi = x rounded to fp32), so fp64 kernels see ~48 bits of x."""
+    x = float(x)
     hi = float(np.float32(x))
     return (hi, x - hi) if math.isfinite(hi) else (x, 0.0)
 
 
-def sgd_forward(
+# (device, dtype, param and buffer addresses, lengths, strides) -> StepLaunch, least recently used
+_launches: collections.OrderedDict = collections.OrderedDict()
+_LAUNCHES_KEPT = 32
+
+
+def prepared_launch(params: list[torch.Tensor], momentum_buffers: list[torch.Tensor]) -> StepLaunch:
+    """The StepLaunch for these params and buffers, from a small cache keyed by their addresses."""
+    key = (
+        params[0].device, params[0].dtype, tuple(map(_data_ptr, params)), tuple(map(_data_ptr, momentum_buffers)),
+        tuple(map(torch.Tensor.numel, params)), tuple(map(_stride, params)),
+    )
+    launch = _launches.get(key)
+    if launch is None:
+        launch = _launches[key] = StepLaunch(params, momentum_buffers)
+        if len(_launches) > _LAUNCHES_KEPT:
+            _launches.popitem(last=False)
+    else:
+        _launches.move_to_end(key)
+    return launch
+
+
+def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     momentum_buffers: list[torch.Tensor],
@@ -270,6 +385,7 @@ def sgd_forward(
     first_step: bool,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    skip_flag: torch.Tensor | None,
 ) -> None:
     """One SGD step, in place, over tensors that share one device and one floating dtype.
 
@@ -282,6 +398,8 @@ def sgd_forward(
     grad_scale: None or a one-element float tensor on the device; grads are divided by it and the
         unscaled grads written back (as torch's fused SGD does with a GradScaler).
     found_inf: None or a one-element float tensor on the device; when nonzero nothing is written.
+    skip_flag: None or an int64 tensor on the device; when its element 0 is nonzero nothing is
+        written (fastcore5.index_errors: a bad index was seen since the last step).
     momentum == 0 means no buffers; nesterov is then ignored.
     Empty tensors are allowed. Returns None: everything happens in place.
     """
@@ -292,26 +410,8 @@ def sgd_forward(
             "under TRITON_INTERPRET=1 the SGD kernel addresses tensors by host address and needs CPU tensors; "
             f"got {params[0].device.type} tensors"
         )
-    block, chunk, num_warps = _block_sizes()
-    has_momentum = momentum != 0
-    table, align = _chunk_table(params, grads, momentum_buffers if has_momentum else [], chunk)
-    if table is None:
-        return
-    dtype = params[0].dtype
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
-    dummy = table  # stands in for absent pointer arguments; never read
-    lr_hi, lr_lo = _split(float(lr))
-    momentum_hi, momentum_lo = _split(float(momentum))
-    keep_hi, keep_lo = _split(1.0 - float(dampening))
-    wd_hi, wd_lo = _split(float(weight_decay))
-    _sgd_kernel[(table.shape[0],)](
-        params[0], table,
-        lr_tensor if lr_tensor is not None else dummy,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        lr_hi, lr_lo, momentum_hi, momentum_lo, keep_hi, keep_lo, wd_hi, wd_lo,
-        LR_ON_DEVICE=lr_tensor is not None, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        HAS_MOMENTUM=has_momentum, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov) and has_momentum,
-        MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-        ALIGN=align, COMPUTE=compute, BF16=dtype == torch.bfloat16, BLOCK=block, num_warps=num_warps,
-    )
+    buffers = list(momentum_buffers) if momentum != 0 else []
+    launch = prepared_launch(list(params), buffers)
+    launch.check_grads(params, grads)
+    launch.launch(params[0], list(grads), lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                  decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag)

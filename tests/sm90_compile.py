@@ -134,15 +134,15 @@ def _embedding_dot_bias_launches():
 
 
 def _sgd_launches():
-    from fastcore5.kernels.sgd import sgd_forward
+    from fastcore5.kernels.sgd import sgd_step
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         params = [torch.randn(5000).to(dtype), torch.randn(64).to(dtype)]
         grads, buffers = [torch.randn_like(p) for p in params], [torch.randn_like(p) for p in params]
-        sgd_forward(params, grads, buffers, None, 0.1, 0.9, 0.0, 0.01, False, False, False, False, None, None)
+        sgd_step(params, grads, buffers, None, 0.1, 0.9, 0.0, 0.01, False, False, False, False, None, None, None)
         if dtype == torch.float32:
-            sgd_forward(params, grads, buffers, torch.tensor(0.1), 0.0, 0.9, 0.1, 0.01, True, True, True, True,
-                        torch.tensor(2.0), torch.tensor(0.0))
+            sgd_step(params, grads, buffers, torch.tensor(0.1), 0.0, 0.9, 0.1, 0.01, True, True, True, True,
+                     torch.tensor(2.0), torch.tensor(0.0), torch.zeros(9, dtype=torch.int64))
 
 
 # op name -> a function that calls that op's launchers at representative dtypes and flags

@@ -69,6 +69,6 @@ def test_float64_linear_relu_on_cuda_is_not_sent_to_compiled_triton():
 def test_launcher_maps_backend_and_name_to_the_kernel_function():
     from fastcore5.kernels import sgd
 
-    assert backends.launcher("triton", "sgd", "sgd_forward") is sgd.sgd_forward
+    assert backends.launcher("triton", "sgd", "sgd_step") is sgd.sgd_step
     with pytest.raises(ValueError, match="no fused sgd kernels for backend 'torch'"):
-        backends.launcher("torch", "sgd", "sgd_forward")
+        backends.launcher("torch", "sgd", "sgd_step")

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from fastcore5 import backends, reference
-from fastcore5.kernels import sgd as sgd_kernels
 from fastcore5.ops import sgd as sgd_ops
 from fastcore5.optim import SGD, discriminative_param_groups, even_mults, lr_range
 
@@ -246,8 +245,9 @@ def test_one_cycle_lr_cycles_momentum_too():
 @pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
 def test_grad_scaler_skips_overflowed_steps_first_and_later(contiguous):
     """torch's GradScaler hands our optimizer grad_scale/found_inf (fused protocol); torch's own
-    for-loop SGD gets the classic protocol (unscale, host check, skip). Overflows on step 0 (no
-    momentum buffer exists yet) and on step 2 (buffers exist and must not change)."""
+    for-loop SGD gets the classic protocol (unscale, host check, skip). Overflows on step 0 (our
+    buffers are created zero-filled and stay zero; torch creates none, and with dampening 0 the
+    next step agrees: momentum*0 + g == g) and on step 2 (buffers exist and must not change)."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
     twin = copy.deepcopy(model)
@@ -270,9 +270,10 @@ def test_grad_scaler_skips_overflowed_steps_first_and_later(contiguous):
         assert_same(list(model.parameters()), list(twin.parameters()))
         if step in (0, 2):
             assert all(torch.equal(p.detach(), b) for p, b in zip(twin.parameters(), params_before))
-            assert {id(p): s["momentum_buffer"] for p, s in our_opt.state.items()}.keys() == buffers_before.keys()
             for p, s in our_opt.state.items():
-                assert torch.equal(s["momentum_buffer"], buffers_before[id(p)])
+                expected = buffers_before.get(id(p), torch.zeros_like(p))
+                assert torch.equal(s["momentum_buffer"], expected)
+            assert len(our_opt.state) == len(list(twin.parameters()))
         else:
             # after a taken step the grads are unscaled, as GradScaler leaves them for torch's SGD
             for p, q in zip(model.parameters(), twin.parameters()):
@@ -281,25 +282,57 @@ def test_grad_scaler_skips_overflowed_steps_first_and_later(contiguous):
     assert not hasattr(our_opt, "found_inf")  # GradScaler removes what it set
 
 
-def test_found_inf_leaves_every_tensor_bit_identical():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("flag", ["found_inf", "skip_flag"])
+@pytest.mark.parametrize("first_step", [True, False], ids=["first_step", "running"])
+def test_a_raised_flag_leaves_every_tensor_bit_identical(backend, flag, first_step):
+    """found_inf (GradScaler) and skip_flag (index errors: int64, element 0) skip everything on the
+    device, grads included; new buffers come back zero. A lowered flag steps normally."""
     ps = [torch.randn(s, dtype=torch.float32) for s in SHAPES]
     gs = [torch.randn_like(p) for p in ps]
-    bufs = [torch.randn_like(p) for p in ps]
-    before = [t.clone() for t in ps + gs + bufs]
-    sgd_ops.step_tensors(
-        ps, gs, bufs, False, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=False,
-        maximize=False, decoupled_weight_decay=False, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0),
-        backend="triton",
-    )
-    assert all(torch.equal(a, b) for a, b in zip(ps + gs + bufs, before))
-    sgd_ops.step_tensors(
-        ps, gs, bufs, False, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=False,
-        maximize=False, decoupled_weight_decay=False, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0),
-        backend="triton",
-    )
+    bufs = [None] * len(ps) if first_step else [torch.randn_like(p) for p in ps]
+    before = [t.clone() for t in ps + gs + ([] if first_step else bufs)]
+    raised = {"found_inf": torch.tensor(1.0), "skip_flag": torch.tensor([3, 1, -2, 0, 7, 0, 0, 0, 0])}[flag]
+    config = dict(lr=0.1, momentum=0.9, weight_decay=0.1, grad_scale=torch.tensor(8.0))
+    with backends.use_backend(backend):
+        new_bufs = sgd_ops.sgd_step(ps, gs, bufs, **config, **{flag: raised})
+    assert all(torch.equal(a, b) for a, b in zip(ps + gs + ([] if first_step else new_bufs), before))
+    if first_step:
+        assert all(torch.equal(b, torch.zeros_like(b)) for b in new_bufs)
+    lowered = torch.zeros_like(raised)
+    with backends.use_backend(backend):
+        sgd_ops.sgd_step(ps, gs, bufs, **config, **{flag: lowered})
     for g, g0 in zip(gs, before[len(ps): 2 * len(ps)]):
         torch.testing.assert_close(g, g0 / 8)
     assert not torch.equal(ps[0], before[0])
+
+
+def test_optimizer_skips_the_step_a_bad_index_reached(monkeypatch):
+    """fastcore5.optim.SGD asks index_errors for each device's pending flag and hands it to the
+    kernel; a raised flag leaves params and buffers alone, and raise_pending runs first."""
+    from fastcore5 import index_errors
+
+    flag = torch.zeros(9, dtype=torch.int64)
+    calls = []
+    monkeypatch.setattr(index_errors, "pending_skip_flag", lambda device: calls.append(device) or flag)
+    monkeypatch.setattr(index_errors, "raise_pending", lambda: calls.append("raise_pending"))
+    theirs, ours, torch_opt = torch_pair(lr=0.1, momentum=0.9)
+    our_opt = SGD(ours, lr=0.1, momentum=0.9)
+    for step in range(4):
+        set_grads(theirs, ours, [torch.randn_like(p) for p in theirs])
+        flag[0] = 1 if step == 2 else 0
+        before = [p.detach().clone() for p in ours], [our_opt.state[p]["momentum_buffer"].clone() for p in ours] if step else []
+        our_opt.step()
+        if step == 2:
+            assert all(torch.equal(p, b) for p, b in zip(ours, before[0]))
+            assert all(torch.equal(our_opt.state[p]["momentum_buffer"], b) for p, b in zip(ours, before[1]))
+        else:
+            torch_opt.step()
+        assert_same(theirs, ours)
+    assert calls[0] == "raise_pending" and torch.device("cpu") in calls
+    with pytest.raises(IndexError, match="users"):
+        monkeypatch.setattr(index_errors, "raise_pending", lambda: (_ for _ in ()).throw(IndexError("users: 7")))
+        our_opt.step()
 
 
 # -------------------------------------------------------------------------- contiguous mode
@@ -447,7 +480,7 @@ def test_mixed_dtypes_in_one_group_step_per_dtype():
         set_grads(theirs, ours, [torch.randn_like(p) for p in theirs])
         torch_opt.step()
         our_opt.step()
-    assert [len(launch.params) for launch in our_opt._plans[0].launches] == [1, 2, 1, 1]
+    assert [len(launch.members) for launch in our_opt._plans[0].launches] == [1, 2, 1, 1]
     for p, q in zip(theirs, ours):
         assert q.dtype == p.dtype
         tol = 1e-13 if p.dtype == F64 else (1e-5 if p.dtype == torch.float32 else 2e-2)
@@ -543,7 +576,8 @@ def test_opcheck(first_step):
     grads = [torch.randn_like(p) for p in params]
     buffers = [torch.randn_like(p) for p in params]
     args = (params, grads, buffers, None if first_step else torch.tensor(0.2), 0.1, 0.9, 0.1, 0.01,
-            False, True, not first_step, first_step, torch.tensor(4.0), torch.tensor(0.0), "triton")
+            False, True, not first_step, first_step, torch.tensor(4.0), torch.tensor(0.0),
+            torch.zeros(9, dtype=torch.int64), "triton")
     torch.library.opcheck(sgd_ops.sgd_step_op, args)
 
 
@@ -556,7 +590,7 @@ def test_custom_op_under_torch_compile_fullgraph():
     expected, expected_buffers = [p.clone() for p in params], [b.clone() for b in buffers]
 
     def step(ps, gs, bs, lr):
-        sgd_ops.sgd_step_op(ps, gs, bs, lr, 0.0, 0.9, 0.1, 0.01, False, True, False, False, None, None, "triton")
+        sgd_ops.sgd_step_op(ps, gs, bs, lr, 0.0, 0.9, 0.1, 0.01, False, True, False, False, None, None, None, "triton")
         return ps[0].sum()
 
     total = torch.compile(step, backend="aot_eager", fullgraph=True)(params, grads, buffers, torch.tensor(0.1, dtype=F64))
@@ -568,7 +602,7 @@ def test_custom_op_under_torch_compile_fullgraph():
 
 
 def test_torch_backend_follows_the_same_protocol():
-    """The "torch" backend (reference + host-side GradScaler protocol) and the Triton kernel agree."""
+    """The "torch" backend (reference + the skip protocol through torch.where) and the Triton kernel agree."""
     results = []
     for backend in ("torch", "triton"):
         torch.manual_seed(3)
@@ -586,24 +620,39 @@ def test_torch_backend_follows_the_same_protocol():
 
 def test_host_side_descriptions_are_cached():
     """The plan (which params step in which launch) is rebuilt only when the set of gradients,
-    the buffers or momentum change; the kernel's chunk table is reused while addresses repeat."""
+    the buffers, momentum or a param's address change; new gradient tensors at the addresses of
+    earlier ones reuse the kernel's chunk table; a gradient laid out unlike its param is refused."""
     ps = [torch.randn(s, dtype=F64, requires_grad=True) for s in SHAPES]
-    for p in ps:
-        p.grad = torch.randn_like(p)
+    grads = [torch.randn_like(p) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g
     opt = SGD(ps, lr=0.1, momentum=0.9)
     builds = []
     original = opt._plan
     opt._plan = lambda *a: builds.append(1) or original(*a)
     opt.step()  # builds a plan, creates buffers
     opt.step()  # rebuilds once: the buffers exist now
-    sgd_kernels._tables.clear()
+    (launch,) = opt._plans[0].launches
+    tables = launch.prepared.triton.tables
+    tables.clear()
     for _ in range(3):
+        for p, g in zip(ps, grads):
+            p.grad = g.view(g.shape)  # a new tensor object at the same address, as set_to_none gives
         opt.step()
     assert len(builds) == 2
-    assert len(sgd_kernels._tables) == 1  # same grads and buffers: one table, reused
-    ps[2].grad = None
+    assert len(tables) == 1  # same addresses: one table, reused
+    ps[0].grad = torch.randn(3, 7, dtype=F64).T
+    with pytest.raises(ValueError, match=r"grads\[0\] must be a dense tensor"):
+        opt.step()
+    ps[0].grad = torch.randn_like(ps[0])
+    ps[1].data = ps[1].detach().clone()  # the param moved: the plan must follow it
+    expected = ps[1].detach() - 0.1 * (0.9 * opt.state[ps[1]]["momentum_buffer"] + ps[1].grad)
     opt.step()
     assert len(builds) == 3
+    torch.testing.assert_close(ps[1].detach(), expected, rtol=0, atol=1e-13)
+    ps[2].grad = None
+    opt.step()
+    assert len(builds) == 4
 
 
 # ------------------------------------------------------------------------- lesson helpers
@@ -646,3 +695,245 @@ def test_discriminative_groups_and_freezing_train_only_what_they_should(contiguo
     with pytest.warns(UserWarning, match="whole model is frozen"):
         opt.freeze_to(2)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ no host sync, capture
+
+HOST_READS = ("item", "cpu", "tolist", "__float__", "__bool__", "__int__", "__index__")
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Inside the block, every way of reading a tensor's value on the host raises."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def forbid():
+        with monkeypatch.context() as m:
+            for name in HOST_READS:
+                def refuse(self, *args, _name=name, **kwargs):
+                    raise AssertionError(f"host read Tensor.{_name} inside an optimizer step")
+                m.setattr(torch.Tensor, name, refuse)
+            yield
+
+    return forbid
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
+def test_a_step_never_reads_a_device_value_on_the_host(backend, contiguous, no_host_reads):
+    """First steps (buffers created), GradScaler steps (overflowed and not), a tensor lr, the index
+    error flag and a scheduler: none of it reads a tensor's value on the host. The same run
+    without the patch is the reference."""
+    def run(forbid):
+        torch.manual_seed(5)
+        ps = [torch.randn(s, dtype=F64, requires_grad=True) for s in SHAPES]
+        opt = SGD(ps, lr=torch.tensor(0.1, dtype=F64), momentum=0.9, weight_decay=0.01, contiguous=contiguous)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for step in range(3):
+            for p in ps:
+                if contiguous:
+                    p.grad.copy_(torch.randn_like(p))
+                else:
+                    p.grad = torch.randn_like(p)
+            opt.grad_scale = torch.tensor(2.0, dtype=F64)
+            opt.found_inf = torch.tensor(1.0 if step == 0 else 0.0, dtype=F64)
+            with backends.use_backend(backend), forbid():
+                opt.step()
+            del opt.grad_scale, opt.found_inf
+            scheduler.step()
+        return ps
+
+    import contextlib
+    assert_same(run(contextlib.nullcontext), run(no_host_reads))
+
+
+def test_the_no_host_read_patch_catches_a_host_read(no_host_reads):
+    with no_host_reads(), pytest.raises(AssertionError, match="host read Tensor.__float__"):
+        float(torch.tensor(1.0))
+
+
+def test_capturable_refuses_what_cannot_be_captured():
+    p = torch.randn(4, requires_grad=True)
+    with pytest.raises(ValueError, match="capturable=True needs lr as a tensor"):
+        SGD([p], lr=0.1, capturable=True)
+    opt = SGD([p], lr=torch.tensor(0.1), capturable=True)
+    opt.param_groups[0]["lr"] = 0.2  # a float slipped in later: a replay would never see it change
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="lr as a tensor on its params' device"):
+        opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(0.2)
+    before = p.detach().clone()
+    opt.step()  # eager steps of a capturable optimizer are ordinary steps
+    torch.testing.assert_close(p.detach(), before - 0.2 * p.grad)
+
+
+def _cuda_graph_training(capturable_steps, lr_values, contiguous=False, set_to_none=False):
+    """A small MLP trained by a captured step (forward, loss, backward, optimizer step) replayed
+    with the tensor lr changed in place (as a scheduler does), next to the same run done eagerly.
+    With set_to_none the captured backward allocates new gradients in the graph's pool, so the
+    step builds its chunk table during the capture."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    eager_model = copy.deepcopy(model)
+    data = [(torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")) for _ in range(capturable_steps)]
+    config = dict(momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt = SGD(model.parameters(), lr=torch.tensor(lr_values[0], device="cuda"), capturable=True, contiguous=contiguous,
+              **config)
+    eager_opt = SGD(eager_model.parameters(), lr=torch.tensor(lr_values[0], device="cuda"), **config)
+    x_static, y_static = data[0][0].clone(), data[0][1].clone()
+
+    def train_step(net, optimizer, x, y):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        train_step(model, opt, x_static, y_static)  # warm-up: creates the momentum buffers
+    torch.cuda.current_stream().wait_stream(side)
+    train_step(eager_model, eager_opt, *data[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(model, opt, x_static, y_static)
+    for step in range(1, capturable_steps):
+        for o in (opt, eager_opt):
+            o.param_groups[0]["lr"].fill_(lr_values[step])
+        x_static.copy_(data[step][0])
+        y_static.copy_(data[step][1])
+        graph.replay()
+        train_step(eager_model, eager_opt, *data[step])
+    torch.cuda.synchronize()
+    return model, eager_model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("contiguous,set_to_none", [(False, False), (False, True), (True, False)],
+                         ids=["normal", "normal-set_to_none", "contiguous"])
+def test_cuda_graph_captured_step_replays_like_eager(contiguous, set_to_none):
+    lrs = [0.05, 0.04, 0.03, 0.02, 0.01]
+    model, eager_model = _cuda_graph_training(len(lrs), lrs, contiguous, set_to_none)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_capture_without_capturable_is_refused():
+    p = torch.randn(8, device="cuda", requires_grad=True)
+    opt = SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
+def test_training_step_has_no_sync_on_cuda(contiguous):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    opt = SGD(model.parameters(), lr=torch.tensor(0.05, device="cuda"), momentum=0.9, contiguous=contiguous)
+    scaler = torch.amp.GradScaler("cuda")
+    x, y = torch.randn(16, 32, device="cuda"), torch.randn(16, 8, device="cuda")
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # first step: buffers are created
+        opt.step()
+        opt.grad_scale = torch.tensor(4.0, device="cuda")
+        opt.found_inf = torch.tensor(1.0, device="cuda")
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        for name in ("grad_scale", "found_inf"):
+            opt.__dict__.pop(name, None)
+
+
+# ------------------------------------------------------------------ low precision contract
+
+LOW_PRECISION_CONFIGS = {
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "dampening_wd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "nesterov_wd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "decoupled": dict(lr=0.05, momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True),
+    "maximize_no_momentum": dict(lr=0.05, weight_decay=0.01, maximize=True),
+}
+
+
+def _low_precision_run(dtype, config, device, backend, steps=5, scaled=False):
+    """Our functional step and the fp32 contract reference side by side; returns both states and
+    the largest operand seen (for the tolerance)."""
+    from sgd_rounding import fp32_sgd_step
+
+    shapes = [(1,), (7,), (1031,), (33, 65), (2, 3, 5, 7)]
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    ref_params = [p.clone() for p in params]
+    buffers, ref_buffers = [None] * len(params), [None] * len(params)
+    bound = 0.0
+    for _ in range(steps):
+        grads = [torch.randn(s, device=device).to(dtype) for s in shapes]
+        scale = torch.tensor(4.0, device=device) if scaled else None
+        ref_grads = [g.clone() for g in grads]
+        with backends.use_backend(backend):
+            buffers = sgd_ops.sgd_step(params, grads, buffers, grad_scale=scale, **config)
+        ref_buffers = fp32_sgd_step(ref_params, ref_grads, ref_buffers, grad_scale=scale, **config)
+        bound = max([bound] + [t.abs().max().item() for t in ref_params + ref_grads])
+    return (params, buffers), (ref_params, ref_buffers), bound
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_CONFIGS))
+def test_low_precision_step_is_fp32_math_rounded_once(name, dtype, scaled):
+    """The contract: fp32 math, one rounding per stored value and step. The interpreter computes
+    without fused multiply-adds, so it must match the contract's reference bit for bit."""
+    from sgd_rounding import tolerance
+
+    ours, ref, bound = _low_precision_run(dtype, LOW_PRECISION_CONFIGS[name], "cpu", "triton", scaled=scaled)
+    tol = tolerance(dtype, 5, bound, exact=True)
+    for got, want in zip(ours[0] + [b for b in ours[1] if b is not None], ref[0] + [b for b in ref[1] if b is not None]):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_CONFIGS))
+def test_low_precision_step_on_gpu_within_the_derived_tolerance(name, dtype, backend):
+    from sgd_rounding import tolerance
+
+    reason = backends.unavailable_reason(backend, "sgd", torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    ours, ref, bound = _low_precision_run(dtype, LOW_PRECISION_CONFIGS[name], "cuda", backend)
+    tol = tolerance(dtype, 5, bound, exact=False)
+    for got, want in zip(ours[0] + [b for b in ours[1] if b is not None], ref[0] + [b for b in ref[1] if b is not None]):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_contract_reference_differs_from_torch_only_by_torchs_extra_roundings():
+    """The looser check against torch.optim.SGD itself: torch's bf16 SGD rounds after every op, so
+    it drifts from the fp32 contract by a few bf16 ulps per step, never more."""
+    config = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    start = [torch.randn(s).to(torch.bfloat16) for s in [(33, 5), (1031,)]]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    our_opt, torch_opt = SGD(ours, **config), torch.optim.SGD(theirs, foreach=False, **config)
+    steps = 5
+    for _ in range(steps):
+        grads = [torch.randn(p.shape).to(torch.bfloat16) for p in start]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        our_opt.step()
+        torch_opt.step()
+    bound = max(t.abs().max().item() for t in ours + theirs)
+    for p, q in zip(ours, theirs):
+        # torch rounds each of its ~4 ops per step to bf16 (half an ulp of operands up to `bound`
+        # each); ours rounds once: at most 4 bf16 ulps of drift per step, relative or of the bound
+        tol = steps * 4 * 2.0**-8
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol * bound)

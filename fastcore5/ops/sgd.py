@@ -2,43 +2,108 @@
 
 Layers, as for every op (see linear_relu.py), except that SGD has no autograd (it runs under
 no_grad and only mutates):
+  * ``SGDHyper``: the hyper-parameters of one param group, the one record every layer passes;
   * ``sgd_step_op``: ``custom_op("fastcore5::sgd_step")`` that mutates params, grads (only with a
     grad_scale: the unscaled grads are written back, as torch's fused SGD does) and the momentum
     buffers; its fake implementation returns nothing, so it traces under torch.compile;
-  * ``step_tensors``: runs one (device, dtype) group on the selected backend — the custom op for
-    "triton"/"cuda", the reference for "torch";
+  * ``PreparedStep``: what ``fastcore5.optim.SGD`` keeps per (device, dtype) group between
+    steps, calling the launcher without the dispatcher;
   * ``sgd_step``: the public functional form, mirroring ``reference.sgd_step``: it checks every
     argument (errors name it), groups the tensors by device, dtype and first-step-ness, and
     returns the momentum buffers.
 
-Launcher contract (``fastcore5.kernels.sgd.sgd_forward``; the CUDA backend's
-``torch.ops.fastcore5_cuda.sgd_forward`` must accept the same arguments, in this order):
+Launcher contract (``fastcore5.kernels.sgd.sgd_step``; the CUDA backend's
+``torch.ops.fastcore5_cuda.sgd_step`` takes the same arguments, in this order):
 
-    sgd_forward(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
-                Tensor? lr_tensor, float lr, float momentum, float dampening,
-                float weight_decay, bool nesterov, bool maximize,
-                bool decoupled_weight_decay, bool first_step,
-                Tensor? grad_scale, Tensor? found_inf) -> ()
+    sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
+             Tensor? lr_tensor, float lr, float momentum, float dampening,
+             float weight_decay, bool nesterov, bool maximize,
+             bool decoupled_weight_decay, bool first_step,
+             Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
 params[i], grads[i] and momentum_buffers[i] share shape and strides and are dense. Math in fp32
-(fp64 for fp64). momentum_buffers is [] when momentum == 0. first_step=True: the buffers'
-contents are ignored and each receives its (weight-decayed, sign-adjusted) gradient. lr_tensor,
-when given, is a 1-element tensor on the device read by the kernel (``lr`` is then ignored).
-grad_scale (1-element, on the device): grads are divided by it and the quotient written back to
-grads. found_inf (1-element, on the device): when nonzero nothing is written at all. No host
+(fp64 for fp64), one rounding to the storage dtype per stored value and step. momentum_buffers
+is [] when momentum == 0. first_step=True: the buffers' contents are ignored and each receives its
+(weight-decayed, sign-adjusted) gradient. lr_tensor, when given, is a 1-element tensor on the
+device read by the kernel (``lr`` is then ignored). grad_scale (1-element, on the device): grads
+are divided by it and the quotient written back to grads. found_inf (1-element float) and
+skip_flag (int64, element 0), on the device: when nonzero nothing is written at all. No host
 synchronisation inside.
+
+Host synchronisation: none in any step, on any backend. New momentum buffers are created
+zero-filled (a device fill) and the first-step launch writes them; when that step is skipped
+(found_inf or skip_flag) they stay zero and the next step's ``momentum*0 + (1-dampening)*g`` is
+exactly torch's first step ``buf = g`` when dampening == 0. The one deviation: with dampening != 0,
+a first step that is skipped makes the next step store ``(1-dampening)*g`` where torch (which
+never created the buffer) stores ``g``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import backends, reference
 from .._checks import FLOAT_DTYPES, check_tensor
-from ..kernels._common import poison_
 
 OP = "sgd"
+
+
+class SGDHyper(NamedTuple):
+    """One param group's hyper-parameters, as torch.optim.SGD names them (plus the decoupled decay)."""
+
+    lr: float | Tensor
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    decoupled_weight_decay: bool = False
+
+    @classmethod
+    def from_group(cls, group: dict) -> SGDHyper:
+        return cls(
+            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+            group["maximize"], group["decoupled_weight_decay"],
+        )
+
+    def check(self, read_tensor_lr: bool = True) -> None:
+        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
+        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
+        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
+        lr = self.lr
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+            if not lr.dtype.is_floating_point:
+                raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
+            if read_tensor_lr and lr < 0.0:
+                raise ValueError(f"Invalid learning rate: {lr}")
+        elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
+        elif lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if self.momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {self.momentum}")
+        if self.weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def launcher_args(self, device: torch.device) -> tuple:
+        """(lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay)
+        in the launcher contract's order and types; a tensor lr is read on ``device``."""
+        lr = self.lr
+        if isinstance(lr, Tensor):
+            lr_tensor, lr = _on(device, lr.detach()), 0.0
+        else:
+            lr_tensor, lr = None, float(lr)
+        return (
+            lr_tensor, lr, float(self.momentum), float(self.dampening), float(self.weight_decay),
+            bool(self.nesterov), bool(self.maximize), bool(self.decoupled_weight_decay),
+        )
 
 
 @torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
@@ -57,44 +122,28 @@ def sgd_step_op(
     first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    skip_flag: Tensor | None,
     backend: str,
 ) -> None:
     """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton" or "cuda".
-    Arguments as ``sgd_forward`` in the module docstring."""
-    backends.launcher(backend, OP, "sgd_forward")(
+    Arguments as the launcher contract in the module docstring."""
+    backends.launcher(backend, OP, "sgd_step")(
         params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf,
+        nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag,
     )
 
 
 @sgd_step_op.register_fake
 def _(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-      nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, backend):
+      nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag, backend):
     return None
 
 
-def check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
-    """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors)."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not lr.dtype.is_floating_point:
-            raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
-    elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
-        raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
-    if lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-
-def new_momentum_buffers(grads) -> list[Tensor]:
-    """Uninitialised buffers shaped (and strided) like ``grads``, for a first step to fill."""
-    return [poison_(torch.empty_like(g, memory_format=torch.preserve_format)) for g in grads]
+def new_momentum_buffers(params) -> list[Tensor]:
+    """Zero-filled buffers shaped (and strided) like ``params``, for a first-step launch to fill.
+    Zero, not uninitialised: a skipped first step leaves them zero, which the next step reads as
+    torch's first step (module docstring), without reading found_inf on the host."""
+    return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -104,9 +153,9 @@ def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
 _selected: dict[tuple, str] = {}
 
 
-def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
+def backend_for(device: torch.device, dtype: torch.dtype) -> str:
     """backends.select, remembered per request, device and dtype: select() costs microseconds and
-    the optimizer asks once per (device, dtype) every step. The request (use_backend /
+    the optimizer asks once per (device, dtype) every plan. The request (use_backend /
     FASTCORE5_BACKEND) and the interpreter switch are part of the key, so changing them is seen."""
     key = (backends.requested(), backends.interpreter_active(), device, dtype)
     name = _selected.get(key)
@@ -115,86 +164,88 @@ def _backend_for(device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-def step_tensors(
-    params,
-    grads,
-    momentum_buffers,
-    first_step: bool,
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    backend: str | None = None,
-    dispatch: bool = True,
-) -> None:
-    """Step one group of already-checked tensors sharing a device and dtype, in place.
+class PreparedStep:
+    """One (device, dtype) launch group of ``fastcore5.optim.SGD``, prepared once and run step after
+    step while its params and buffers stay the same tensors (the gradients may change).
 
-    ``momentum_buffers`` is a list (one per param; filled when ``first_step``) or [] without
-    momentum. ``sgd_step`` is the checked entry point; the optimizer calls this directly with its
-    cached groups and ``dispatch=False``: the launcher is then called without going through the
-    dispatcher (torch.library's Python custom-op dispatch costs about 200 us per call plus about
-    6 us per tensor in a list argument on our CPU, more than the whole step should), and the
-    version counters that the dispatcher would bump are bumped here instead, so autograd still
-    notices a param modified after it was saved for backward.
+    The launcher is called directly, not through the dispatcher: torch.library's Python custom-op
+    dispatch costs about 200 us per call plus about 6 us per tensor in a list argument on our CPU,
+    more than the whole step should. The version counters that the dispatcher would bump are
+    bumped here instead, for the params only (autograd saves params for backward, never the
+    optimizer's buffers or the gradients; a pass over 2000 tensors costs ~0.4 ms on our CPU), so
+    autograd still notices a param modified after it was saved.
     """
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    if backend is None:
-        backend = _backend_for(device, dtype)
-    momentum, weight_decay = float(momentum), float(weight_decay)
-    lr_tensor = None
-    if isinstance(lr, Tensor):
-        lr_tensor = _on(device, lr.detach().reshape(()))
-    if backend == "torch":
-        _reference_step(
-            params, grads, momentum_buffers, first_step, lr_tensor if lr_tensor is not None else float(lr),
-            momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay, grad_scale, found_inf,
-        )
-        return
-    args = (
-        list(params), list(grads), list(momentum_buffers) if momentum != 0 else [],
-        lr_tensor, 0.0 if lr_tensor is not None else float(lr), momentum, float(dampening), weight_decay,
-        bool(nesterov), bool(maximize), bool(decoupled_weight_decay), bool(first_step),
-        _on(device, grad_scale), _on(device, found_inf),
-    )
-    if dispatch:
-        sgd_step_op(*args, backend)
-        return
-    backends.launcher(backend, OP, "sgd_forward")(*args)
-    torch.autograd.graph.increment_version(args[0] + args[2] + (args[1] if grad_scale is not None else []))
+
+    __slots__ = ("backend", "triton")
+
+    def __init__(self, backend: str, params: list[Tensor], buffers: list[Tensor]):
+        self.backend = backend
+        self.triton = None
+        if backend == "triton":
+            from ..kernels.sgd import StepLaunch  # here, not at import: triton is optional
+
+            self.triton = StepLaunch(params, buffers)
+
+    def addresses_unchanged(self, params: list[Tensor]) -> bool:
+        return self.triton is None or self.triton.addresses_unchanged(params)
+
+    def check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """The Triton kernel walks memory: gradients must be laid out like their params. (The CUDA
+        op checks its arguments itself; the reference takes any layout.)"""
+        if self.triton is not None:
+            self.triton.check_grads(params, grads)
+
+    def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
+        device = params[0].device
+        grad_scale, found_inf = _on(device, grad_scale), _on(device, found_inf)
+        if self.backend == "torch":
+            _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, skip_flag)
+            return
+        args = hyper.launcher_args(device)
+        if self.triton is not None:
+            self.triton.launch(params[0], grads, *args, first_step, grad_scale, found_inf, skip_flag)
+        else:
+            torch.ops.fastcore5_cuda.sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
+        torch.autograd.graph.increment_version(params)
 
 
-def _reference_step(params, grads, buffers, first_step, lr, momentum, dampening, weight_decay, nesterov,
-                    maximize, decoupled_weight_decay, grad_scale, found_inf) -> None:
-    """The "torch" backend: reference.sgd_step plus the GradScaler protocol the kernels follow
-    (this one reads found_inf on the host)."""
-    if found_inf is not None and float(found_inf) != 0:
-        return
+def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_scale, found_inf, skip_flag) -> None:
+    """The "torch" backend: reference.sgd_step plus the skip protocol the kernels follow, without
+    a host read: with a flag, the update is computed on copies and written back through
+    ``torch.where(skip, old, new)``, so a skipped step changes nothing, grads included."""
+    skip = None
+    for flag in (found_inf, skip_flag):
+        if flag is not None:
+            raised = flag.reshape(-1)[0] != 0
+            skip = raised if skip is None else skip | raised
+    lr = hyper.lr.detach().reshape(()).to(params[0].device) if isinstance(hyper.lr, Tensor) else hyper.lr
+    targets = list(params) + list(grads) + list(buffers)
+    if skip is not None:
+        params, grads, buffers = ([t.clone() for t in ts] for ts in (params, grads, buffers))
     if grad_scale is not None:
         for g in grads:
             g.div_(grad_scale.to(g.device))
+    with_momentum = hyper.momentum != 0
     new = reference.sgd_step(
-        list(params), list(grads), [None] * len(params) if first_step or momentum == 0 else list(buffers),
-        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+        list(params), list(grads), [None] * len(params) if first_step or not with_momentum else list(buffers),
+        lr=lr, momentum=hyper.momentum, dampening=hyper.dampening, weight_decay=hyper.weight_decay,
+        nesterov=hyper.nesterov, maximize=hyper.maximize, decoupled_weight_decay=hyper.decoupled_weight_decay,
     )
-    if momentum != 0 and first_step:
+    if with_momentum and first_step:
         for buffer, value in zip(buffers, new):
             buffer.copy_(value)
+    if skip is not None:
+        for target, value in zip(targets, list(params) + list(grads) + list(buffers)):
+            target.copy_(torch.where(skip, target, value))
 
 
-def _check_scaler_tensor(name: str, t: Tensor | None) -> None:
+def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
     if t is not None:
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
-        if t.numel() != 1:
+        check_tensor(name, t, dtypes=dtypes)
+        if one_element and t.numel() != 1:
             raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
+        if t.numel() < 1:
+            raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
 
 
 def sgd_step(
@@ -211,21 +262,24 @@ def sgd_step(
     decoupled_weight_decay: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    skip_flag: Tensor | None = None,
 ) -> list[Tensor | None]:
     """torch.optim.SGD's update, fused: the functional form of ``fastcore5.optim.SGD``.
 
     Same arguments and return value as ``fastcore5.reference.sgd_step`` (a None buffer means "first
     step: the buffer becomes the gradient"; the returned list holds the buffers, new ones where
-    None was given; all None without momentum), plus the GradScaler protocol: ``grad_scale``
-    divides the grads (written back unscaled) and a nonzero ``found_inf`` skips the step,
-    buffers included. found_inf is read on the device, except when some buffer is still None:
-    then it is read once on the host to decide whether the buffer is created at all.
+    None was given; all None without momentum), plus the skip protocol: ``grad_scale`` divides the
+    grads (written back unscaled); a nonzero ``found_inf`` (1 element) or element 0 of ``skip_flag``
+    (int64) skips the step, read on the device. A skipped step still returns new buffers where None
+    was given, zero-filled (see the module docstring for what that means for the next step).
+    Never reads a device value on the host (a tensor ``lr`` is checked for its shape and dtype only).
 
     Tensors may mix devices and dtypes: each (device, dtype) group is one kernel launch (two while
     some buffers are new). Params must be dense (contiguous or channels-last) with grads and
     buffers of the same shape, dtype, device and strides; sparse and complex tensors are refused.
     """
-    check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+    hyper = SGDHyper(lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay)
+    hyper.check(read_tensor_lr=not isinstance(lr, Tensor) or lr.device.type == "cpu")
     for name, value in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
@@ -234,8 +288,9 @@ def sgd_step(
             f"params, grads and momentum_buffers must have the same length, got {len(params)}, {len(grads)} "
             f"and {len(momentum_buffers)}"
         )
-    _check_scaler_tensor("grad_scale", grad_scale)
-    _check_scaler_tensor("found_inf", found_inf)
+    _check_flag("grad_scale", grad_scale, FLOAT_DTYPES, one_element=True)
+    _check_flag("found_inf", found_inf, FLOAT_DTYPES, one_element=True)
+    _check_flag("skip_flag", skip_flag, (torch.int64,), one_element=False)
     with_momentum = momentum != 0
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
@@ -249,25 +304,24 @@ def sgd_step(
                 )
         groups.setdefault((p.device, p.dtype, with_momentum and buf is None), []).append(i)
     buffers = list(momentum_buffers) if with_momentum else [None] * len(params)
-    if any(first for _, _, first in groups) and found_inf is not None and float(found_inf) != 0:
-        return buffers  # an overflowed step creates no buffers (and the kernels would skip the rest)
-    hyper = dict(
-        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale, found_inf=found_inf,
-    )
     with torch.no_grad():
-        for (_, _, first), index in groups.items():
+        for (device, dtype, first), index in groups.items():
             ps = [params[i] for i in index]
             gs = [grads[i] for i in index]
             if not with_momentum:
                 bs = []
             elif first:
-                bs = new_momentum_buffers(gs)
+                bs = new_momentum_buffers(ps)
                 for i, b in zip(index, bs):
                     buffers[i] = b
             else:
                 bs = [buffers[i] for i in index]
-            step_tensors(ps, gs, bs, first, **hyper)
+            flags = (_on(device, grad_scale), _on(device, found_inf), _on(device, skip_flag))
+            backend = backend_for(device, dtype)
+            if backend == "torch":
+                _reference_step(ps, gs, bs, first, hyper, *flags)
+            else:
+                sgd_step_op(ps, gs, bs, *hyper.launcher_args(device), first, *flags, backend)
     return buffers
 
 
