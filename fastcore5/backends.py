@@ -179,16 +179,6 @@ def device_type(t: torch.Tensor) -> str:
     return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
 
 
-def launcher(backend: str, op: str, name: str):
-    """The kernel launcher ``name`` of ``op`` on ``backend`` (the SGD op layer still finds its
-    launcher this way; the other ops use a KernelTable)."""
-    if backend == "triton":
-        return getattr(importlib.import_module(f"fastcore5.kernels.{op}"), name)
-    if backend == "cuda":
-        return getattr(torch.ops.fastcore5_cuda, name)
-    raise ValueError(f"no fused {op} kernels for backend {backend!r}")
-
-
 class KernelTable:
     """One op's kernel launchers on each fused backend, each backend's loaded on first use.
 

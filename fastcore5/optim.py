@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import backends, index_errors
-from .ops.sgd import PreparedStep, SGDHyper, backend_for, check_param_and_grad, new_momentum_buffers
+from .ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers
 
 __all__ = ["SGD", "even_mults", "lr_range", "discriminative_param_groups"]
 
@@ -287,7 +287,7 @@ class _Flat:
             runs[current[0]].append(current[1:])
         if momentum_on and any(runs.values()) and self.flat_buffer is None:
             self.flat_buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        backend = backend_for(self.device, self.dtype)
+        backend = backends.select(OP, self.device, self.dtype)
         self.segments = {}
         for first, ranges in runs.items():
             if ranges:
@@ -528,7 +528,7 @@ class SGD(Optimizer):
             else:
                 members_local = members
             launch = _Launch(members, idx, buffers, first, None, dtensor)
-            launch.prepared = PreparedStep(backend_for(device, dtype), members_local, launch.buffers)
+            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers)
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
         plan = _Plan(missing, momentum_on, launches, _backend_request())

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
@@ -106,6 +108,20 @@ class SGDHyper(NamedTuple):
         )
 
 
+def _triton_kernels():
+    from ..kernels import sgd
+
+    return SimpleNamespace(sgd_step=sgd.sgd_step)
+
+
+def _cuda_kernels():
+    backends.cuda_extension()
+    return SimpleNamespace(sgd_step=torch.ops.fastcore5_cuda.sgd_step)
+
+
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+
+
 @torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_step_op(
     params: list[Tensor],
@@ -127,7 +143,7 @@ def sgd_step_op(
 ) -> None:
     """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton" or "cuda".
     Arguments as the launcher contract in the module docstring."""
-    backends.launcher(backend, OP, "sgd_step")(
+    KERNELS[backend].sgd_step(
         params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
         nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag,
     )
@@ -148,20 +164,6 @@ def new_momentum_buffers(params) -> list[Tensor]:
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
-
-
-_selected: dict[tuple, str] = {}
-
-
-def backend_for(device: torch.device, dtype: torch.dtype) -> str:
-    """backends.select, remembered per request, device and dtype: select() costs microseconds and
-    the optimizer asks once per (device, dtype) every plan. The request (use_backend /
-    FASTCORE5_BACKEND) and the interpreter switch are part of the key, so changing them is seen."""
-    key = (backends.requested(), backends.interpreter_active(), device, dtype)
-    name = _selected.get(key)
-    if name is None:
-        name = _selected[key] = backends.select(OP, device, dtype)
-    return name
 
 
 class PreparedStep:
@@ -205,7 +207,7 @@ class PreparedStep:
         if self.triton is not None:
             self.triton.launch(params[0], grads, *args, first_step, grad_scale, found_inf, skip_flag)
         else:
-            torch.ops.fastcore5_cuda.sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
+            KERNELS["cuda"].sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
         torch.autograd.graph.increment_version(params)
 
 
@@ -317,7 +319,7 @@ def sgd_step(
             else:
                 bs = [buffers[i] for i in index]
             flags = (_on(device, grad_scale), _on(device, found_inf), _on(device, skip_flag))
-            backend = backend_for(device, dtype)
+            backend = backends.select(OP, device, dtype)
             if backend == "torch":
                 _reference_step(ps, gs, bs, first, hyper, *flags)
             else:
