@@ -13,6 +13,8 @@
 #include <mutex>
 #include <vector>
 
+#include "errors.h"
+
 namespace fastcore5 {
 
 // Accumulation type: fp32 for every floating dtype but fp64, which keeps fp64.
@@ -28,7 +30,7 @@ void dispatch_floating(c10::ScalarType dtype, const char* what, Body&& body) {
     case c10::ScalarType::Double: body(double{}); break;
     case c10::ScalarType::Half: body(c10::Half{}); break;
     case c10::ScalarType::BFloat16: body(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+    default: fail(ArgError::kType, what, ": unsupported dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
   }
 }
 

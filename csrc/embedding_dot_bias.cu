@@ -1,8 +1,10 @@
 // EmbeddingDotBias (fastai's collaborative-filtering model) forward and backward kernels.
 //
 // Contract (preconditions guaranteed by csrc/registration.cpp and fastcore5/ops/embedding_dot_bias.py):
-//   users, items: (B,) int32 or int64, any stride, every index already checked on the host to lie
-//     in [0, rows) (so no kernel here ever sees a bad index and none asserts on the device).
+//   users, items: (B,) int32 or int64, any stride, NOT checked on the host (that would sync).
+//     Every kernel bound-checks every index it reads against the rows of its table; a sample
+//     with a bad index reads and writes nothing out of bounds and never asserts on the device:
+//     forward output NaN (and a record in index_errors), no backward contribution.
 //   u_weight (n_users, D), i_weight (n_items, D): one floating dtype T, any strides.
 //   u_bias, i_bias: one element per row at stride(0) ((n,) or (n, 1) tables).
 //   res[s] = <U[users[s]], V[items[s]]> + ub[users[s]] + ib[items[s]];
@@ -11,8 +13,9 @@
 //   grad_U[r] = sum_{s: users[s] = r} coef[s] * V[items[s]],  grad_ub[r] = sum coef[s]; same for V.
 //   atomic:        per-sample scatter into fp32 (fp64 for fp64) zero-filled accumulators, 16-byte
 //                  vector atomics on sm_90; the order of additions varies: not deterministic.
-//   deterministic: the caller sorts the indices (stable); segment_chunk_kernel + segment_carry_kernel
-//                  sum every row's samples in an order fixed by B alone: bitwise reproducible.
+//   deterministic: the caller clamps the indices into range and sorts them (stable) (a bad
+//                  sample's coef is 0); segment_chunk_kernel + segment_carry_kernel sum every
+//                  row's samples in an order fixed by B alone: bitwise reproducible.
 //   sparse:        per-sample values (nn.Embedding(sparse=True)'s COO values): no reduction.
 // Math in fp32 (fp64 for fp64 tables). All row offsets are int64 (tables may exceed 2^31 elements).
 // Work split: a group of G lanes (G a power of two <= 32, just enough lanes to cover a row with
@@ -62,6 +65,27 @@ __device__ __forceinline__ A group_sum(A value, int G) {
   return value;
 }
 
+__device__ __forceinline__ bool in_range(int64_t index, int64_t rows) {
+  return index >= 0 && index < rows;
+}
+
+// Records one sample's bad indices into index_errors (layout in fastcore5.h); lane 0 only.
+__device__ __forceinline__ void record_index_errors(long long* errors, int64_t u, int64_t i, IndexBounds bounds) {
+  const bool bad_u = !in_range(u, bounds.users), bad_i = !in_range(i, bounds.items);
+  atomicAdd(reinterpret_cast<unsigned long long*>(errors), static_cast<unsigned long long>(bad_u + bad_i));
+  const auto record = [&](long long* slots, int64_t index, int64_t rows) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(slots), 1ULL);
+    if (index < 0) {
+      atomicMin(slots + 1, static_cast<long long>(index));
+    } else {
+      atomicMax(slots + 2, static_cast<long long>(index));
+    }
+    atomicMax(slots + 3, static_cast<long long>(rows));
+  };
+  if (bad_u) record(errors + 1, u, bounds.users);
+  if (bad_i) record(errors + 5, i, bounds.items);
+}
+
 template <typename A>
 __device__ __forceinline__ A sigmoid(A x) {
   return A(1) / (A(1) + exp(-x));
@@ -100,22 +124,28 @@ __device__ __forceinline__ acc_t<T> sample_score(const TableRef<T>& U, const Tab
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T).
+// Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T): the score, or
+// NaN for a sample with a bad index, which lane 0 also records into ``errors`` (when not null).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VEC>
 __global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
-                               TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo, acc_t<T> hi,
-                               T* __restrict__ out) {
+                               TableRef<T> ib, int64_t B, int64_t D, int G, IndexBounds bounds, bool has_range,
+                               acc_t<T> lo, acc_t<T> hi, T* __restrict__ out, long long* __restrict__ errors) {
   using A = acc_t<T>;
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
   const int lane = threadIdx.x % G;
-  const bool valid = s < B;
-  const int64_t u = valid ? users[s] : 0;
-  const int64_t i = valid ? items[s] : 0;
+  const bool in_batch = s < B;
+  const int64_t u = in_batch ? users[s] : 0;
+  const int64_t i = in_batch ? items[s] : 0;
+  const bool valid = in_batch && in_range(u, bounds.users) && in_range(i, bounds.items);
   A res = sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G);
-  if (valid && lane == 0) {
+  if (!in_batch || lane != 0) return;
+  if (valid) {
     if (has_range) res = sigmoid(res) * (hi - lo) + lo;
     out[s] = static_cast<T>(res);
+  } else {
+    out[s] = static_cast<T>(NAN);
+    if (errors != nullptr) record_index_errors(errors, u, i, bounds);
   }
 }
 
@@ -126,6 +156,8 @@ __global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, Ta
 //            contiguous (n, D), grad_ub/grad_ib contiguous (n,)); each may be null (not wanted);
 //   kSparse: per-sample values in T: uw[s] = coef*V[i], iw[s] = coef*U[u] (contiguous (B, D)),
 //            ub[s] = ib[s] = coef.
+// A sample with an index outside ``bounds`` reads no row: its coef is 0, it adds nothing in
+// kAtomic and writes zeros in kSparse (its row of the COO values must still be written).
 // ---------------------------------------------------------------------------------------------
 enum Mode { kCoef = 0, kAtomic = 1, kSparse = 2 };
 
@@ -152,26 +184,32 @@ __device__ __forceinline__ void atomic_add_vec(A* dst, const A (&v)[VEC]) {
 template <typename T, int VEC, int MODE>
 __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64_t grad_stride, IndexRef users,
                                            IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
-                                           TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo,
-                                           acc_t<T> hi, acc_t<T>* __restrict__ coef_out, void* __restrict__ out_uw,
+                                           TableRef<T> ib, int64_t B, int64_t D, int G, IndexBounds bounds,
+                                           bool has_range, acc_t<T> lo, acc_t<T> hi,
+                                           acc_t<T>* __restrict__ coef_out, void* __restrict__ out_uw,
                                            void* __restrict__ out_iw, void* __restrict__ out_ub,
                                            void* __restrict__ out_ib) {
   using A = acc_t<T>;
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
   const int lane = threadIdx.x % G;
-  const bool valid = s < B;
+  const bool in_batch = s < B;
   int64_t u = 0, i = 0;
   A coef = A(0);
-  if (valid) {
+  bool valid = false;
+  if (in_batch) {
     u = users[s];
     i = items[s];
-    coef = static_cast<A>(grad_out[s * grad_stride]);
+    valid = in_range(u, bounds.users) && in_range(i, bounds.items);
+    if (valid) coef = static_cast<A>(grad_out[s * grad_stride]);
   }
   if (has_range) {  // uniform across the warp, so every lane calls the shuffling sample_score
     const A sg = sigmoid(sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G));
     coef *= (hi - lo) * sg * (A(1) - sg);
   }
-  if (!valid) return;  // no shuffles below
+  if (!in_batch) return;  // no shuffles below
+  if constexpr (MODE == kAtomic) {
+    if (!valid) return;
+  }
   if constexpr (MODE == kCoef) {
     if (lane == 0) coef_out[s] = coef;
     return;
@@ -190,11 +228,14 @@ __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64
     void* dst_table = side == 0 ? out_uw : out_iw;
     if (dst_table == nullptr) continue;
     const TableRef<T>& src = side == 0 ? V : U;
-    const T* src_row = src.row(side == 0 ? i : u);
+    const T* src_row = valid ? src.row(side == 0 ? i : u) : nullptr;
     const int64_t dst_row = MODE == kAtomic ? (side == 0 ? u : i) : s;
     for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
       A v[VEC];
-      if (VEC > 1) {
+      if (!valid) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = A(0);
+      } else if (VEC > 1) {
         const Vec<T, VEC> row = *reinterpret_cast<const Vec<T, VEC>*>(src_row + c);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) v[j] = coef * static_cast<A>(row.v[j]);
@@ -376,7 +417,7 @@ bool rows_vectorizable(std::initializer_list<const at::TensorBase*> tables, int6
 
 unsigned sample_blocks(int64_t B, int G) {
   const int64_t blocks = ceil_div(B * G, kThreads);
-  TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
+  if (blocks >= (1LL << 31)) fail(ArgError::kValue, "embedding_dot_bias: batch of ", B, " samples too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 
@@ -385,7 +426,8 @@ unsigned sample_blocks(int64_t B, int G) {
 void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::TensorBase& items,
                                      const at::TensorBase& u_weight, const at::TensorBase& i_weight,
                                      const at::TensorBase& u_bias, const at::TensorBase& i_bias, bool has_range,
-                                     double lo, double hi, const at::TensorBase& out) {
+                                     double lo, double hi, const at::TensorBase& out,
+                                     const at::TensorBase& index_errors) {
   const int64_t B = users.size(0), D = u_weight.size(1);
   if (B == 0) return;
   dispatch_floating(u_weight.scalar_type(), "embedding_dot_bias", [&](auto tag) {
@@ -396,7 +438,9 @@ void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::Tens
     const auto launch = [&](auto kernel) {
       kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
           index_ref(users), index_ref(items), table_ref<T>(u_weight), table_ref<T>(i_weight), table_ref<T>(u_bias),
-          table_ref<T>(i_bias), B, D, G, has_range, static_cast<A>(lo), static_cast<A>(hi), out.mutable_data_ptr<T>());
+          table_ref<T>(i_bias), B, D, G, IndexBounds{u_weight.size(0), i_weight.size(0)}, has_range,
+          static_cast<A>(lo), static_cast<A>(hi), out.mutable_data_ptr<T>(),
+          index_errors.defined() ? static_cast<long long*>(index_errors.mutable_data_ptr()) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vector) {
@@ -410,7 +454,8 @@ void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::Tens
 void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at::TensorBase& users,
                                         const at::TensorBase& items, const at::TensorBase& u_weight,
                                         const at::TensorBase& i_weight, const at::TensorBase& u_bias,
-                                        const at::TensorBase& i_bias, int64_t D, bool has_range, double lo, double hi,
+                                        const at::TensorBase& i_bias, int64_t D, IndexBounds bounds, bool has_range,
+                                        double lo, double hi,
                                         int mode, const at::TensorBase& coef, const at::TensorBase& out_uw,
                                         const at::TensorBase& out_iw, const at::TensorBase& out_ub,
                                         const at::TensorBase& out_ib) {
@@ -425,7 +470,7 @@ void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at
     const auto launch = [&](auto kernel) {
       kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
           grad_out.const_data_ptr<T>(), grad_out.stride(0), index_ref(users), index_ref(items), table_ref<T>(u_weight),
-          table_ref<T>(i_weight), table_ref<T>(u_bias), table_ref<T>(i_bias), B, D, G, has_range,
+          table_ref<T>(i_weight), table_ref<T>(u_bias), table_ref<T>(i_bias), B, D, G, bounds, has_range,
           static_cast<A>(lo), static_cast<A>(hi), coef.defined() ? coef.mutable_data_ptr<A>() : nullptr, ptr(out_uw),
           ptr(out_iw), ptr(out_ub), ptr(out_ib));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -435,7 +480,7 @@ void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at
       case kCoef: vector ? launch(per_sample_backward_kernel<T, V, kCoef>) : launch(per_sample_backward_kernel<T, 1, kCoef>); break;
       case kAtomic: vector ? launch(per_sample_backward_kernel<T, V, kAtomic>) : launch(per_sample_backward_kernel<T, 1, kAtomic>); break;
       case kSparse: vector ? launch(per_sample_backward_kernel<T, V, kSparse>) : launch(per_sample_backward_kernel<T, 1, kSparse>); break;
-      default: TORCH_CHECK(false, "embedding_dot_bias backward: unknown mode ", mode);
+      default: fail(ArgError::kRuntime, "embedding_dot_bias backward: unknown mode ", mode);
     }
   });
 }
@@ -462,7 +507,7 @@ void embedding_segment_reduce_cuda(const at::TensorBase& sorted_keys, const at::
     const TableRef<T> table = table_ref<T>(partner_table);
     const int64_t warps_per_block = kThreads / 32;
     const int64_t blocks = ceil_div(chunks, warps_per_block);
-    TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
+    if (blocks >= (1LL << 31)) fail(ArgError::kValue, "embedding_dot_bias backward: ", N, " samples too large for one launch");
     // The gradient rows are contiguous (grad_w is a fresh (n, D) tensor), so only the partner
     // table decides whether rows move as 16-byte vectors.
     const bool vector = grad_w.defined() && rows_vectorizable<T>({&partner_table}, D) && aligned16(grad_w_ptr);

@@ -119,7 +119,8 @@ def _own_warnings(output: str) -> list[str]:
 
 
 def test_sources_exist():
-    assert {"linear_relu.cu", "embedding_dot_bias.cu", "sgd.cu", "registration.cpp"} <= set(SOURCES)
+    assert {"linear_relu.cu", "embedding_dot_bias.cu", "sgd.cu", "linear_relu_op.cpp", "embedding_dot_bias_op.cpp",
+            "sgd_op.cpp", "registration.cpp"} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -167,7 +168,7 @@ def test_registration_declares_every_op():
     implemented = set(re.findall(r'm\.impl\("(\w+)"', text))
     from fastcore5 import _cuda_ops
 
-    expected = {"linear_relu_forward", "linear_relu_backward", "embedding_dot_bias_forward",
-                "embedding_dot_bias_backward", "sgd_forward"}
+    expected = {"linear_relu_forward", "linear_relu_backward", "linear_relu", "embedding_dot_bias_forward",
+                "embedding_dot_bias_backward", "embedding_dot_bias", "sgd_step"}
     assert defined == implemented == expected
     assert set(_cuda_ops.FAKES) == expected
