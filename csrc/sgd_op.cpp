@@ -4,7 +4,11 @@
 // through a pinned staging buffer and one asynchronous copy: the host never waits for the device.
 // Under CUDA-graph capture the captured memcpy reads the staging buffer at every replay, so a
 // staging buffer used in a capture is kept for the life of the process (a graph is replayed
-// with the tensors it was captured with, so its metadata never changes).
+// with the tensors it was captured with, so its metadata never changes). So that the capture
+// itself allocates no host memory (cudaHostAlloc, or the caching host allocator's event queries,
+// inside a capture are what CUDA may refuse), every eager call keeps one spare pinned block at
+// least as large as its metadata; the warm-up calls that torch.cuda.graph requires before a
+// capture leave the spare that the captured call then takes over.
 #include "checks.h"
 #include "fastcore5.h"
 #include "ops.h"
@@ -59,29 +63,65 @@ bool capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Staging buffers that captured graphs read at replay: never freed (one small buffer per capture).
-void keep_for_replays(const Tensor& staging) {
-  static std::mutex mutex;
-  static std::vector<Tensor>* kept = new std::vector<Tensor>();  // leaked: outlives every graph
-  const std::lock_guard<std::mutex> lock(mutex);
-  kept->push_back(staging);
+// The pinned blocks for captured copies. Blocks are never freed: a captured graph reads its block
+// at every replay, and a spare that was outgrown may be freed only with a device sync.
+struct CaptureStaging {
+  std::mutex mutex;
+  void* spare = nullptr;
+  size_t spare_bytes = 0;
+};
+
+CaptureStaging& capture_staging() {
+  static auto* staging = new CaptureStaging();  // leaked: outlives every graph
+  return *staging;
+}
+
+// Eager call: make sure a spare of at least ``bytes`` is ready for a capture.
+void keep_spare(size_t bytes) {
+  CaptureStaging& staging = capture_staging();
+  const std::lock_guard<std::mutex> lock(staging.mutex);
+  if (staging.spare_bytes >= bytes) return;
+  void* block = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&block, bytes, cudaHostAllocDefault));
+  staging.spare = block;
+  staging.spare_bytes = bytes;
+}
+
+// Captured call: the spare, now owned by the graph. Without a large enough spare (no eager call
+// of this size since the last capture took it, e.g. a second sgd_step in the same capture) a
+// block is allocated here, which CUDA permits during capture on current drivers; if it refuses,
+// C10_CUDA_CHECK raises its error and the capture fails cleanly.
+void* capture_block(size_t bytes) {
+  CaptureStaging& staging = capture_staging();
+  const std::lock_guard<std::mutex> lock(staging.mutex);
+  if (staging.spare_bytes >= bytes) {
+    void* block = staging.spare;
+    staging.spare = nullptr;
+    staging.spare_bytes = 0;
+    return block;
+  }
+  void* block = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&block, bytes, cudaHostAllocDefault));
+  return block;
 }
 
 // The metadata on the device, copied asynchronously from pinned memory.
 Tensor stage_metadata(const std::vector<int64_t>& layout, const c10::Device& device) {
   const int64_t n = static_cast<int64_t>(layout.size());
-  Tensor staging = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(staging.data_ptr<int64_t>(), layout.data(), layout.size() * sizeof(int64_t));
+  const size_t bytes = layout.size() * sizeof(int64_t);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   if (!capturing(stream)) {
+    keep_spare(bytes);
+    Tensor staging = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    std::memcpy(staging.data_ptr<int64_t>(), layout.data(), bytes);
     // copy_ records the copy on the pinned block, so the caching host allocator does not hand
     // the block out again before the copy has read it.
     return staging.to(device, /*non_blocking=*/true);
   }
+  void* block = capture_block(bytes);
+  std::memcpy(block, layout.data(), bytes);
   Tensor metadata = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
-  C10_CUDA_CHECK(cudaMemcpyAsync(metadata.data_ptr(), staging.data_ptr(), layout.size() * sizeof(int64_t),
-                                 cudaMemcpyHostToDevice, stream));
-  keep_for_replays(staging);
+  C10_CUDA_CHECK(cudaMemcpyAsync(metadata.data_ptr(), block, bytes, cudaMemcpyHostToDevice, stream));
   return metadata;
 }
 

@@ -362,7 +362,7 @@ def test_embedding_dot_bias_opcheck():
     )
     params = [t.clone().requires_grad_() for t in tables]
     torch.library.opcheck(ops.embedding_dot_bias.default, (users, items, *params, None, None, False, errors))
-    torch.library.opcheck(ops.embedding_dot_bias.default, (users, items, *params, 0.0, 5.0, True, None))
+    torch.library.opcheck(ops.embedding_dot_bias.default, (users, items, *params, 0.0, 5.0, False, None))
 
 
 # ---------------------------------------------------------------------------------------------
