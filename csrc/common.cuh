@@ -49,6 +49,11 @@ __host__ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// Threads per block of the elementwise, per-sample and SGD kernels: 8 warps, small enough for
+// several resident blocks per SM (latency hiding across blocks) and a multiple of every group
+// size G <= 32 the EmbeddingDotBias kernels use.
+constexpr int kThreadsPerBlock = 256;
+
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }

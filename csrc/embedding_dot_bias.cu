@@ -28,7 +28,7 @@
 namespace fastcore5 {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kThreadsPerBlock;
 
 // An index vector of either integer width, read at any stride.
 struct IndexRef {

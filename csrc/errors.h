@@ -1,14 +1,16 @@
 // How the C++ backend raises errors: one named Python exception (TypeError, ValueError,
 // IndexError or RuntimeError) per failure, its message naming the op and the argument.
 //
-// Why not TORCH_CHECK_VALUE(cond, op, ": ", name, n, ...): on the H200 (torch 2.11, extension
-// built by g++ 13 and nvcc 13) the checks whose message streamed an integer through c10::str's
-// std::ostringstream crashed the Python process, while the checks whose message held only strings
-// (ScalarType streams as a string) reached Python intact. So messages are built here with
-// std::string appends and std::to_string (no iostreams, no c10::str template instantiated in
-// this library, so none is shared between g++- and nvcc-compiled objects), and thrown from one
-// non-inline function, throw_argument_error (registration.cpp), which constructs the c10
-// exception type that torch's Python layer maps to the named Python exception.
+// Why not TORCH_CHECK_VALUE(cond, op, ": ", name, n, ...) as before: on the H200 (torch 2.11, the
+// extension built by g++ 13 and nvcc 13) the two checks that killed the process both streamed an
+// integer through c10::str's std::ostringstream, while the three that reached Python intact held
+// only strings (ScalarType streams as a string). The crash could not be reproduced without a GPU
+// (the same registration pattern built with g++ 12 against torch 2.13 raises correctly), so this
+// file removes every ingredient the crashing checks had and the working ones lacked: messages are
+// built with std::string appends and std::to_string (no iostreams, and no c10::str template
+// instantiated here, where g++- and nvcc-compiled objects would share one weak definition), and
+// thrown from one non-inline function, throw_argument_error (registration.cpp), which constructs
+// the c10 exception type that torch's Python layer maps to the named Python exception.
 #pragma once
 
 #include <c10/core/Device.h>

@@ -336,7 +336,7 @@ void launch_bias_relu(const at::TensorBase& out, const at::TensorBase& bias) {
   const T* bias_ptr = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   constexpr int V = vec16<T>();
   const bool vector = cols % V == 0 && aligned16(out_ptr);
-  const int threads = 256;
+  const int threads = kThreadsPerBlock;
   const int64_t work = rows * (vector ? cols / V : cols);
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, threads), 32LL * sm_count()));
   if (vector) {
@@ -377,7 +377,7 @@ void launch_relu_mask_bias(const at::TensorBase& grad_out, const at::TensorBase&
       partial, rows, cols, rows_per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (grad_bias.defined()) {
-    const int threads = 256;
+    const int threads = kThreadsPerBlock;
     bias_grad_finish_kernel<T><<<static_cast<unsigned>(ceil_div(cols, threads)), threads, 0, current_stream()>>>(
         partial, grad_bias.mutable_data_ptr<T>(), cols, used_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

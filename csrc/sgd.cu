@@ -29,32 +29,32 @@
 namespace fastcore5 {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kThreadsPerBlock;
 constexpr int64_t kChunk = 16384;  // elements per block: 64 KiB of fp32 params
 
 // A one-element scalar of any floating dtype, read on the device.
 struct ScalarRef {
   const void* ptr;
-  int dtype;  // 0 float, 1 double, 2 half, 3 bfloat16
+  enum Dtype { kFloat, kDouble, kHalf, kBFloat16 } dtype;  // c10::ScalarType is not usable on the device
   template <typename A>
   __device__ __forceinline__ A load() const {
     switch (dtype) {
-      case 1: return static_cast<A>(*static_cast<const double*>(ptr));
-      case 2: return static_cast<A>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
-      case 3: return static_cast<A>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
+      case kDouble: return static_cast<A>(*static_cast<const double*>(ptr));
+      case kHalf: return static_cast<A>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
+      case kBFloat16: return static_cast<A>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
       default: return static_cast<A>(*static_cast<const float*>(ptr));
     }
   }
 };
 
 ScalarRef scalar_ref(const at::TensorBase& t) {
-  if (!t.defined()) return ScalarRef{nullptr, 0};
-  int code = 0;
+  if (!t.defined()) return ScalarRef{nullptr, ScalarRef::kFloat};
+  ScalarRef::Dtype code = ScalarRef::kFloat;
   switch (t.scalar_type()) {
-    case c10::ScalarType::Float: code = 0; break;
-    case c10::ScalarType::Double: code = 1; break;
-    case c10::ScalarType::Half: code = 2; break;
-    case c10::ScalarType::BFloat16: code = 3; break;
+    case c10::ScalarType::Float: code = ScalarRef::kFloat; break;
+    case c10::ScalarType::Double: code = ScalarRef::kDouble; break;
+    case c10::ScalarType::Half: code = ScalarRef::kHalf; break;
+    case c10::ScalarType::BFloat16: code = ScalarRef::kBFloat16; break;
     default: fail(ArgError::kType, "sgd: scalar tensors must be floating point, got ", t.scalar_type());
   }
   return ScalarRef{t.const_data_ptr(), code};

@@ -1,6 +1,7 @@
 """Fake (meta) implementations of the CUDA C++ ops in torch.ops.fastcore5_cuda.
 
-The ops themselves are defined in C++ (csrc/registration.cpp) and exist only once the optional
+The ops themselves are defined in C++ (schemas in csrc/registration.cpp, implementations in
+csrc/*_op.cpp) and exist only once the optional
 extension fastcore5._C is loaded. ``register()`` registers the fakes; it runs when this module is
 imported with the ops present, which ``fastcore5.backends.cuda_extension()`` does right after it
 loads the extension. The C++ library names this module (``m.set_python_module``): torch requires

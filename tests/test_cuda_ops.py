@@ -436,3 +436,39 @@ def test_sgd_step_in_a_cuda_graph_replays_like_eager():
     graph.replay()
     for t, f in zip(params, frozen):
         assert torch.equal(t, f), "the captured step must honour skip_flag at replay"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile over the autograd ops (the C++ Autograd kernel traced on fake tensors)
+# ---------------------------------------------------------------------------------------------
+
+def _grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out)
+    return out.detach(), grads
+
+
+def test_autograd_ops_under_torch_compile_match_eager():
+    ops = cuda_ops()
+    x, w, b = _linear(64, 48, 32, torch.float32)
+
+    def linear(x, w, b):
+        return ops.linear_relu(x, w, b, False)
+
+    grad_out = torch.randn(64, 32, device="cuda")
+    eager = _grads_of(linear, (x, w, b), grad_out)
+    compiled = _grads_of(torch.compile(linear, fullgraph=True), (x, w, b), grad_out)
+    for e, c in zip((eager[0], *eager[1]), (compiled[0], *compiled[1])):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+    users, items, tables = _collab(40, 30, 8, 50, torch.float32)
+
+    def edb(U, V, ub, ib):
+        return ops.embedding_dot_bias(users, items, U, V, ub, ib, 1.0, 5.0, False, None)
+
+    grad_out = torch.randn(50, device="cuda")
+    eager = _grads_of(edb, tables, grad_out)
+    compiled = _grads_of(torch.compile(edb, fullgraph=True), tables, grad_out)
+    for e, c in zip((eager[0], *eager[1]), (compiled[0], *compiled[1])):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
