@@ -13,6 +13,8 @@
 #include <mutex>
 #include <vector>
 
+#include "errors.h"
+
 namespace fastcore5 {
 
 // Accumulation type: fp32 for every floating dtype but fp64, which keeps fp64.
@@ -28,7 +30,7 @@ void dispatch_floating(c10::ScalarType dtype, const char* what, Body&& body) {
     case c10::ScalarType::Double: body(double{}); break;
     case c10::ScalarType::Half: body(c10::Half{}); break;
     case c10::ScalarType::BFloat16: body(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
+    default: fail(ArgError::kType, what, ": unsupported dtype ", dtype, "; expected float32, float64, float16 or bfloat16");
   }
 }
 
@@ -46,6 +48,11 @@ constexpr int vec16() {
 __host__ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
+
+// Threads per block of the elementwise, per-sample and SGD kernels: 8 warps, small enough for
+// several resident blocks per SM (latency hiding across blocks) and a multiple of every group
+// size G <= 32 the EmbeddingDotBias kernels use.
+constexpr int kThreadsPerBlock = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;

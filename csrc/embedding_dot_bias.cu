@@ -1,8 +1,10 @@
 // EmbeddingDotBias (fastai's collaborative-filtering model) forward and backward kernels.
 //
 // Contract (preconditions guaranteed by csrc/registration.cpp and fastcore5/ops/embedding_dot_bias.py):
-//   users, items: (B,) int32 or int64, any stride, every index already checked on the host to lie
-//     in [0, rows) (so no kernel here ever sees a bad index and none asserts on the device).
+//   users, items: (B,) int32 or int64, any stride, NOT checked on the host (that would sync).
+//     Every kernel bound-checks every index it reads against the rows of its table; a sample
+//     with a bad index reads and writes nothing out of bounds and never asserts on the device:
+//     forward output NaN (and a record in index_errors), no backward contribution.
 //   u_weight (n_users, D), i_weight (n_items, D): one floating dtype T, any strides.
 //   u_bias, i_bias: one element per row at stride(0) ((n,) or (n, 1) tables).
 //   res[s] = <U[users[s]], V[items[s]]> + ub[users[s]] + ib[items[s]];
@@ -11,55 +13,48 @@
 //   grad_U[r] = sum_{s: users[s] = r} coef[s] * V[items[s]],  grad_ub[r] = sum coef[s]; same for V.
 //   atomic:        per-sample scatter into fp32 (fp64 for fp64) zero-filled accumulators, 16-byte
 //                  vector atomics on sm_90; the order of additions varies: not deterministic.
-//   deterministic: the caller sorts the indices (stable); segment_chunk_kernel + segment_carry_kernel
-//                  sum every row's samples in an order fixed by B alone: bitwise reproducible.
+//   deterministic: per-sample coefficients here (kCoef, 0 for a bad sample); the caller clamps
+//                  the indices into range, sorts them (stable) and sums every row's samples in
+//                  an order fixed by B alone (csrc/embedding_segment_reduce.cu): bitwise reproducible.
 //   sparse:        per-sample values (nn.Embedding(sparse=True)'s COO values): no reduction.
 // Math in fp32 (fp64 for fp64 tables). All row offsets are int64 (tables may exceed 2^31 elements).
 // Work split: a group of G lanes (G a power of two <= 32, just enough lanes to cover a row with
 // one 16-byte access each) handles one sample, so for D = 64 in bf16 a warp serves 4 samples.
 #include "common.cuh"
+#include "embedding_rows.cuh"
 #include "fastcore5.h"
-
-#include <c10/cuda/CUDACachingAllocator.h>
 
 namespace fastcore5 {
 namespace {
 
-constexpr int kThreads = 256;
-
-// An index vector of either integer width, read at any stride.
-struct IndexRef {
-  const void* ptr;
-  int64_t stride;
-  bool wide;
-  __device__ __forceinline__ int64_t operator[](int64_t s) const {
-    return wide ? static_cast<const int64_t*>(ptr)[s * stride]
-                : static_cast<int64_t>(static_cast<const int32_t*>(ptr)[s * stride]);
-  }
-};
-
-IndexRef index_ref(const at::TensorBase& t) {
-  return IndexRef{t.const_data_ptr(), t.stride(0), t.scalar_type() == c10::ScalarType::Long};
-}
-
-template <typename T>
-struct TableRef {
-  const T* ptr;
-  int64_t row_stride, col_stride;
-  __device__ __forceinline__ const T* row(int64_t r) const { return ptr + r * row_stride; }
-};
-
-template <typename T>
-TableRef<T> table_ref(const at::TensorBase& t) {
-  if (!t.defined()) return TableRef<T>{nullptr, 0, 0};
-  return TableRef<T>{t.const_data_ptr<T>(), t.stride(0), t.dim() > 1 ? t.stride(1) : 1};
-}
+constexpr int kThreads = kThreadsPerBlock;
 
 // Sum over the G lanes of a group (G a power of two); every lane of the warp must call it.
 template <typename A>
 __device__ __forceinline__ A group_sum(A value, int G) {
   for (int offset = G / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset, G);
   return value;
+}
+
+__device__ __forceinline__ bool in_range(int64_t index, int64_t rows) {
+  return index >= 0 && index < rows;
+}
+
+// Records one sample's bad indices into index_errors (layout in fastcore5.h); lane 0 only.
+__device__ __forceinline__ void record_index_errors(long long* errors, int64_t u, int64_t i, IndexBounds bounds) {
+  const bool bad_u = !in_range(u, bounds.users), bad_i = !in_range(i, bounds.items);
+  atomicAdd(reinterpret_cast<unsigned long long*>(errors), static_cast<unsigned long long>(bad_u + bad_i));
+  const auto record = [&](long long* slots, int64_t index, int64_t rows) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(slots), 1ULL);
+    if (index < 0) {
+      atomicMin(slots + 1, static_cast<long long>(index));
+    } else {
+      atomicMax(slots + 2, static_cast<long long>(index));
+    }
+    atomicMax(slots + 3, static_cast<long long>(rows));
+  };
+  if (bad_u) record(errors + 1, u, bounds.users);
+  if (bad_i) record(errors + 5, i, bounds.items);
 }
 
 template <typename A>
@@ -100,22 +95,28 @@ __device__ __forceinline__ acc_t<T> sample_score(const TableRef<T>& U, const Tab
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T).
+// Forward: one group of G lanes per sample; writes out[s] (contiguous, dtype T): the score, or
+// NaN for a sample with a bad index, which lane 0 also records into ``errors`` (when not null).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VEC>
 __global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
-                               TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo, acc_t<T> hi,
-                               T* __restrict__ out) {
+                               TableRef<T> ib, int64_t B, int64_t D, int G, IndexBounds bounds, bool has_range,
+                               acc_t<T> lo, acc_t<T> hi, T* __restrict__ out, long long* __restrict__ errors) {
   using A = acc_t<T>;
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
   const int lane = threadIdx.x % G;
-  const bool valid = s < B;
-  const int64_t u = valid ? users[s] : 0;
-  const int64_t i = valid ? items[s] : 0;
+  const bool in_batch = s < B;
+  const int64_t u = in_batch ? users[s] : 0;
+  const int64_t i = in_batch ? items[s] : 0;
+  const bool valid = in_batch && in_range(u, bounds.users) && in_range(i, bounds.items);
   A res = sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G);
-  if (valid && lane == 0) {
+  if (!in_batch || lane != 0) return;
+  if (valid) {
     if (has_range) res = sigmoid(res) * (hi - lo) + lo;
     out[s] = static_cast<T>(res);
+  } else {
+    out[s] = static_cast<T>(NAN);
+    if (errors != nullptr) record_index_errors(errors, u, i, bounds);
   }
 }
 
@@ -126,6 +127,8 @@ __global__ void forward_kernel(IndexRef users, IndexRef items, TableRef<T> U, Ta
 //            contiguous (n, D), grad_ub/grad_ib contiguous (n,)); each may be null (not wanted);
 //   kSparse: per-sample values in T: uw[s] = coef*V[i], iw[s] = coef*U[u] (contiguous (B, D)),
 //            ub[s] = ib[s] = coef.
+// A sample with an index outside ``bounds`` reads no row: its coef is 0, it adds nothing in
+// kAtomic and writes zeros in kSparse (its row of the COO values must still be written).
 // ---------------------------------------------------------------------------------------------
 enum Mode { kCoef = 0, kAtomic = 1, kSparse = 2 };
 
@@ -152,26 +155,32 @@ __device__ __forceinline__ void atomic_add_vec(A* dst, const A (&v)[VEC]) {
 template <typename T, int VEC, int MODE>
 __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64_t grad_stride, IndexRef users,
                                            IndexRef items, TableRef<T> U, TableRef<T> V, TableRef<T> ub,
-                                           TableRef<T> ib, int64_t B, int64_t D, int G, bool has_range, acc_t<T> lo,
-                                           acc_t<T> hi, acc_t<T>* __restrict__ coef_out, void* __restrict__ out_uw,
+                                           TableRef<T> ib, int64_t B, int64_t D, int G, IndexBounds bounds,
+                                           bool has_range, acc_t<T> lo, acc_t<T> hi,
+                                           acc_t<T>* __restrict__ coef_out, void* __restrict__ out_uw,
                                            void* __restrict__ out_iw, void* __restrict__ out_ub,
                                            void* __restrict__ out_ib) {
   using A = acc_t<T>;
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
   const int lane = threadIdx.x % G;
-  const bool valid = s < B;
+  const bool in_batch = s < B;
   int64_t u = 0, i = 0;
   A coef = A(0);
-  if (valid) {
+  bool valid = false;
+  if (in_batch) {
     u = users[s];
     i = items[s];
-    coef = static_cast<A>(grad_out[s * grad_stride]);
+    valid = in_range(u, bounds.users) && in_range(i, bounds.items);
+    if (valid) coef = static_cast<A>(grad_out[s * grad_stride]);
   }
   if (has_range) {  // uniform across the warp, so every lane calls the shuffling sample_score
     const A sg = sigmoid(sample_score<T, VEC>(U, V, ub, ib, u, i, valid, D, lane, G));
     coef *= (hi - lo) * sg * (A(1) - sg);
   }
-  if (!valid) return;  // no shuffles below
+  if (!in_batch) return;  // no shuffles below
+  if constexpr (MODE == kAtomic) {
+    if (!valid) return;
+  }
   if constexpr (MODE == kCoef) {
     if (lane == 0) coef_out[s] = coef;
     return;
@@ -190,11 +199,14 @@ __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64
     void* dst_table = side == 0 ? out_uw : out_iw;
     if (dst_table == nullptr) continue;
     const TableRef<T>& src = side == 0 ? V : U;
-    const T* src_row = src.row(side == 0 ? i : u);
+    const T* src_row = valid ? src.row(side == 0 ? i : u) : nullptr;
     const int64_t dst_row = MODE == kAtomic ? (side == 0 ? u : i) : s;
     for (int64_t c = static_cast<int64_t>(lane) * VEC; c < D; c += static_cast<int64_t>(G) * VEC) {
       A v[VEC];
-      if (VEC > 1) {
+      if (!valid) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = A(0);
+      } else if (VEC > 1) {
         const Vec<T, VEC> row = *reinterpret_cast<const Vec<T, VEC>*>(src_row + c);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) v[j] = coef * static_cast<A>(row.v[j]);
@@ -214,142 +226,6 @@ __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic segment reduction over the sorted keys of one table.
-//
-// The sorted sequence (N entries: key = row, order = sample) is cut into chunks of kChunk
-// entries, one warp each. Inside a chunk the warp walks the entries in order; each run of equal
-// keys (a "piece") is summed in fp32 registers, lanes spanning the D columns (32*VEC per column
-// tile). A piece that is its row's whole segment is stored straight into the gradient row (its
-// only writer). A piece cut by a chunk boundary goes to a scratch slot: ``head`` if its segment
-// began in an earlier chunk, else ``tail``. segment_carry_kernel then lets the chunk where each
-// cut segment begins add its tail and the following chunks' heads, in chunk order, and store the
-// row. Every sum runs in an order fixed by N and kChunk: bitwise identical from run to run.
-// Scratch rows are D + 1 wide; column D carries the bias sum.
-// ---------------------------------------------------------------------------------------------
-constexpr int kChunk = 32;
-
-struct SegmentArgs {
-  IndexRef keys;           // sorted rows (N,)
-  const int64_t* order;    // sample of each sorted entry (N,)
-  int64_t N, D;
-  IndexRef partners;       // the other table's index per sample (B,)
-};
-
-template <typename T, int VEC>
-__global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restrict__ coef, TableRef<T> partner_table,
-                                     T* __restrict__ grad_w, T* __restrict__ grad_b, acc_t<T>* __restrict__ head,
-                                     acc_t<T>* __restrict__ tail) {
-  using A = acc_t<T>;
-  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t begin = chunk * kChunk;
-  if (begin >= args.N) return;  // whole warps exit together
-  const int64_t end = min(args.N, begin + kChunk);
-  const int64_t D = args.D;
-  // Lane l fetches entry begin + l once; the walk below broadcasts it (kChunk == 32 lanes).
-  int64_t my_key = -1, my_partner = 0;
-  A my_coef = A(0);
-  if (begin + lane < end) {
-    my_key = args.keys[begin + lane];
-    const int64_t sample = args.order[begin + lane];
-    my_coef = coef[sample];
-    if (grad_w != nullptr) my_partner = args.partners[sample];
-  }
-  const int64_t key_before = begin > 0 ? args.keys[begin - 1] : -1;
-  const int64_t key_after = end < args.N ? args.keys[end] : -1;
-  const int64_t width = D + 1;
-  const int64_t col_extent = grad_w != nullptr ? D : 1;  // one pass for the bias alone
-  for (int64_t col0 = 0; col0 < col_extent; col0 += 32 * VEC) {
-    const int64_t c = col0 + static_cast<int64_t>(lane) * VEC;
-    const bool has_cols = grad_w != nullptr && c < D;
-    A acc[VEC];
-    A bias_acc = A(0);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = A(0);
-    int piece_begin = 0;
-    const int count = static_cast<int>(end - begin);
-    for (int e = 0; e < count; ++e) {
-      const int64_t key = __shfl_sync(0xffffffffu, my_key, e);
-      const A cf = __shfl_sync(0xffffffffu, my_coef, e);
-      const int64_t partner = __shfl_sync(0xffffffffu, my_partner, e);
-      if (has_cols) {
-        const T* row = partner_table.row(partner);
-        if (VEC > 1) {
-          const Vec<T, VEC> r = *reinterpret_cast<const Vec<T, VEC>*>(row + c);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) acc[j] += cf * static_cast<A>(r.v[j]);
-        } else {
-          acc[0] += cf * static_cast<A>(row[c * partner_table.col_stride]);
-        }
-      }
-      bias_acc += cf;
-      const bool last_of_piece = e + 1 == count || __shfl_sync(0xffffffffu, my_key, e + 1) != key;
-      if (!last_of_piece) continue;
-      const bool starts_before = piece_begin == 0 && key_before == key;
-      const bool continues_after = e + 1 == count && key_after == key;
-      A* slot = nullptr;
-      if (starts_before) {
-        slot = head + chunk * width;
-      } else if (continues_after) {
-        slot = tail + chunk * width;
-      }
-      if (has_cols) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          if (slot != nullptr) {
-            slot[c + j] = acc[j];
-          } else {
-            grad_w[key * D + c + j] = static_cast<T>(acc[j]);
-          }
-          acc[j] = A(0);
-        }
-      }
-      if (col0 == 0 && lane == 0 && grad_b != nullptr) {
-        if (slot != nullptr) {
-          slot[D] = bias_acc;
-        } else {
-          grad_b[key] = static_cast<T>(bias_acc);
-        }
-      }
-      bias_acc = A(0);
-      piece_begin = e + 1;
-    }
-  }
-}
-
-// One warp per chunk; the warp of the chunk where a cut segment begins finishes that segment.
-template <typename T>
-__global__ void segment_carry_kernel(SegmentArgs args, T* __restrict__ grad_w, T* __restrict__ grad_b,
-                                     const acc_t<T>* __restrict__ head, const acc_t<T>* __restrict__ tail) {
-  using A = acc_t<T>;
-  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t chunks = (args.N + kChunk - 1) / kChunk;
-  if (chunk >= chunks) return;
-  const int64_t begin = chunk * kChunk;
-  const int64_t end = min(args.N, begin + kChunk);
-  const int64_t key = args.keys[end - 1];
-  const bool continues_after = end < args.N && args.keys[end] == key;
-  const bool starts_before = begin > 0 && args.keys[begin] == key && args.keys[begin - 1] == key;
-  if (!continues_after || starts_before) return;
-  // Chunks chunk+1 .. last hold the head pieces of this segment; the last is where it stops.
-  int64_t last = chunk + 1;
-  while ((last + 1) * kChunk < args.N && args.keys[(last + 1) * kChunk] == key) ++last;
-  const int64_t D = args.D, width = D + 1;
-  const int64_t col_extent = grad_w != nullptr ? D : 0;
-  for (int64_t c = lane; c < col_extent; c += 32) {
-    A sum = tail[chunk * width + c];
-    for (int64_t k = chunk + 1; k <= last; ++k) sum += head[k * width + c];
-    grad_w[key * D + c] = static_cast<T>(sum);
-  }
-  if (grad_b != nullptr && lane == 0) {
-    A sum = tail[chunk * width + D];
-    for (int64_t k = chunk + 1; k <= last; ++k) sum += head[k * width + D];
-    grad_b[key] = static_cast<T>(sum);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
 
@@ -361,22 +237,10 @@ int group_size(int64_t D, int vec) {
   return G;
 }
 
-// 16-byte row accesses need unit column stride, D and the row stride multiples of VEC, an
-// aligned base; checked for every table the kernel reads rows of.
-template <typename T>
-bool rows_vectorizable(std::initializer_list<const at::TensorBase*> tables, int64_t D) {
-  constexpr int V = vec16<T>();
-  if (V == 1 || D % V != 0) return false;
-  for (const at::TensorBase* t : tables) {
-    if (!t->defined()) continue;
-    if (t->stride(1) != 1 || t->stride(0) % V != 0 || !aligned16(t->const_data_ptr())) return false;
-  }
-  return true;
-}
 
 unsigned sample_blocks(int64_t B, int G) {
   const int64_t blocks = ceil_div(B * G, kThreads);
-  TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
+  if (blocks >= (1LL << 31)) fail(ArgError::kValue, "embedding_dot_bias: batch of ", B, " samples too large for one launch");
   return static_cast<unsigned>(blocks);
 }
 
@@ -385,7 +249,8 @@ unsigned sample_blocks(int64_t B, int G) {
 void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::TensorBase& items,
                                      const at::TensorBase& u_weight, const at::TensorBase& i_weight,
                                      const at::TensorBase& u_bias, const at::TensorBase& i_bias, bool has_range,
-                                     double lo, double hi, const at::TensorBase& out) {
+                                     double lo, double hi, const at::TensorBase& out,
+                                     const at::TensorBase& index_errors) {
   const int64_t B = users.size(0), D = u_weight.size(1);
   if (B == 0) return;
   dispatch_floating(u_weight.scalar_type(), "embedding_dot_bias", [&](auto tag) {
@@ -396,7 +261,9 @@ void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::Tens
     const auto launch = [&](auto kernel) {
       kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
           index_ref(users), index_ref(items), table_ref<T>(u_weight), table_ref<T>(i_weight), table_ref<T>(u_bias),
-          table_ref<T>(i_bias), B, D, G, has_range, static_cast<A>(lo), static_cast<A>(hi), out.mutable_data_ptr<T>());
+          table_ref<T>(i_bias), B, D, G, IndexBounds{u_weight.size(0), i_weight.size(0)}, has_range,
+          static_cast<A>(lo), static_cast<A>(hi), out.mutable_data_ptr<T>(),
+          index_errors.defined() ? static_cast<long long*>(index_errors.mutable_data_ptr()) : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vector) {
@@ -410,7 +277,8 @@ void embedding_dot_bias_forward_cuda(const at::TensorBase& users, const at::Tens
 void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at::TensorBase& users,
                                         const at::TensorBase& items, const at::TensorBase& u_weight,
                                         const at::TensorBase& i_weight, const at::TensorBase& u_bias,
-                                        const at::TensorBase& i_bias, int64_t D, bool has_range, double lo, double hi,
+                                        const at::TensorBase& i_bias, int64_t D, IndexBounds bounds, bool has_range,
+                                        double lo, double hi,
                                         int mode, const at::TensorBase& coef, const at::TensorBase& out_uw,
                                         const at::TensorBase& out_iw, const at::TensorBase& out_ub,
                                         const at::TensorBase& out_ib) {
@@ -425,7 +293,7 @@ void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at
     const auto launch = [&](auto kernel) {
       kernel<<<sample_blocks(B, G), kThreads, 0, current_stream()>>>(
           grad_out.const_data_ptr<T>(), grad_out.stride(0), index_ref(users), index_ref(items), table_ref<T>(u_weight),
-          table_ref<T>(i_weight), table_ref<T>(u_bias), table_ref<T>(i_bias), B, D, G, has_range,
+          table_ref<T>(i_weight), table_ref<T>(u_bias), table_ref<T>(i_bias), B, D, G, bounds, has_range,
           static_cast<A>(lo), static_cast<A>(hi), coef.defined() ? coef.mutable_data_ptr<A>() : nullptr, ptr(out_uw),
           ptr(out_iw), ptr(out_ub), ptr(out_ib));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -435,52 +303,7 @@ void embedding_dot_bias_per_sample_cuda(const at::TensorBase& grad_out, const at
       case kCoef: vector ? launch(per_sample_backward_kernel<T, V, kCoef>) : launch(per_sample_backward_kernel<T, 1, kCoef>); break;
       case kAtomic: vector ? launch(per_sample_backward_kernel<T, V, kAtomic>) : launch(per_sample_backward_kernel<T, 1, kAtomic>); break;
       case kSparse: vector ? launch(per_sample_backward_kernel<T, V, kSparse>) : launch(per_sample_backward_kernel<T, 1, kSparse>); break;
-      default: TORCH_CHECK(false, "embedding_dot_bias backward: unknown mode ", mode);
-    }
-  });
-}
-
-void embedding_segment_reduce_cuda(const at::TensorBase& sorted_keys, const at::TensorBase& order,
-                                   const at::TensorBase& coef, const at::TensorBase& partners,
-                                   const at::TensorBase& partner_table, int64_t D, const at::TensorBase& grad_w,
-                                   const at::TensorBase& grad_b) {
-  const int64_t N = sorted_keys.size(0);
-  if (N == 0 || (!grad_w.defined() && !grad_b.defined())) return;
-  const at::TensorBase& like = grad_w.defined() ? grad_w : grad_b;
-  dispatch_floating(like.scalar_type(), "embedding_dot_bias backward", [&](auto tag) {
-    using T = decltype(tag);
-    using A = acc_t<T>;
-    const int64_t chunks = ceil_div(N, kChunk);
-    const int64_t width = D + 1;
-    auto& allocator = *c10::cuda::CUDACachingAllocator::get();
-    c10::DataPtr head = allocator.allocate(sizeof(A) * chunks * width);
-    c10::DataPtr tail = allocator.allocate(sizeof(A) * chunks * width);
-    SegmentArgs args{index_ref(sorted_keys), order.const_data_ptr<int64_t>(), N, D,
-                     grad_w.defined() ? index_ref(partners) : IndexRef{nullptr, 0, true}};
-    T* grad_w_ptr = grad_w.defined() ? grad_w.mutable_data_ptr<T>() : nullptr;
-    T* grad_b_ptr = grad_b.defined() ? grad_b.mutable_data_ptr<T>() : nullptr;
-    const TableRef<T> table = table_ref<T>(partner_table);
-    const int64_t warps_per_block = kThreads / 32;
-    const int64_t blocks = ceil_div(chunks, warps_per_block);
-    TORCH_CHECK(blocks < (1LL << 31), "embedding_dot_bias: batch too large for one launch");
-    // The gradient rows are contiguous (grad_w is a fresh (n, D) tensor), so only the partner
-    // table decides whether rows move as 16-byte vectors.
-    const bool vector = grad_w.defined() && rows_vectorizable<T>({&partner_table}, D) && aligned16(grad_w_ptr);
-    const auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
-          args, coef.const_data_ptr<A>(), table, grad_w_ptr, grad_b_ptr, static_cast<A*>(head.get()),
-          static_cast<A*>(tail.get()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vector) {
-      launch(segment_chunk_kernel<T, vec16<T>()>);
-    } else {
-      launch(segment_chunk_kernel<T, 1>);
-    }
-    if (chunks > 1) {
-      segment_carry_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(
-          args, grad_w_ptr, grad_b_ptr, static_cast<const A*>(head.get()), static_cast<const A*>(tail.get()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      default: fail(ArgError::kRuntime, "embedding_dot_bias backward: unknown mode ", mode);
     }
   });
 }

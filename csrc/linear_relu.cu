@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <cublasLt.h>
 
+#include <array>
+#include <map>
 #include <memory>
 
 namespace fastcore5 {
@@ -34,8 +36,9 @@ namespace {
 #define FASTCORE5_CUBLAS_CHECK(call, what)                                                      \
   do {                                                                                          \
     cublasStatus_t status_ = (call);                                                            \
-    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "cuBLASLt ", what, " failed: ",               \
-                cublasLtGetStatusString(status_));                                              \
+    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                     \
+      fail(ArgError::kRuntime, "cuBLASLt ", what, " failed: ", cublasLtGetStatusString(status_)); \
+    }                                                                                           \
   } while (0)
 
 // Hopper's cuBLASLt kernels want up to 32 MiB of workspace (split-K, stream-K); the caching
@@ -74,7 +77,7 @@ cudaDataType_t data_type(c10::ScalarType dtype) {
     case c10::ScalarType::Double: return CUDA_R_64F;
     case c10::ScalarType::Half: return CUDA_R_16F;
     case c10::ScalarType::BFloat16: return CUDA_R_16BF;
-    default: TORCH_CHECK(false, "linear_relu: unsupported dtype ", dtype);
+    default: fail(ArgError::kType, "linear_relu: unsupported dtype ", dtype);
   }
 }
 
@@ -113,6 +116,22 @@ uint32_t alignment_of(const void* p) {
   uint32_t a = 256;
   while (a > 1 && reinterpret_cast<uintptr_t>(p) % a != 0) a /= 2;
   return a;
+}
+
+// cuBLASLt's heuristic costs tens of microseconds of host time per query, as much as a small
+// GEMM takes on the GPU: its answer is kept per problem (device, shapes, leading dimensions,
+// transposes, dtype, compute type, epilogue, alignments), so a training loop asks once per layer
+// shape. found == false records "no algorithm for this epilogue" so the fallback is not re-asked.
+struct HeuristicAnswer {
+  bool found;
+  cublasLtMatmulHeuristicResult_t result;
+};
+using HeuristicKey = std::array<int64_t, 16>;
+
+std::mutex heuristic_mutex;
+std::map<HeuristicKey, HeuristicAnswer>& heuristic_cache() {
+  static auto* cache = new std::map<HeuristicKey, HeuristicAnswer>();  // leaked: used until exit
+  return *cache;
 }
 
 // D (m, n column-major, ld = m, contiguous) = op(A) (m, k) @ op(B) (k, n) [+ bias, relu].
@@ -180,13 +199,36 @@ bool lt_matmul(const Operand& A, const Operand& B, void* D, uint64_t m, uint64_t
                          "MIN_ALIGNMENT_D_BYTES");
 
   cublasLtHandle_t handle = lt_handle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), layout_a.get(), layout_b.get(),
-                                                               layout_d.get(), layout_d.get(), pref.get(), 1,
-                                                               &heuristic, &found);
-  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) return false;
-  FASTCORE5_CUBLAS_CHECK(status, "heuristic");
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const HeuristicKey key{device,
+                         static_cast<int64_t>(A.stored_rows), static_cast<int64_t>(A.stored_cols), A.ld, A.op,
+                         static_cast<int64_t>(B.stored_rows), static_cast<int64_t>(B.stored_cols), B.ld, B.op,
+                         static_cast<int64_t>(m), static_cast<int64_t>(type), static_cast<int64_t>(compute),
+                         static_cast<int64_t>(epilogue), static_cast<int64_t>(align_a),
+                         static_cast<int64_t>(align_b), static_cast<int64_t>(align_d) * 2 + (bias != nullptr)};
+  HeuristicAnswer answer{};
+  bool cached = false;
+  {
+    const std::lock_guard<std::mutex> lock(heuristic_mutex);
+    const auto it = heuristic_cache().find(key);
+    if (it != heuristic_cache().end()) {
+      answer = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), layout_a.get(), layout_b.get(),
+                                                                 layout_d.get(), layout_d.get(), pref.get(), 1,
+                                                                 &answer.result, &found);
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) FASTCORE5_CUBLAS_CHECK(status, "heuristic");
+    answer.found = status == CUBLAS_STATUS_SUCCESS && found > 0;
+    const std::lock_guard<std::mutex> lock(heuristic_mutex);
+    heuristic_cache().emplace(key, answer);
+  }
+  if (!answer.found) return false;
+  const cublasLtMatmulHeuristicResult_t& heuristic = answer.result;
 
   auto& allocator = *c10::cuda::CUDACachingAllocator::get();
   c10::DataPtr workspace = allocator.allocate(heuristic.workspaceSize);
@@ -294,7 +336,7 @@ void launch_bias_relu(const at::TensorBase& out, const at::TensorBase& bias) {
   const T* bias_ptr = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   constexpr int V = vec16<T>();
   const bool vector = cols % V == 0 && aligned16(out_ptr);
-  const int threads = 256;
+  const int threads = kThreadsPerBlock;
   const int64_t work = rows * (vector ? cols / V : cols);
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, threads), 32LL * sm_count()));
   if (vector) {
@@ -318,7 +360,9 @@ void launch_relu_mask_bias(const at::TensorBase& grad_out, const at::TensorBase&
   const int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, ceil_div(4LL * sm_count(), col_tiles)));
   const int64_t rows_per_block = ceil_div(ceil_div(rows, splits), kMaskRowsPerStep) * kMaskRowsPerStep;
   const int64_t used_splits = ceil_div(rows, rows_per_block);
-  TORCH_CHECK(col_tiles < (1LL << 31) && used_splits < 65536, "linear_relu backward: output too large for the grid");
+  if (col_tiles >= (1LL << 31) || used_splits >= 65536) {
+    fail(ArgError::kValue, "linear_relu backward: output of shape [", rows, ", ", cols, "] too large for the grid");
+  }
 
   c10::DataPtr partial_storage;
   A* partial = nullptr;
@@ -333,7 +377,7 @@ void launch_relu_mask_bias(const at::TensorBase& grad_out, const at::TensorBase&
       partial, rows, cols, rows_per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (grad_bias.defined()) {
-    const int threads = 256;
+    const int threads = kThreadsPerBlock;
     bias_grad_finish_kernel<T><<<static_cast<unsigned>(ceil_div(cols, threads)), threads, 0, current_stream()>>>(
         partial, grad_bias.mutable_data_ptr<T>(), cols, used_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -354,8 +398,10 @@ void linear_relu_forward_cuda(const at::TensorBase& x, const at::TensorBase& wei
   if (lt_matmul(A, B, out.mutable_data_ptr(), N, M, out.scalar_type(), allow_tf32, fused, bias_ptr)) return;
   const bool plain = lt_matmul(A, B, out.mutable_data_ptr(), N, M, out.scalar_type(), allow_tf32,
                                CUBLASLT_EPILOGUE_DEFAULT, nullptr);
-  TORCH_CHECK(plain, "linear_relu: cuBLASLt has no algorithm for dtype ", out.scalar_type(), " and shape M=", M,
-              " N=", N, " K=", x.size(1));
+  if (!plain) {
+    fail(ArgError::kRuntime, "linear_relu: cuBLASLt has no algorithm for dtype ", out.scalar_type(), " and shape M=", M,
+         " N=", N, " K=", x.size(1));
+  }
   dispatch_floating(out.scalar_type(), "linear_relu", [&](auto tag) {
     using T = decltype(tag);
     launch_bias_relu<T>(out, bias);
@@ -370,8 +416,10 @@ void matmul_cuda(const at::TensorBase& a, const at::TensorBase& b, const at::Ten
   const Operand B = as_operand(a, /*want_transpose=*/true);
   const bool ok = lt_matmul(A, B, result.mutable_data_ptr(), C, R, result.scalar_type(), allow_tf32,
                             CUBLASLT_EPILOGUE_DEFAULT, nullptr);
-  TORCH_CHECK(ok, "linear_relu backward: cuBLASLt has no algorithm for dtype ", result.scalar_type(), " and shape ",
-              R, "x", a.size(1), " @ ", a.size(1), "x", C);
+  if (!ok) {
+    fail(ArgError::kRuntime, "linear_relu backward: cuBLASLt has no algorithm for dtype ", result.scalar_type(),
+         " and shape ", R, "x", a.size(1), " @ ", a.size(1), "x", C);
+  }
 }
 
 void relu_mask_and_bias_grad_cuda(const at::TensorBase& grad_out, const at::TensorBase& out,

@@ -6,7 +6,8 @@
 //   kernel walks numel() consecutive elements from each data pointer.
 //   metadata: int64 device tensor laid out by sgd_metadata_layout (pointers, chunk prefix sums,
 //   element counts). lr_tensor / grad_scale / found_inf: null or one element of any floating
-//   dtype on the device, read by every block (no host synchronisation).
+//   dtype on the device; skip_flag: null or int64 on the device (EmbeddingDotBias' index_errors,
+//   whose element 0 counts bad indices); all read by every block (no host synchronisation).
 // Per element, in fp32 (fp64 for fp64 tensors), each of p, grad, buf read once, written once:
 //   g = grad / grad_scale                    (with a GradScaler; the quotient is written back to grad)
 //   g = -g                                   (maximize)
@@ -14,8 +15,9 @@
 //   buf = g (first step)  or  buf = momentum*buf + (1 - dampening)*g
 //   g = g + momentum*buf (nesterov)  or  g = buf
 //   p = p - lr*g
-// A nonzero found_inf makes every block return before touching memory: params, grads and buffers
-// keep their values (torch.amp.GradScaler's skipped step). Chunks never overlap: no atomics.
+// A nonzero found_inf or skip_flag[0] makes every block return before touching memory: params,
+// grads and buffers keep their values (torch.amp.GradScaler's skipped step; a batch with a bad
+// EmbeddingDotBias index). Chunks never overlap: no atomics.
 // Work split: each tensor is cut into kChunk-element chunks, one block per chunk; a block finds
 // its tensor by binary search over the chunk prefix sums. Accesses are 16 bytes wide when the
 // tensor's pointers are 16-byte aligned (chunk starts are multiples of kChunk, so every
@@ -27,33 +29,33 @@
 namespace fastcore5 {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kThreadsPerBlock;
 constexpr int64_t kChunk = 16384;  // elements per block: 64 KiB of fp32 params
 
 // A one-element scalar of any floating dtype, read on the device.
 struct ScalarRef {
   const void* ptr;
-  int dtype;  // 0 float, 1 double, 2 half, 3 bfloat16
+  enum Dtype { kFloat, kDouble, kHalf, kBFloat16 } dtype;  // c10::ScalarType is not usable on the device
   template <typename A>
   __device__ __forceinline__ A load() const {
     switch (dtype) {
-      case 1: return static_cast<A>(*static_cast<const double*>(ptr));
-      case 2: return static_cast<A>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
-      case 3: return static_cast<A>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
+      case kDouble: return static_cast<A>(*static_cast<const double*>(ptr));
+      case kHalf: return static_cast<A>(static_cast<float>(*static_cast<const c10::Half*>(ptr)));
+      case kBFloat16: return static_cast<A>(static_cast<float>(*static_cast<const c10::BFloat16*>(ptr)));
       default: return static_cast<A>(*static_cast<const float*>(ptr));
     }
   }
 };
 
 ScalarRef scalar_ref(const at::TensorBase& t) {
-  if (!t.defined()) return ScalarRef{nullptr, 0};
-  int code = 0;
+  if (!t.defined()) return ScalarRef{nullptr, ScalarRef::kFloat};
+  ScalarRef::Dtype code = ScalarRef::kFloat;
   switch (t.scalar_type()) {
-    case c10::ScalarType::Float: code = 0; break;
-    case c10::ScalarType::Double: code = 1; break;
-    case c10::ScalarType::Half: code = 2; break;
-    case c10::ScalarType::BFloat16: code = 3; break;
-    default: TORCH_CHECK(false, "sgd: scalar tensors must be floating point, got ", t.scalar_type());
+    case c10::ScalarType::Float: code = ScalarRef::kFloat; break;
+    case c10::ScalarType::Double: code = ScalarRef::kDouble; break;
+    case c10::ScalarType::Half: code = ScalarRef::kHalf; break;
+    case c10::ScalarType::BFloat16: code = ScalarRef::kBFloat16; break;
+    default: fail(ArgError::kType, "sgd: scalar tensors must be floating point, got ", t.scalar_type());
   }
   return ScalarRef{t.const_data_ptr(), code};
 }
@@ -62,6 +64,7 @@ struct SgdParams {
   const int64_t* metadata;
   int64_t tensors;
   ScalarRef lr_tensor, grad_scale, found_inf;
+  const int64_t* skip_flag;
   double lr, momentum, keep, weight_decay;  // keep = 1 - dampening
   bool has_momentum, first_step, nesterov, maximize, decoupled;
 };
@@ -95,6 +98,7 @@ template <typename T, int VEC>
 __global__ void sgd_kernel(SgdParams P) {
   using A = acc_t<T>;
   if (P.found_inf.ptr != nullptr && P.found_inf.load<float>() != 0.0f) return;
+  if (P.skip_flag != nullptr && *P.skip_flag != 0) return;
   const int64_t T_ = P.tensors;
   const int64_t* pointers = P.metadata;               // 3*T: param, grad, buffer addresses
   const int64_t* prefix = P.metadata + 3 * T_;        // T+1 chunk prefix sums
@@ -168,15 +172,16 @@ std::vector<int64_t> sgd_metadata_layout(const std::vector<at::TensorBase>& para
 
 void sgd_step_cuda(const std::vector<at::TensorBase>& params, const at::TensorBase& metadata,
                    const at::TensorBase& lr_tensor, const at::TensorBase& grad_scale, const at::TensorBase& found_inf,
-                   int64_t total_chunks, const SgdOptions& options) {
+                   const at::TensorBase& skip_flag, int64_t total_chunks, const SgdOptions& options) {
   if (params.empty() || total_chunks == 0) return;
-  TORCH_CHECK(total_chunks < (1LL << 31), "sgd: too many elements for one launch");
+  if (total_chunks >= (1LL << 31)) fail(ArgError::kValue, "sgd: ", total_chunks, " chunks are too many for one launch");
   SgdParams P;
   P.metadata = metadata.const_data_ptr<int64_t>();
   P.tensors = static_cast<int64_t>(params.size());
   P.lr_tensor = scalar_ref(lr_tensor);
   P.grad_scale = scalar_ref(grad_scale);
   P.found_inf = scalar_ref(found_inf);
+  P.skip_flag = skip_flag.defined() ? skip_flag.const_data_ptr<int64_t>() : nullptr;
   P.lr = options.lr;
   P.momentum = options.momentum;
   P.keep = 1.0 - options.dampening;

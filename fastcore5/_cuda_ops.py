@@ -1,6 +1,7 @@
 """Fake (meta) implementations of the CUDA C++ ops in torch.ops.fastcore5_cuda.
 
-The ops themselves are defined in C++ (csrc/registration.cpp) and exist only once the optional
+The ops themselves are defined in C++ (schemas in csrc/registration.cpp, implementations in
+csrc/*_op.cpp) and exist only once the optional
 extension fastcore5._C is loaded. ``register()`` registers the fakes; it runs when this module is
 imported with the ops present, which ``fastcore5.backends.cuda_extension()`` does right after it
 loads the extension. The C++ library names this module (``m.set_python_module``): torch requires
@@ -16,11 +17,11 @@ from __future__ import annotations
 import torch
 
 
-def _linear_relu_forward(x, weight, bias):
+def _linear_relu_forward(x, weight, bias, allow_tf32):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
+def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, allow_tf32):
     M, N = out.shape
     K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0  # 0: bias grad only
     return (
@@ -30,7 +31,7 @@ def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight
     )
 
 
-def _embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi):
+def _embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors):
     return u_weight.new_empty((users.shape[0],))
 
 
@@ -46,17 +47,25 @@ def _embedding_dot_bias_backward(
     return tuple(grad_out.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
-def _sgd_forward(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay, nesterov,
-                 maximize, decoupled_weight_decay, first_step, grad_scale, found_inf):
+def _embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, index_errors):
+    return u_weight.new_empty((users.shape[0],))
+
+
+def _sgd_step(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay, nesterov,
+              maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag):
     return None
 
 
+# linear_relu and embedding_dot_bias are the autograd ops (autograd in C++); their fakes are what
+# torch.compile sees below autograd.
 FAKES = {
     "linear_relu_forward": _linear_relu_forward,
     "linear_relu_backward": _linear_relu_backward,
+    "linear_relu": _linear_relu_forward,
     "embedding_dot_bias_forward": _embedding_dot_bias_forward,
     "embedding_dot_bias_backward": _embedding_dot_bias_backward,
-    "sgd_forward": _sgd_forward,
+    "embedding_dot_bias": _embedding_dot_bias,
+    "sgd_step": _sgd_step,
 }
 
 _registered = False

@@ -119,7 +119,8 @@ def _own_warnings(output: str) -> list[str]:
 
 
 def test_sources_exist():
-    assert {"linear_relu.cu", "embedding_dot_bias.cu", "sgd.cu", "registration.cpp"} <= set(SOURCES)
+    assert {"linear_relu.cu", "embedding_dot_bias.cu", "sgd.cu", "linear_relu_op.cpp", "embedding_dot_bias_op.cpp",
+            "sgd_op.cpp", "registration.cpp"} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -149,7 +150,7 @@ def _symbols(obj: Path, undefined: bool) -> set[str]:
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
 def test_every_fastcore5_symbol_is_defined(compiled):
-    """What registration.cpp calls in the .cu files (declared in csrc/fastcore5.h) is defined with
+    """What the op files (csrc/*_op.cpp) call in the .cu files (declared in csrc/fastcore5.h) is defined with
     the same signature: a mismatch compiles but would fail only when the GPU build links."""
     failed = [s for s, r in compiled.items() if r["returncode"] != 0]
     assert not failed, f"cannot check symbols: {failed} did not compile"
@@ -167,7 +168,22 @@ def test_registration_declares_every_op():
     implemented = set(re.findall(r'm\.impl\("(\w+)"', text))
     from fastcore5 import _cuda_ops
 
-    expected = {"linear_relu_forward", "linear_relu_backward", "embedding_dot_bias_forward",
-                "embedding_dot_bias_backward", "sgd_forward"}
+    expected = {"linear_relu_forward", "linear_relu_backward", "linear_relu", "embedding_dot_bias_forward",
+                "embedding_dot_bias_backward", "embedding_dot_bias", "sgd_step"}
     assert defined == implemented == expected
     assert set(_cuda_ops.FAKES) == expected
+
+
+def test_every_fake_takes_the_schema_arguments():
+    """Each fake in fastcore5/_cuda_ops.py takes the arguments of its schema, by name and in order
+    (register_fake binds them by name when torch.compile or opcheck call the fake)."""
+    import inspect
+
+    from fastcore5 import _cuda_ops
+
+    text = (CSRC / "registration.cpp").read_text()
+    for literal in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text):
+        schema = "".join(re.findall(r'"([^"]*)"', literal))
+        name, arguments = re.match(r"(\w+)\((.*)\) ->", schema).groups()
+        names = [argument.split()[-1] for argument in arguments.split(",")]
+        assert list(inspect.signature(_cuda_ops.FAKES[name]).parameters) == names, name

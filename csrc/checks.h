@@ -1,0 +1,63 @@
+// Argument checks of the op layer (csrc/*_op.cpp). Every check reads only defined tensors
+// (optional arguments are unwrapped after has_value()) and builds its message only when it
+// fails; errors.h says how the error is raised.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+
+#include "errors.h"
+
+namespace fastcore5 {
+
+// ---- the checks shared by the ops ----
+
+inline void check_cuda(const char* op, const std::string& name, const at::Tensor& t) {
+  if (!t.is_cuda()) fail(ArgError::kRuntime, op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(), " tensor");
+}
+
+inline bool is_floating(c10::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+inline void check_floating(const char* op, const std::string& name, const at::Tensor& t) {
+  if (!is_floating(t.scalar_type())) {
+    fail(ArgError::kType, op, ": ", name, " has dtype ", t.scalar_type(),
+         "; expected float32, float64, float16 or bfloat16");
+  }
+}
+
+inline void check_dim(const char* op, const std::string& name, const at::Tensor& t, int64_t dim) {
+  if (t.dim() != dim) fail(ArgError::kValue, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+// Same device and dtype as ``ref``.
+inline void check_like(const char* op, const std::string& name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  if (t.device() != ref.device()) {
+    fail(ArgError::kRuntime, op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+  }
+  if (t.scalar_type() != ref.scalar_type()) {
+    fail(ArgError::kType, op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
+         ref.scalar_type());
+  }
+}
+
+inline void check_index(const char* op, const char* name, const at::Tensor& t) {
+  check_cuda(op, name, t);
+  check_dim(op, name, t, 1);
+  if (t.scalar_type() != at::kInt && t.scalar_type() != at::kLong) {
+    fail(ArgError::kType, op, ": ", name, " has dtype ", t.scalar_type(), "; expected int32 or int64");
+  }
+}
+
+// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (linear_relu_op.cpp).
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+}  // namespace fastcore5

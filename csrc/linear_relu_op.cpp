@@ -1,0 +1,200 @@
+// The Linear+ReLU ops: linear_relu_forward, linear_relu_backward and the autograd op linear_relu.
+//
+// Checks every argument (checks.h), brings operands into layouts cuBLASLt reads in place,
+// allocates the outputs and calls the launchers of csrc/linear_relu.cu. allow_tf32 is decided in
+// Python (fastcore5.kernels._common.fp32_matmul_allows_tf32()) and passed down: reading
+// at::globalContext().allowTF32CuBLAS() here would throw once torch's fp32_precision API is used.
+#include "checks.h"
+#include "fastcore5.h"
+#include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace fastcore5 {
+
+// FASTCORE5_POISON=1 (set by the test suite) fills every uninitialised output with NaN before a
+// kernel runs, as the Triton launchers do, so an element a kernel forgets to write fails a test.
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTCORE5_POISON");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  Tensor out = at::empty(sizes, options);
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+namespace {
+
+// A 2-D matrix cuBLASLt can read in place: one unit stride and a valid leading dimension;
+// anything else (broadcast, sliced in both dims, ...) is copied once.
+Tensor with_unit_stride(const Tensor& t) {
+  const int64_t R = t.size(0), C = t.size(1);
+  const bool row_major = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, C);
+  const bool col_major = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, R);
+  return row_major || col_major ? t : t.contiguous();
+}
+
+}  // namespace
+
+Tensor linear_relu_forward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
+  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
+  check_cuda(op, "x", x);
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weight", weight, 2);
+  check_like(op, "weight", weight, "x", x);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  if (weight.size(1) != K) fail(ArgError::kValue, op, ": x has ", K, " features but weight has in_features=", weight.size(1));
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1);
+    check_like(op, "bias", *bias, "x", x);
+    if (bias->size(0) != N) {
+      fail(ArgError::kValue, op, ": bias has ", bias->size(0), " elements but weight has out_features=", N);
+    }
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor out = new_output({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) {  // no products: relu(bias) in every row, or zeros
+    if (bias.has_value()) {
+      out.copy_(bias->clamp_min(0).expand({M, N}));
+    } else {
+      out.zero_();
+    }
+    return out;
+  }
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  linear_relu_forward_cuda(with_unit_stride(x), with_unit_stride(weight), b, out, allow_tf32);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, const Tensor& out,
+                                                        const OptionalTensor& x, const OptionalTensor& weight,
+                                                        bool need_input_grad, bool need_weight_grad,
+                                                        bool need_bias_grad, bool allow_tf32) {
+  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
+  check_cuda(op, "out", out);
+  check_floating(op, "out", out);
+  check_dim(op, "out", out, 2);
+  check_like(op, "grad_out", grad_out, "out", out);
+  if (grad_out.sizes() != out.sizes()) {
+    fail(ArgError::kValue, op, ": grad_out has shape ", grad_out.sizes(), " but out has shape ", out.sizes());
+  }
+  const int64_t M = out.size(0), N = out.size(1);
+  if (need_input_grad && !weight.has_value()) fail(ArgError::kValue, op, ": weight is needed for the input gradient");
+  if (need_weight_grad && !x.has_value()) fail(ArgError::kValue, op, ": x is needed for the weight gradient");
+  if (x.has_value()) {
+    check_dim(op, "x", *x, 2);
+    check_like(op, "x", *x, "out", out);
+    if (x->size(0) != M) fail(ArgError::kValue, op, ": x has ", x->size(0), " rows but out has ", M);
+  }
+  if (weight.has_value()) {
+    check_dim(op, "weight", *weight, 2);
+    check_like(op, "weight", *weight, "out", out);
+    if (weight->size(0) != N) fail(ArgError::kValue, op, ": weight has ", weight->size(0), " rows but out has ", N, " columns");
+  }
+  // K is known from x or weight; with neither only the bias gradient can be asked for (checked
+  // above), and it does not depend on K.
+  const int64_t K = x.has_value() ? x->size(1) : weight.has_value() ? weight->size(1) : 0;
+  if (x.has_value() && weight.has_value() && weight->size(1) != K) {
+    fail(ArgError::kValue, op, ": x has ", K, " features but weight has ", weight->size(1));
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  const auto options = out.options();
+  Tensor grad_x = need_input_grad ? new_output({M, K}, options) : at::empty({0}, options);
+  Tensor grad_w = need_weight_grad ? new_output({N, K}, options) : at::empty({0}, options);
+  Tensor grad_b = need_bias_grad ? new_output({N}, options) : at::empty({0}, options);
+
+  // g = grad_out * (out > 0) is materialised only when a matmul consumes it. contiguous() is a
+  // no-op (no copy) for the usual contiguous grad_out and out.
+  const bool need_masked = (need_input_grad || need_weight_grad) && M > 0 && N > 0 && K > 0;
+  Tensor masked = need_masked ? at::empty({M, N}, options) : Tensor();
+  if (M > 0 && N > 0 && (need_masked || need_bias_grad)) {
+    relu_mask_and_bias_grad_cuda(grad_out.contiguous(), out.contiguous(), masked, need_bias_grad ? grad_b : Tensor());
+  } else if (need_bias_grad) {
+    grad_b.zero_();  // M == 0: an empty sum (N == 0: nothing to write)
+  }
+  if (need_input_grad && M > 0 && K > 0) {
+    if (N == 0) {
+      grad_x.zero_();
+    } else {
+      matmul_cuda(masked, with_unit_stride(*weight), grad_x, allow_tf32);
+    }
+  }
+  if (need_weight_grad && N > 0 && K > 0) {
+    if (M == 0) {
+      grad_w.zero_();
+    } else {
+      matmul_cuda(masked.t(), with_unit_stride(*x), grad_w, allow_tf32);
+    }
+  }
+  return {grad_x, grad_w, grad_b};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The kernel-level ops reached through the dispatcher (not called directly): under
+// torch.compile the autograd kernel below runs on fake tensors and these resolve to the fakes.
+const auto& forward_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("fastcore5_cuda::linear_relu_forward", "")
+                                 .typed<Tensor(const Tensor&, const Tensor&, const OptionalTensor&, bool)>();
+  return handle;
+}
+
+const auto& backward_op() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastcore5_cuda::linear_relu_backward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
+                                                    const OptionalTensor&, bool, bool, bool, bool)>();
+  return handle;
+}
+
+// Saves only what the backward needs: out always (relu' = out > 0, never the pre-activation),
+// weight only for grad_x, x only for grad_weight.
+struct LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
+                        bool allow_tf32) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor out = forward_op().call(x, weight, bias, allow_tf32);
+    const bool need_x = x.requires_grad(), need_w = weight.requires_grad();
+    ctx->save_for_backward({out, need_x ? weight : Tensor(), need_w ? x : Tensor()});
+    ctx->saved_data["allow_tf32"] = allow_tf32;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(2);
+    const Tensor& grad_out = grad_outputs[0];
+    if (!grad_out.defined() || !(need_x || need_w || need_b)) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto [grad_x, grad_w, grad_b] =
+        backward_op().call(grad_out, saved[0], need_w ? OptionalTensor(saved[2]) : std::nullopt,
+                           need_x ? OptionalTensor(saved[1]) : std::nullopt, need_x, need_w, need_b,
+                           ctx->saved_data["allow_tf32"].toBool());
+    return {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor linear_relu_autograd(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
+  return LinearReLUFunction::apply(x, weight, bias, allow_tf32);
+}
+
+}  // namespace fastcore5
