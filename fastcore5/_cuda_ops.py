@@ -16,39 +16,38 @@ from __future__ import annotations
 
 import torch
 
+from .ops import embedding_dot_bias as embedding_dot_bias_ops
+from .ops import linear_relu as linear_relu_ops
+
+
+# Each fake takes its schema's arguments by name (tests/test_cuda_compile.py checks that) and
+# gets its shapes from the op layer's fake, so each op's shape contract is written once.
+
 
 def _linear_relu_forward(x, weight, bias, allow_tf32):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return linear_relu_ops.forward_fake(x, weight, bias)
 
 
 def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, allow_tf32):
-    M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0  # 0: bias grad only
-    return (
-        out.new_empty((M, K) if need_input_grad else (0,)),
-        out.new_empty((N, K) if need_weight_grad else (0,)),
-        out.new_empty((N,) if need_bias_grad else (0,)),
-    )
+    return linear_relu_ops.backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
 
 
 def _embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors):
-    return u_weight.new_empty((users.shape[0],))
+    return embedding_dot_bias_ops.forward_fake(users, items, u_weight)
 
 
 def _embedding_dot_bias_backward(
     grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
     need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
 ):
-    B = users.shape[0]
-    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
-    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
-    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(grad_out.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    return embedding_dot_bias_ops.backward_fake(
+        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+        need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
+    )
 
 
 def _embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, index_errors):
-    return u_weight.new_empty((users.shape[0],))
+    return embedding_dot_bias_ops.forward_fake(users, items, u_weight)
 
 
 def _sgd_step(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay, nesterov,

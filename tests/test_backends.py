@@ -66,9 +66,25 @@ def test_float64_linear_relu_on_cuda_is_not_sent_to_compiled_triton():
     assert "float64" in reason
 
 
-def test_launcher_maps_backend_and_name_to_the_kernel_function():
+def test_kernel_table_loads_each_backend_once_and_refuses_the_reference():
     from fastcore5.kernels import sgd
+    from fastcore5.ops.sgd import KERNELS
 
-    assert backends.launcher("triton", "sgd", "sgd_step") is sgd.sgd_step
-    with pytest.raises(ValueError, match="no fused sgd kernels for backend 'torch'"):
-        backends.launcher("torch", "sgd", "sgd_step")
+    assert KERNELS["triton"].sgd_step is sgd.sgd_step
+    assert KERNELS["triton"] is KERNELS["triton"]
+    with pytest.raises(ValueError, match="no fused kernels for backend 'torch'"):
+        KERNELS["torch"]
+
+
+def test_selection_is_cached_and_follows_every_request(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.select("sgd", CPU) == "triton"
+    assert backends.select("sgd", "cpu") == "triton"  # a device type works too
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.select("sgd", CPU) == "torch"
+    with use_backend("triton"):
+        assert backends.select("sgd", CPU) == "triton"
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(backends.BackendConfigError, match="FASTCORE5_BACKEND='bogus'"):
+        backends.select("sgd", CPU)

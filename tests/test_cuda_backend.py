@@ -335,10 +335,12 @@ def _sgd_tensors(shapes, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32])
 @pytest.mark.parametrize("case", SGD_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_sgd_matches_reference_over_steps(backend, dtype, case, tensor_lr):
+    # bf16/fp16 follow their own contract (fp32 math, one rounding per step), checked against the
+    # reference that computes that way: tests/test_sgd.py::test_low_precision_step_on_gpu_*.
     shapes = [(1,), (7,), (4099,), (33, 65), (3, 16384 + 5), (2, 3, 5, 7)]
     params, grads = _sgd_tensors(shapes, dtype)
     ref_params = [p.clone() for p in params]
