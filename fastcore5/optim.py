@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import backends, index_errors
-from .ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers
+from .ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, sgd_step
 
 __all__ = ["SGD", "even_mults", "lr_range", "discriminative_param_groups"]
 
@@ -446,6 +446,8 @@ class SGD(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimisation step (closure: re-evaluates the model and returns the loss)."""
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
         capturing = _capturing()
         if capturing and not self.capturable:
             raise RuntimeError(
@@ -468,6 +470,32 @@ class SGD(Optimizer):
                 self._step_flat(index, hyper, grad_scale, found_inf, skip_flags, capturing)
             else:
                 self._step_group(index, group, hyper, grad_scale, found_inf, skip_flags, capturing)
+        return loss
+
+    def _traced_step(self, closure):
+        """The step as torch.compile traces it: the functional ``sgd_step`` (one custom op per
+        device and dtype) over each group's params with gradients, without the eager path's
+        caches, which key on tensor addresses that a trace does not have. Contiguous mode keeps
+        its flat views as the params and gradients, so the same code serves it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            state = [self.state[p] for p in params]
+            buffers = sgd_step(
+                params, [p.grad for p in params], [entry.get("momentum_buffer") for entry in state],
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            )
+            if group["momentum"] != 0:
+                for entry, buffer in zip(state, buffers):
+                    entry["momentum_buffer"] = buffer
         return loss
 
     @staticmethod

@@ -937,3 +937,24 @@ def test_contract_reference_differs_from_torch_only_by_torchs_extra_roundings():
         # each); ours rounds once: at most 4 bf16 ulps of drift per step, relative or of the bound
         tol = steps * 4 * 2.0**-8
         torch.testing.assert_close(p.detach(), q.detach(), rtol=tol, atol=tol * bound)
+
+
+def test_optimizer_step_compiles_fullgraph_and_matches_eager():
+    """torch.compile traces the step through the functional op (no address-keyed caches); the
+    first step (new buffers) and later ones match the eager optimizer bit for bit."""
+    torch._dynamo.reset()
+    start = [torch.randn(s) for s in [(5,), (3, 4), (1,)]]
+    grads = [[torch.randn_like(s) for s in start] for _ in range(3)]
+
+    def run(compiled):
+        params = [s.clone().requires_grad_() for s in start]
+        optimizer = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+        step = torch.compile(optimizer.step, fullgraph=True, backend="aot_eager") if compiled else optimizer.step
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            step()
+        return params, [optimizer.state[p]["momentum_buffer"] for p in params]
+
+    for eager, compiled in zip(*[sum(run(c), []) for c in (False, True)]):
+        assert torch.equal(eager, compiled)
