@@ -120,40 +120,40 @@ class TunedKernel:
         self.title = title
         self.candidates = candidates
         self.default = default
-        self.chosen: dict[tuple, dict] = {}  # bucket -> {"config", "source", "ms"}
+        self.chosen: dict[tuple, dict] = {}  # (bucket, device name) -> {"config", "source", "ms"}
         source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
         self._source_hash = hashlib.sha256(source.encode()).hexdigest()[:16]
 
     def _disk_key(self, bucket: tuple, device_name: str) -> str:
         return json.dumps([self.title, self._source_hash, triton.__version__, device_name, describe(bucket)])
 
-    def known(self, bucket: tuple) -> triton.Config | None:
-        """The config already chosen for ``bucket`` in this process or on disk; no timing."""
-        entry = self.chosen.get(bucket)
+    def known(self, bucket: tuple, device_name: str | None) -> triton.Config | None:
+        """The config already chosen for ``bucket`` in this process; no timing."""
+        entry = self.chosen.get((bucket, device_name))
         return entry["config"] if entry is not None else None
 
-    def choose(self, bucket: tuple, device, runs: Callable[[triton.Config], Callable[[], object]]) -> triton.Config:
+    def choose(self, bucket: tuple, device_name: str | None, runs: Callable[[triton.Config], Callable[[], object]]) -> triton.Config:
         """The config for ``bucket``: remembered, read from disk, or timed now with ``runs(config)``
-        (a zero-argument launch of the kernel with that config on the caller's arguments)."""
+        (a zero-argument launch of the kernel with that config on the caller's arguments).
+        ``device_name`` (the GPU's name) keys the disk cache; None times without saving (the
+        interpreter, tests/sm90_compile.py's compile-only run)."""
         with _lock:
-            entry = self.chosen.get(bucket)
+            entry = self.chosen.get((bucket, device_name))
             if entry is not None:
                 return entry["config"]
             candidates = self.candidates(bucket)
             if len(candidates) == 1:
                 entry = {"config": candidates[0], "source": "only candidate", "ms": None}
-            elif device.type != "cuda":  # the interpreter, or sm90_compile.py's compile-only run
+            elif device_name is None:
                 timings = benchmark({c: runs(c) for c in candidates})
                 entry = {"config": min(timings, key=timings.get), "source": "timed, not saved", "ms": None}
             else:
-                entry = self._from_disk_or_tuned(bucket, device, candidates, runs)
-            self.chosen[bucket] = entry
+                entry = self._from_disk_or_tuned(bucket, device_name, candidates, runs)
+            self.chosen[(bucket, device_name)] = entry
             return entry["config"]
 
-    def _from_disk_or_tuned(self, bucket, device, candidates, runs) -> dict:
-        import torch
-
-        disk_key = self._disk_key(bucket, torch.cuda.get_device_name(device))
+    def _from_disk_or_tuned(self, bucket, device_name, candidates, runs) -> dict:
+        disk_key = self._disk_key(bucket, device_name)
         saved = _load_disk().get(disk_key)
         if saved is not None:
             return {"config": config_from_dict(saved["config"]), "source": "disk cache", "ms": saved.get("ms")}
@@ -165,18 +165,17 @@ class TunedKernel:
         print(f" done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if timings[best] == float("inf"):
             raise RuntimeError(f"{self.title}: no candidate config could launch for {describe(bucket)}")
-        entry = {"config": best, "source": "tuned", "ms": timings[best]}
         saved = {"config": config_to_dict(best), "ms": timings[best]}
         _load_disk()[disk_key] = saved
         _save_disk(disk_key, saved)
-        return entry
+        return {"config": best, "source": "tuned", "ms": timings[best]}
 
     def report(self) -> list[dict]:
         """One row per bucket launched in this process: the bucket, the config, where it came from."""
         return [
-            {"kernel": self.title, "bucket": describe(bucket), **config_to_dict(entry["config"]),
+            {"kernel": self.title, "device": device_name, "bucket": describe(bucket), **config_to_dict(entry["config"]),
              "source": entry["source"], "ms": entry["ms"]}
-            for bucket, entry in list(self.chosen.items())
+            for (bucket, device_name), entry in list(self.chosen.items())
         ]
 
 

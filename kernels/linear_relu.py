@@ -202,11 +202,13 @@ _DEFAULT_CONFIG = _config(128, 128, 32, 4, 4)  # fits fp32 and 16-bit; launched 
 
 
 def _candidates(bucket: tuple) -> list[triton.Config]:
-    """The configs worth timing for a bucket: those whose pipelined operand tiles fit a Hopper
-    SM's shared memory, without tiles larger than the (power-of-two) problem in any dimension
-    unless no smaller tile exists."""
-    if interpreting():
-        return [_INTERPRETER_CONFIG]
+    return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket)
+
+
+def hopper_candidates(bucket: tuple) -> list[triton.Config]:
+    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
+    Hopper SM's shared memory, without tiles larger than the (power-of-two) problem in any
+    dimension unless no smaller tile exists."""
     b = dict(bucket)
     elem = b["bytes"]
     fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= _SHARED_MEMORY_BYTES]
@@ -218,6 +220,11 @@ def _candidates(bucket: tuple) -> list[triton.Config]:
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
         fitting = small_enough(fitting, index, extent)
     return [_config(*t) for t in fitting]
+
+
+def _device_name(device: torch.device) -> str | None:
+    """Keys tuned configs by card; None off CUDA (interpreter, compile-only runs: nothing saved)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def _stride_class(stride: int) -> int:
@@ -243,7 +250,7 @@ class _Launcher:
 
     def __call__(self, wrap, device, variant: tuple, extents: tuple, strides: tuple, args: tuple, constexprs: dict):
         if wrap is not None:
-            return self._launch_wrapped(wrap, variant, extents, strides, args, constexprs)
+            return self._launch_wrapped(wrap, device, variant, extents, strides, args, constexprs)
         key = (variant, extents, strides)
         plan = self.plans.get(key)
         if plan is None:
@@ -271,7 +278,7 @@ class _Launcher:
             grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
             return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
 
-        config = self.tuned.choose(self.bucket(variant, extents, strides), device, run)
+        config = self.tuned.choose(self.bucket(variant, extents, strides), _device_name(device), run)
         grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
         plan = (grid, {**constexprs, **launch_kwargs(config)})
         if len(self.plans) >= self._MAX_PLANS:
@@ -279,13 +286,13 @@ class _Launcher:
         self.plans[(variant, extents, strides)] = plan
         return plan
 
-    def _launch_wrapped(self, wrap, variant, extents, strides, args, constexprs):
+    def _launch_wrapped(self, wrap, device, variant, extents, strides, args, constexprs):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
         the bucket's config when this process already chose one, else the fixed default. Sizes
         that are symbolic get the default too, so no guard is put on them here."""
         config = None
         if all(type(v) is int for v in (*extents, *strides)):
-            config = self.tuned.known(self.bucket(variant, extents, strides))
+            config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(device))
         config = config or self.tuned.default
         rows, cols, _ = extents
         grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
