@@ -256,7 +256,7 @@ class _Launcher:
         if plan is None:
             plan = self._plan(device, variant, extents, strides, args, constexprs)
         grid, kwargs = plan
-        self.kernel[grid](*args, **kwargs)
+        self.kernel.run(*args, grid=grid, warmup=False, **kwargs)  # what kernel[grid](...) calls
 
     def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
         dtype, precision, *flags = variant
@@ -319,14 +319,31 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# Per dtype: the dtype kernels write, whether dot operands are widened, the accumulator type.
+# Fixed for the process, like the choice between interpreter and compiler that @triton.jit made
+# when this module was imported; looked up once here instead of on every call.
+_DTYPE_FACTS = {
+    dtype: (kernel_output_dtype(dtype), dot_needs_upcast(dtype), _acc_dtype(dtype))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
 def _dot_constexprs(dtype: torch.dtype) -> tuple[str, dict]:
+    """The dot's input precision (fp32 follows torch's TF32 setting, read per call) and the
+    constexprs every kernel takes for ``dtype``."""
     precision = dot_precision(dtype)
-    return precision, {
-        "INPUT_PRECISION": precision,
-        "ROUND_TF32": precision == "tf32",
-        "UPCAST": dot_needs_upcast(dtype),
-        "ACC_DTYPE": _acc_dtype(dtype),
-    }
+    _, upcast, acc_dtype = _DTYPE_FACTS[dtype]
+    return precision, {"INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype}
+
+
+def _with_a_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if one of its two strides is 1 (row- or column-major, any leading stride), else a
+    contiguous copy, as cuBLAS-backed torch.matmul does. Operands strided in both dimensions
+    (x = wide[..., ::2]) were where the H200 run saw 16-bit grad_x 2-3 % off (issue 11); they
+    also compile without vector loads or async copies, so the copy costs less than it saves."""
+    if t is None or t.stride(1) == 1 or t.stride(0) == 1:
+        return t
+    return t.contiguous()
 
 
 def _in_features(x, weight) -> int:
@@ -344,7 +361,8 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    out = new_output((M, N), kernel_output_dtype(dtype), x.device)
+    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
     if M == 0 or N == 0:
         return finish_output(out, dtype)
     has_bias = bias is not None
@@ -379,7 +397,9 @@ def linear_relu_backward(
     M, N = out.shape
     K = _in_features(x, weight)
     dtype = out.dtype
-    grad_dtype = kernel_output_dtype(dtype)
+    grad_out, out = _with_a_unit_stride(grad_out), _with_a_unit_stride(out)
+    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    grad_dtype = _DTYPE_FACTS[dtype][0]
     device = out.device
     precision, constexprs = _dot_constexprs(dtype)
     grad_x = grad_w = grad_b = None
