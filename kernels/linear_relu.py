@@ -278,12 +278,20 @@ class _Launcher:
             grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
             return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
 
-        config = self.tuned.choose(self.bucket(variant, extents, strides), _device_name(device), run)
+        bucket, device_name = self.bucket(variant, extents, strides), _device_name(device)
+        # Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met
+        # while capturing launches its known or default config, and is tuned on a later eager call.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            config = self.tuned.known(bucket, device_name) or self.tuned.default
+        else:
+            config = self.tuned.choose(bucket, device_name, run)
         grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
         plan = (grid, {**constexprs, **launch_kwargs(config)})
-        if len(self.plans) >= self._MAX_PLANS:
-            self.plans.clear()
-        self.plans[(variant, extents, strides)] = plan
+        if not capturing:
+            if len(self.plans) >= self._MAX_PLANS:
+                self.plans.clear()
+            self.plans[(variant, extents, strides)] = plan
         return plan
 
     def _launch_wrapped(self, wrap, device, variant, extents, strides, args, constexprs):

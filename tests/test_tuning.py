@@ -179,3 +179,37 @@ def test_wrap_launch_computes_the_same_result():
 
     torch.testing.assert_close(lr.linear_relu_forward(x, w, b, wrap=wrap), torch.relu(x @ w.T + b))
     assert wrapped == [lr._linear_relu_fwd_kernel]
+
+
+_TRAIN_LIKE = """
+import torch
+from fastcore5.kernels import linear_relu as lr
+w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+for M in (1000, 1003, 1000, 617):  # batch sizes of one power-of-two bucket, the last a partial batch
+    x = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16)
+    out = lr.linear_relu_forward(x, w, b)
+    lr.linear_relu_backward(torch.randn_like(out), out, x, w, True, True, True)
+torch.cuda.synchronize()
+print(sorted({row["source"] for row in lr.tuned_configs()}))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_tunes_once_per_bucket_and_later_processes_reuse_it(tmp_path):
+    """On a GPU: one stderr line per (kernel, bucket) tuned, batch sizes of one bucket tuned once
+    (1000 and 1003 share div16=0; 617 too), and a second process reads every choice from disk."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTCORE5_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", _TRAIN_LIKE], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    tuning_lines = [line for line in first.stderr.splitlines() if line.startswith("fastcore5: tuning")]
+    assert len(tuning_lines) == 3 and all("done in" in line for line in tuning_lines), first.stderr
+    assert "tuned" in first.stdout
+    second = subprocess.run([sys.executable, "-c", _TRAIN_LIKE], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "fastcore5: tuning" not in second.stderr
+    assert second.stdout.strip() == "['disk cache']"
