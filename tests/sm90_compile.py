@@ -75,6 +75,11 @@ def compile_launch(jit_fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         "shared_bytes": shared,
         "fits_hopper": shared <= HOPPER_SHARED_MEMORY_PER_BLOCK,
         "global_memory_ops": sorted(set(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))),
+        # what the TTGIR says about the GEMM's shape on Hopper: wgmma, operand copies issued
+        # asynchronously (cp.async or TMA) and so pipelined across K iterations
+        "wgmma": "warp_group_dot" in compiled.asm["ttgir"],
+        "async_copies": len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", compiled.asm["ttgir"])),
+        "tma": "async_tma_copy_global_to_local" in compiled.asm["ttgir"],
         "seconds": round(time.perf_counter() - start, 2),
     }
 
