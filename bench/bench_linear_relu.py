@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 import fastcore5
-from fastcore5.kernels.linear_relu import tuned_configs
 
 from .common import Case, Rotating, copies_to_exceed_l2
 
@@ -32,6 +31,8 @@ def _chosen_configs(dtype, M, K, N):
     forward (rows M, cols N, reduction K), grad_x (M, K, N), grad_W (N, K, M)."""
 
     def details():
+        from fastcore5.kernels.linear_relu import tuned_configs  # triton only when a case has run
+
         dims = {
             "Linear+ReLU forward": f" cols={N} reduction={K} ",
             "Linear+ReLU grad_x": f" cols={K} reduction={N} ",
