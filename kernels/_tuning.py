@@ -68,7 +68,8 @@ def benchmark(runs: dict[triton.Config, Callable[[], object]]) -> dict[triton.Co
     timings = {}
     for config, run in runs.items():
         try:
-            timings[config] = do_bench(run, warmup=5, rep=20, return_mode="median")
+            median = do_bench(run, warmup=5, rep=20, quantiles=[0.5])  # a float or [float] by version
+            timings[config] = median[0] if isinstance(median, (list, tuple)) else median
         except Exception:  # out of shared memory or registers for this config: not a candidate
             timings[config] = float("inf")
     return timings
