@@ -464,6 +464,6 @@ def test_gpu_tf32_error_at_most_twice_torchs(M, K, N):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        check_layout_parity(x, w, b, grad_out, 1e-6)
+        check_layout_parity(x, w, b, grad_out, 1e-4)  # the fp32 atol of test_gpu_parity_at_benchmark_shapes
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
