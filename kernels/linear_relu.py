@@ -222,6 +222,11 @@ def hopper_candidates(bucket: tuple) -> list[triton.Config]:
     return [_config(*t) for t in fitting]
 
 
+def _grid(rows, cols, config: triton.Config) -> tuple:
+    """One program per (BLOCK_M x BLOCK_N) output tile, in a flat grid (_grouped_tile orders them)."""
+    return (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+
+
 def _device_name(device: torch.device) -> str | None:
     """Keys tuned configs by card; None off CUDA (interpreter, compile-only runs: nothing saved)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -275,7 +280,7 @@ class _Launcher:
         rows, cols, _ = extents
 
         def run(config):
-            grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+            grid = _grid(rows, cols, config)
             return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
 
         bucket, device_name = self.bucket(variant, extents, strides), _device_name(device)
@@ -286,7 +291,7 @@ class _Launcher:
             config = self.tuned.known(bucket, device_name) or self.tuned.default
         else:
             config = self.tuned.choose(bucket, device_name, run)
-        grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+        grid = _grid(rows, cols, config)
         plan = (grid, {**constexprs, **launch_kwargs(config)})
         if not capturing:
             if len(self.plans) >= self._MAX_PLANS:
@@ -303,7 +308,7 @@ class _Launcher:
             config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(device))
         config = config or self.tuned.default
         rows, cols, _ = extents
-        grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+        grid = _grid(rows, cols, config)
         wrap(self.kernel)[grid](*args, **constexprs, **launch_kwargs(config))
 
     def report(self) -> list[dict]:
