@@ -26,6 +26,29 @@ def _fwd_bwd(fn, grad_out):
     return run
 
 
+def _chosen_configs(dtype, M, K, N):
+    """The Triton configs this process launched for this case's kernels (empty on other backends):
+    forward (rows M, cols N, reduction K), grad_x (M, K, N), grad_W (N, K, M)."""
+
+    def details():
+        from fastcore5.kernels.linear_relu import tuned_configs  # triton only when a case has run
+
+        dims = {
+            "Linear+ReLU forward": f" cols={N} reduction={K} ",
+            "Linear+ReLU grad_x": f" cols={K} reduction={N} ",
+            "Linear+ReLU grad_W/grad_b": f" rows={N} cols={K} ",
+        }
+        dtype_part = "dtype=" + str(dtype).replace("torch.", "")
+        return {
+            "triton_configs": [
+                row for row in tuned_configs()
+                if dtype_part in row["bucket"] and dims[row["kernel"]] in row["bucket"]
+            ]
+        }
+
+    return details
+
+
 def _shape_cases(device, dtype_name, dtype, M, K, N, compiled) -> list[Case]:
     def make():
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
@@ -47,6 +70,7 @@ def _shape_cases(device, dtype_name, dtype, M, K, N, compiled) -> list[Case]:
         {label: (lambda fn=fn: fn(*inputs.next())) for label, fn in forward.items()},
         flops=flops,
         anchor_keys={"eager": anchor + ".eager_fwd_ms", "cublaslt_epilogue": anchor + ".cublaslt_epilogue_fwd_ms"},
+        details=_chosen_configs(dtype, M, K, N),
     )
     fwdbwd = Case(
         "linear_relu", shape, dtype_name, "fwdbwd",
@@ -57,6 +81,7 @@ def _shape_cases(device, dtype_name, dtype, M, K, N, compiled) -> list[Case]:
         },
         flops=3 * flops,
         anchor_keys={"eager": anchor + ".eager_fwdbwd_ms"},
+        details=_chosen_configs(dtype, M, K, N),
     )
     return [fwd, fwdbwd]
 

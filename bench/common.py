@@ -37,6 +37,7 @@ class Case:
     bytes_moved: float | None = None
     flops: float | None = None
     anchor_keys: dict[str, str] = field(default_factory=dict)
+    details: Callable[[], dict] | None = None  # facts to record in the row, asked after timing
 
 
 class Rotating:
@@ -124,4 +125,6 @@ def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = 
         row["fraction_of_matmul_ceiling"] = row["TFLOPs"] / peak
     if case.anchor_keys:
         row["anchor_keys"] = case.anchor_keys
+    if case.details is not None:
+        row.update(case.details())
     return row

@@ -15,27 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output
-
-
-def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
-    # Hopper (H100/H200): 128x128..128x256 tiles with 3-4 stages fill the 228 KB of shared memory
-    # for bf16; the smaller tiles cover skinny shapes and fp32.
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 32, 4, 4),
-        (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (64, 64, 32, 5, 2),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for m, n, k, s, w in shapes
-    ]
+from ._tuning import TunedKernel, launch_kwargs, next_power_of_two
 
 
 @triton.jit
@@ -51,13 +31,25 @@ def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     return tile_r, tile_c
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "INPUT_PRECISION"])
+@triton.jit
+def _round_to_tf32(v):
+    """fp32 -> the nearest tf32 value (10 mantissa bits, ties to even), still stored as fp32.
+
+    Tensor cores given fp32 operands with input_precision="tf32" drop the low 13 mantissa bits
+    (truncation), which doubles the error cuBLAS gets by rounding first; rounded operands make
+    that truncation exact. Inf and NaN pass through unchanged."""
+    bits = v.to(tl.uint32, bitcast=True)
+    tie_to_even = (bits >> 13) & 1
+    rounded = ((bits + 0xFFF + tie_to_even) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7F800000) == 0x7F800000, v, rounded)
+
+
 @triton.jit
 def _linear_relu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -78,6 +70,9 @@ def _linear_relu_fwd_kernel(
         if UPCAST:
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
+        if ROUND_TF32:
+            x_tile = _round_to_tf32(x_tile)
+            w_tile = _round_to_tf32(w_tile)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -88,13 +83,12 @@ def _linear_relu_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "INPUT_PRECISION"])
 @triton.jit
 def _linear_relu_bwd_input_kernel(
     grad_ptr, out_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_om, stride_on, stride_wn, stride_wk, stride_dm, stride_dk,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_x tile = sum over N of g tile @ W tile. Block names follow the output (M, K):
@@ -119,6 +113,9 @@ def _linear_relu_bwd_input_kernel(
         if UPCAST:
             g_tile = g_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
+        if ROUND_TF32:
+            g_tile = _round_to_tf32(g_tile)
+            w_tile = _round_to_tf32(w_tile)
         acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         g_ptrs += BLOCK_K * stride_gn
         o_ptrs += BLOCK_K * stride_on
@@ -127,14 +124,13 @@ def _linear_relu_bwd_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "INPUT_PRECISION", "HAS_WEIGHT_GRAD"])
 @triton.jit
 def _linear_relu_bwd_weight_kernel(
     grad_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_om, stride_on, stride_xm, stride_xk, stride_dn, stride_dk,
     HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_W tile (rows of N, columns of K) = sum over M of g.T tile @ x tile; the programs of
@@ -165,6 +161,9 @@ def _linear_relu_bwd_weight_kernel(
             if UPCAST:
                 gt_tile = gt_tile.to(tl.float32)
                 x_tile = x_tile.to(tl.float32)
+            if ROUND_TF32:
+                gt_tile = _round_to_tf32(gt_tile)
+                x_tile = _round_to_tf32(x_tile)
             acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         gt_ptrs += BLOCK_K * stride_gm
         ot_ptrs += BLOCK_K * stride_om
@@ -177,8 +176,187 @@ def _linear_relu_bwd_weight_kernel(
             tl.store(db_ptr + offs_n, bias_acc.to(db_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+# Hopper (H100/H200) tiles: 128x128..128x256 with 3-4 stages for 16-bit operands, smaller tiles for
+# skinny shapes and fp32. (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); block names follow each
+# kernel's output tile, BLOCK_K is its reduction step.
+_HOPPER_TILES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 32, 4, 4),
+    (64, 256, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 5, 2),
+]
+_SHARED_MEMORY_BYTES = 232448  # what one Hopper block may opt into (227 KB)
+_GROUP_M = 8
+
+
+def _config(m, n, k, stages, warps, group=_GROUP_M) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group}, num_stages=stages, num_warps=warps)
+
+
+_INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group=4)
+_DEFAULT_CONFIG = _config(128, 128, 32, 4, 4)  # fits fp32 and 16-bit; launched untuned under ``wrap``
+
+
+def _candidates(bucket: tuple) -> list[triton.Config]:
+    return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket)
+
+
+def hopper_candidates(bucket: tuple) -> list[triton.Config]:
+    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
+    Hopper SM's shared memory, without tiles larger than the (power-of-two) problem in any
+    dimension unless no smaller tile exists."""
+    b = dict(bucket)
+    elem = b["bytes"]
+    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= _SHARED_MEMORY_BYTES]
+
+    def small_enough(tiles, index, extent):
+        limit = max(next_power_of_two(extent), min(t[index] for t in tiles))
+        return [t for t in tiles if t[index] <= limit]
+
+    for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
+        fitting = small_enough(fitting, index, extent)
+    return [_config(*t) for t in fitting]
+
+
+def _grid(rows, cols, config: triton.Config) -> tuple:
+    """One program per (BLOCK_M x BLOCK_N) output tile, in a flat grid (_grouped_tile orders them)."""
+    return (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+
+
+def _device_name(device: torch.device) -> str | None:
+    """Keys tuned configs by card; None off CUDA (interpreter, compile-only runs: nothing saved)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _stride_class(stride: int) -> int:
+    """What Triton's launch specialisation sees of a stride: 1, a multiple of 16 (16), or neither (0)."""
+    return 1 if stride == 1 else 16 if stride % 16 == 0 else 0
+
+
+class _Launcher:
+    """Launches one kernel with the config of its shape bucket (kernels/_tuning.py).
+
+    Per call: one dict lookup on the exact (variant, extents, strides), then ``kernel[grid](...)``.
+    The first call with a new key works out the bucket, gets its config (tuned once on a GPU)
+    and the grid, and remembers them; ``m_axis`` says which extent is the batch dimension M,
+    the one bucketed to a power of two."""
+
+    _MAX_PLANS = 4096
+
+    def __init__(self, kernel, title: str, m_axis: int):
+        self.tuned = TunedKernel(kernel, title, _candidates, _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG)
+        self.kernel = kernel
+        self.m_axis = m_axis  # 0: rows, 2: reduction
+        self.plans: dict[tuple, tuple] = {}
+
+    def __call__(self, wrap, device, variant: tuple, extents: tuple, strides: tuple, args: tuple, constexprs: dict):
+        if wrap is not None:
+            return self._launch_wrapped(wrap, device, variant, extents, strides, args, constexprs)
+        key = (variant, extents, strides)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self._plan(device, variant, extents, strides, args, constexprs)
+        grid, kwargs = plan
+        self.kernel.run(*args, grid=grid, warmup=False, **kwargs)  # what kernel[grid](...) calls
+
+    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
+        dtype, precision, *flags = variant
+        rows, cols, reduction = (next_power_of_two(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
+        return (
+            ("dtype", str(dtype).replace("torch.", "")),
+            ("precision", precision),
+            ("flags", "".join("1" if f else "0" for f in flags)),
+            ("rows", rows), ("cols", cols), ("reduction", reduction),
+            ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
+            ("strides", ",".join(str(_stride_class(s)) for s in strides)),
+            ("bytes", _ELEMENT_BYTES[dtype]),
+        )
+
+    def _plan(self, device, variant, extents, strides, args, constexprs) -> tuple:
+        rows, cols, _ = extents
+
+        def run(config):
+            grid = _grid(rows, cols, config)
+            return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
+
+        bucket, device_name = self.bucket(variant, extents, strides), _device_name(device)
+        # Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met
+        # while capturing launches its known or default config, and is tuned on a later eager call.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            config = self.tuned.known(bucket, device_name) or self.tuned.default
+        else:
+            config = self.tuned.choose(bucket, device_name, run)
+        grid = _grid(rows, cols, config)
+        plan = (grid, {**constexprs, **launch_kwargs(config)})
+        if not capturing:
+            if len(self.plans) >= self._MAX_PLANS:
+                self.plans.clear()
+            self.plans[(variant, extents, strides)] = plan
+        return plan
+
+    def _launch_wrapped(self, wrap, device, variant, extents, strides, args, constexprs):
+        """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
+        the bucket's config when this process already chose one, else the fixed default. Sizes
+        that are symbolic get the default too, so no guard is put on them here."""
+        config = None
+        if all(type(v) is int for v in (*extents, *strides)):
+            config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(device))
+        config = config or self.tuned.default
+        rows, cols, _ = extents
+        grid = _grid(rows, cols, config)
+        wrap(self.kernel)[grid](*args, **constexprs, **launch_kwargs(config))
+
+    def report(self) -> list[dict]:
+        return self.tuned.report()
+
+
+_ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0)
+_backward_input = _Launcher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
+_backward_weight = _Launcher(_linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2)
+
+
+def tuned_configs() -> list[dict]:
+    """The config each Linear+ReLU kernel launched with, per shape bucket, in this process: one row
+    per (kernel, bucket) with the bucket, BLOCK sizes, warps, stages, and whether the config was
+    timed here, read from the disk cache or the only candidate (benchmarks record this)."""
+    return [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# Per dtype: the dtype kernels write, whether dot operands are widened, the accumulator type.
+# Fixed for the process, like the choice between interpreter and compiler that @triton.jit made
+# when this module was imported; looked up once here instead of on every call.
+_DTYPE_FACTS = {
+    dtype: (kernel_output_dtype(dtype), dot_needs_upcast(dtype), _acc_dtype(dtype))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def _dot_constexprs(dtype: torch.dtype) -> tuple[str, dict]:
+    """The dot's input precision (fp32 follows torch's TF32 setting, read per call) and the
+    constexprs every kernel takes for ``dtype``."""
+    precision = dot_precision(dtype)
+    _, upcast, acc_dtype = _DTYPE_FACTS[dtype]
+    return precision, {"INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype}
+
+
+def _with_a_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if one of its two strides is 1 (row- or column-major, any leading stride), else a
+    contiguous copy, as cuBLAS-backed torch.matmul does. Operands strided in both dimensions
+    (x = wide[..., ::2]) were where the H200 run saw 16-bit grad_x 2-3 % off (issue 11); they
+    also compile without vector loads or async copies, so the copy costs less than it saves."""
+    if t is None or t.stride(1) == 1 or t.stride(0) == 1:
+        return t
+    return t.contiguous()
 
 
 def _in_features(x, weight) -> int:
@@ -188,27 +366,29 @@ def _in_features(x, weight) -> int:
     return weight.shape[1] if weight is not None else 0
 
 
-def _grid(rows, cols):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, wrap=None) -> torch.Tensor:
+    """relu(x @ weight.T + bias) for 2-D x (M, K) of any strides; returns a new (M, N) tensor.
 
-
-def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(x @ weight.T + bias) for 2-D x (M, K) of any strides; returns a new (M, N) tensor."""
+    ``wrap``: None, or a callable applied to the kernel before launching it
+    (torch.library.wrap_triton), for tracing with fake tensors: then nothing is tuned."""
     M, K = x.shape
     N = weight.shape[0]
-    out = new_output((M, N), kernel_output_dtype(x.dtype), x.device)
+    dtype = x.dtype
+    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
     if M == 0 or N == 0:
-        return finish_output(out, x.dtype)
-    if bias is not None:
+        return finish_output(out, dtype)
+    has_bias = bias is not None
+    if has_bias:
         bias = bias.contiguous()  # N elements: cheaper to copy than to stride in the epilogue
-    _linear_relu_fwd_kernel[_grid(M, N)](
-        x, weight, bias if bias is not None else x, out,
-        M, N, K,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, INPUT_PRECISION=dot_precision(x.dtype),
-        UPCAST=dot_needs_upcast(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype),
+    precision, constexprs = _dot_constexprs(dtype)
+    strides = (*x.stride(), *weight.stride(), *out.stride())
+    _forward(
+        wrap, x.device, (dtype, precision, has_bias), (M, N, K), strides,
+        (x, weight, bias if has_bias else x, out, M, N, K, *strides),
+        {"HAS_BIAS": has_bias, **constexprs},
     )
-    return finish_output(out, x.dtype)
+    return finish_output(out, dtype)
 
 
 def linear_relu_backward(
@@ -219,34 +399,38 @@ def linear_relu_backward(
     need_input_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    *,
+    wrap=None,
 ):
     """(grad_x, grad_W, grad_b) for out = relu(x @ W.T + b); each is None unless asked for.
 
     x is needed only for grad_W and weight only for grad_x. Shapes: grad_out and out (M, N),
-    x (M, K), weight (N, K).
+    x (M, K), weight (N, K). ``wrap`` as for linear_relu_forward.
     """
     M, N = out.shape
     K = _in_features(x, weight)
     dtype = out.dtype
-    grad_dtype = kernel_output_dtype(dtype)
-    precision, upcast, acc_dtype = dot_precision(dtype), dot_needs_upcast(dtype), _acc_dtype(dtype)
+    grad_out, out = _with_a_unit_stride(grad_out), _with_a_unit_stride(out)
+    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    grad_dtype = _DTYPE_FACTS[dtype][0]
+    device = out.device
+    precision, constexprs = _dot_constexprs(dtype)
     grad_x = grad_w = grad_b = None
+    grad_strides = (*grad_out.stride(), *out.stride())
     if need_input_grad:
-        grad_x = new_output((M, K), grad_dtype, out.device)
+        grad_x = new_output((M, K), grad_dtype, device)
         if M and K:
             if N == 0:
                 grad_x.zero_()
             else:
-                _linear_relu_bwd_input_kernel[_grid(M, K)](
-                    grad_out, out, weight, grad_x,
-                    M, N, K,
-                    grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),
-                    weight.stride(0), weight.stride(1), grad_x.stride(0), grad_x.stride(1),
-                    INPUT_PRECISION=precision, UPCAST=upcast, ACC_DTYPE=acc_dtype,
+                strides = (*grad_strides, *weight.stride(), *grad_x.stride())
+                _backward_input(
+                    wrap, device, (dtype, precision), (M, K, N), strides,
+                    (grad_out, out, weight, grad_x, M, N, K, *strides), constexprs,
                 )
     if need_weight_grad or need_bias_grad:
-        grad_w = new_output((N, K), grad_dtype, out.device) if need_weight_grad else None
-        grad_b = new_output((N,), grad_dtype, out.device) if need_bias_grad else None
+        grad_w = new_output((N, K), grad_dtype, device) if need_weight_grad else None
+        grad_b = new_output((N,), grad_dtype, device) if need_bias_grad else None
         weight_tiles = need_weight_grad and K > 0
         if M == 0:
             for g in (grad_w, grad_b):
@@ -254,14 +438,14 @@ def linear_relu_backward(
                     g.zero_()
         elif N and (weight_tiles or need_bias_grad):
             k_extent = K if weight_tiles else 1  # bias only: one program column, no K tiles
-            _linear_relu_bwd_weight_kernel[_grid(N, k_extent)](
-                grad_out, out, x if weight_tiles else out,
-                grad_w if weight_tiles else out, grad_b if need_bias_grad else out,
-                M, N, k_extent,
-                grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),
-                x.stride(0) if weight_tiles else 0, x.stride(1) if weight_tiles else 0,
-                grad_w.stride(0) if weight_tiles else 0, grad_w.stride(1) if weight_tiles else 0,
-                HAS_WEIGHT_GRAD=weight_tiles, HAS_BIAS_GRAD=need_bias_grad,
-                INPUT_PRECISION=precision, UPCAST=upcast, ACC_DTYPE=acc_dtype,
+            if weight_tiles:
+                strides = (*grad_strides, *x.stride(), *grad_w.stride())
+            else:
+                strides = (*grad_strides, 0, 0, 0, 0)
+            _backward_weight(
+                wrap, device, (dtype, precision, weight_tiles, need_bias_grad), (N, k_extent, M), strides,
+                (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
+                 grad_b if need_bias_grad else out, M, N, k_extent, *strides),
+                {"HAS_WEIGHT_GRAD": weight_tiles, "HAS_BIAS_GRAD": need_bias_grad, **constexprs},
             )
     return tuple(None if g is None else finish_output(g, dtype) for g in (grad_x, grad_w, grad_b))

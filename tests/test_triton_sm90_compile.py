@@ -50,3 +50,15 @@ def test_sgd_moves_memory_in_16_byte_vectors():
         vector = "v2.b64" if row["constexprs"]["COMPUTE"] == "fp64" else "v4.b32"
         ops = row["global_memory_ops"]
         assert f"ld.global.{vector}" in ops and f"st.global.{vector}" in ops, row
+
+
+def test_linear_relu_gemms_use_wgmma_and_pipelined_copies():
+    """At benchmark-like shapes (16-divisible, unit inner strides) every Linear+ReLU GEMM config
+    with a full warpgroup (>= 4 warps) compiles to Hopper's wgmma with its operand tiles copied
+    asynchronously, i.e. software-pipelined over K; the fp32 tf32-rounding path included."""
+    rows = [r for r in compile_op("linear_relu") if r["constexprs"].get("K") != "1"]  # not the bias-only launch
+    warpgroup_rows = [r for r in rows if r["options"]["num_warps"] >= 4]
+    assert {r["signature"].split(",")[0] for r in warpgroup_rows} >= {"*bf16", "*fp32", "*fp16"}
+    assert any(r["constexprs"]["ROUND_TF32"] == "True" for r in warpgroup_rows)
+    for row in warpgroup_rows:
+        assert row["wgmma"] and row["async_copies"] > 0, row
