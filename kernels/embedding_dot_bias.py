@@ -13,14 +13,15 @@ Backward: with coef[b] = grad_out[b] * d out[b] / d res[b] (1 without y_range,
 (hi - lo) * s * (1 - s) with s = sigmoid(res) otherwise; res is recomputed from the rows the
 backward has to read anyway, so the forward saves nothing), the gradients are
     grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
-and the same for V and ib with the roles swapped. Three ways to form them:
+and the same for V and ib with the roles swapped. Three ways to form them; one per-sample
+kernel does the work of each sample, its MODE saying what it writes:
 
-* atomic (default): one kernel; each program scatters coef * partner-row into the dense
+* atomic (default, MODE_ATOMIC): one launch; each program scatters coef * partner-row into the dense
   gradients with relaxed atomic adds. Fast, and duplicates only contend on the hot rows, but the
   order of the additions varies from run to run, so the result is nondeterministic in the last
   bits. bf16/fp16 tables accumulate in an fp32 workspace that is rounded once at the end.
-* deterministic (used when torch.are_deterministic_algorithms_enabled()): the indices are
-  sorted (stable sort) so every row's samples are contiguous, then a segment reduction runs in
+* deterministic (used when torch.are_deterministic_algorithms_enabled()): coef is formed first
+  (MODE_COEF; without y_range it is grad_out itself), the indices are sorted (stable sort) so every row's samples are contiguous, then a segment reduction runs in
   levels. A level cuts its sorted sequence into tiles of SEGMENT_TILE entries; inside a tile each
   run of equal rows (a "piece") is summed with a fixed reduction tree. A piece that is the whole
   segment of its row is added to the gradient row; a piece that crosses a tile boundary is
@@ -30,7 +31,7 @@ and the same for V and ib with the roles swapped. Three ways to form them:
   happens in an order fixed by B and SEGMENT_TILE alone: bitwise identical across runs.
   Each gradient row receives its full sum once (other writes to it add an exact 0), so bf16/fp16
   gradients are rounded once, from fp32, without a workspace.
-* sparse: per-sample values coef * partner-row (B, D) and coef (B,), exactly what
+* sparse (MODE_SPARSE): per-sample values coef * partner-row (B, D) and coef (B,), exactly what
   nn.Embedding(sparse=True) puts in its COO gradient; no reduction, so deterministic.
 
 All sample offsets are int64 (tl.program_id(0).to(tl.int64)), so B * D and n * D may exceed 2^31.
@@ -41,13 +42,17 @@ import triton.language as tl
 
 from ._common import interpreting, new_output
 
-# Warps of the per-sample kernels (forward, atomic, coefficient, sparse values).
+# Warps of the per-sample kernels (the forward and the per-sample backward in every MODE).
 SAMPLE_WARPS = 8
 # Entries per tile of the deterministic segment reduction; each level shrinks its input by
 # SEGMENT_TILE / 2. Tests lower it to force many levels on small batches.
 SEGMENT_TILE = 64 if interpreting() else 32
 # Fixed for the process: the interpreter must be switched on before triton is imported.
 INTERPRETING = interpreting()
+# What the per-sample backward kernel writes (its MODE); the values are csrc/embedding_dot_bias.cu's Mode.
+MODE_COEF = tl.constexpr(0)  # coef alone: the deterministic path's input with y_range
+MODE_ATOMIC = tl.constexpr(1)  # coef-weighted partner rows atomically added into dense gradients
+MODE_SPARSE = tl.constexpr(2)  # the same values stored per sample: nn.Embedding(sparse=True)'s COO values
 
 
 @triton.jit
@@ -167,89 +172,38 @@ def _embedding_dot_bias_fwd_kernel(
 
 
 @triton.jit
-def _embedding_dot_bias_bwd_atomic_kernel(
-    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-    grad_uw_ptr, grad_iw_ptr, grad_ub_ptr, grad_ib_ptr,
-    B, D, n_users, n_items, y_lo, y_hi,
-    stride_grad_out, stride_users, stride_items,
-    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
-    NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _scatter_or_store(
+    out_ptr, row_offsets, sample_offsets, values, valid, in_batch, MODE: tl.constexpr, SOFT_BF16: tl.constexpr
 ):
-    """Scatter-add every sample's contribution into contiguous ACC_DTYPE gradients
-    (grad_uw (n_users, D), grad_ub (n_users,), and the item ones), which start at zero."""
-    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = samples < B
-    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
-    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
-    coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, valid,
-        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-        HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
-    )
-    if NEED_UB:
-        tl.atomic_add(grad_ub_ptr + users, coef, mask=valid, sem="relaxed")
-    if NEED_IB:
-        tl.atomic_add(grad_ib_ptr + items, coef, mask=valid, sem="relaxed")
-    if NEED_UW or NEED_IW:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            tile_mask = valid[:, None] & (cols[None, :] < D)
-            if NEED_UW:
-                i_rows = tl.load(
-                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
-                )
-                tl.atomic_add(
-                    grad_uw_ptr + users[:, None] * D + cols[None, :],
-                    coef[:, None] * i_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
-                )
-            if NEED_IW:
-                u_rows = tl.load(
-                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
-                )
-                tl.atomic_add(
-                    grad_iw_ptr + items[:, None] * D + cols[None, :],
-                    coef[:, None] * u_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
-                )
+    """MODE_ATOMIC: add ``values`` into the ACC_DTYPE accumulator at out[row_offsets] where
+    ``valid``. MODE_SPARSE: store them, rounded to out's dtype, at out[sample_offsets] for every
+    sample in the batch (a sample with a bad index stores its zeros)."""
+    if MODE == MODE_ATOMIC:
+        tl.atomic_add(out_ptr + row_offsets, values, mask=valid, sem="relaxed")
+    else:
+        tl.store(out_ptr + sample_offsets, _rounded(values, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
 
 
 @triton.jit
-def _embedding_dot_bias_bwd_coef_kernel(
-    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, coef_ptr,
-    B, D, n_users, n_items, y_lo, y_hi,
-    stride_grad_out, stride_users, stride_items,
-    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """coef (B,) in ACC_DTYPE for the deterministic path with y_range."""
-    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = samples < B
-    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
-    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
-    coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, valid,
-        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-        True, ACC_DTYPE, BLOCK_B, BLOCK_D,
-    )
-    tl.store(coef_ptr + samples, coef, mask=in_batch)
-
-
-@triton.jit
-def _embedding_dot_bias_bwd_sparse_kernel(
+def _embedding_dot_bias_bwd_per_sample_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-    uw_values_ptr, iw_values_ptr, ub_values_ptr, ib_values_ptr,
+    coef_ptr, out_uw_ptr, out_iw_ptr, out_ub_ptr, out_ib_ptr,
     B, D, n_users, n_items, y_lo, y_hi,
     stride_grad_out, stride_users, stride_items,
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
+    MODE: tl.constexpr, HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
     NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
     ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per-sample COO values: uw_values[b] = coef[b] * V[i_b] (contiguous (B, D)),
-    iw_values[b] = coef[b] * U[u_b], ub_values[b] = ib_values[b] = coef[b]."""
+    """The backward's per-sample work for a block of samples; MODE picks what is written:
+
+    MODE_COEF: coef (B,) in ACC_DTYPE, the deterministic path's input (the NEED_* flags are unused).
+    MODE_ATOMIC: coef * V[i_b] and coef scattered into contiguous ACC_DTYPE gradients that start
+        at zero: out_uw (n_users, D), out_ub (n_users,), and the item ones.
+    MODE_SPARSE: nn.Embedding(sparse=True)'s per-sample COO values in the table dtype:
+        out_uw[b] = coef[b] * V[i_b] (contiguous (B, D)), out_iw[b] = coef[b] * U[u_b],
+        out_ub[b] = out_ib[b] = coef[b].
+    """
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
@@ -260,33 +214,36 @@ def _embedding_dot_bias_bwd_sparse_kernel(
         D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
     )
-    if NEED_UB:
-        tl.store(ub_values_ptr + samples, _rounded(coef, ub_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
-    if NEED_IB:
-        tl.store(ib_values_ptr + samples, _rounded(coef, ib_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
-    if NEED_UW or NEED_IW:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            tile_mask = in_batch[:, None] & (cols[None, :] < D)
-            read_mask = valid[:, None] & (cols[None, :] < D)
-            if NEED_UW:
-                i_rows = tl.load(
-                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=read_mask, other=0.0
-                )
-                values = coef[:, None] * i_rows.to(ACC_DTYPE)
-                tl.store(
-                    uw_values_ptr + samples[:, None] * D + cols[None, :],
-                    _rounded(values, uw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
-                )
-            if NEED_IW:
-                u_rows = tl.load(
-                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=read_mask, other=0.0
-                )
-                values = coef[:, None] * u_rows.to(ACC_DTYPE)
-                tl.store(
-                    iw_values_ptr + samples[:, None] * D + cols[None, :],
-                    _rounded(values, iw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
-                )
+    if MODE == MODE_COEF:
+        tl.store(coef_ptr + samples, coef, mask=in_batch)
+    else:
+        if NEED_UB:
+            _scatter_or_store(out_ub_ptr, users, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+        if NEED_IB:
+            _scatter_or_store(out_ib_ptr, items, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+        if NEED_UW or NEED_IW:
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                in_cols = cols[None, :] < D
+                read_mask = valid[:, None] & in_cols
+                batch_mask = in_batch[:, None] & in_cols
+                sample_offsets = samples[:, None] * D + cols[None, :]
+                if NEED_UW:
+                    i_rows = tl.load(
+                        i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=read_mask, other=0.0
+                    )
+                    _scatter_or_store(
+                        out_uw_ptr, users[:, None] * D + cols[None, :], sample_offsets,
+                        coef[:, None] * i_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+                    )
+                if NEED_IW:
+                    u_rows = tl.load(
+                        u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=read_mask, other=0.0
+                    )
+                    _scatter_or_store(
+                        out_iw_ptr, items[:, None] * D + cols[None, :], sample_offsets,
+                        coef[:, None] * u_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+                    )
 
 
 @triton.jit
@@ -588,24 +545,26 @@ def embedding_dot_bias_backward(
     has_y_range = y_lo is not None
     lo, hi = (float(y_lo), float(y_hi)) if has_y_range else (0.0, 0.0)
     acc_dtype = _acc_dtype(dtype)
-    block_b, block_d = _blocks(B, D)
-    grid = (_cdiv(B, block_b),)
     tables, table_strides = _table_args(u_weight, i_weight, u_bias, i_bias, fallback=grad_out)
-    sample_strides = (grad_out.stride(0), users.stride(0), items.stride(0))
     needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+
+    def per_sample(mode, coef, outputs):
+        """Launch the per-sample kernel in ``mode`` writing ``coef`` or the four ``outputs``
+        (grad or values of u_weight, i_weight, u_bias, i_bias; None: not wanted)."""
+        block_b, block_d = _blocks(B, D)
+        need_uw, need_iw, need_ub, need_ib = (out is not None for out in outputs)
+        launch(_embedding_dot_bias_bwd_per_sample_kernel)[(_cdiv(B, block_b),)](
+            grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
+            B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides,
+            MODE=mode.value, HAS_Y_RANGE=has_y_range, NEED_UW=need_uw, NEED_IW=need_iw, NEED_UB=need_ub, NEED_IB=need_ib,
+            ACC_DTYPE=_tl_dtype(dtype), SOFT_BF16=_soft_bf16(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+        )
 
     if sparse:
         shapes = ((B, D), (B, D), (B,), (B,))
         values = [new_output(shape, dtype, device) if need else None for shape, need in zip(shapes, needs)]
         if B > 0 and any(needs):
-            launch(_embedding_dot_bias_bwd_sparse_kernel)[grid](
-                grad_out, users, items, *tables,
-                *[v if v is not None else grad_out for v in values],
-                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-                HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
-                NEED_UB=need_u_bias, NEED_IB=need_i_bias, ACC_DTYPE=_tl_dtype(dtype), SOFT_BF16=_soft_bf16(dtype),
-                BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-            )
+            per_sample(MODE_SPARSE, grad_out, values)
         return tuple(values)
 
     shapes = ((num_users, D), (num_items, D), (num_users,), (num_items,))
@@ -616,11 +575,7 @@ def embedding_dot_bias_backward(
             return tuple(grads)
         if has_y_range:
             coef = new_output((B,), acc_dtype, device)
-            launch(_embedding_dot_bias_bwd_coef_kernel)[grid](
-                grad_out, users, items, *tables, coef,
-                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-                ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-            )
+            per_sample(MODE_COEF, coef, (None,) * 4)
         else:
             coef = grad_out.to(acc_dtype).contiguous()
         grad_uw, grad_iw, grad_ub, grad_ib = grads
@@ -643,12 +598,5 @@ def embedding_dot_bias_backward(
         torch.zeros(shape, dtype=acc_dtype, device=device) if need else None for shape, need in zip(shapes, needs)
     ]
     if B > 0 and any(needs):
-        launch(_embedding_dot_bias_bwd_atomic_kernel)[grid](
-            grad_out, users, items, *tables,
-            *[a if a is not None else grad_out for a in accumulators],
-            B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-            HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
-            NEED_UB=need_u_bias, NEED_IB=need_i_bias,
-            ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-        )
+        per_sample(MODE_ATOMIC, grad_out, accumulators)
     return tuple(a.to(dtype) if a is not None else None for a in accumulators)

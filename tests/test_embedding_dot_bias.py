@@ -252,22 +252,29 @@ def test_deterministic_low_precision_gradients_are_rounded_once(dtype, monkeypat
 
 
 class LaunchSpy:
-    """Stands in for a Triton kernel (indexed by its grid) and records each launch by name."""
+    """Stands in for a Triton kernel (indexed by its grid) and records each launch as
+    (name, MODE), MODE being None for a kernel without one."""
 
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs.get("MODE")))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
     """Under use_deterministic_algorithms the sorted segment reduction runs (and no atomics),
     and two runs give bitwise identical gradients; without it the atomic kernel runs."""
     launched = []
-    for name in ("_embedding_dot_bias_bwd_segment_kernel", "_embedding_dot_bias_bwd_atomic_kernel"):
+    for name in ("_embedding_dot_bias_bwd_segment_kernel", "_embedding_dot_bias_bwd_per_sample_kernel"):
         monkeypatch.setattr(kernels, name, LaunchSpy(getattr(kernels, name), name, launched))
+    segment_launch = ("_embedding_dot_bias_bwd_segment_kernel", None)
+    coefficient_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_COEF.value)
+    atomic_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_ATOMIC.value)
 
     users, items = zipf_indices(30, 700), zipf_indices(25, 700)
     tables = random_tables(30, 25, 12)
@@ -276,11 +283,11 @@ def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
     try:
         torch.use_deterministic_algorithms(True)
         runs = [fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1] for _ in range(2)]
-        assert launched and set(launched) == {"_embedding_dot_bias_bwd_segment_kernel"}
+        assert segment_launch in launched and set(launched) == {coefficient_launch, segment_launch}
         torch.use_deterministic_algorithms(False)
         launched.clear()
         atomic_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1]
-        assert launched == ["_embedding_dot_bias_bwd_atomic_kernel"]
+        assert launched == [atomic_launch]
     finally:
         torch.use_deterministic_algorithms(previous)
     for first, second, atomic in zip(*runs, atomic_grads):

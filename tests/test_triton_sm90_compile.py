@@ -50,3 +50,14 @@ def test_sgd_moves_memory_in_16_byte_vectors():
         vector = "v2.b64" if row["constexprs"]["COMPUTE"] == "fp64" else "v4.b32"
         ops = row["global_memory_ops"]
         assert f"ld.global.{vector}" in ops and f"st.global.{vector}" in ops, row
+
+
+def test_embedding_dot_bias_backward_compiles_in_every_mode():
+    """One per-sample backward kernel does three jobs (its MODE) beside the segment reduction of
+    the deterministic path: each of them must have been compiled, not just one."""
+    from fastcore5.kernels import embedding_dot_bias as kernels
+
+    rows = compile_op("embedding_dot_bias")
+    modes = {row["constexprs"]["MODE"] for row in rows if row["kernel"] == "_embedding_dot_bias_bwd_per_sample_kernel"}
+    assert modes == {str(mode.value) for mode in (kernels.MODE_COEF, kernels.MODE_ATOMIC, kernels.MODE_SPARSE)}
+    assert any(row["kernel"] == "_embedding_dot_bias_bwd_segment_kernel" for row in rows)
