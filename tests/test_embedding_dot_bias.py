@@ -15,6 +15,7 @@ from torch import nn
 import fastcore5
 from fastcore5 import reference
 from fastcore5.kernels import embedding_dot_bias as kernels
+from fastcore5.kernels import segment_reduce
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
 
@@ -222,7 +223,7 @@ def test_heavy_duplicates(skew, backward_path):
 @pytest.mark.parametrize("skew", ["one_user", "zipf_items"])
 def test_heavy_duplicates_through_many_carry_levels(skew, monkeypatch):
     """Tiles of 4 entries halve the sequence per level: 150 samples take 7 levels."""
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)
+    monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", 4)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -236,7 +237,7 @@ def test_deterministic_low_precision_gradients_are_rounded_once(dtype, monkeypat
     """The deterministic path writes each gradient row's fp32 sum once, so bf16/fp16 gradients
     equal the same computation on fp32 copies of the tables, rounded at the end (no partial
     sums rounded on the way)."""
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 8)
+    monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", 8)
     users, items = zipf_indices(12, 200), random_indices(15, 200)
     tables = random_tables(12, 15, 9, dtype)
     grad_out = torch.randn(200, dtype=dtype)
@@ -270,8 +271,11 @@ def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
     """Under use_deterministic_algorithms the sorted segment reduction runs (and no atomics),
     and two runs give bitwise identical gradients; without it the atomic kernel runs."""
     launched = []
-    for name in ("_embedding_dot_bias_bwd_segment_kernel", "_embedding_dot_bias_bwd_per_sample_kernel"):
-        monkeypatch.setattr(kernels, name, LaunchSpy(getattr(kernels, name), name, launched))
+    for module, name in (
+        (segment_reduce, "_embedding_dot_bias_bwd_segment_kernel"),
+        (kernels, "_embedding_dot_bias_bwd_per_sample_kernel"),
+    ):
+        monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), name, launched))
     segment_launch = ("_embedding_dot_bias_bwd_segment_kernel", None)
     coefficient_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_COEF.value)
     atomic_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_ATOMIC.value)
@@ -297,7 +301,7 @@ def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
 
 @pytest.mark.parametrize("y_range", [None, (-1.0, 2.0)], ids=["no_range", "y_range"])
 def test_gradcheck(y_range, backward_path, monkeypatch):
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)  # two carry levels on 8 samples
+    monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", 4)  # two carry levels on 8 samples
     users = torch.tensor([0, 3, 3, 3, 2, 3, 1, 3])
     items = random_indices(5, 8)
     tables = [t.requires_grad_() for t in random_tables(4, 5, 3, torch.float64)]

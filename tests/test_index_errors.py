@@ -11,7 +11,7 @@ import torch
 
 import fastcore5
 from fastcore5 import index_errors, reference
-from fastcore5.kernels import embedding_dot_bias as kernels
+from fastcore5.kernels import segment_reduce
 
 from conftest import DEVICE
 
@@ -76,7 +76,7 @@ def test_any_fastcore5_call_reports_a_pending_bad_index():
 
 @pytest.mark.parametrize("path", ["atomic", "deterministic", "sparse"])
 def test_bad_samples_contribute_no_gradient(path, monkeypatch):
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)  # several carry levels on 20 samples
+    monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", 4)  # several carry levels on 20 samples
     users, items = batch_with_bad_indices()
     fused_tables = tables(requires_grad=True)
     grad_out = torch.randn(20, dtype=torch.float64, device=DEVICE)
