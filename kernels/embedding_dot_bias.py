@@ -174,6 +174,22 @@ def _scatter_or_store(
 
 
 @triton.jit
+def _partner_rows_out(
+    out_ptr, rows, partner_table_ptr, partners, stride_pt_n, stride_pt_d, coef, samples, cols, D,
+    read_mask, batch_mask, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    """One column tile of a table's gradient: coef * the partner row (for grad_U, V[i_b]), added
+    into the gradient at the sample's own row ``rows`` or stored per sample (see _scatter_or_store)."""
+    partner_rows = tl.load(
+        partner_table_ptr + partners[:, None] * stride_pt_n + cols[None, :] * stride_pt_d, mask=read_mask, other=0.0
+    )
+    _scatter_or_store(
+        out_ptr, rows[:, None] * D + cols[None, :], samples[:, None] * D + cols[None, :],
+        coef[:, None] * partner_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+    )
+
+
+@triton.jit
 def _embedding_dot_bias_bwd_per_sample_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
     coef_ptr, out_uw_ptr, out_iw_ptr, out_ub_ptr, out_ib_ptr,
@@ -216,24 +232,15 @@ def _embedding_dot_bias_bwd_per_sample_kernel(
                 in_cols = cols[None, :] < D
                 read_mask = valid[:, None] & in_cols
                 batch_mask = in_batch[:, None] & in_cols
-                sample_offsets = samples[:, None] * D + cols[None, :]
                 if NEED_UW:
-                    i_rows = tl.load(
-                        i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d,
-                        mask=read_mask, other=0.0,
-                    )
-                    _scatter_or_store(
-                        out_uw_ptr, users[:, None] * D + cols[None, :], sample_offsets,
-                        coef[:, None] * i_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+                    _partner_rows_out(
+                        out_uw_ptr, users, i_weight_ptr, items, stride_iw_n, stride_iw_d, coef, samples, cols, D,
+                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
                     )
                 if NEED_IW:
-                    u_rows = tl.load(
-                        u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d,
-                        mask=read_mask, other=0.0,
-                    )
-                    _scatter_or_store(
-                        out_iw_ptr, items[:, None] * D + cols[None, :], sample_offsets,
-                        coef[:, None] * u_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+                    _partner_rows_out(
+                        out_iw_ptr, items, u_weight_ptr, users, stride_uw_n, stride_uw_d, coef, samples, cols, D,
+                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
                     )
 
 
