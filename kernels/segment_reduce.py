@@ -31,7 +31,6 @@ SEGMENT_BLOCK_D = 64 if INTERPRETING else 16
 SEGMENT_WARPS = 8
 
 
-
 @triton.jit
 def _embedding_dot_bias_bwd_segment_kernel(
     keys_ptr, N,
