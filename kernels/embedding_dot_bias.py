@@ -13,24 +13,18 @@ Backward: with coef[b] = grad_out[b] * d out[b] / d res[b] (1 without y_range,
 (hi - lo) * s * (1 - s) with s = sigmoid(res) otherwise; res is recomputed from the rows the
 backward has to read anyway, so the forward saves nothing), the gradients are
     grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
-and the same for V and ib with the roles swapped. Three ways to form them:
+and the same for V and ib with the roles swapped. Three ways to form them; one per-sample
+kernel does the work of each sample, its MODE saying what it writes:
 
-* atomic (default): one kernel; each program scatters coef * partner-row into the dense
-  gradients with relaxed atomic adds. Fast, and duplicates only contend on the hot rows, but the
+* atomic (default, MODE_ATOMIC): one launch; each program scatters coef * partner-row into the
+  dense gradients with relaxed atomic adds. Fast, and duplicates only contend on the hot rows, but the
   order of the additions varies from run to run, so the result is nondeterministic in the last
   bits. bf16/fp16 tables accumulate in an fp32 workspace that is rounded once at the end.
-* deterministic (used when torch.are_deterministic_algorithms_enabled()): the indices are
-  sorted (stable sort) so every row's samples are contiguous, then a segment reduction runs in
-  levels. A level cuts its sorted sequence into tiles of SEGMENT_TILE entries; inside a tile each
-  run of equal rows (a "piece") is summed with a fixed reduction tree. A piece that is the whole
-  segment of its row is added to the gradient row; a piece that crosses a tile boundary is
-  written to one of the tile's two carry slots, and the carries (again sorted by row) are the
-  next level's input. Each level shrinks the sequence by SEGMENT_TILE / 2, so a row hit by all
-  B samples costs log(B) levels of parallel work, not a B-long serial loop. Every addition
-  happens in an order fixed by B and SEGMENT_TILE alone: bitwise identical across runs.
-  Each gradient row receives its full sum once (other writes to it add an exact 0), so bf16/fp16
-  gradients are rounded once, from fp32, without a workspace.
-* sparse: per-sample values coef * partner-row (B, D) and coef (B,), exactly what
+* deterministic (used when torch.are_deterministic_algorithms_enabled()): coef is formed first
+  (MODE_COEF; without y_range it is grad_out itself), then each table's indices are sorted and
+  segment_reduce.py sums every row's samples in an order fixed by B alone: bitwise identical
+  across runs, and bf16/fp16 gradients are rounded once, from fp32, without a workspace.
+* sparse (MODE_SPARSE): per-sample values coef * partner-row (B, D) and coef (B,), exactly what
   nn.Embedding(sparse=True) puts in its COO gradient; no reduction, so deterministic.
 
 All sample offsets are int64 (tl.program_id(0).to(tl.int64)), so B * D and n * D may exceed 2^31.
@@ -39,26 +33,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, new_output
+from ._common import new_output
+from ._embedding_common import INTERPRETING, acc_dtype, cdiv, next_power_of_2, rounded, soft_bf16, tl_acc_dtype
+from .segment_reduce import add_segment_sums
 
-# Warps of the per-sample kernels (forward, atomic, coefficient, sparse values).
+# Blocks of the per-sample kernels (the forward and the per-sample backward in every MODE).
+# Compiled: a (BLOCK_B, BLOCK_D) row tile of about SAMPLE_TILE_ELEMENTS (D=64: 64 samples of
+# 256-byte fp32 rows; with SAMPLE_WARPS=8 each thread holds 16 elements of each table, about 70
+# registers for the forward on sm_90); untuned, see bench/NOTES.md. Wider rows loop over their
+# columns, narrower ones (D < 16) take at most SAMPLE_MAX_BLOCK_B samples.
 SAMPLE_WARPS = 8
-# Entries per tile of the deterministic segment reduction; each level shrinks its input by
-# SEGMENT_TILE / 2. Tests lower it to force many levels on small batches.
-SEGMENT_TILE = 64 if interpreting() else 32
-# Fixed for the process: the interpreter must be switched on before triton is imported.
-INTERPRETING = interpreting()
-
-
-@triton.jit
-def _rounded(values, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """``values`` rounded to DTYPE, to nearest even. Compiled kernels convert natively; the
-    interpreter truncates fp32 -> bf16 (triton 3.9), so there SOFT_BF16 rounds from the bits."""
-    if SOFT_BF16:
-        bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return values.to(DTYPE)
+SAMPLE_TILE_ELEMENTS = 4096
+SAMPLE_MAX_BLOCK_D = 128
+SAMPLE_MAX_BLOCK_B = 256
+# Interpreter: large blocks, since it pays per program instance, not per element.
+INTERPRETER_BLOCK_B = (16, 512)  # the batch rounded up to a power of two, within these bounds
+INTERPRETER_MAX_BLOCK_D = 64
+# What the per-sample backward kernel writes (its MODE); the values are csrc/embedding_dot_bias.cu's Mode.
+MODE_COEF = tl.constexpr(0)  # coef alone: the deterministic path's input with y_range
+MODE_ATOMIC = tl.constexpr(1)  # coef-weighted partner rows atomically added into dense gradients
+MODE_SPARSE = tl.constexpr(2)  # the same values stored per sample: nn.Embedding(sparse=True)'s COO values
 
 
 @triton.jit
@@ -163,93 +157,58 @@ def _embedding_dot_bias_fwd_kernel(
     if HAS_Y_RANGE:
         res = 1.0 / (1.0 + tl.exp(-res)) * (y_hi - y_lo) + y_lo
     res = tl.where(valid, res, float("nan"))
-    tl.store(out_ptr + samples, _rounded(res, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+    tl.store(out_ptr + samples, rounded(res, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
 
 
 @triton.jit
-def _embedding_dot_bias_bwd_atomic_kernel(
-    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-    grad_uw_ptr, grad_iw_ptr, grad_ub_ptr, grad_ib_ptr,
-    B, D, n_users, n_items, y_lo, y_hi,
-    stride_grad_out, stride_users, stride_items,
-    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
-    NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _scatter_or_store(
+    out_ptr, row_offsets, sample_offsets, values, valid, in_batch, MODE: tl.constexpr, SOFT_BF16: tl.constexpr
 ):
-    """Scatter-add every sample's contribution into contiguous ACC_DTYPE gradients
-    (grad_uw (n_users, D), grad_ub (n_users,), and the item ones), which start at zero."""
-    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = samples < B
-    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
-    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
-    coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, valid,
-        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-        HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
-    )
-    if NEED_UB:
-        tl.atomic_add(grad_ub_ptr + users, coef, mask=valid, sem="relaxed")
-    if NEED_IB:
-        tl.atomic_add(grad_ib_ptr + items, coef, mask=valid, sem="relaxed")
-    if NEED_UW or NEED_IW:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            tile_mask = valid[:, None] & (cols[None, :] < D)
-            if NEED_UW:
-                i_rows = tl.load(
-                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=tile_mask, other=0.0
-                )
-                tl.atomic_add(
-                    grad_uw_ptr + users[:, None] * D + cols[None, :],
-                    coef[:, None] * i_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
-                )
-            if NEED_IW:
-                u_rows = tl.load(
-                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=tile_mask, other=0.0
-                )
-                tl.atomic_add(
-                    grad_iw_ptr + items[:, None] * D + cols[None, :],
-                    coef[:, None] * u_rows.to(ACC_DTYPE), mask=tile_mask, sem="relaxed",
-                )
+    """MODE_ATOMIC: add ``values`` into the ACC_DTYPE accumulator at out[row_offsets] where
+    ``valid``. MODE_SPARSE: store them, rounded to out's dtype, at out[sample_offsets] for every
+    sample in the batch (a sample with a bad index stores its zeros)."""
+    if MODE == MODE_ATOMIC:
+        tl.atomic_add(out_ptr + row_offsets, values, mask=valid, sem="relaxed")
+    else:
+        tl.store(out_ptr + sample_offsets, rounded(values, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
 
 
 @triton.jit
-def _embedding_dot_bias_bwd_coef_kernel(
-    grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, coef_ptr,
-    B, D, n_users, n_items, y_lo, y_hi,
-    stride_grad_out, stride_users, stride_items,
-    stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _partner_rows_out(
+    out_ptr, rows, partner_table_ptr, partners, stride_pt_n, stride_pt_d, coef, samples, cols, D,
+    read_mask, batch_mask, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
-    """coef (B,) in ACC_DTYPE for the deterministic path with y_range."""
-    samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_batch = samples < B
-    users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
-    users, items, valid = _inside_tables(users, items, in_batch, n_users, n_items)
-    coef = _coefficients(
-        grad_out_ptr, stride_grad_out, samples, users, items, valid,
-        u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-        D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-        True, ACC_DTYPE, BLOCK_B, BLOCK_D,
+    """One column tile of a table's gradient: coef * the partner row (for grad_U, V[i_b]), added
+    into the gradient at the sample's own row ``rows`` or stored per sample (see _scatter_or_store)."""
+    partner_rows = tl.load(
+        partner_table_ptr + partners[:, None] * stride_pt_n + cols[None, :] * stride_pt_d, mask=read_mask, other=0.0
     )
-    tl.store(coef_ptr + samples, coef, mask=in_batch)
+    _scatter_or_store(
+        out_ptr, rows[:, None] * D + cols[None, :], samples[:, None] * D + cols[None, :],
+        coef[:, None] * partner_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+    )
 
 
 @triton.jit
-def _embedding_dot_bias_bwd_sparse_kernel(
+def _embedding_dot_bias_bwd_per_sample_kernel(
     grad_out_ptr, users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr,
-    uw_values_ptr, iw_values_ptr, ub_values_ptr, ib_values_ptr,
+    coef_ptr, out_uw_ptr, out_iw_ptr, out_ub_ptr, out_ib_ptr,
     B, D, n_users, n_items, y_lo, y_hi,
     stride_grad_out, stride_users, stride_items,
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
+    MODE: tl.constexpr, HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
     NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
     ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per-sample COO values: uw_values[b] = coef[b] * V[i_b] (contiguous (B, D)),
-    iw_values[b] = coef[b] * U[u_b], ub_values[b] = ib_values[b] = coef[b]."""
+    """The backward's per-sample work for a block of samples; MODE picks what is written:
+
+    MODE_COEF: coef (B,) in ACC_DTYPE, the deterministic path's input (the NEED_* flags are unused).
+    MODE_ATOMIC: coef * V[i_b] and coef scattered into contiguous ACC_DTYPE gradients that start
+        at zero: out_uw (n_users, D), out_ub (n_users,), and the item ones.
+    MODE_SPARSE: nn.Embedding(sparse=True)'s per-sample COO values in the table dtype:
+        out_uw[b] = coef[b] * V[i_b] (contiguous (B, D)), out_iw[b] = coef[b] * U[u_b],
+        out_ub[b] = out_ib[b] = coef[b].
+    """
     samples = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     in_batch = samples < B
     users, items = _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_items)
@@ -260,180 +219,38 @@ def _embedding_dot_bias_bwd_sparse_kernel(
         D, y_lo, y_hi, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
         HAS_Y_RANGE, ACC_DTYPE, BLOCK_B, BLOCK_D,
     )
-    if NEED_UB:
-        tl.store(ub_values_ptr + samples, _rounded(coef, ub_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
-    if NEED_IB:
-        tl.store(ib_values_ptr + samples, _rounded(coef, ib_values_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
-    if NEED_UW or NEED_IW:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            tile_mask = in_batch[:, None] & (cols[None, :] < D)
-            read_mask = valid[:, None] & (cols[None, :] < D)
-            if NEED_UW:
-                i_rows = tl.load(
-                    i_weight_ptr + items[:, None] * stride_iw_n + cols[None, :] * stride_iw_d, mask=read_mask, other=0.0
-                )
-                values = coef[:, None] * i_rows.to(ACC_DTYPE)
-                tl.store(
-                    uw_values_ptr + samples[:, None] * D + cols[None, :],
-                    _rounded(values, uw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
-                )
-            if NEED_IW:
-                u_rows = tl.load(
-                    u_weight_ptr + users[:, None] * stride_uw_n + cols[None, :] * stride_uw_d, mask=read_mask, other=0.0
-                )
-                values = coef[:, None] * u_rows.to(ACC_DTYPE)
-                tl.store(
-                    iw_values_ptr + samples[:, None] * D + cols[None, :],
-                    _rounded(values, iw_values_ptr.dtype.element_ty, SOFT_BF16), mask=tile_mask,
-                )
-
-
-@triton.jit
-def _embedding_dot_bias_bwd_segment_kernel(
-    keys_ptr, N,
-    order_ptr, coef_ptr, partners_ptr, stride_partners, partner_table_ptr, stride_pt_n, stride_pt_d,
-    carry_in_w_ptr, carry_in_b_ptr,
-    grad_w_ptr, grad_b_ptr,
-    carry_out_keys_ptr, carry_out_w_ptr, carry_out_b_ptr,
-    D, n_rows, n_partner_rows,
-    FIRST_LEVEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EMIT_CARRY: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One level of the deterministic segment reduction for one table (see the module docstring).
-
-    keys (N,) are row ids sorted ascending. The value of entry p is, on the first level,
-    coef[order[p]] * partner_table[partners[order[p]]] (and coef[order[p]] for the bias); on
-    later levels, carry_in_w[p] (contiguous (N, D)) and carry_in_b[p]. Complete segments are
-    added into the contiguous gradients grad_w (n, D) and grad_b (n,). With EMIT_CARRY, tile t
-    writes slots 2t and 2t+1 of the carry outputs: (its first row, the sum of its first piece when
-    that piece continues into a neighbouring tile, else 0) and (its last row, the sum of its last
-    piece when that piece is a different one that continues into the next tile, else 0).
-    Entries whose row (of n_rows) or partner row (of n_partner_rows) is out of range add nothing
-    and write nothing.
-    """
-    tile = tl.program_id(0).to(tl.int64)
-    start = tile * TILE
-    stop = tl.minimum(start + TILE, N)
-    positions = start + tl.arange(0, TILE)
-    valid = positions < N
-    keys = tl.load(keys_ptr + positions, mask=valid, other=-1).to(tl.int64)
-    previous_keys = tl.load(keys_ptr + positions - 1, mask=valid & (positions > start), other=-1).to(tl.int64)
-    piece_starts = valid & ((positions == start) | (keys != previous_keys))
-
-    first_key = tl.load(keys_ptr + start).to(tl.int64)
-    last_key = tl.load(keys_ptr + stop - 1).to(tl.int64)
-    before_key = tl.load(keys_ptr + start - 1, mask=start > 0, other=-1).to(tl.int64)
-    after_key = tl.load(keys_ptr + stop, mask=stop < N, other=-1).to(tl.int64)
-    continues_left = before_key == first_key
-    continues_right = after_key == last_key
-    first_is_carried = continues_left | (continues_right & (first_key == last_key))
-    last_is_carried = continues_right & (first_key != last_key)
-    carried = ((keys == first_key) & first_is_carried) | ((keys == last_key) & last_is_carried)
-    # Each complete piece is added once, from the entry where it starts.
-    adds_to_grad = piece_starts & (carried == 0) & (keys >= 0) & (keys < n_rows)
-    same_piece = (keys[:, None] == keys[None, :]) & valid[None, :]
-    at_first = positions == start
-    at_last = positions == stop - 1
-
-    if FIRST_LEVEL:
-        samples = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
-        partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
-        entry_ok = valid & (keys >= 0) & (keys < n_rows) & (partners >= 0) & (partners < n_partner_rows)
-        partners = tl.where(entry_ok, partners, 0)
-        coef = tl.load(coef_ptr + samples, mask=entry_ok, other=0.0).to(ACC_DTYPE)
-    if EMIT_CARRY:
-        tl.store(carry_out_keys_ptr + 2 * tile, first_key)
-        tl.store(carry_out_keys_ptr + 2 * tile + 1, last_key)
-
-    if HAS_BIAS:
-        if FIRST_LEVEL:
-            bias_values = coef
-        else:
-            bias_values = tl.load(carry_in_b_ptr + positions, mask=valid, other=0.0).to(ACC_DTYPE)
-        bias_pieces = tl.sum(tl.where(same_piece, bias_values[None, :], 0.0), axis=1)
-        grad_b_ptrs = grad_b_ptr + keys
-        previous_biases = tl.load(grad_b_ptrs, mask=adds_to_grad, other=0.0).to(ACC_DTYPE)
-        bias_sums = _rounded(previous_biases + bias_pieces, grad_b_ptr.dtype.element_ty, SOFT_BF16)
-        tl.store(grad_b_ptrs, bias_sums, mask=adds_to_grad)
-        if EMIT_CARRY:
-            first_bias_piece = tl.sum(tl.where(at_first, bias_pieces, 0.0), axis=0)
-            last_bias_piece = tl.sum(tl.where(at_last, bias_pieces, 0.0), axis=0)
-            tl.store(carry_out_b_ptr + 2 * tile, tl.where(first_is_carried, first_bias_piece, 0.0))
-            tl.store(carry_out_b_ptr + 2 * tile + 1, tl.where(last_is_carried, last_bias_piece, 0.0))
-
-    if HAS_WEIGHT:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            in_cols = cols < D
-            tile_mask = valid[:, None] & in_cols[None, :]
-            if FIRST_LEVEL:
-                rows = tl.load(
-                    partner_table_ptr + partners[:, None] * stride_pt_n + cols[None, :] * stride_pt_d,
-                    mask=entry_ok[:, None] & in_cols[None, :], other=0.0,
-                )
-                values = coef[:, None] * rows.to(ACC_DTYPE)
-            else:
-                values = tl.load(
-                    carry_in_w_ptr + positions[:, None] * D + cols[None, :], mask=tile_mask, other=0.0
-                ).to(ACC_DTYPE)
-            # pieces[p] = sum of the entries in p's piece: a fixed reduction tree over the tile.
-            pieces = tl.sum(tl.where(same_piece[:, :, None], values[None, :, :], 0.0), axis=1)
-            grad_mask = adds_to_grad[:, None] & in_cols[None, :]
-            grad_ptrs = grad_w_ptr + keys[:, None] * D + cols[None, :]
-            previous_rows = tl.load(grad_ptrs, mask=grad_mask, other=0.0).to(ACC_DTYPE)
-            row_sums = _rounded(previous_rows + pieces, grad_w_ptr.dtype.element_ty, SOFT_BF16)
-            tl.store(grad_ptrs, row_sums, mask=grad_mask)
-            if EMIT_CARRY:
-                first_piece = tl.sum(tl.where(at_first[:, None], pieces, 0.0), axis=0)
-                last_piece = tl.sum(tl.where(at_last[:, None], pieces, 0.0), axis=0)
-                tl.store(
-                    carry_out_w_ptr + (2 * tile) * D + cols,
-                    tl.where(first_is_carried, first_piece, 0.0), mask=in_cols,
-                )
-                tl.store(
-                    carry_out_w_ptr + (2 * tile + 1) * D + cols,
-                    tl.where(last_is_carried, last_piece, 0.0), mask=in_cols,
-                )
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _soft_bf16(dtype: torch.dtype) -> bool:
-    return INTERPRETING and dtype == torch.bfloat16
-
-
-# Plain integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
-# calls from Python cost microseconds each.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    """The smallest power of two >= max(n, 1)."""
-    return 1 << max(n - 1, 0).bit_length()
+    if MODE == MODE_COEF:
+        tl.store(coef_ptr + samples, coef, mask=in_batch)
+    else:
+        if NEED_UB:
+            _scatter_or_store(out_ub_ptr, users, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+        if NEED_IB:
+            _scatter_or_store(out_ib_ptr, items, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+        if NEED_UW or NEED_IW:
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                in_cols = cols[None, :] < D
+                read_mask = valid[:, None] & in_cols
+                batch_mask = in_batch[:, None] & in_cols
+                if NEED_UW:
+                    _partner_rows_out(
+                        out_uw_ptr, users, i_weight_ptr, items, stride_iw_n, stride_iw_d, coef, samples, cols, D,
+                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
+                    )
+                if NEED_IW:
+                    _partner_rows_out(
+                        out_iw_ptr, items, u_weight_ptr, users, stride_uw_n, stride_uw_d, coef, samples, cols, D,
+                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
+                    )
 
 
 def _blocks(B: int, D: int) -> tuple[int, int]:
-    """(BLOCK_B, BLOCK_D) of the per-sample kernels. Compiled: about 4096 elements per row tile
-    (D=64: 64 samples of 256-byte fp32 rows; with SAMPLE_WARPS=8 each thread holds 16 elements
-    of each table, about 70 registers for the forward on sm_90); untuned, see bench/NOTES.md.
-    Interpreter: large blocks, since it pays per program instance, not per element."""
+    """(BLOCK_B, BLOCK_D) of the per-sample kernels (see SAMPLE_TILE_ELEMENTS)."""
     if INTERPRETING:
-        return min(512, max(16, _next_power_of_2(B))), min(64, _next_power_of_2(D))
-    block_d = min(128, _next_power_of_2(D))
-    return max(16, min(256, 4096 // block_d)), block_d
-
-
-def _segment_block_d(D: int) -> int:
-    # The segment kernel holds a (TILE, TILE, BLOCK_D) tensor: 32 * 32 * 16 = 16K fp32 over 8 warps.
-    return min(64 if INTERPRETING else 16, _next_power_of_2(D))
+        smallest, largest = INTERPRETER_BLOCK_B
+        return min(largest, max(smallest, next_power_of_2(B))), min(INTERPRETER_MAX_BLOCK_D, next_power_of_2(D))
+    block_d = min(SAMPLE_MAX_BLOCK_D, next_power_of_2(D))
+    return min(SAMPLE_MAX_BLOCK_B, SAMPLE_TILE_ELEMENTS // block_d), block_d
 
 
 def _bias_stride(bias: torch.Tensor | None) -> int:
@@ -485,63 +302,17 @@ def embedding_dot_bias_forward(
     block_b, block_d = _blocks(B, D)
     has_y_range = y_lo is not None
     kernel = _embedding_dot_bias_fwd_kernel if wrap is None else wrap(_embedding_dot_bias_fwd_kernel)
-    kernel[(_cdiv(B, block_b),)](
+    kernel[(cdiv(B, block_b),)](
         users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
         B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
         users.stride(0), items.stride(0),
         u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
         u_bias.stride(0), i_bias.stride(0),
         HAS_Y_RANGE=has_y_range, RECORD_ERRORS=index_errors is not None,
-        ACC_DTYPE=_tl_dtype(u_weight.dtype), SOFT_BF16=_soft_bf16(u_weight.dtype),
+        ACC_DTYPE=tl_acc_dtype(u_weight.dtype), SOFT_BF16=soft_bf16(u_weight.dtype),
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
     )
     return out
-
-
-def _segment_reduce(keys, order, coef, partners, partner_table, grad_w, grad_b, D, n_rows, n_partner_rows, launch):
-    """Deterministically add, for every row r of the sorted ``keys``, the sum over its samples b
-    of coef[b] * partner_table[partners[b]] into grad_w[r] and of coef[b] into grad_b[r]
-    (either may be None). ``order`` maps sorted positions to samples; samples whose row (of
-    n_rows) or partner row (of n_partner_rows) is out of range are left out. ``launch`` is the
-    segment kernel, wrapped or not."""
-    tile = SEGMENT_TILE
-    acc_dtype = coef.dtype
-    has_weight, has_bias = grad_w is not None, grad_b is not None
-    grad_dtype = grad_w.dtype if has_weight else grad_b.dtype
-    block_d = _segment_block_d(D)
-    first_level = True
-    carry_w = carry_b = coef  # placeholders on the first level, never read there
-    N = keys.shape[0]
-    dummy = coef
-    while N > 0:
-        tiles = _cdiv(N, tile)
-        emit_carry = tiles > 1
-        if emit_carry:
-            next_keys = new_output((2 * tiles,), torch.int64, keys.device)
-            next_w = new_output((2 * tiles, D), acc_dtype, keys.device) if has_weight else dummy
-            next_b = new_output((2 * tiles,), acc_dtype, keys.device) if has_bias else dummy
-        else:
-            next_keys = next_w = next_b = dummy
-        launch[(tiles,)](
-            keys, N,
-            order if first_level else dummy, coef,
-            partners if first_level else dummy,
-            partners.stride(0) if first_level else 0,
-            partner_table if first_level and has_weight else dummy,
-            partner_table.stride(0) if first_level and has_weight else 0,
-            partner_table.stride(1) if first_level and has_weight else 0,
-            carry_w, carry_b,
-            grad_w if has_weight else dummy, grad_b if has_bias else dummy,
-            next_keys, next_w, next_b,
-            D, n_rows, n_partner_rows,
-            FIRST_LEVEL=first_level, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, EMIT_CARRY=emit_carry,
-            ACC_DTYPE=_tl_dtype(acc_dtype), SOFT_BF16=_soft_bf16(grad_dtype), TILE=tile, BLOCK_D=block_d,
-            num_warps=8,
-        )
-        if not emit_carry:
-            return
-        keys, carry_w, carry_b, N = next_keys, next_w, next_b, 2 * tiles
-        first_level = False
 
 
 def embedding_dot_bias_backward(
@@ -587,68 +358,59 @@ def embedding_dot_bias_backward(
     D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
     has_y_range = y_lo is not None
     lo, hi = (float(y_lo), float(y_hi)) if has_y_range else (0.0, 0.0)
-    acc_dtype = _acc_dtype(dtype)
-    block_b, block_d = _blocks(B, D)
-    grid = (_cdiv(B, block_b),)
+    accumulate_in = acc_dtype(dtype)
     tables, table_strides = _table_args(u_weight, i_weight, u_bias, i_bias, fallback=grad_out)
-    sample_strides = (grad_out.stride(0), users.stride(0), items.stride(0))
     needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
+
+    def per_sample(mode, coef, outputs):
+        """Launch the per-sample kernel in ``mode`` writing ``coef`` or the four ``outputs``
+        (grad or values of u_weight, i_weight, u_bias, i_bias; None: not wanted)."""
+        block_b, block_d = _blocks(B, D)
+        need_uw, need_iw, need_ub, need_ib = (out is not None for out in outputs)
+        launch(_embedding_dot_bias_bwd_per_sample_kernel)[(cdiv(B, block_b),)](
+            grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
+            B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides,
+            MODE=mode.value, HAS_Y_RANGE=has_y_range,
+            NEED_UW=need_uw, NEED_IW=need_iw, NEED_UB=need_ub, NEED_IB=need_ib,
+            ACC_DTYPE=tl_acc_dtype(dtype), SOFT_BF16=soft_bf16(dtype),
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+        )
 
     if sparse:
         shapes = ((B, D), (B, D), (B,), (B,))
         values = [new_output(shape, dtype, device) if need else None for shape, need in zip(shapes, needs)]
         if B > 0 and any(needs):
-            launch(_embedding_dot_bias_bwd_sparse_kernel)[grid](
-                grad_out, users, items, *tables,
-                *[v if v is not None else grad_out for v in values],
-                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-                HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
-                NEED_UB=need_u_bias, NEED_IB=need_i_bias, ACC_DTYPE=_tl_dtype(dtype), SOFT_BF16=_soft_bf16(dtype),
-                BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-            )
+            per_sample(MODE_SPARSE, grad_out, values)
         return tuple(values)
 
     shapes = ((num_users, D), (num_items, D), (num_users,), (num_items,))
     if deterministic:
-        # Every row gets its sum written once (see _segment_reduce), so no wider workspace.
+        # Every row gets its sum written once (see segment_reduce.py), so no wider workspace.
         grads = [torch.zeros(shape, dtype=dtype, device=device) if need else None for shape, need in zip(shapes, needs)]
         if B == 0 or not any(needs):
             return tuple(grads)
         if has_y_range:
-            coef = new_output((B,), acc_dtype, device)
-            launch(_embedding_dot_bias_bwd_coef_kernel)[grid](
-                grad_out, users, items, *tables, coef,
-                B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-                ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-            )
+            coef = new_output((B,), accumulate_in, device)
+            per_sample(MODE_COEF, coef, (None,) * 4)
         else:
-            coef = grad_out.to(acc_dtype).contiguous()
+            coef = grad_out.to(accumulate_in).contiguous()
         grad_uw, grad_iw, grad_ub, grad_ib = grads
         if need_u_weight or need_u_bias:
             sorted_users, order = torch.sort(users, stable=True)
-            _segment_reduce(
-                sorted_users, order, coef, items, i_weight, grad_uw, grad_ub, D, num_users, num_items,
-                launch(_embedding_dot_bias_bwd_segment_kernel),
+            add_segment_sums(
+                sorted_users, order, coef, items, i_weight, grad_uw, grad_ub, D, num_users, num_items, wrap=wrap
             )
         if need_i_weight or need_i_bias:
             sorted_items, order = torch.sort(items, stable=True)
-            _segment_reduce(
-                sorted_items, order, coef, users, u_weight, grad_iw, grad_ib, D, num_items, num_users,
-                launch(_embedding_dot_bias_bwd_segment_kernel),
+            add_segment_sums(
+                sorted_items, order, coef, users, u_weight, grad_iw, grad_ib, D, num_items, num_users, wrap=wrap
             )
         return tuple(grads)
 
     # Atomic path: low-precision tables accumulate in an fp32 workspace, rounded once at the end.
     accumulators = [
-        torch.zeros(shape, dtype=acc_dtype, device=device) if need else None for shape, need in zip(shapes, needs)
+        torch.zeros(shape, dtype=accumulate_in, device=device) if need else None for shape, need in zip(shapes, needs)
     ]
     if B > 0 and any(needs):
-        launch(_embedding_dot_bias_bwd_atomic_kernel)[grid](
-            grad_out, users, items, *tables,
-            *[a if a is not None else grad_out for a in accumulators],
-            B, D, num_users, num_items, lo, hi, *sample_strides, *table_strides,
-            HAS_Y_RANGE=has_y_range, NEED_UW=need_u_weight, NEED_IW=need_i_weight,
-            NEED_UB=need_u_bias, NEED_IB=need_i_bias,
-            ACC_DTYPE=_tl_dtype(dtype), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
-        )
+        per_sample(MODE_ATOMIC, grad_out, accumulators)
     return tuple(a.to(dtype) if a is not None else None for a in accumulators)

@@ -133,6 +133,7 @@ def _linear_relu_launches():
 
 
 def _embedding_dot_bias_launches():
+    from fastcore5.index_errors import SLOTS
     from fastcore5.kernels import embedding_dot_bias as k
 
     n_users, n_items, factors, batch = 1024, 512, 64, 4096
@@ -143,7 +144,8 @@ def _embedding_dot_bias_launches():
         items = torch.randint(0, n_items, (batch,), dtype=torch.int32)
         grad = torch.randn(batch, dtype=dtype)
         for y_range in ((None, None), (0.0, 5.5)):
-            k.embedding_dot_bias_forward(users, items, U, V, ub, ib, *y_range)
+            for index_errors in (None, torch.zeros(SLOTS, dtype=torch.int64)):
+                k.embedding_dot_bias_forward(users, items, U, V, ub, ib, *y_range, index_errors)
             for deterministic, sparse in ((False, False), (True, False), (False, True)):
                 k.embedding_dot_bias_backward(
                     grad, users, items, U, V, ub, ib, n_users, n_items, *y_range, True, True, True, True, deterministic, sparse

@@ -13,12 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcore5
-from fastcore5 import reference
 from fastcore5.kernels import embedding_dot_bias as kernels
+from fastcore5.kernels import segment_reduce
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
 
 from conftest import DEVICE
+from helpers import (
+    assert_parity, deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables, reference_fwd_bwd,
+    use_segment_tile,
+)
 
 pytestmark = pytest.mark.any_device
 
@@ -30,24 +34,6 @@ def _tensors_on_test_device():
     """Factory calls without a device make their tensors on DEVICE (CUDA when there is one)."""
     with contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE):
         yield
-
-
-# --- the torch reference ---------------------------------------------------------------------
-
-
-def reference_fwd_bwd(users, items, tables, y_range, grad_out):
-    """Output and the four table gradients of the reference, in float64."""
-    tables64 = [t.detach().double().requires_grad_() for t in tables]
-    out = reference.embedding_dot_bias(users.long(), items.long(), *tables64, y_range=y_range)
-    out.backward(grad_out.double())
-    return out.detach(), [t.grad for t in tables64]
-
-
-def fused_fwd_bwd(users, items, tables, y_range, grad_out, sparse=False):
-    tables = [t.detach().clone().requires_grad_() for t in tables]
-    out = fastcore5.embedding_dot_bias(users, items, *tables, y_range=y_range, sparse=sparse)
-    out.backward(grad_out)
-    return out.detach(), [t.grad for t in tables]
 
 
 class FastaiEmbeddingDotBias(nn.Module):
@@ -70,45 +56,17 @@ class FastaiEmbeddingDotBias(nn.Module):
         return torch.sigmoid(res) * (self.y_range[1] - self.y_range[0]) + self.y_range[0]
 
 
-def random_tables(n_users, n_items, factors, dtype=torch.float32, bias_1d=False):
-    bias_shape = (lambda n: (n,)) if bias_1d else (lambda n: (n, 1))
-    return [
-        torch.randn(n_users, factors, dtype=dtype),
-        torch.randn(n_items, factors, dtype=dtype),
-        torch.randn(bias_shape(n_users), dtype=dtype),
-        torch.randn(bias_shape(n_items), dtype=dtype),
-    ]
-
-
-def random_indices(n, batch, dtype=torch.int64):
-    return torch.randint(0, n, (batch,), dtype=dtype)
-
-
 def zipf_indices(n, batch, exponent=1.2):
     """Indices with P(row k) proportional to 1 / (k + 1)^exponent: a few rows take most samples."""
     weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** exponent
     return torch.multinomial(weights, batch, replacement=True)
 
 
-def assert_parity(ours, torch_same_dtype, exact, atol, rtol, what):
-    """ours is within 2x PyTorch's own error (same dtype) plus atol + rtol*|exact| of float64."""
-    ours, torch_same_dtype = ours.double(), torch_same_dtype.double()
-    torch_error = (torch_same_dtype - exact).abs().max().item() if exact.numel() else 0.0
-    allowed = 2 * torch_error + atol + rtol * exact.abs()
-    error = (ours - exact).abs()
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    assert (error <= allowed).all(), (
-        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol}, rtol {rtol})"
-    )
-
-
 @pytest.fixture(params=["atomic", "deterministic"])
 def backward_path(request):
     """Run the test body with the atomic backward, then with the sorted deterministic one."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(request.param == "deterministic")
-    yield request.param
-    torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(request.param == "deterministic"):
+        yield request.param
 
 
 DTYPE_TOLERANCES = [
@@ -222,13 +180,9 @@ def test_heavy_duplicates(skew, backward_path):
 @pytest.mark.parametrize("skew", ["one_user", "zipf_items"])
 def test_heavy_duplicates_through_many_carry_levels(skew, monkeypatch):
     """Tiles of 4 entries halve the sequence per level: 150 samples take 7 levels."""
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    use_segment_tile(monkeypatch, 4)
+    with deterministic_algorithms():
         check_skewed_batch(skew, 150)
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -236,53 +190,55 @@ def test_deterministic_low_precision_gradients_are_rounded_once(dtype, monkeypat
     """The deterministic path writes each gradient row's fp32 sum once, so bf16/fp16 gradients
     equal the same computation on fp32 copies of the tables, rounded at the end (no partial
     sums rounded on the way)."""
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 8)
+    use_segment_tile(monkeypatch, 8)
     users, items = zipf_indices(12, 200), random_indices(15, 200)
     tables = random_tables(12, 15, 9, dtype)
     grad_out = torch.randn(200, dtype=dtype)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         _, low = fused_fwd_bwd(users, items, tables, (0.0, 5.0), grad_out)
         _, wide = fused_fwd_bwd(users, items, [t.float() for t in tables], (0.0, 5.0), grad_out.float())
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for name, low_grad, wide_grad in zip(FASTAI_KEYS, low, wide):
         assert torch.equal(low_grad, wide_grad.to(dtype)), name
 
 
 class LaunchSpy:
-    """Stands in for a Triton kernel (indexed by its grid) and records each launch by name."""
+    """Stands in for a Triton kernel (indexed by its grid) and records each launch as
+    (name, MODE), MODE being None for a kernel without one."""
 
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs.get("MODE")))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
     """Under use_deterministic_algorithms the sorted segment reduction runs (and no atomics),
     and two runs give bitwise identical gradients; without it the atomic kernel runs."""
     launched = []
-    for name in ("_embedding_dot_bias_bwd_segment_kernel", "_embedding_dot_bias_bwd_atomic_kernel"):
-        monkeypatch.setattr(kernels, name, LaunchSpy(getattr(kernels, name), name, launched))
+    for module, name in (
+        (segment_reduce, "_embedding_dot_bias_bwd_segment_kernel"),
+        (kernels, "_embedding_dot_bias_bwd_per_sample_kernel"),
+    ):
+        monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), name, launched))
+    segment_launch = ("_embedding_dot_bias_bwd_segment_kernel", None)
+    coefficient_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_COEF.value)
+    atomic_launch = ("_embedding_dot_bias_bwd_per_sample_kernel", kernels.MODE_ATOMIC.value)
 
     users, items = zipf_indices(30, 700), zipf_indices(25, 700)
     tables = random_tables(30, 25, 12)
     grad_out = torch.randn(700)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms(True):
         runs = [fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1] for _ in range(2)]
-        assert launched and set(launched) == {"_embedding_dot_bias_bwd_segment_kernel"}
-        torch.use_deterministic_algorithms(False)
-        launched.clear()
+    assert segment_launch in launched and set(launched) == {coefficient_launch, segment_launch}
+    launched.clear()
+    with deterministic_algorithms(False):
         atomic_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)[1]
-        assert launched == ["_embedding_dot_bias_bwd_atomic_kernel"]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    assert launched == [atomic_launch]
     for first, second, atomic in zip(*runs, atomic_grads):
         assert torch.equal(first, second)
         torch.testing.assert_close(first, atomic, atol=1e-5, rtol=1e-5)
@@ -290,7 +246,7 @@ def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
 
 @pytest.mark.parametrize("y_range", [None, (-1.0, 2.0)], ids=["no_range", "y_range"])
 def test_gradcheck(y_range, backward_path, monkeypatch):
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)  # two carry levels on 8 samples
+    use_segment_tile(monkeypatch, 4)  # two carry levels on 8 samples
     users = torch.tensor([0, 3, 3, 3, 2, 3, 1, 3])
     items = random_indices(5, 8)
     tables = [t.requires_grad_() for t in random_tables(4, 5, 3, torch.float64)]

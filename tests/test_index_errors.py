@@ -11,9 +11,11 @@ import torch
 
 import fastcore5
 from fastcore5 import index_errors, reference
-from fastcore5.kernels import embedding_dot_bias as kernels
 
 from conftest import DEVICE
+from helpers import (
+    deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables, reference_fwd_bwd, use_segment_tile,
+)
 
 pytestmark = pytest.mark.any_device
 
@@ -29,14 +31,13 @@ def _no_leftover_report():
 
 
 def tables(dtype=torch.float64, requires_grad=False):
-    shapes = ((N_USERS, FACTORS), (N_ITEMS, FACTORS), (N_USERS, 1), (N_ITEMS, 1))
-    return [torch.randn(shape, dtype=dtype, device=DEVICE).requires_grad_(requires_grad) for shape in shapes]
+    return random_tables(N_USERS, N_ITEMS, FACTORS, dtype, device=DEVICE, requires_grad=requires_grad)
 
 
 def batch_with_bad_indices():
     """20 samples; sample 3 has user N_USERS (one past the table), sample 11 item -2."""
-    users = torch.randint(0, N_USERS, (20,), device=DEVICE)
-    items = torch.randint(0, N_ITEMS, (20,), device=DEVICE)
+    users = random_indices(N_USERS, 20, device=DEVICE)
+    items = random_indices(N_ITEMS, 20, device=DEVICE)
     users[3] = N_USERS
     items[11] = -2
     return users, items
@@ -76,26 +77,19 @@ def test_any_fastcore5_call_reports_a_pending_bad_index():
 
 @pytest.mark.parametrize("path", ["atomic", "deterministic", "sparse"])
 def test_bad_samples_contribute_no_gradient(path, monkeypatch):
-    monkeypatch.setattr(kernels, "SEGMENT_TILE", 4)  # several carry levels on 20 samples
+    use_segment_tile(monkeypatch, 4)  # several carry levels on 20 samples
     users, items = batch_with_bad_indices()
-    fused_tables = tables(requires_grad=True)
+    model_tables = tables()
     grad_out = torch.randn(20, dtype=torch.float64, device=DEVICE)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(path == "deterministic")
-    try:
-        out = fastcore5.embedding_dot_bias(
-            users, items, *fused_tables, (-1.0, 2.0), sparse=path == "sparse", validate="device"
+    with deterministic_algorithms(path == "deterministic"):
+        _, grads = fused_fwd_bwd(
+            users, items, model_tables, (-1.0, 2.0), grad_out, sparse=path == "sparse", validate="device"
         )
-        out.backward(grad_out)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    good = GOOD.to(out.device)
-    exact_tables = [t.detach().clone().requires_grad_() for t in fused_tables]
-    exact = reference.embedding_dot_bias(users[good], items[good], *exact_tables, (-1.0, 2.0))
-    exact.backward(grad_out[good])
-    for table, expected in zip(fused_tables, exact_tables):
-        grad = table.grad.to_dense() if path == "sparse" else table.grad
-        torch.testing.assert_close(grad, expected.grad, atol=1e-12, rtol=1e-12)
+    good = GOOD.to(users.device)
+    _, exact_grads = reference_fwd_bwd(users[good], items[good], model_tables, (-1.0, 2.0), grad_out[good])
+    for grad, expected in zip(grads, exact_grads):
+        grad = grad.to_dense() if path == "sparse" else grad
+        torch.testing.assert_close(grad, expected, atol=1e-12, rtol=1e-12)
     with pytest.raises(IndexError):
         index_errors.raise_pending(wait=True)
 
@@ -181,15 +175,10 @@ def test_no_host_sync_catches_a_host_read():
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_device_mode_forward_and_backward_read_nothing_on_the_host(deterministic):
-    users, items = torch.randint(0, N_USERS, (30,), device=DEVICE), torch.randint(0, N_ITEMS, (30,), device=DEVICE)
+    users, items = random_indices(N_USERS, 30, device=DEVICE), random_indices(N_ITEMS, 30, device=DEVICE)
     model_tables = tables(torch.float32, requires_grad=True)
     fastcore5.embedding_dot_bias(users, items, *model_tables, validate="device")  # creates the flag
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        with no_host_sync():
-            out = fastcore5.embedding_dot_bias(users, items, *model_tables, (0.0, 5.5), validate="device")
-            ((out - 3.0) ** 2).mean().backward()
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(deterministic), no_host_sync():
+        out = fastcore5.embedding_dot_bias(users, items, *model_tables, (0.0, 5.5), validate="device")
+        ((out - 3.0) ** 2).mean().backward()
     assert all(t.grad is not None for t in model_tables)

@@ -62,3 +62,14 @@ def test_linear_relu_gemms_use_wgmma_and_pipelined_copies():
     assert any(r["constexprs"]["ROUND_TF32"] == "True" for r in warpgroup_rows)
     for row in warpgroup_rows:
         assert row["wgmma"] and row["async_copies"] > 0, row
+
+
+def test_embedding_dot_bias_backward_compiles_in_every_mode():
+    """One per-sample backward kernel does three jobs (its MODE) beside the segment reduction of
+    the deterministic path: each of them must have been compiled, not just one."""
+    from fastcore5.kernels import embedding_dot_bias as kernels
+
+    rows = compile_op("embedding_dot_bias")
+    modes = {row["constexprs"]["MODE"] for row in rows if row["kernel"] == "_embedding_dot_bias_bwd_per_sample_kernel"}
+    assert modes == {str(mode.value) for mode in (kernels.MODE_COEF, kernels.MODE_ATOMIC, kernels.MODE_SPARSE)}
+    assert any(row["kernel"] == "_embedding_dot_bias_bwd_segment_kernel" for row in rows)

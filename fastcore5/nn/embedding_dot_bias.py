@@ -1,5 +1,5 @@
-"""EmbeddingDotBias: fastai's collaborative-filtering model on the fused op, plus the lesson's
-tools for reading what it learned."""
+"""EmbeddingDotBias: fastai's collaborative-filtering model on the fused op. The lesson's tools for
+reading what it learned are in fastcore5.interpret; the model's methods of the same names call them."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import interpret
 from .._checks import INDEX_DTYPES, check_tensor
 from ..ops.embedding_dot_bias import embedding_dot_bias
 
@@ -73,7 +74,8 @@ class EmbeddingDotBias(nn.Module):
     ) -> "EmbeddingDotBias":
         """Size the tables from ``classes`` (a DataLoaders' ``classes``: name -> vocabulary),
         taking the first key as the user column and the second as the item column unless named.
-        The model remembers the vocabularies, so ``bias``/``weight`` accept class labels."""
+        The model remembers the vocabularies, so ``bias``/``weight`` accept class labels
+        (see fastcore5.interpret)."""
         names = list(classes.keys())
         if user is None or item is None:
             if len(names) < 2:
@@ -97,67 +99,24 @@ class EmbeddingDotBias(nn.Module):
             y_range=self.y_range, sparse=self.sparse, validate=self.validate,
         )
 
-    def _ids(self, ids, is_item: bool) -> Tensor:
-        """Row indices for ``ids``: class labels mapped through the vocabulary when the model was
-        built with from_classes (as fastai does), else integer indices taken as they are."""
-        rows = self.i_weight.num_embeddings if is_item else self.u_weight.num_embeddings
-        what = "item" if is_item else "user"
-        if hasattr(self, "classes"):
-            vocabulary = self.classes[self.item if is_item else self.user]
-            position = {label: index for index, label in enumerate(vocabulary)}
-            labels = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-            missing = [label for label in labels if label not in position]
-            if missing:
-                raise KeyError(
-                    f"{what} labels not in the training vocabulary: {missing[:5]}; a label seen only in "
-                    "the validation split has no embedding"
-                )
-            return torch.tensor([position[label] for label in labels], dtype=torch.int64)
-        index = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
-        if index.numel() and (index.min() < 0 or index.max() >= rows):
-            raise IndexError(f"{what} ids must lie in [0, {rows}), got values from {index.min()} to {index.max()}")
-        return index
+    # The lesson's interpretation tools: fastcore5.interpret, reached from the model as in fastai.
 
     def bias(self, ids, is_item: bool = True) -> Tensor:
-        """The learned biases (1-D, detached, on the CPU) of the items (or users) ``ids``."""
-        table = (self.i_bias if is_item else self.u_bias).weight.detach()
-        return table[self._ids(ids, is_item).to(table.device)].reshape(-1).cpu()
+        """The learned biases of the items (or users) ``ids``: see fastcore5.interpret.bias."""
+        return interpret.bias(self, ids, is_item)
 
     def weight(self, ids, is_item: bool = True) -> Tensor:
-        """The learned factors (len(ids), n_factors), detached, on the CPU, of items (or users) ``ids``."""
-        table = (self.i_weight if is_item else self.u_weight).weight.detach()
-        return table[self._ids(ids, is_item).to(table.device)].cpu()
-
-    def _labels(self, rows: Tensor, is_item: bool) -> list:
-        if hasattr(self, "classes"):
-            vocabulary = self.classes[self.item if is_item else self.user]
-            return [vocabulary[r] for r in rows.tolist()]
-        return rows.tolist()
+        """The learned factors of the items (or users) ``ids``: see fastcore5.interpret.weight."""
+        return interpret.weight(self, ids, is_item)
 
     def top_by_bias(self, k: int = 10, is_item: bool = True, largest: bool = True) -> list[tuple[object, float]]:
-        """The ``k`` items (or users) with the largest (``largest=False``: smallest) bias, as
-        (label or index, bias) pairs, most extreme first. The lesson reads these as the movies
-        people like (or dislike) more than their factors alone predict."""
-        biases = (self.i_bias if is_item else self.u_bias).weight.detach().reshape(-1).float().cpu()
-        values, rows = torch.topk(biases, min(k, biases.numel()), largest=largest)
-        return list(zip(self._labels(rows, is_item), values.tolist()))
+        """The ``k`` items (or users) with the most extreme bias: see fastcore5.interpret.top_by_bias."""
+        return interpret.top_by_bias(self, k, is_item, largest)
 
     def bottom_by_bias(self, k: int = 10, is_item: bool = True) -> list[tuple[object, float]]:
-        """The ``k`` items (or users) with the smallest bias, smallest first."""
-        return self.top_by_bias(k, is_item=is_item, largest=False)
+        """The ``k`` items (or users) with the smallest bias: see fastcore5.interpret.bottom_by_bias."""
+        return interpret.bottom_by_bias(self, k, is_item)
 
     def pca(self, k: int = 3, ids=None, is_item: bool = True) -> Tensor:
-        """Coordinates (len(ids) or n_items, k) of the item (or user) factors on their first ``k``
-        principal components: the factors of ``ids`` (all rows when None) are centred and
-        projected on the top right singular vectors (as fastai's ``Tensor.pca``; each component's
-        sign is arbitrary). Returned in float32."""
-        if ids is None:
-            factors = (self.i_weight if is_item else self.u_weight).weight.detach().cpu()
-        else:
-            factors = self.weight(ids, is_item=is_item)
-        factors = factors.double()
-        if not 0 < k <= min(factors.shape):
-            raise ValueError(f"k must lie in [1, {min(factors.shape)}] for factors of shape {tuple(factors.shape)}, got {k}")
-        centred = factors - factors.mean(0)
-        _, _, components = torch.linalg.svd(centred, full_matrices=False)
-        return (centred @ components[:k].T).float()
+        """The item (or user) factors on their first ``k`` principal components: see fastcore5.interpret.pca."""
+        return interpret.pca(self, k, ids, is_item)

@@ -1,0 +1,70 @@
+"""Helpers shared by the test files: random EmbeddingDotBias inputs, the float64 reference run,
+the deterministic-algorithms switch and the low-precision parity rule."""
+import contextlib
+
+import torch
+
+import fastcore5
+from fastcore5 import reference
+from fastcore5.kernels import segment_reduce
+
+
+def random_tables(
+    n_users, n_items, factors, dtype=torch.float32, *, bias_1d=False, device=None, requires_grad=False
+):
+    """Fresh normal u_weight, i_weight, u_bias, i_bias; biases (n, 1) as nn.Embedding's, or (n,)."""
+    bias_shapes = ((n_users,), (n_items,)) if bias_1d else ((n_users, 1), (n_items, 1))
+    shapes = ((n_users, factors), (n_items, factors)) + bias_shapes
+    return [torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad) for shape in shapes]
+
+
+def random_indices(n, batch, dtype=torch.int64, device=None):
+    """``batch`` indices drawn uniformly from [0, n)."""
+    return torch.randint(0, n, (batch,), dtype=dtype, device=device)
+
+
+def reference_fwd_bwd(users, items, tables, y_range, grad_out):
+    """Output and the four table gradients of fastcore5.reference, in float64."""
+    tables64 = [t.detach().double().requires_grad_() for t in tables]
+    out = reference.embedding_dot_bias(users.long(), items.long(), *tables64, y_range=y_range)
+    out.backward(grad_out.double())
+    return out.detach(), [t.grad for t in tables64]
+
+
+def fused_fwd_bwd(users, items, tables, y_range, grad_out, **options):
+    """Output and the four table gradients of fastcore5.embedding_dot_bias (``options``: sparse,
+    validate) on fresh leaf copies of ``tables``."""
+    tables = [t.detach().clone().requires_grad_() for t in tables]
+    out = fastcore5.embedding_dot_bias(users, items, *tables, y_range=y_range, **options)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in tables]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled=True):
+    """torch.use_deterministic_algorithms(enabled) inside the block, the previous setting after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def use_segment_tile(monkeypatch, entries):
+    """Make the deterministic backward's segment reduction cut tiles of ``entries``, so that small
+    batches run through many carry levels."""
+    monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", entries)
+
+
+def assert_parity(ours, torch_same_dtype, exact, atol, rtol, what):
+    """The low-precision parity rule: ``ours`` is within 2x PyTorch's own error in the same dtype
+    (``torch_same_dtype``) plus atol + rtol*|exact| of the float64 ``exact``."""
+    ours, torch_same_dtype = ours.double(), torch_same_dtype.double()
+    torch_error = (torch_same_dtype - exact).abs().max().item() if exact.numel() else 0.0
+    allowed = 2 * torch_error + atol + rtol * exact.abs()
+    error = (ours - exact).abs()
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    assert (error <= allowed).all(), (
+        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol}, rtol {rtol})"
+    )
