@@ -91,14 +91,17 @@ def train_one_epoch(
     stream,
     label: str,
     loss_name: str,
+    after_first_step: Callable[[float], None] | None = None,
 ) -> float:
     """One pass over ``inputs[order]`` in batches (the tail that does not fill a batch is
     dropped), one optimizer and schedule step per batch; returns the mean batch loss. The
-    running loss stays on the device and is read only when the progress bar redraws."""
+    running loss stays on the device and is read only when the progress bar redraws.
+    ``after_first_step`` gets the seconds the first step took."""
     steps = len(order) // batch_size
     bar = _console.ProgressBar(steps, stream, label)
     model.train()
     loss_sum = torch.zeros((), device=inputs.device)
+    first_step = Stopwatch(inputs.device)
     for step in range(steps):
         batch = order[step * batch_size : (step + 1) * batch_size]
         loss = loss_fn(model(inputs[batch]), targets[batch])
@@ -107,6 +110,24 @@ def train_one_epoch(
         optimizer.step()
         schedule.step()
         loss_sum += loss.detach()
+        if step == 0 and after_first_step is not None:
+            after_first_step(first_step.elapsed())
         bar.update(note=lambda: f"{loss_name} {float(loss_sum) / (step + 1):.4f}")
     bar.close()
     return float(loss_sum) / steps
+
+
+def interpreter_estimate(used: dict[str, str], device: torch.device, total_steps: int, stream) -> Callable[[float], None] | None:
+    """For a part whose kernels Triton's CPU interpreter runs (minutes, where a GPU takes
+    seconds): a train_one_epoch callback printing the part's expected time from its first step."""
+    if device.type != "cpu" or "triton" not in used.values():
+        return None
+
+    def report(seconds: float) -> None:
+        stream.write(
+            f"  the first step took {_console.seconds(seconds)} under Triton's interpreter: this part's "
+            f"{total_steps} steps will take about {_console.seconds(seconds * total_steps)}\n"
+        )
+        stream.flush()
+
+    return report
