@@ -30,10 +30,12 @@ $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel
+	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
 	touch $@
 
+# The torch installed above stays: an extra that depends on torch cannot swap it for another build.
 $(VENV)/.installed-%: pyproject.toml setup.py $(VENV)/.torch-installed
-	$(PIP) --no-build-isolation -e ".[$*]"
+	$(PIP) --no-build-isolation -c $(VENV)/torch-pin.txt -e ".[$*]"
 	touch $@
 
 install: $(VENV)/.installed-demo
