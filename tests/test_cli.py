@@ -167,3 +167,30 @@ def test_progress_lines_on_a_log_during_a_long_epoch():
         bar.update(note=lambda: f"MSE {step}")
     bar.close()
     assert log.getvalue() == "  epoch 1/1: step 1/3 MSE 0\n  epoch 1/1: step 2/3 MSE 1\n"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(y_range=(5.5, 0)), ValueError, "y_range must be finite with low < high"),
+        (dict(y_range=(0, float("nan"))), ValueError, "y_range must be finite"),
+        (dict(y_range=5.5), ValueError, "y_range must be a pair of numbers"),
+        (dict(n_factors=0), ValueError, "n_factors must be at least 1, got 0"),
+        (dict(n_users=-3), ValueError, "n_users must be at least 1"),
+        (dict(n_items=2.5), TypeError, "n_items must be an int, got float"),
+    ],
+)
+def test_embedding_dot_bias_refuses_a_model_that_cannot_work(kwargs, error, message):
+    from fastcore5.nn import EmbeddingDotBias
+
+    arguments = dict(n_factors=4, n_users=5, n_items=6, y_range=(0, 5.5)) | kwargs
+    with pytest.raises(error, match=message):
+        EmbeddingDotBias(**arguments)
+    EmbeddingDotBias(**(arguments | dict(n_factors=4, n_users=5, n_items=6, y_range=(0, 5.5))))
+
+
+def test_shape_errors_count_dimensions_in_words_that_agree():
+    import fastcore5
+
+    with pytest.raises(ValueError, match=r"^bias must have 1 dimension, got shape \(5, 1\)$"):
+        fastcore5.linear_relu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 1))
