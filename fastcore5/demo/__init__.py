@@ -179,9 +179,9 @@ def _interpreter_note(parts, device: torch.device) -> str:
     if not any(backends.select(op, device, torch.float32) == "triton" for op in ops):
         return ""
     return (
-        "  Note: TRITON_INTERPRET=1 runs the Triton kernels through Triton's CPU interpreter, about a thousand "
-        "times slower than a GPU (the full demo takes over ten minutes; --part digits --epochs 1 about one).\n"
-        "  Each part prints its estimated time after its first step.\n\n"
+        "  Note: TRITON_INTERPRET=1 runs the Triton kernels through Triton's CPU interpreter, which checks them "
+        "but is slow:\n  the whole demo takes over ten minutes on a CPU, `--part digits --epochs 1` a few. "
+        "Each part prints its expected time after its first steps.\n\n"
     )
 
 
@@ -290,7 +290,7 @@ def _summary(report: DemoReport) -> str:
             f"{where} every op ran its plain-PyTorch reference, not a fused kernel: the numbers are right, "
             "but nothing fused ran.\nFor the fused kernels run on a machine with a CUDA GPU "
             "(fastcore5 demo --device cuda), or watch the Triton kernels run on this CPU through Triton's "
-            "interpreter, which is very slow (seconds per step; this takes about a minute):\n"
+            "interpreter, which is very slow (seconds per step; this takes a few minutes):\n"
             "  TRITON_INTERPRET=1 fastcore5 demo --part digits --epochs 1"
         )
     elif report.device.type == "cpu" and "triton" in used:

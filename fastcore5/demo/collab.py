@@ -118,7 +118,7 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
         shuffled = train_rows[torch.randperm(len(train_rows), generator=generator)].to(device)
         train_loss = train_one_epoch(
             model, optimizer, schedule, F.mse_loss, pairs, targets, shuffled, settings.batch_size,
-            stream, f"epoch {epoch}/{settings.epochs}", "train MSE", after_first_step=estimate if epoch == 1 else None,
+            stream, f"epoch {epoch}/{settings.epochs}", "train MSE", after_warm_up=estimate if epoch == 1 else None,
         )
         stats = EpochStats(
             epoch=epoch,

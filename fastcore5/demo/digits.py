@@ -135,7 +135,7 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
             epoch = len(history) + 1
             train_loss = train_one_epoch(
                 model, optimizer, schedule, F.cross_entropy, x_train, y_train, order, settings.batch_size,
-                stream, f"epoch {epoch} ({phase})", "loss", after_first_step=estimate if epoch == 1 else None,
+                stream, f"epoch {epoch} ({phase})", "loss", after_warm_up=estimate if epoch == 1 else None,
             )
             valid_loss, accuracy = evaluate(model, x_valid, y_valid)
             stats = EpochStats(epoch, phase, train_loss, valid_loss, accuracy, clock.elapsed())
