@@ -194,3 +194,14 @@ def test_shape_errors_count_dimensions_in_words_that_agree():
 
     with pytest.raises(ValueError, match=r"^bias must have 1 dimension, got shape \(5, 1\)$"):
         fastcore5.linear_relu(torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 1))
+
+
+def test_bad_backend_variable_is_one_line_from_the_benchmarks():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=REPO_ROOT, env=_user_env(FASTCORE5_BACKEND="Bogus"), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m bench: error: FASTCORE5_BACKEND='Bogus'"), done.stderr
+    assert "ceilings" not in done.stdout
