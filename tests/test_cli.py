@@ -183,10 +183,10 @@ def test_progress_lines_on_a_log_during_a_long_epoch():
 def test_embedding_dot_bias_refuses_a_model_that_cannot_work(kwargs, error, message):
     from fastcore5.nn import EmbeddingDotBias
 
-    arguments = dict(n_factors=4, n_users=5, n_items=6, y_range=(0, 5.5)) | kwargs
+    valid = dict(n_factors=4, n_users=5, n_items=6, y_range=(0, 5.5))
+    EmbeddingDotBias(**valid)
     with pytest.raises(error, match=message):
-        EmbeddingDotBias(**arguments)
-    EmbeddingDotBias(**(arguments | dict(n_factors=4, n_users=5, n_items=6, y_range=(0, 5.5))))
+        EmbeddingDotBias(**(valid | kwargs))
 
 
 def test_shape_errors_count_dimensions_in_words_that_agree():
