@@ -1,31 +1,52 @@
 # Quick start: `make demo` runs the main job, `make test` runs the whole test suite.
-# Each creates its own virtual environment in $(VENV) and installs what it needs.
-# TORCH_SPEC picks the torch to install first: the default is the CPU build that suits a machine
-# without a GPU; on a GPU machine use e.g. `make test TORCH_SPEC='torch>=2.11,<2.15'`.
+# Each target creates a virtual environment in $(VENV) and installs only what it needs there:
+# `make demo` the package and its `demo` extra, `make test` the package and its `test` extra
+# (plus `nvcc-check` when nvcc is installed), `make bench` the `bench` extra.
+#
+# Where torch comes from (the first thing installed, so nothing else can pull another build):
+#   TORCH_SPEC   which torch to install (default torch==2.13.0, the version CI runs)
+#   TORCH_INDEX  the package index to take it from; empty (the default) means pip's own index.
+#                From PyPI on Linux x86_64 that is the CUDA build, which downloads several GB of
+#                CUDA libraries. On a machine without a GPU use PyTorch's CPU wheel index:
+#                  make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fastcore5-installed
+PIP := $(PY) -m pip install --quiet
+
+# tests/test_cuda_compile.py compiles csrc/ with nvcc when one is installed; it then needs
+# cublasLt.h, which the `nvcc-check` extra's nvidia-cublas wheel provides (~720 MB of
+# libraries come with the header). Without nvcc those tests skip and the wheel is not needed.
+comma := ,
+HAVE_NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+TEST_EXTRAS := test$(if $(HAVE_NVCC),$(comma)nvcc-check)
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml setup.py
+# One stamp per set of extras: `make demo` then `make test` adds the test extras to the same venv.
+$(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet setuptools wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,demo]"
-	touch $(STAMP)
+	$(PIP) $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
+	$(PIP) setuptools wheel
+	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
+	touch $@
 
-install: $(STAMP)
+# The torch installed above stays: an extra that depends on torch cannot swap it for another build.
+$(VENV)/.installed-%: pyproject.toml setup.py $(VENV)/.torch-installed
+	$(PIP) --no-build-isolation -c $(VENV)/torch-pin.txt -e ".[$*]"
+	touch $@
 
-demo: $(STAMP)
+install: $(VENV)/.installed-demo
+
+demo: $(VENV)/.installed-demo
 	$(PY) -m fastcore5 demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(PY) -m pytest tests -q
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench --quick
 
 clean:

@@ -25,7 +25,8 @@ def check_tensor(
     if ndim is not None:
         allowed_ndim = (ndim,) if isinstance(ndim, int) else ndim
         if value.dim() not in allowed_ndim:
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed_ndim))} dimensions, got shape {tuple(value.shape)}")
+            noun = "dimension" if allowed_ndim == (1,) else "dimensions"
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed_ndim))} {noun}, got shape {tuple(value.shape)}")
     return value
 
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .backends import BackendConfigError, check_environment
 from .demo import DemoError, DemoOptions, RatingsFileError
 from .demo.collab import CollabSettings
 from .demo.digits import DigitsSettings
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Progress shows as it happens when the output goes to a pipe or a log file too.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     parser = build_parser()
@@ -111,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import run_demo
 
     try:
+        check_environment()
         run_demo(options)
-    except (DemoError, RatingsFileError) as err:
+    except (DemoError, RatingsFileError, BackendConfigError) as err:
         print(f"fastcore5 demo: error: {err}", file=sys.stderr)
         return 2
     return 0

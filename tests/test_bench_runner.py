@@ -28,9 +28,10 @@ def _only_json(directory: Path) -> dict:
 
 
 def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(runner, "ANCHORS_CANDIDATES", (tmp_path / "absent" / runner.ANCHORS_NAME,))
+    monkeypatch.setattr(runner, "ANCHORS_FILE", tmp_path / "absent" / "anchors.json")
     assert runner.main(["--quick", "--op", "linear_relu", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
+    assert "anchor" not in printed  # a missing anchors file drops the column, silently
 
     report = _only_json(tmp_path)
     assert RUN_FIELDS <= report.keys()
@@ -65,9 +66,9 @@ def _fake_cases(device, quick):
 
 
 def test_anchors_missing_ops_and_failing_cases_are_reported(tmp_path, capsys, monkeypatch):
-    anchors = tmp_path / runner.ANCHORS_NAME
+    anchors = tmp_path / "anchors.json"
     anchors.write_text(json.dumps({"linrelu.bf16.1024x1024x1024.eager_fwd_ms": 0.0611}))
-    monkeypatch.setattr(runner, "ANCHORS_CANDIDATES", (tmp_path / "nowhere.json", anchors))
+    monkeypatch.setattr(runner, "ANCHORS_FILE", anchors)
     modules = {"linear_relu": types.SimpleNamespace(cases=_fake_cases), "embedding_dot_bias": None, "sgd": None}
     monkeypatch.setattr(runner, "load_cases_module", modules.get)
 
@@ -80,7 +81,7 @@ def test_anchors_missing_ops_and_failing_cases_are_reported(tmp_path, capsys, mo
     good, bad = report["results"]
     assert good["h200_anchor_ms"] == {"eager": 0.0611}
     assert bad["error"] == "RuntimeError: kernel exploded" and "ms" not in bad
-    assert "0.0611" in captured.out and "kernel exploded" in captured.out
+    assert "0.0611" in captured.out and "H200 anchor ms" in captured.out and "kernel exploded" in captured.out
     assert "1 case(s) failed" in captured.err
     assert not list((tmp_path / "out").glob("*.png"))
 
@@ -95,8 +96,53 @@ def test_table_has_one_line_per_comparison():
     }
     lines = runner.format_table([row]).splitlines()
     assert len(lines) == 4  # header, rule, one line per comparison
+    assert lines[0].split()[-3:] == ["H200", "anchor", "ms"]
     assert lines[2].split() == ["sgd", "64M", "fp32", "step", "0.5", "foreach", "1", "2.00x", "80%", "copy"]
     assert lines[3].split() == ["fused", "0.25", "0.50x", "0.409"]
+
+    del row["h200_anchor_ms"]
+    assert "anchor" not in runner.format_table([row])
+
+
+def test_the_shipped_anchors_file_is_found_and_matches_the_cases():
+    anchors, path = runner.load_anchors()
+    assert path is not None and path.is_relative_to(REPO_ROOT / "bench")
+    assert anchors["device"] == "NVIDIA H200"
+    assert anchors["linrelu.bf16.1024x1024x1024.eager_fwd_ms"] > 0
+
+
+def test_a_fraction_above_the_ceiling_is_marked_and_explained(tmp_path, capsys, monkeypatch):
+    def cases(device, quick):
+        return [Case("linear_relu", "8x8x8", "fp32", "fwd", {"fastcore5": lambda: None, "eager": lambda: None}, flops=1e15)]
+
+    monkeypatch.setattr(runner, "load_cases_module", lambda op: types.SimpleNamespace(cases=cases))
+    assert runner.main(["--quick", "--op", "linear_relu", "--out", str(tmp_path), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    fraction = _only_json(tmp_path)["results"][0]["fraction_of_matmul_ceiling"]
+    assert fraction > 1
+    assert f"{fraction:.0%} matmul*" in printed
+    assert "1 case(s) ran faster than the ceiling measured" in printed
+    assert "faster than the ceiling" in " ".join(_only_json(tmp_path)["notes"])
+
+
+@pytest.mark.parametrize("problem", ["file", "under_a_file"])
+def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypatch, problem):
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured before checking --out"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = blocker if problem == "file" else blocker / "results"
+    assert runner.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --out {out}:")
+
+
+def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("FASTCORE5_BACKEND", "bogus")
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured with a bad FASTCORE5_BACKEND"))
+    assert runner.main(["--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench: error: FASTCORE5_BACKEND='bogus'")
+    assert all(name in err[0] for name in ("triton", "cuda", "torch", "auto"))
 
 
 def test_cli_bench_subcommand_reaches_the_runner(capsys):

@@ -61,8 +61,13 @@ def test_fused_demo_matches_reference_run(device):
     the reference gives the same numbers."""
     if device == "cpu" and not backends.interpreter_active():
         pytest.fail("tests/conftest.py should have set TRITON_INTERPRET=1 on a machine without CUDA")
-    fused = run_demo(_tiny_options("triton", device), io.StringIO())
-    reference = run_demo(_tiny_options("torch", device), io.StringIO())
+    fused_out, reference_out = io.StringIO(), io.StringIO()
+    fused = run_demo(_tiny_options("triton", device), fused_out)
+    reference = run_demo(_tiny_options("torch", device), reference_out)
+    if device == "cpu":  # the interpreter's minutes are announced up front, then estimated per part
+        assert "TRITON_INTERPRET=1 runs the Triton kernels through Triton's CPU interpreter" in fused_out.getvalue()
+        assert fused_out.getvalue().count("Triton's interpreter takes") == 2
+    assert "interpreter" not in reference_out.getvalue().split("Summary")[0]
 
     assert set(fused.backends.values()) == {"triton"}
     for mine, theirs in zip(fused.collab.history, reference.collab.history):
@@ -198,7 +203,7 @@ def test_cli_refuses_unavailable_device_and_small_data(tmp_path, capsys):
         assert "sees no CUDA device" in capsys.readouterr().err
     folder = _write_ml_latest(tmp_path / "tiny", ["1,50,4.0,0", "2,1,3.0,0"])
     assert main(["demo", "--part", "collab", "--ratings", str(folder), "--backend", "torch"]) == 2
-    assert "lower --batch-size" in capsys.readouterr().err
+    assert "leave none for validation" in capsys.readouterr().err
 
 
 def test_help_explains_every_demo_option(capsys):

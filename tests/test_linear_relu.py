@@ -260,7 +260,7 @@ def test_torch_backend_runs_the_reference():
         (lambda: (torch.randn(3, 4), torch.randn(5, 6), None), ValueError, "weight expects in_features=6"),
         (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(6)), ValueError, "bias has 6 elements"),
         (lambda: (torch.randn(3, 4), torch.randn(5, 4, 1), None), ValueError, "weight must have 2 dimensions"),
-        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 1)), ValueError, "bias must have 1 dimensions"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 1)), ValueError, "bias must have 1 dimension"),
         (lambda: (torch.randn(()), torch.randn(5, 4), None), ValueError, "x must have at least 1 dimension"),
         (lambda: (torch.randint(0, 3, (3, 4)), torch.randn(5, 4), None), TypeError, "x has dtype torch.int64"),
         (lambda: (torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), None), TypeError, "weight is torch.float64"),

@@ -18,6 +18,7 @@ from typing import TextIO
 import torch
 
 from .. import backends
+from .._output_paths import OutputPathError, writable_folder
 from . import _console
 from ._common import DemoError, describe_backend
 from .collab import CollabResult, CollabSettings, Interpretation, interpret_collab, train_collab
@@ -87,6 +88,7 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoReport:
     if options.backend not in ("auto",) + backends.BACKENDS:
         raise DemoError(f"--backend must be one of auto, {', '.join(backends.BACKENDS)}; got {options.backend!r}")
     device = resolve_device(options.device)
+    plots = _plots_folder(options.plots)
     parts = PARTS if options.part == "all" else (options.part,)
     report = DemoReport(device=device)
     started = time.perf_counter()
@@ -94,12 +96,13 @@ def run_demo(options: DemoOptions, stream: TextIO | None = None) -> DemoReport:
     with chosen, _cpu_threads(device):
         _check_backends(parts, device)
         stream.write(_header(device))
+        stream.write(_interpreter_note(parts, device))
         for number, part in enumerate(parts, start=1):
             part_started = time.perf_counter()
             if part == "collab":
-                _run_collab(options, device, report, stream, f"[{number}/{len(parts)}]")
+                _run_collab(options, device, plots, report, stream, f"[{number}/{len(parts)}]")
             else:
-                _run_digits(options, device, report, stream, f"[{number}/{len(parts)}]", explicit=options.part == part)
+                _run_digits(options, device, plots, report, stream, f"[{number}/{len(parts)}]", explicit=options.part == part)
             report.part_seconds[part] = time.perf_counter() - part_started
             if part not in report.skipped:
                 stream.write(f"  {part} part took {_console.seconds(report.part_seconds[part])}\n\n")
@@ -124,15 +127,62 @@ def _cpu_threads(device: torch.device, threads: int = 1):
         torch.set_num_threads(previous)
 
 
+def _plots_folder(plots: str | None) -> Path | None:
+    """The --plots folder, checked (writable, matplotlib importable) before any training."""
+    if plots is None:
+        return None
+    try:
+        folder = writable_folder(plots, "--plots")
+    except OutputPathError as err:
+        raise DemoError(str(err)) from None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DemoError("--plots needs matplotlib: pip install 'fastcore5[demo]' or pip install matplotlib") from None
+    return folder
+
+
+_PART_OPS = {"collab": ("embedding_dot_bias", "sgd"), "digits": ("linear_relu", "sgd")}
+
+
 def _check_backends(parts, device: torch.device) -> None:
     """Fail before training, with the backend module's own advice, if a requested backend cannot run."""
-    ops = {"collab": ("embedding_dot_bias", "sgd"), "digits": ("linear_relu", "sgd")}
     for part in parts:
-        for op in ops[part]:
+        for op in _PART_OPS[part]:
             try:
                 backends.select(op, device, torch.float32)
             except backends.BackendUnavailableError as err:
+                if backends.requested() == "cuda" and device.type != "cuda":
+                    raise DemoError(_cuda_backend_advice(device)) from None
                 raise DemoError(str(err)) from None
+
+
+def _cuda_backend_advice(device: torch.device) -> str:
+    where = (
+        "this machine has no CUDA GPU (torch sees none)"
+        if not torch.cuda.is_available()
+        else f"the demo runs on {device}; add --device cuda"
+    )
+    return (
+        f"--backend cuda runs the CUDA C++ kernels, which need CUDA tensors: {where}. On a machine with an NVIDIA "
+        "GPU and a CUDA build of torch, build the extension with "
+        "`FASTCORE5_BUILD_CUDA=1 pip install --no-build-isolation -e .` and run with --device cuda"
+    )
+
+
+def _interpreter_note(parts, device: torch.device) -> str:
+    """Warn up front when Triton's CPU interpreter will run the kernels: minutes, not seconds.
+    Each part then prints its own estimate once its first step has been timed."""
+    if device.type != "cpu":
+        return ""
+    ops = {op for part in parts for op in _PART_OPS[part]}
+    if not any(backends.select(op, device, torch.float32) == "triton" for op in ops):
+        return ""
+    return (
+        "  Note: TRITON_INTERPRET=1 runs the Triton kernels through Triton's CPU interpreter, which checks them "
+        "but is slow:\n  the whole demo takes over ten minutes on a CPU, `--part digits --epochs 1` a few. "
+        "Each part prints its expected time after its first steps.\n\n"
+    )
 
 
 def _header(device: torch.device) -> str:
@@ -154,7 +204,7 @@ def _backend_lines(used: dict[str, str], device: torch.device) -> str:
     return "".join(f"  {op} runs on: {name} ({describe_backend(name, device)})\n" for op, name in used.items())
 
 
-def _run_collab(options: DemoOptions, device, report: DemoReport, stream: TextIO, counter: str) -> None:
+def _run_collab(options: DemoOptions, device, plots: Path | None, report: DemoReport, stream: TextIO, counter: str) -> None:
     clock = time.perf_counter()
     if options.ratings:
         ratings = load_ratings(options.ratings)
@@ -172,17 +222,19 @@ def _run_collab(options: DemoOptions, device, report: DemoReport, stream: TextIO
     stream.write(_backend_lines(report.collab.backends, device))
     report.backends.update(report.collab.backends)
     report.interpretation = interpret_collab(report.collab.model, ratings, stream)
-    if options.plots:
+    if plots is not None:
         from .plots import plot_collab
 
-        report.plots += plot_collab(report.collab, report.interpretation, ratings, Path(options.plots))
+        report.plots += plot_collab(report.collab, report.interpretation, ratings, plots)
     stream.write(
         f"  time: data {_console.seconds(data_seconds)}, training {_console.seconds(report.collab.seconds)}, "
         f"interpretation {_console.seconds(report.interpretation.seconds)}\n"
     )
 
 
-def _run_digits(options: DemoOptions, device, report: DemoReport, stream: TextIO, counter: str, explicit: bool) -> None:
+def _run_digits(
+    options: DemoOptions, device, plots: Path | None, report: DemoReport, stream: TextIO, counter: str, explicit: bool
+) -> None:
     stream.write(f"{counter} An MLP of LinearReLU layers on scikit-learn's 8x8 digits, discriminative learning rates\n")
     settings = DigitsSettings(seed=options.seed, **_overrides(options), **options.digits_overrides)
     try:
@@ -195,10 +247,10 @@ def _run_digits(options: DemoOptions, device, report: DemoReport, stream: TextIO
         return
     stream.write(_backend_lines(report.digits.backends, device))
     report.backends.update(report.digits.backends)
-    if options.plots:
+    if plots is not None:
         from .plots import plot_digits
 
-        report.plots += plot_digits(report.digits, Path(options.plots))
+        report.plots += plot_digits(report.digits, plots)
 
 
 def _overrides(options: DemoOptions) -> dict:
@@ -238,7 +290,7 @@ def _summary(report: DemoReport) -> str:
             f"{where} every op ran its plain-PyTorch reference, not a fused kernel: the numbers are right, "
             "but nothing fused ran.\nFor the fused kernels run on a machine with a CUDA GPU "
             "(fastcore5 demo --device cuda), or watch the Triton kernels run on this CPU through Triton's "
-            "interpreter, which is very slow (seconds per step; this takes about a minute):\n"
+            "interpreter, which is very slow (seconds per step; this takes a few minutes):\n"
             "  TRITON_INTERPRET=1 fastcore5 demo --part digits --epochs 1"
         )
     elif report.device.type == "cpu" and "triton" in used:

@@ -91,15 +91,20 @@ def train_one_epoch(
     stream,
     label: str,
     loss_name: str,
+    after_warm_up: Callable[[float, float], None] | None = None,
 ) -> float:
     """One pass over ``inputs[order]`` in batches (the tail that does not fill a batch is
     dropped), one optimizer and schedule step per batch; returns the mean batch loss. The
-    running loss stays on the device and is read only when the progress bar redraws."""
+    running loss stays on the device and is read only when the progress bar redraws.
+    ``after_warm_up`` gets the seconds of the first step (warm-up included) and of the second
+    (or of the first again, in a one-step epoch)."""
     steps = len(order) // batch_size
     bar = _console.ProgressBar(steps, stream, label)
     model.train()
     loss_sum = torch.zeros((), device=inputs.device)
+    step_seconds = []
     for step in range(steps):
+        clock = Stopwatch(inputs.device) if step < 2 and after_warm_up is not None else None
         batch = order[step * batch_size : (step + 1) * batch_size]
         loss = loss_fn(model(inputs[batch]), targets[batch])
         optimizer.zero_grad()
@@ -107,6 +112,28 @@ def train_one_epoch(
         optimizer.step()
         schedule.step()
         loss_sum += loss.detach()
+        if clock is not None:
+            step_seconds.append(clock.elapsed())
+            if len(step_seconds) == min(2, steps):
+                after_warm_up(step_seconds[0], step_seconds[-1])
         bar.update(note=lambda: f"{loss_name} {float(loss_sum) / (step + 1):.4f}")
     bar.close()
     return float(loss_sum) / steps
+
+
+def interpreter_estimate(used: dict[str, str], device: torch.device, total_steps: int, stream) -> Callable[[float, float], None] | None:
+    """For a part whose kernels Triton's CPU interpreter runs (minutes, where a GPU takes
+    seconds): a train_one_epoch callback printing the part's expected time from its first two
+    steps (the first carries the warm-up)."""
+    if device.type != "cpu" or "triton" not in used.values():
+        return None
+
+    def report(first: float, typical: float) -> None:
+        expected = first + typical * (total_steps - 1)
+        stream.write(
+            f"  Triton's interpreter takes {_console.seconds(typical)} per step here: this part's "
+            f"{total_steps} steps will take about {_console.seconds(expected)}\n"
+        )
+        stream.flush()
+
+    return report

@@ -8,6 +8,7 @@ planted ones.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ..nn import EmbeddingDotBias
 from ..optim import SGD
 from . import _console
-from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle, train_one_epoch
+from ._common import DemoError, EpochStats, Stopwatch, backends_for, interpreter_estimate, one_cycle, train_one_epoch
 from .data import Ratings
 
 OPS = ("embedding_dot_bias", "sgd")
@@ -81,10 +82,15 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
     n_valid = int(len(ratings) * settings.valid_fraction)
     valid_rows, train_rows = order[:n_valid], order[n_valid:]
     steps_per_epoch = len(train_rows) // settings.batch_size  # full batches only, as fastai trains
-    if steps_per_epoch == 0 or n_valid == 0:
+    if n_valid == 0:
         raise DemoError(
-            f"{len(ratings)} ratings give {len(train_rows)} for training and {n_valid} for validation: too few for "
-            f"batch size {settings.batch_size}; lower --batch-size or use more ratings"
+            f"{len(ratings)} ratings leave none for validation ({settings.valid_fraction:.0%} of them rounds down to 0): "
+            f"use at least {math.ceil(1 / settings.valid_fraction)} ratings"
+        )
+    if steps_per_epoch == 0:
+        raise DemoError(
+            f"{len(ratings)} ratings leave {len(train_rows)} for training, fewer than one batch of {settings.batch_size}: "
+            f"lower --batch-size to {len(train_rows)} or less, or use more ratings"
         )
 
     pairs = torch.stack([ratings.users, ratings.items], dim=1).to(device)
@@ -102,8 +108,9 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
         f"  {len(train_rows)} ratings to train on, {n_valid} to validate; {settings.n_factors} factors, "
         f"y_range {tuple(round(v, 2) for v in ratings.y_range())}\n"
         f"  SGD momentum {settings.momentum} (cycled 0.95-0.85), weight decay {settings.weight_decay:g}, "
-        f"one-cycle to lr {settings.lr:g}, batch size {settings.batch_size}, {settings.epochs} epochs\n"
+        f"one-cycle to lr {settings.lr:g}, batch size {settings.batch_size}, {_console.plural(settings.epochs, 'epoch')}\n"
     )
+    estimate = interpreter_estimate(used, device, settings.epochs * steps_per_epoch, stream)
     history: list[EpochStats] = []
     stream.write(f"  {'epoch':>5}  {'train MSE':>9}  {'valid MSE':>9}  {'time':>8}\n")
     for epoch in range(1, settings.epochs + 1):
@@ -111,7 +118,7 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
         shuffled = train_rows[torch.randperm(len(train_rows), generator=generator)].to(device)
         train_loss = train_one_epoch(
             model, optimizer, schedule, F.mse_loss, pairs, targets, shuffled, settings.batch_size,
-            stream, f"epoch {epoch}/{settings.epochs}", "train MSE",
+            stream, f"epoch {epoch}/{settings.epochs}", "train MSE", after_warm_up=estimate if epoch == 1 else None,
         )
         stats = EpochStats(
             epoch=epoch,
@@ -125,6 +132,7 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
         stream.write(
             f"  {epoch:>5}  {stats.train_loss:>9.4f}  {stats.valid_loss:>9.4f}  {_console.seconds(stats.seconds):>8}\n"
         )
+        stream.flush()
     final = history[-1].valid_loss
     stream.write(
         f"  validation MSE {final:.4f} against {float(baseline_mse):.4f} for always predicting the mean rating "

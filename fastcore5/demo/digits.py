@@ -20,7 +20,7 @@ from torch import nn
 from ..nn import LinearReLU
 from ..optim import SGD, discriminative_param_groups, lr_range
 from . import _console
-from ._common import DemoError, EpochStats, Stopwatch, backends_for, one_cycle, train_one_epoch
+from ._common import DemoError, EpochStats, Stopwatch, backends_for, interpreter_estimate, one_cycle, train_one_epoch
 
 OPS = ("linear_relu", "sgd")
 N_CLASSES = 10
@@ -94,7 +94,10 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
     )
     steps_per_epoch = len(x_train) // settings.batch_size
     if steps_per_epoch == 0:
-        raise DemoError(f"{len(x_train)} training images are fewer than batch size {settings.batch_size}")
+        raise DemoError(
+            f"{len(x_train)} training images are fewer than one batch of {settings.batch_size}: "
+            f"lower --batch-size to {len(x_train)} or less"
+        )
     torch.manual_seed(settings.seed)
     model, layer_groups = build_mlp(settings.hidden)
     model.to(device)
@@ -112,12 +115,13 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
     stream.write(
         f"  {len(x_train)} images to train on, {len(x_valid)} to validate; {layer_names}\n"
         f"  SGD momentum {settings.momentum} (cycled 0.95-0.85), weight decay {settings.weight_decay:g}, "
-        f"batch size {settings.batch_size}; {settings.freeze_epochs} epoch(s) with the body frozen, then "
+        f"batch size {settings.batch_size}; {_console.plural(settings.freeze_epochs, 'epoch')} with the body frozen, then "
         f"{settings.epochs} with discriminative lrs slice({lrs.start:g}, {lrs.stop:g}) -> "
         f"{', '.join(f'{lr:.3g}' for lr in group_lrs)} per layer group\n"
     )
     stream.write(f"  {'epoch':>5}  {'phase':<8}  {'train loss':>10}  {'valid loss':>10}  {'accuracy':>8}  {'time':>8}\n")
     generator = torch.Generator().manual_seed(settings.seed)
+    estimate = interpreter_estimate(used, device, (settings.freeze_epochs + settings.epochs) * steps_per_epoch, stream)
     history: list[EpochStats] = []
     phases = [("frozen", settings.freeze_epochs, optimizer.freeze), ("unfrozen", settings.epochs, optimizer.unfreeze)]
     for phase, epochs, set_trainable in phases:
@@ -131,7 +135,7 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
             epoch = len(history) + 1
             train_loss = train_one_epoch(
                 model, optimizer, schedule, F.cross_entropy, x_train, y_train, order, settings.batch_size,
-                stream, f"epoch {epoch} ({phase})", "loss",
+                stream, f"epoch {epoch} ({phase})", "loss", after_warm_up=estimate if epoch == 1 else None,
             )
             valid_loss, accuracy = evaluate(model, x_valid, y_valid)
             stats = EpochStats(epoch, phase, train_loss, valid_loss, accuracy, clock.elapsed())
@@ -140,6 +144,7 @@ def train_digits(settings: DigitsSettings, device: torch.device, stream: TextIO)
                 f"  {epoch:>5}  {phase:<8}  {stats.train_loss:>10.4f}  {valid_loss:>10.4f}  {accuracy:>8.1%}  "
                 f"{_console.seconds(stats.seconds):>8}\n"
             )
+            stream.flush()
     stream.write(
         f"  validation accuracy {history[-1].valid_accuracy:.1%} on {len(x_valid)} images "
         f"(chance: {1 / N_CLASSES:.0%})\n"

@@ -2,6 +2,8 @@
 reading what it learned are in fastcore5.interpret; the model's methods of the same names call them."""
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -51,6 +53,10 @@ class EmbeddingDotBias(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        for name, value in (("n_factors", n_factors), ("n_users", n_users), ("n_items", n_items)):
+            _check_positive_count(name, value)
+        if y_range is not None:
+            _check_y_range(y_range)
         self.y_range = y_range
         self.sparse = sparse
         self.validate = validate
@@ -120,3 +126,21 @@ class EmbeddingDotBias(nn.Module):
     def pca(self, k: int = 3, ids=None, is_item: bool = True) -> Tensor:
         """The item (or user) factors on their first ``k`` principal components: see fastcore5.interpret.pca."""
         return interpret.pca(self, k, ids, is_item)
+
+
+def _check_positive_count(name: str, value) -> None:
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if isinstance(value, bool) or count < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+
+
+def _check_y_range(y_range) -> None:
+    try:
+        low, high = (float(v) for v in y_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"y_range must be a pair of numbers (low, high), got {y_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"y_range must be finite with low < high, got {y_range!r}")
