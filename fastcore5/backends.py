@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from .kernels._common import interpreting
+
 BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "FASTCORE5_BACKEND"
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
@@ -55,9 +57,8 @@ def check_environment() -> None:
         )
 
 
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether Triton runs kernels through its CPU interpreter: one definition, beside the launchers.
+interpreter_active = interpreting
 
 
 @functools.lru_cache(maxsize=None)
