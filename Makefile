@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet setuptools wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,demo]"
+	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install --quiet --no-build-isolation -c $(VENV)/torch-pin.txt -e ".[test,bench,demo,fastai]"
 	touch $(STAMP)
 
 install: $(STAMP)
