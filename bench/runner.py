@@ -62,11 +62,16 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
         help=f"where to write the JSON and the plots (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
+    parser.add_argument("--train", action="store_true", help="end-to-end training speed instead (bench/train.py)")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.train:
+        from . import train
+
+        return train.main(args)
     ops = list(dict.fromkeys(args.ops or OPS))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run = environment(device, args.quick)
