@@ -37,8 +37,7 @@ from fastai.optimizer import SGD as fastai_SGD  # noqa: E402
 from fastai.tabular.all import Categorify, Normalize, TabularDataLoaders, set_seed, tabular_learner  # noqa: E402
 
 import fastcore5.fastai as fc_fastai  # noqa: E402
-
-pd = pytest.importorskip("pandas")
+import pandas as pd  # noqa: E402  (a dependency of fastai)
 
 
 def ratings_frame(n: int = 256, seed: int = 0):
