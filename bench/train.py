@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -222,11 +223,11 @@ def timed_run(model: nn.Module, variant: str, initial: dict, make_batches: Calla
             scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hyper["lr"], total_steps=n_steps)
         return opt, scheduler
 
-    runner_synchronize = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    synchronize = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     started = time.perf_counter()
     opt, _ = fresh_optimizer()
     train_steps(loss_fn, opt, None, make_batches(WARMUP_STEPS), device)
-    runner_synchronize()
+    synchronize()
     warmup_s = time.perf_counter() - started
     with torch.no_grad():  # in place: compiled graphs and captured CUDA graphs keep these tensors
         for name, tensor in model.state_dict().items():
@@ -237,10 +238,10 @@ def timed_run(model: nn.Module, variant: str, initial: dict, make_batches: Calla
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    runner_synchronize()
+    synchronize()
     started = time.perf_counter()
     total = train_steps(loss_fn, opt, scheduler, batches, device)
-    runner_synchronize()
+    synchronize()
     seconds = time.perf_counter() - started
     row = {"seconds": seconds, "warmup_s": warmup_s, "mean_train_loss": float(total) / n_steps}
     if device == "cuda":
@@ -397,14 +398,14 @@ def plot(rows: list[dict], path: Path, card: str) -> Path | None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def run_task(task: str, run_one: Callable, rows: list, device: str) -> None:
+def run_task(task: str, run_one: Callable, device: str) -> list[dict]:
+    """One row per way; a way that raises is recorded with its error instead of ending the run."""
+    rows = []
     for variant in VARIANTS:
         started = time.perf_counter()
         try:
             row = {"task": task, "variant": variant, **run_one(variant)}
         except Exception as err:  # noqa: BLE001 - reported in the table, the JSON and the exit status
-            import traceback
-
             traceback.print_exc()
             row = {"task": task, "variant": variant, "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
@@ -412,6 +413,19 @@ def run_task(task: str, run_one: Callable, rows: list, device: str) -> None:
         torch._dynamo.reset()  # compiled graphs (and their CUDA graph pools) do not outlive their way
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def collab_task(size: CollabSize, device: str) -> list[dict]:
+    data = synthetic_ratings(size, device)
+    initial = EmbeddingDotBias(size.n_factors, size.n_users, size.n_items, size.y_range, device=device).state_dict()
+    return run_task("collab", lambda variant: collab_run(variant, size, data, initial, device), device)
+
+
+def mlp_task(size: MLPSize, device: str) -> list[dict]:
+    data = mlp_data(size, device)
+    initial = mlp(size.widths, fused=False, device=device).state_dict()
+    return run_task("mlp", lambda variant: mlp_run(variant, size, data, initial, device), device)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -437,15 +451,8 @@ def main(args: argparse.Namespace) -> int:
     reference_only = backends.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
     with reference_only:
         fastcore5_backend = {op: backends.select(op, device, torch.float32) for op in ("embedding_dot_bias", "linear_relu")}
-        data = synthetic_ratings(collab_size, device)
-        initial = EmbeddingDotBias(collab_size.n_factors, collab_size.n_users, collab_size.n_items,
-                                   collab_size.y_range, device=device).state_dict()
-        run_task("collab", lambda variant: collab_run(variant, collab_size, data, initial, device), rows, device)
-        del data, initial
-        data = mlp_data(mlp_size, device)
-        initial = mlp(mlp_size.widths, fused=False, device=device).state_dict()
-        run_task("mlp", lambda variant: mlp_run(variant, mlp_size, data, initial, device), rows, device)
-        del data, initial
+        rows += collab_task(collab_size, device)  # its data is freed before the MLP's is made
+        rows += mlp_task(mlp_size, device)
 
     add_speedups(rows)
     problems = [f"{row['task']} / {row['variant']}: {row['error']}" for row in rows if "error" in row]

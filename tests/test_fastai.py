@@ -26,7 +26,7 @@ from fastcore5.nn import EmbeddingDotBias, LinearReLU
 
 # CI installs the extra (Makefile): there a missing fastai must fail, not skip.
 if os.environ.get("CI"):
-    import fastai  # noqa: F401
+    import fastai  # noqa: F401 - fails the run where the extra should be installed
 else:
     pytest.importorskip("fastai", reason="the fastai extra is not installed: pip install 'fastcore5[fastai]'")
 
