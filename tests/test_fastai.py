@@ -243,3 +243,18 @@ def test_export_and_load_learner_round_trip(tmp_path, plumbing, make):
     expected, _ = learn.get_preds(dl=learn.dls.test_dl(frame.iloc[:40]))
     got, _ = loaded.get_preds(dl=loaded.dls.test_dl(frame.iloc[:40]))
     torch.testing.assert_close(got, expected)
+
+
+def test_sgd_opt_func_maps_fastai_hypers_and_spreads_a_slice():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    groups = [list(model[0].parameters()), list(model[1].parameters())]
+    wrapper = fc_fastai.SGD(groups, lr=slice(1e-3, 1e-1), mom=0.9, wd=0.01, decouple_wd=False, nesterov=True)
+    inner = wrapper.opt
+    assert isinstance(inner, fastcore5.optim.SGD) and len(inner.param_groups) == 2
+    assert [g["lr"] for g in inner.param_groups] == pytest.approx([1e-3, 1e-1])
+    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.01 for g in inner.param_groups)
+    assert all(g["nesterov"] and not g["decoupled_weight_decay"] for g in inner.param_groups)
+    assert wrapper.hypers[0]["mom"] == 0.9 and wrapper.hypers[1]["wd"] == 0.01
+    wrapper.set_hyper("lr", slice(1e-2))  # fastai 2's rule: lr/10 for all but the last group
+    assert [g["lr"] for g in inner.param_groups] == pytest.approx([1e-3, 1e-2])
+    assert fc_fastai.SGD(list(model.parameters()), lr=0.5).opt.param_groups[0]["decoupled_weight_decay"]
