@@ -21,7 +21,7 @@ PIP := $(PY) -m pip install --quiet
 # libraries come with the header). Without nvcc those tests skip and the wheel is not needed.
 comma := ,
 HAVE_NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-TEST_EXTRAS := test$(if $(HAVE_NVCC),$(comma)nvcc-check)
+TEST_EXTRAS := test,fastai$(if $(HAVE_NVCC),$(comma)nvcc-check)
 
 .PHONY: install demo test bench clean
 

@@ -67,6 +67,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
         help="instead: the host time of every public entry point next to eager PyTorch (bench/host.py; runs without a GPU)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --host: also write its results as JSON to PATH")
+    parser.add_argument("--train", action="store_true", help="end-to-end training speed instead (bench/train.py)")
     return parser
 
 
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     except OutputPathError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    if args.train:
+        from . import train
+
+        return train.main(args)
     ops = list(dict.fromkeys(args.ops or OPS))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run = environment(device, args.quick)

@@ -42,7 +42,7 @@ def test_demo_installs_only_the_demo_extra(tmp_path):
 
 def test_test_installs_the_test_extra_and_nothing_for_the_demo_or_bench(tmp_path):
     extras = _editable_extras(_dry_run("test", tmp_path))
-    assert "test" in extras and extras <= {"test", "nvcc-check"}
+    assert {"test", "fastai"} <= extras <= {"test", "fastai", "nvcc-check"}
 
 
 def test_torch_index_is_used_for_torch_only_when_given(tmp_path):

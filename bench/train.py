@@ -1,0 +1,487 @@
+"""`python -m bench --train`: end-to-end training speed, fastcore5 against eager PyTorch and torch.compile.
+
+Two training runs, each done four ways from the same initial weights and the same batches:
+
+* **collab** — the lesson's collaborative-filtering model at MovieLens-25M scale: 25M synthetic
+  ratings, 162541 users, 59047 items, 64 factors, batch 65536, ``y_range=(0, 5.5)``, SGD with
+  momentum 0.9 and weight decay 1e-4 under a one-cycle schedule, one epoch, then the validation
+  MSE on a held-out 10%. Item popularity is Zipf-like, as in the real data (``zipf_ids``): the
+  most popular items appear in most batches, most items in few.
+* **mlp** — 8192 x 1024 -> 4096 -> 4096 -> 1024 (ReLU after the hidden layers), bf16 autocast, SGD
+  with momentum, 200 steps on synthetic data.
+
+The four ways: ``fastcore5`` (``fastcore5.nn.EmbeddingDotBias`` / ``LinearReLU`` +
+``fastcore5.optim.SGD``), ``eager`` (nn.Embedding / nn.Linear + nn.ReLU with the same formula +
+``torch.optim.SGD(fused=True)``), ``torch.compile`` of the eager model's forward and loss (default
+mode) and the same with ``mode="reduce-overhead"`` (CUDA graphs). Each way first runs a few
+warm-up steps (compilation, autotuning, graph capture; reported as ``warmup_s``), then the
+weights are reset and the timed run starts. Reported: seconds, samples/s or steps/s, peak GPU
+memory, and the final quality — the validation MSE for collab, which must agree across the four
+ways within ``MSE_RTOL`` (the run fails otherwise), the last training loss for the MLP.
+
+Without a CUDA device the same pipeline runs on tiny sizes with fastcore5 on its plain-PyTorch
+reference (never the Triton interpreter): it checks the pipeline, its numbers are not the point.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcore5 import backends
+from fastcore5.nn import EmbeddingDotBias, LinearReLU
+from fastcore5.optim import SGD
+
+from . import runner
+
+VARIANTS = ("fastcore5", "eager", "torch.compile", "torch.compile reduce-overhead")
+OURS = "fastcore5"
+# The four ways differ only in the order of floating-point sums (atomics, fusion), so their
+# validation MSEs agree far closer than this; a wrong kernel or optimizer misses it by a lot.
+MSE_RTOL = 0.01
+TARGETS = {"collab": {"eager": 3.0, "torch.compile": 1.5}, "mlp": {"eager": 1.2}}
+WARMUP_STEPS = 3
+# what torch.compile compiles with; the pipeline's CPU test swaps in "eager" (inductor's CPU
+# compile takes minutes there and is not what the test checks)
+COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class CollabSize:
+    n_ratings: int
+    n_users: int
+    n_items: int
+    n_factors: int
+    batch: int
+    lr: float  # one-cycle peak; the loss is a mean over the batch, hence large for embedding rows
+    valid_fraction: float = 0.1
+    y_range: tuple[float, float] = (0.0, 5.5)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class MLPSize:
+    batch: int
+    widths: tuple[int, ...]
+    steps: int
+    lr: float = 0.01
+    momentum: float = 0.9
+
+
+# lr: the per-row step size scales as lr * (rows' share of a batch) / batch. At 1/10 of the full
+# size (users, items, ratings and batch all divided by 10: the same occurrences of a row per batch)
+# lr 5, 20 and 50 all reached validation MSE 0.48-0.49 in one epoch (CPU, 2026-11-27); 100 at full
+# size is 10 at that scale. The tiny CPU size was scanned directly (0.2 to 10: best 2).
+COLLAB = {"cuda": CollabSize(25_000_000, 162_541, 59_047, 64, 65_536, lr=100.0),
+          "cpu": CollabSize(60_000, 800, 400, 16, 2_048, lr=2.0)}
+MLP = {"cuda": MLPSize(8192, (1024, 4096, 4096, 1024), 200), "cpu": MLPSize(64, (32, 64, 64, 32), 12)}
+ITEM_ZIPF = (1.0, 50.0)  # p(rank r) ~ 1 / (r + 50): top item 0.28% of ratings at full size (ML-25M: ~0.3%)
+USER_ZIPF = (0.5, 100.0)  # users are skewed too, less so
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def zipf_ids(count: int, n: int, exponent: float, offset: float, generator: torch.Generator, device) -> torch.Tensor:
+    """``count`` ids in [0, n) drawn with p(rank r) proportional to 1 / (r + offset)**exponent, the
+    ranks scattered over the ids by a random permutation (popular rows are not all at the start)."""
+    ranks = torch.arange(n, dtype=torch.float64, device=device)
+    cdf = torch.cumsum((ranks + 1 + offset).pow(-exponent), 0)
+    cdf /= cdf[-1].clone()
+    draws = torch.rand(count, generator=generator, device=device, dtype=torch.float64)
+    picked = torch.searchsorted(cdf, draws).clamp_(max=n - 1)
+    return torch.randperm(n, generator=generator, device=device)[picked]
+
+
+def synthetic_ratings(size: CollabSize, device, seed: int = 0):
+    """Shuffled (train_x, train_y, valid_x, valid_y): (user, item) pairs and half-star ratings in
+    [0.5, 5] from a planted rank-8 model with biases and noise, so there is something to learn."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=generator, device=device) * std
+
+    users = zipf_ids(size.n_ratings, size.n_users, *USER_ZIPF, generator, device)
+    items = zipf_ids(size.n_ratings, size.n_items, *ITEM_ZIPF, generator, device)
+    user_factors, item_factors = normal(size.n_users, 8, std=0.4), normal(size.n_items, 8, std=0.4)
+    user_bias, item_bias = normal(size.n_users, std=0.3), normal(size.n_items, std=0.5)
+    ratings = torch.empty(size.n_ratings, device=device)
+    chunk = 1 << 22  # bounds the (chunk, 8) gathers
+    for start in range(0, size.n_ratings, chunk):
+        u, i = users[start:start + chunk], items[start:start + chunk]
+        score = 3.5 + user_bias[u] + item_bias[i] + (user_factors[u] * item_factors[i]).sum(1)
+        ratings[start:start + chunk] = score + normal(u.numel(), std=0.5)
+    ratings = (ratings * 2).round_().clamp_(1, 10) / 2
+    pairs = torch.stack([users, items], dim=1)
+    order = torch.randperm(size.n_ratings, generator=generator, device=device)
+    n_valid = int(size.n_ratings * size.valid_fraction)
+    valid, train = order[:n_valid], order[n_valid:]
+    return pairs[train], ratings[train], pairs[valid], ratings[valid]
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+class EagerDotBias(nn.Module):
+    """The lesson's formula on nn.Embedding, as fastai writes it; parameter names as fastai's, so
+    fastcore5's EmbeddingDotBias state_dict loads here unchanged."""
+
+    def __init__(self, n_factors, n_users, n_items, y_range, device=None):
+        super().__init__()
+        self.y_range = y_range
+        self.u_weight = nn.Embedding(n_users, n_factors, device=device)
+        self.i_weight = nn.Embedding(n_items, n_factors, device=device)
+        self.u_bias = nn.Embedding(n_users, 1, device=device)
+        self.i_bias = nn.Embedding(n_items, 1, device=device)
+
+    def forward(self, x):
+        users, items = x[:, 0], x[:, 1]
+        res = (self.u_weight(users) * self.i_weight(items)).sum(1) + self.u_bias(users)[:, 0] + self.i_bias(items)[:, 0]
+        low, high = self.y_range
+        return torch.sigmoid(res) * (high - low) + low
+
+
+def mlp(widths: tuple[int, ...], fused: bool, device) -> nn.Sequential:
+    """Linear -> ReLU for every layer but the last (plain Linear), fused or not."""
+    layers = []
+    for position, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        last = position == len(widths) - 2
+        if last:
+            layers.append(nn.Linear(n_in, n_out, device=device))
+        elif fused:
+            layers.append(LinearReLU(n_in, n_out, device=device))
+        else:
+            layers += [nn.Linear(n_in, n_out, device=device), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def copy_parameters(source: nn.Module, target: nn.Module) -> None:
+    with torch.no_grad():
+        for p, q in zip(source.parameters(), target.parameters(), strict=True):
+            q.copy_(p)
+
+
+def loss_function(model: nn.Module, variant: str, autocast: bool, device: str) -> Callable:
+    """forward + MSE loss, compiled as the variant says (the backward follows the compiled graph)."""
+
+    def loss(x, y):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        return F.mse_loss(out.float(), y)
+
+    if variant == "torch.compile":
+        return torch.compile(loss, backend=COMPILE_BACKEND)
+    if variant == "torch.compile reduce-overhead":
+        return torch.compile(loss, mode="reduce-overhead", backend=COMPILE_BACKEND)
+    return loss
+
+
+def optimizer_for(variant: str, params, lr: float, momentum: float, weight_decay: float, device: str):
+    if variant == OURS:
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=device == "cuda")
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def train_steps(loss_fn, optimizer, scheduler, batches, device) -> torch.Tensor:
+    """Run one step per batch; the summed loss stays on the device (no host sync per step)."""
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach()
+    return total
+
+
+def timed_run(model: nn.Module, variant: str, initial: dict, make_batches: Callable, n_steps: int,
+              hyper: dict, autocast: bool, device: str, one_cycle: bool) -> dict:
+    """Warm up (then restore ``initial``), then time ``n_steps`` steps from ``initial``."""
+    loss_fn = loss_function(model, variant, autocast, device)
+
+    def fresh_optimizer():
+        opt = optimizer_for(variant, model.parameters(), hyper["lr"], hyper["momentum"], hyper["weight_decay"], device)
+        scheduler = None
+        if one_cycle:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hyper["lr"], total_steps=n_steps)
+        return opt, scheduler
+
+    synchronize = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    opt, _ = fresh_optimizer()
+    train_steps(loss_fn, opt, None, make_batches(WARMUP_STEPS), device)
+    synchronize()
+    warmup_s = time.perf_counter() - started
+    with torch.no_grad():  # in place: compiled graphs and captured CUDA graphs keep these tensors
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(initial[name])
+    opt, scheduler = fresh_optimizer()
+    batches = make_batches(n_steps)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    synchronize()
+    started = time.perf_counter()
+    total = train_steps(loss_fn, opt, scheduler, batches, device)
+    synchronize()
+    seconds = time.perf_counter() - started
+    row = {"seconds": seconds, "warmup_s": warmup_s, "mean_train_loss": float(total) / n_steps}
+    if device == "cuda":
+        row["peak_mem_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        row["peak_extra_mem_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def collab_run(variant: str, size: CollabSize, data, initial: dict, device: str) -> dict:
+    train_x, train_y, valid_x, valid_y = data
+    n_steps = train_x.shape[0] // size.batch  # whole batches only: one shape for CUDA graphs
+
+    def batches(count):
+        return ((train_x[k * size.batch:(k + 1) * size.batch], train_y[k * size.batch:(k + 1) * size.batch])
+                for k in range(min(count, n_steps)))
+
+    model_cls = EmbeddingDotBias if variant == OURS else EagerDotBias
+    model = model_cls(size.n_factors, size.n_users, size.n_items, size.y_range, device=device)
+    model.load_state_dict(initial)
+    hyper = {"lr": size.lr, "momentum": size.momentum, "weight_decay": size.weight_decay}
+    row = timed_run(model, variant, initial, batches, n_steps, hyper, autocast=False, device=device, one_cycle=True)
+    row["samples_per_s"] = n_steps * size.batch / row["seconds"]
+    row["steps"] = n_steps
+    with torch.no_grad():
+        squared = torch.zeros((), device=device, dtype=torch.float64)
+        step = size.batch * 4
+        for start in range(0, valid_x.shape[0], step):
+            pred = model(valid_x[start:start + step])
+            squared += (pred.double() - valid_y[start:start + step].double()).square().sum()
+    row["valid_mse"] = float(squared) / valid_x.shape[0]
+    return row
+
+
+def mlp_run(variant: str, size: MLPSize, data, initial: dict, device: str) -> dict:
+    inputs, targets = data
+    model = mlp(size.widths, fused=variant == OURS, device=device)
+    reference = mlp(size.widths, fused=False, device=device)
+    reference.load_state_dict(initial)
+    copy_parameters(reference, model)
+    initial_here = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def batches(count):
+        return ((inputs[k % len(inputs)], targets[k % len(targets)]) for k in range(count))
+
+    hyper = {"lr": size.lr, "momentum": size.momentum, "weight_decay": 0.0}
+    row = timed_run(model, variant, initial_here, batches, size.steps, hyper, autocast=True, device=device, one_cycle=False)
+    row["steps_per_s"] = size.steps / row["seconds"]
+    row["steps"] = size.steps
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        row["final_loss"] = float(F.mse_loss(model(inputs[0]).float(), targets[0]))
+    return row
+
+
+def mlp_data(size: MLPSize, device, seed: int = 0, n_batches: int = 4):
+    """Batches of inputs and targets of a fixed random teacher (with a ReLU, so not learnt at once)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_in, n_out = size.widths[0], size.widths[-1]
+    teacher = torch.randn(n_in, n_out, generator=generator, device=device) / math.sqrt(n_in)
+    inputs = [torch.randn(size.batch, n_in, generator=generator, device=device) for _ in range(n_batches)]
+    return inputs, [torch.relu(x @ teacher) for x in inputs]
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def check_collab_mse(rows: list[dict], rtol: float = MSE_RTOL) -> list[str]:
+    """Problems with the collab runs' validation MSEs: any way that fails or disagrees with eager."""
+    mse = {row["variant"]: row.get("valid_mse") for row in rows if row["task"] == "collab"}
+    anchor = mse.get("eager")
+    if anchor is None or not math.isfinite(anchor):
+        return [f"collab: no finite eager validation MSE to compare with (got {anchor})"]
+    problems = []
+    for variant, value in mse.items():
+        if value is None or not math.isfinite(value) or abs(value - anchor) > rtol * anchor:
+            problems.append(f"collab: {variant} validation MSE {value} differs from eager's {anchor:.6g} by more than {rtol:.0%}")
+    return problems
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup[other] = other's time / ours, on each of our rows (above 1: ours is faster)."""
+    for task in {row["task"] for row in rows}:
+        times = {row["variant"]: row["seconds"] for row in rows if row["task"] == task and "seconds" in row}
+        for row in rows:
+            if row["task"] == task and row["variant"] == OURS and OURS in times:
+                row["speedup"] = {v: t / times[OURS] for v, t in times.items() if v != OURS}
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["variant"] != OURS or "speedup" not in row:
+            continue
+        for other, wanted in TARGETS[row["task"]].items():
+            got = row["speedup"].get(other)
+            if got is not None:
+                lines.append(f"target {row['task']}: fastcore5 {got:.2f}x {other} (wanted >= {wanted}x): "
+                             f"{'met' if got >= wanted else 'MISSED'}")
+    return lines
+
+
+def format_table(rows: list[dict]) -> str:
+    headers = ["task", "way", "seconds", "throughput", "fastcore5 speedup", "peak MiB", "quality", "warm-up s"]
+    speedups = {row["task"]: row.get("speedup", {}) for row in rows if row["variant"] == OURS}
+    lines = []
+    for row in rows:
+        if "error" in row:
+            lines.append([row["task"], row["variant"], "error", row["error"][:70], "", "", "", ""])
+            continue
+        if row["task"] == "collab":
+            throughput, quality = f"{row['samples_per_s']:.4g} samples/s", f"valid MSE {row['valid_mse']:.5f}"
+        else:
+            throughput, quality = f"{row['steps_per_s']:.4g} steps/s", f"final loss {row['final_loss']:.5f}"
+        speedup = speedups.get(row["task"], {}).get(row["variant"])
+        lines.append([
+            row["task"], row["variant"], f"{row['seconds']:.4g}", throughput,
+            f"{speedup:.2f}x" if speedup is not None else ("(ours)" if row["variant"] == OURS else ""),
+            f"{row['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in row else "-", quality, f"{row['warmup_s']:.3g}",
+        ])
+    widths = [max(len(str(line[c])) for line in lines + [headers]) for c in range(len(headers))]
+    render = lambda line: "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()  # noqa: E731
+    return "\n".join([render(headers), render(["-" * w for w in widths])] + [render(line) for line in lines])
+
+
+def plot(rows: list[dict], path: Path, card: str) -> Path | None:
+    """One figure: per task, each way's throughput relative to eager."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'fastcore5[bench]')")
+        return None
+    matplotlib.use("Agg")  # off-screen; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    tasks = [task for task in ("collab", "mlp") if any(row["task"] == task and "seconds" in row for row in rows)]
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        timed = {row["variant"]: row["seconds"] for row in rows if row["task"] == task and "seconds" in row}
+        eager = timed.get("eager")
+        labels = [v for v in VARIANTS if v in timed]
+        values = [eager / timed[v] if eager else 1 / timed[v] for v in labels]
+        ax.bar(range(len(labels)), values, color=[f"C{VARIANTS.index(v)}" for v in labels])
+        ax.set_xticks(range(len(labels)), [v.replace(" ", "\n") for v in labels], fontsize=8)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("training speed relative to eager" if eager else "1 / seconds")
+        ax.set_title(f"{task}: {'one epoch' if task == 'collab' else 'MLP steps'} on {card}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def run_task(task: str, run_one: Callable, device: str) -> list[dict]:
+    """One row per way; a way that raises is recorded with its error instead of ending the run."""
+    rows = []
+    for variant in VARIANTS:
+        started = time.perf_counter()
+        try:
+            row = {"task": task, "variant": variant, **run_one(variant)}
+        except Exception as err:  # noqa: BLE001 - reported in the table, the JSON and the exit status
+            traceback.print_exc()
+            row = {"task": task, "variant": variant, "error": f"{type(err).__name__}: {err}"}
+        rows.append(row)
+        print(f"{task} / {variant}: done in {time.perf_counter() - started:.1f} s")
+        torch._dynamo.reset()  # compiled graphs (and their CUDA graph pools) do not outlive their way
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def collab_task(size: CollabSize, device: str) -> list[dict]:
+    data = synthetic_ratings(size, device)
+    initial = EmbeddingDotBias(size.n_factors, size.n_users, size.n_items, size.y_range, device=device).state_dict()
+    return run_task("collab", lambda variant: collab_run(variant, size, data, initial, device), device)
+
+
+def mlp_task(size: MLPSize, device: str) -> list[dict]:
+    data = mlp_data(size, device)
+    initial = mlp(size.widths, fused=False, device=device).state_dict()
+    return run_task("mlp", lambda variant: mlp_run(variant, size, data, initial, device), device)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = runner.environment(device, args.quick)
+    collab_size, mlp_size = COLLAB[device], MLP[device]
+    if args.quick and device == "cuda":
+        mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
+    print(f"fastcore5 training benchmark on {run['card']} ({device}); torch {run['torch']}, triton {run['triton']}, "
+          f"commit {run['commit'] or 'unknown'}, {run['date']}")
+    notes = []
+    if device == "cpu":
+        notes.append(
+            "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
+            "pipeline; its numbers are not the point. The training-speed numbers need a GPU (scripts/gpu_check.sh)."
+        )
+    for note in notes:
+        print(note)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    # On a CPU, forcing the reference keeps TRITON_INTERPRET=1 (set by the test suite) from
+    # timing the interpreter; on a GPU the automatic choice is the point.
+    reference_only = backends.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
+    with reference_only:
+        fastcore5_backend = {op: backends.select(op, device, torch.float32) for op in ("embedding_dot_bias", "linear_relu")}
+        rows += collab_task(collab_size, device)  # its data is freed before the MLP's is made
+        rows += mlp_task(mlp_size, device)
+
+    add_speedups(rows)
+    problems = [f"{row['task']} / {row['variant']}: {row['error']}" for row in rows if "error" in row]
+    problems += check_collab_mse([row for row in rows if "error" not in row])
+    print()
+    print(format_table(rows))
+    targets = target_lines(rows) if device == "cuda" else []
+    for line in targets:
+        print(line)
+    report = {
+        **run, "device": device, "quick": args.quick, "kind": "train", "fastcore5_backend": fastcore5_backend,
+        "compile_backend": COMPILE_BACKEND,
+        "sizes": {"collab": asdict(collab_size), "mlp": asdict(mlp_size)},
+        "item_zipf": ITEM_ZIPF, "user_zipf": USER_ZIPF, "mse_rtol": MSE_RTOL, "targets": TARGETS,
+        "target_results": targets, "notes": notes, "problems": problems,
+        "seconds": time.perf_counter() - started, "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"train-{runner.slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
+    json_path = args.out / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    print(f"\nJSON: {json_path}")
+    if not args.no_plots:
+        path = plot(rows, args.out / f"{stem}.png", run["card"])
+        if path is not None:
+            print(f"plot: {path}")
+    for note in notes:
+        print(note)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
