@@ -341,12 +341,28 @@ _DTYPE_FACTS = {
 }
 
 
+_CONSTEXPRS: dict[tuple, dict] = {}
+
+
+def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
+    """The constexprs a kernel takes for ``dtype`` at ``precision`` plus ``flags``, built once per
+    combination (a launch whose plan is known does not even read them)."""
+    key = (dtype, precision, *flags.items())
+    constexprs = _CONSTEXPRS.get(key)
+    if constexprs is None:
+        _, upcast, acc_dtype = _DTYPE_FACTS[dtype]
+        constexprs = _CONSTEXPRS[key] = {
+            "INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype,
+            **flags,
+        }
+    return constexprs
+
+
 def _dot_constexprs(dtype: torch.dtype) -> tuple[str, dict]:
     """The dot's input precision (fp32 follows torch's TF32 setting, read per call) and the
     constexprs every kernel takes for ``dtype``."""
     precision = dot_precision(dtype)
-    _, upcast, acc_dtype = _DTYPE_FACTS[dtype]
-    return precision, {"INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype}
+    return precision, _constexprs(dtype, precision)
 
 
 def _with_a_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -374,19 +390,25 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    x_strides, w_strides = x.stride(), weight.stride()
+    if 1 not in x_strides:
+        x = _with_a_unit_stride(x)
+        x_strides = x.stride()
+    if 1 not in w_strides:
+        weight = _with_a_unit_stride(weight)
+        w_strides = weight.stride()
     out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
     if M == 0 or N == 0:
         return finish_output(out, dtype)
     has_bias = bias is not None
     if has_bias:
         bias = bias.contiguous()  # N elements: cheaper to copy than to stride in the epilogue
-    precision, constexprs = _dot_constexprs(dtype)
-    strides = (*x.stride(), *weight.stride(), *out.stride())
+    precision = dot_precision(dtype)
+    strides = (*x_strides, *w_strides, N, 1)  # out is a fresh contiguous (M, N), N > 0
     _forward(
         wrap, x.device, (dtype, precision, has_bias), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
-        {"HAS_BIAS": has_bias, **constexprs},
+        _constexprs(dtype, precision, HAS_BIAS=has_bias),
     )
     return finish_output(out, dtype)
 
