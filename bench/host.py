@@ -65,6 +65,16 @@ def best_us(fn, clock, calls: int, rounds: int) -> float:
     return min(results)
 
 
+def _forward_backward(fn, inputs, grad):
+    """A callable running fn(*inputs).backward(grad) and dropping the gradients it made."""
+    def run():
+        fn(*inputs).backward(grad)
+        for t in inputs:
+            t.grad = None
+
+    return run
+
+
 def _linear_cases(device, torch, F, fastcore5):
     x = torch.randn(4, 8, device=device)
     weight, bias = torch.randn(16, 8, device=device), torch.randn(16, device=device)
@@ -72,12 +82,7 @@ def _linear_cases(device, torch, F, fastcore5):
     grad = torch.ones(4, 16, device=device)
 
     def fwd_bwd(fn):
-        def run():
-            fn(*params).backward(grad)
-            for p in params:
-                p.grad = None
-
-        return run
+        return _forward_backward(fn, params, grad)
 
     def eager(x, w, b):
         return F.relu(F.linear(x, w, b))
@@ -108,12 +113,7 @@ def _embedding_cases(device, torch, F, fastcore5):
         return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5), validate="device")
 
     def fwd_bwd(fn):
-        def run():
-            fn(*trained).backward(grad)
-            for t in trained:
-                t.grad = None
-
-        return run
+        return _forward_backward(fn, trained, grad)
 
     return [
         ("embedding_dot_bias", "forward", lambda: ours(*tables), lambda: eager(*tables),

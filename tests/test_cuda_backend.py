@@ -24,6 +24,8 @@ import fastcore5
 from fastcore5 import backends, reference, use_backend
 from fastcore5.nn import LinearReLU
 
+from helpers import deterministic_algorithms
+
 pytestmark = pytest.mark.gpu
 
 BACKENDS = ("triton", "cuda")
@@ -59,16 +61,6 @@ def tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def test_extension_registers_every_op():

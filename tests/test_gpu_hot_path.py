@@ -66,17 +66,18 @@ def loss_of(model, x, y):
     return F.mse_loss(model(x).reshape(-1), y)
 
 
+def train_step(model, optimizer, scheduler, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_of(model, x, y)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().clone()
+
+
 def eager_run(model, batches):
     optimizer, scheduler = make_optimizer(model)
-    losses = []
-    for x, y in batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(model, x, y)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.detach().clone())
-    return losses
+    return [train_step(model, optimizer, scheduler, x, y) for x, y in batches]
 
 
 def graph_run(model, batches):
@@ -87,13 +88,7 @@ def graph_run(model, batches):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for x, y in batches[:2]:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(model, x, y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.detach().clone())
+        losses += [train_step(model, optimizer, scheduler, x, y) for x, y in batches[:2]]
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,6 @@ process and importing torch is most of this test's time).
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import torch
@@ -19,31 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcore5.optim import SGD
 
-WORLD = 2
+from distributed_setup import CONFIG, WORLD, batches, free_port, small_model, train
+
 STEPS = 3
-CONFIG = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
-
-
-def _batches():
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randn(8, 3, generator=generator, dtype=torch.float64))
-        for _ in range(STEPS)
-    ]
-
-
-def _train(model, optimizer, batches, shard=None):
-    for x, y in batches:
-        if shard is not None:
-            x, y = x[shard::WORLD], y[shard::WORLD]
-        optimizer.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        optimizer.step()
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -51,11 +28,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for contiguous in (False, True):
-            ddp = DistributedDataParallel(_model())
+            ddp = DistributedDataParallel(small_model())
             optimizer = SGD(ddp.parameters(), contiguous=contiguous, **CONFIG)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                _train(ddp, optimizer, _batches(), shard=rank)
+                train(ddp, optimizer, batches(STEPS), shard=rank)
             results[contiguous] = [p.detach().clone() for p in ddp.module.parameters()]
             # DDP copies the averaged gradients into .grad in place, so the flat views survive
             results[("warnings", contiguous)] = [str(w.message) for w in caught]
@@ -64,20 +41,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_replicas_stay_identical_and_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    single = _model()
-    _train(single, SGD(single.parameters(), **CONFIG), _batches())
+    single = small_model()
+    train(single, SGD(single.parameters(), **CONFIG), batches(STEPS))
     expected = list(single.parameters())
-    start = list(_model().parameters())
+    start = list(small_model().parameters())
 
     for contiguous in (False, True):
         assert not any("copied back" in m for r in ranks for m in r[("warnings", contiguous)])

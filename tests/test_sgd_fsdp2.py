@@ -13,7 +13,6 @@ interpreter (TRITON_INTERPRET=1, set by conftest and inherited by the spawned pr
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -21,38 +20,16 @@ import torch.multiprocessing as mp
 
 from fastcore5.optim import SGD
 
-WORLD = 2
+from distributed_setup import CONFIG, WORLD, batches, free_port, small_model, train
+
 STEPS = 4
 SAVE_AFTER = 2
-CONFIG = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
-
-
-def _batches():
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randn(8, 3, generator=generator, dtype=torch.float64))
-        for _ in range(STEPS)
-    ]
-
-
-def _train(model, optimizer, batches, shard=None):
-    for x, y in batches:
-        if shard is not None:
-            x, y = x[shard::WORLD], y[shard::WORLD]
-        optimizer.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        optimizer.step()
 
 
 def _sharded():
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = small_model()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -66,9 +43,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        batches = _batches()
+        data = batches(STEPS)
         model, optimizer = _sharded()
-        _train(model, optimizer, batches[:SAVE_AFTER], shard=rank)
+        train(model, optimizer, data[:SAVE_AFTER], shard=rank)
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
         kinds = sorted({type(b).__name__ for b in buffers})
         saved_buffers = [b.full_tensor() for b in buffers]  # before training goes on in place
@@ -86,8 +63,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         set_state_dict(restored, restored_optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         loaded_buffers = [restored_optimizer.state[p]["momentum_buffer"].full_tensor() for p in restored.parameters()]
 
-        _train(model, optimizer, batches[SAVE_AFTER:], shard=rank)
-        _train(restored, restored_optimizer, batches[SAVE_AFTER:], shard=rank)
+        train(model, optimizer, data[SAVE_AFTER:], shard=rank)
+        train(restored, restored_optimizer, data[SAVE_AFTER:], shard=rank)
         result = {
             "kinds": kinds,
             "saved_buffers": saved_buffers,
@@ -100,22 +77,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_sharded_training_and_checkpoint_match_unsharded_torch_sgd(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    single = _model()
+    single = small_model()
     start = [p.detach().clone() for p in single.parameters()]
     torch_opt = torch.optim.SGD(single.parameters(), foreach=False, **CONFIG)
-    _train(single, torch_opt, _batches()[:SAVE_AFTER])
+    train(single, torch_opt, batches(STEPS)[:SAVE_AFTER])
     torch_buffers = [torch_opt.state[p]["momentum_buffer"].clone() for p in single.parameters()]
-    _train(single, torch_opt, _batches()[SAVE_AFTER:])
+    train(single, torch_opt, batches(STEPS)[SAVE_AFTER:])
     expected = [p.detach() for p in single.parameters()]
 
     for result in ranks:
