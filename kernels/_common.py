@@ -14,6 +14,17 @@ def interpreting() -> bool:
 POISON = os.environ.get("FASTCORE5_POISON", "0") == "1"
 
 
+# Plain integer arithmetic for the launchers: triton.cdiv and triton.next_power_of_2 are
+# constexpr functions whose calls from Python cost microseconds each.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised output; filled with NaN (or -1 for integers) when FASTCORE5_POISON=1.
 

@@ -1,6 +1,6 @@
 """What the EmbeddingDotBias kernels (embedding_dot_bias.py) and the segment reduction of their
-deterministic backward (segment_reduce.py) share: the accumulation dtype, the interpreter's bf16
-rounding and the launchers' integer arithmetic."""
+deterministic backward (segment_reduce.py) share: the accumulation dtype and the interpreter's
+bf16 rounding."""
 import torch
 import triton
 import triton.language as tl
@@ -35,14 +35,3 @@ def rounded(values, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return values.to(DTYPE)
-
-
-# Plain integer arithmetic: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
-# calls from Python cost microseconds each.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= max(n, 1)."""
-    return 1 << max(n - 1, 0).bit_length()

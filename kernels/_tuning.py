@@ -183,7 +183,3 @@ class TunedKernel:
 def describe(bucket: tuple) -> str:
     """A bucket is a tuple of (name, value) pairs: "name=value ..." for messages and reports."""
     return " ".join(f"{name}={value}" for name, value in bucket)
-
-
-def next_power_of_two(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()

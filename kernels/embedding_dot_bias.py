@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_output
-from ._embedding_common import INTERPRETING, acc_dtype, cdiv, next_power_of_2, rounded, soft_bf16, tl_acc_dtype
+from ._common import cdiv, new_output, next_power_of_2
+from ._embedding_common import INTERPRETING, acc_dtype, rounded, soft_bf16, tl_acc_dtype
 from .segment_reduce import add_segment_sums
 
 # Blocks of the per-sample kernels (the forward and the per-sample backward in every MODE).

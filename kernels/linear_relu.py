@@ -14,8 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output
-from ._tuning import TunedKernel, launch_kwargs, next_power_of_two
+from ._common import (
+    cdiv, dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output, next_power_of_2,
+)
+from ._tuning import TunedKernel, launch_kwargs
 
 
 @triton.jit
@@ -214,7 +216,7 @@ def hopper_candidates(bucket: tuple) -> list[triton.Config]:
     fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= _SHARED_MEMORY_BYTES]
 
     def small_enough(tiles, index, extent):
-        limit = max(next_power_of_two(extent), min(t[index] for t in tiles))
+        limit = max(next_power_of_2(extent), min(t[index] for t in tiles))
         return [t for t in tiles if t[index] <= limit]
 
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
@@ -224,7 +226,7 @@ def hopper_candidates(bucket: tuple) -> list[triton.Config]:
 
 def _grid(rows, cols, config: triton.Config) -> tuple:
     """One program per (BLOCK_M x BLOCK_N) output tile, in a flat grid (_grouped_tile orders them)."""
-    return (triton.cdiv(rows, config.kwargs["BLOCK_M"]) * triton.cdiv(cols, config.kwargs["BLOCK_N"]),)
+    return (cdiv(rows, config.kwargs["BLOCK_M"]) * cdiv(cols, config.kwargs["BLOCK_N"]),)
 
 
 def _device_name(device: torch.device) -> str | None:
@@ -265,7 +267,7 @@ class _Launcher:
 
     def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
         dtype, precision, *flags = variant
-        rows, cols, reduction = (next_power_of_two(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
+        rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
         return (
             ("dtype", str(dtype).replace("torch.", "")),
             ("precision", precision),

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_output
-from ._embedding_common import INTERPRETING, cdiv, next_power_of_2, rounded, soft_bf16, tl_acc_dtype
+from ._common import cdiv, new_output, next_power_of_2
+from ._embedding_common import INTERPRETING, rounded, soft_bf16, tl_acc_dtype
 
 # Entries per tile; each level shrinks its input by SEGMENT_TILE / 2. Tests lower it to force
 # many levels on small batches.

@@ -57,10 +57,22 @@ def _cuda_kernels():
 KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
 
 
-def _saved_operands(x, weight, output, need_input: bool, need_weight: bool):
+def _save_for_backward(ctx, x, weight, bias, output) -> None:
     # Only ``out`` stands in for the pre-activation (relu' = out > 0); x is kept only for
     # grad_weight and the weight only for grad_x.
-    return x if need_weight else None, weight if need_input else None, output
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(x if need_weight else None, weight if need_input else None, output)
+    ctx.has_bias = bias is not None
+
+
+def _input_gradients(ctx, grad_out, backward):
+    """(grad_x, grad_weight, grad_bias, None) from ``backward``, a launcher or the backward op,
+    given the saved context; None where autograd asked for no gradient."""
+    x, weight, out = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
+    grad_x, grad_w, grad_b = backward(grad_out, out, x, weight, need_input, need_weight, need_bias)
+    return grad_x if need_input else None, grad_w if need_weight else None, grad_b if need_bias else None, None
 
 
 class _LinearReLU(torch.autograd.Function):
@@ -69,20 +81,14 @@ class _LinearReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kernels):
         out = kernels.forward(x, weight, bias)
-        need_input, need_weight = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(*_saved_operands(x, weight, out, need_input, need_weight))
+        _save_for_backward(ctx, x, weight, bias, out)
         ctx.kernels = kernels
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_bias = need_bias and ctx.has_bias
-        grad_x, grad_w, grad_b = ctx.kernels.backward(grad_out, out, x, weight, need_input, need_weight, need_bias)
-        return grad_x if need_input else None, grad_w if need_weight else None, grad_b if need_bias else None, None
+        return _input_gradients(ctx, grad_out, ctx.kernels.backward)
 
 
 @fused_op("fastcore5::linear_relu")
@@ -131,20 +137,15 @@ def backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, n
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, backend = inputs
-    need_input, need_weight = ctx.needs_input_grad[:2]
-    ctx.save_for_backward(*_saved_operands(x, weight, output, need_input, need_weight))
+    _save_for_backward(ctx, x, weight, bias, output)
     ctx.backend = backend
-    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, out = ctx.saved_tensors
-    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    need_bias = need_bias and ctx.has_bias
-    grad_x, grad_w, grad_b = linear_relu_backward_op(
-        grad_out, out, x, weight, need_input, need_weight, need_bias, ctx.backend
-    )
-    return grad_x if need_input else None, grad_w if need_weight else None, grad_b if need_bias else None, None
+    def backward(*args):
+        return linear_relu_backward_op(*args, ctx.backend)
+
+    return _input_gradients(ctx, grad_out, backward)
 
 
 linear_relu_op.register_autograd(_backward, setup_context=_setup_context)
