@@ -180,24 +180,23 @@ def device_type(t: torch.Tensor) -> str:
     return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
 
 
-class KernelTable:
+class KernelTable(dict):
     """One op's kernel launchers on each fused backend, each backend's loaded on first use.
 
     ``loaders`` maps "triton" and "cuda" to a function that returns an object whose attributes
     are the launchers (the same names and arguments on both backends, so the op layer calls
     either the same way). A loader runs once: triton is imported, or the CUDA extension loaded,
-    only when that backend is first used."""
+    only when that backend is first used. A dict, so that the per-call lookup of a loaded
+    backend is dict's own, not a Python method."""
 
     def __init__(self, **loaders):
+        super().__init__()
         self._loaders = loaders
-        self._loaded: dict[str, object] = {}
 
-    def __getitem__(self, backend: str):
-        kernels = self._loaded.get(backend)
-        if kernels is None:
-            if backend not in self._loaders:
-                raise ValueError(f"no fused kernels for backend {backend!r}")
-            kernels = self._loaded[backend] = self._loaders[backend]()
+    def __missing__(self, backend: str):
+        if backend not in self._loaders:
+            raise ValueError(f"no fused kernels for backend {backend!r}")
+        kernels = self[backend] = self._loaders[backend]()
         return kernels
 
 

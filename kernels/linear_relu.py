@@ -243,27 +243,30 @@ class _Launcher:
     """Launches one kernel with the config of its shape bucket (kernels/_tuning.py).
 
     Per call: one dict lookup on the exact (variant, extents, strides), then ``kernel[grid](...)``.
-    The first call with a new key works out the bucket, gets its config (tuned once on a GPU)
-    and the grid, and remembers them; ``m_axis`` says which extent is the batch dimension M,
-    the one bucketed to a power of two."""
+    The first call with a new key works out the constexprs, the bucket, its config (tuned once
+    on a GPU) and the grid, and remembers them. ``variant`` is (dtype, dot precision, *flags),
+    the flags being the values of the constexprs named in ``flag_names``; ``m_axis`` says which
+    extent is the batch dimension M, the one bucketed to a power of two."""
 
     _MAX_PLANS = 4096
 
-    def __init__(self, kernel, title: str, m_axis: int):
+    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
         self.tuned = TunedKernel(kernel, title, _candidates, _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG)
         self.kernel = kernel
         self.m_axis = m_axis  # 0: rows, 2: reduction
+        self.flag_names = flag_names
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, wrap, device, variant: tuple, extents: tuple, strides: tuple, args: tuple, constexprs: dict):
+    def __call__(self, wrap, device, variant: tuple, extents: tuple, strides: tuple, args: tuple):
         if wrap is not None:
-            return self._launch_wrapped(wrap, device, variant, extents, strides, args, constexprs)
-        key = (variant, extents, strides)
-        plan = self.plans.get(key)
+            return self._launch_wrapped(wrap, device, variant, extents, strides, args)
+        plan = self.plans.get((variant, extents, strides))
         if plan is None:
-            plan = self._plan(device, variant, extents, strides, args, constexprs)
-        grid, kwargs = plan
-        self.kernel.run(*args, grid=grid, warmup=False, **kwargs)  # what kernel[grid](...) calls
+            plan = self._plan(device, variant, extents, strides, args)
+        grid, meta_parameters, options = plan
+        # What kernel[grid](...) calls. The constexprs go positionally, after the runtime
+        # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
+        self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
 
     def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
         dtype, precision, *flags = variant
@@ -278,8 +281,13 @@ class _Launcher:
             ("bytes", _ELEMENT_BYTES[dtype]),
         )
 
-    def _plan(self, device, variant, extents, strides, args, constexprs) -> tuple:
+    def constexprs(self, variant: tuple) -> dict:
+        dtype, precision, *flags = variant
+        return _constexprs(dtype, precision, **dict(zip(self.flag_names, flags)))
+
+    def _plan(self, device, variant, extents, strides, args) -> tuple:
         rows, cols, _ = extents
+        constexprs = self.constexprs(variant)
 
         def run(config):
             grid = _grid(rows, cols, config)
@@ -294,14 +302,16 @@ class _Launcher:
         else:
             config = self.tuned.choose(bucket, device_name, run)
         grid = _grid(rows, cols, config)
-        plan = (grid, {**constexprs, **launch_kwargs(config)})
+        named = {**constexprs, **config.kwargs}
+        meta_parameters = tuple(named[name] for name in self.kernel.arg_names[len(args):])
+        plan = (grid, meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages})
         if not capturing:
             if len(self.plans) >= self._MAX_PLANS:
                 self.plans.clear()
             self.plans[(variant, extents, strides)] = plan
         return plan
 
-    def _launch_wrapped(self, wrap, device, variant, extents, strides, args, constexprs):
+    def _launch_wrapped(self, wrap, device, variant, extents, strides, args):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
         the bucket's config when this process already chose one, else the fixed default. Sizes
         that are symbolic get the default too, so no guard is put on them here."""
@@ -311,16 +321,18 @@ class _Launcher:
         config = config or self.tuned.default
         rows, cols, _ = extents
         grid = _grid(rows, cols, config)
-        wrap(self.kernel)[grid](*args, **constexprs, **launch_kwargs(config))
+        wrap(self.kernel)[grid](*args, **self.constexprs(variant), **launch_kwargs(config))
 
     def report(self) -> list[dict]:
         return self.tuned.report()
 
 
 _ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0)
+_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS",))
 _backward_input = _Launcher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
-_backward_weight = _Launcher(_linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2)
+_backward_weight = _Launcher(
+    _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2, flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD")
+)
 
 
 def tuned_configs() -> list[dict]:
@@ -348,7 +360,7 @@ _CONSTEXPRS: dict[tuple, dict] = {}
 
 def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
     """The constexprs a kernel takes for ``dtype`` at ``precision`` plus ``flags``, built once per
-    combination (a launch whose plan is known does not even read them)."""
+    combination."""
     key = (dtype, precision, *flags.items())
     constexprs = _CONSTEXPRS.get(key)
     if constexprs is None:
@@ -358,13 +370,6 @@ def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
             **flags,
         }
     return constexprs
-
-
-def _dot_constexprs(dtype: torch.dtype) -> tuple[str, dict]:
-    """The dot's input precision (fp32 follows torch's TF32 setting, read per call) and the
-    constexprs every kernel takes for ``dtype``."""
-    precision = dot_precision(dtype)
-    return precision, _constexprs(dtype, precision)
 
 
 def _with_a_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -410,7 +415,6 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     _forward(
         wrap, x.device, (dtype, precision, has_bias), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
-        _constexprs(dtype, precision, HAS_BIAS=has_bias),
     )
     return finish_output(out, dtype)
 
@@ -438,7 +442,7 @@ def linear_relu_backward(
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
     grad_dtype = _DTYPE_FACTS[dtype][0]
     device = out.device
-    precision, constexprs = _dot_constexprs(dtype)
+    precision = dot_precision(dtype)
     grad_x = grad_w = grad_b = None
     grad_strides = (*grad_out.stride(), *out.stride())
     if need_input_grad:
@@ -450,7 +454,7 @@ def linear_relu_backward(
                 strides = (*grad_strides, *weight.stride(), *grad_x.stride())
                 _backward_input(
                     wrap, device, (dtype, precision), (M, K, N), strides,
-                    (grad_out, out, weight, grad_x, M, N, K, *strides), constexprs,
+                    (grad_out, out, weight, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
         grad_w = new_output((N, K), grad_dtype, device) if need_weight_grad else None
@@ -470,6 +474,5 @@ def linear_relu_backward(
                 wrap, device, (dtype, precision, weight_tiles, need_bias_grad), (N, k_extent, M), strides,
                 (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
                  grad_b if need_bias_grad else out, M, N, k_extent, *strides),
-                {"HAS_WEIGHT_GRAD": weight_tiles, "HAS_BIAS_GRAD": need_bias_grad, **constexprs},
             )
     return tuple(None if g is None else finish_output(g, dtype) for g in (grad_x, grad_w, grad_b))

@@ -213,9 +213,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     backend = backends.select(OP, device_type, dtype)
     if backend == "torch":
         return reference.linear_relu(x, weight, bias)
-    out_features = weight.shape[0]
-    batch_shape = x.shape[:-1]
-    x2d = x if x.dim() == 2 else x.reshape(batch_shape.numel(), x.shape[-1])
+    flat = x.dim() != 2
+    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]) if flat else x
     if torch.compiler.is_compiling():
         out = linear_relu_op(x2d, weight, bias, backend)
     elif not (
@@ -227,4 +226,4 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         out = KERNELS[backend].with_autograd(x2d, weight, bias)
     else:
         out = _LinearReLU.apply(x2d, weight, bias, KERNELS[backend])
-    return out if x.dim() == 2 else out.reshape(*batch_shape, out_features)
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if flat else out
