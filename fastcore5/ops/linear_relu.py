@@ -195,7 +195,10 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
             and x.dim() > 0
             and x.shape[-1] == weight.shape[1]
             and weight.device == device
-            and (bias is None or (bias.dtype in _FLOATS and bias.shape == weight.shape[:1] and bias.device == device))
+            and (
+                bias is None
+                or (bias.dtype in _FLOATS and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.device == device)
+            )
         )
     except (AttributeError, TypeError):
         usable = False
