@@ -13,7 +13,7 @@ import shutil
 
 from setuptools import setup
 
-PACKAGES = ["fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.demo", "fastcore5.kernels"]
+PACKAGES = ["fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.optim", "fastcore5.demo", "fastcore5.kernels"]
 PACKAGE_DIR = {"fastcore5": "fastcore5", "fastcore5.kernels": "kernels"}
 
 
