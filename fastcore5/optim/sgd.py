@@ -40,7 +40,8 @@ class SGD(Optimizer):
         ``weight_decay * p`` to the gradient (fastai's "true weight decay"). Saved in the param
         groups; torch.optim.SGD ignores the key when it loads such a checkpoint.
     contiguous: keep params, grads and momentum buffers in flat buffers so a step costs one launch
-        over a few ranges regardless of the number of tensors (constraints in the module docstring).
+        over a few ranges regardless of the number of tensors (constraints in the
+        ``fastcore5.optim`` docstring).
 
     capturable: the step may be captured in a CUDA graph (``torch.cuda.graph``) and replayed. lr must
         then be a tensor on the params' device (a scheduler updates it in place, which replays
