@@ -13,8 +13,13 @@ import shutil
 
 from setuptools import setup
 
-PACKAGES = ["fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.demo", "fastcore5.kernels"]
+PACKAGES = [
+    "fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.optim", "fastcore5.demo", "fastcore5.bench",
+    "fastcore5.kernels",
+]
 PACKAGE_DIR = {"fastcore5": "fastcore5", "fastcore5.kernels": "kernels"}
+# The benchmark runner reads its H200 anchors from the package (fastcore5 bench from a wheel).
+PACKAGE_DATA = {"fastcore5.bench": ["anchors/*.json"]}
 
 
 def _want_cuda_extension():
@@ -91,5 +96,6 @@ def _cuda_extension_kwargs():
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     **(_cuda_extension_kwargs() if _want_cuda_extension() else {}),
 )

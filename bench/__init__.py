@@ -1,6 +1,6 @@
-"""fastcore5 benchmarks: every op against its anchors, in one run, on the device present.
+"""The checkout's benchmark folder: ``python -m bench`` (a shim for ``fastcore5 bench``), the
+pytest-benchmark wrappers (test_bench.py), the performance log (NOTES.md) and the results.
 
-Each ``bench/bench_<op>.py`` exposes ``cases(device, quick) -> list[Case]``; ``python -m bench``
-runs them all (see bench/runner.py) and ``pytest bench/ --benchmark-only`` runs the same
-bodies through pytest-benchmark.
+The runner, the cases and the anchors ship inside the package, in fastcore5/bench/, so that
+``fastcore5 bench`` works from an installed wheel too.
 """

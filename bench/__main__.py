@@ -1,6 +1,6 @@
-"""`python -m bench`: run every op's benchmark (see bench/runner.py)."""
+"""`python -m bench`: the benchmark runner that ships in the package (fastcore5/bench/runner.py)."""
 import sys
 
-from .runner import main
+from fastcore5.bench.runner import main
 
 sys.exit(main())

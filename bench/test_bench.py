@@ -1,4 +1,4 @@
-"""The benchmark cases of bench/bench_<op>.py as pytest-benchmark tests:
+"""The benchmark cases of fastcore5/bench/bench_<op>.py as pytest-benchmark tests:
 
     pytest bench/ --benchmark-only                       every case and callable
     FASTCORE5_BENCH_QUICK=1 pytest bench/ --benchmark-only   the --quick set
@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from fastcore5 import backends
-
-from .common import synchronize
-from .runner import OPS, load_anchors, load_cases_module
+from fastcore5.bench.common import synchronize
+from fastcore5.bench.runner import OPS, load_anchors, load_cases_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("FASTCORE5_BENCH_QUICK", "0") == "1"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .backends import BackendConfigError, check_environment
 from .demo import DemoError, DemoOptions, RatingsFileError
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         add_help=False,
-        help="run the benchmarks (same as `python -m bench`; run from a repository checkout, see `fastcore5 bench --help`)",
+        help="run the benchmarks (the same as `python -m bench` in a checkout; see `fastcore5 bench --help`)",
     )
     return parser
 
@@ -124,18 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """The benchmarks live in the repository's bench/ folder (not installed with the package):
-    find it beside the package, as in an editable install or a checkout."""
-    checkout = Path(__file__).resolve().parent.parent
-    if not (checkout / "bench" / "runner.py").is_file():
-        print(
-            "fastcore5 bench: error: the benchmarks are not installed with the package; run `python -m bench` "
-            "from a fastcore5 repository checkout",
-            file=sys.stderr,
-        )
-        return 2
-    if str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    from bench.runner import main as bench_main
+    from .bench.runner import main as bench_main  # imported on demand: the demo does not need it
 
     return bench_main(argv, prog="fastcore5 bench")

@@ -1,21 +1,18 @@
-"""The benchmark runner (`python -m bench`): JSON with the expected fields, the table, the plots,
+"""The benchmark runner (`fastcore5 bench`, `python -m bench`): JSON with the expected fields, the table, the plots,
 the H200 anchors, ops without a benchmark file and cases that fail."""
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # bench/ is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
+from fastcore5.bench import runner
+from fastcore5.bench.common import Case
 
-from bench import runner  # noqa: E402
-from bench.common import Case  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FIELDS = {"card", "torch", "triton", "commit", "date", "device", "quick", "ceilings", "results", "skipped_ops", "notes"}
@@ -106,7 +103,7 @@ def test_table_has_one_line_per_comparison():
 
 def test_the_shipped_anchors_file_is_found_and_matches_the_cases():
     anchors, path = runner.load_anchors()
-    assert path is not None and path.is_relative_to(REPO_ROOT / "bench")
+    assert path is not None and path.is_relative_to(REPO_ROOT / "fastcore5" / "bench")
     assert anchors["device"] == "NVIDIA H200"
     assert anchors["linrelu.bf16.1024x1024x1024.eager_fwd_ms"] > 0
 
@@ -152,3 +149,23 @@ def test_cli_bench_subcommand_reaches_the_runner(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "usage: fastcore5 bench" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, monkeypatch):
+    """--host runs fastcore5.bench.host in a fresh process; without a GPU that process needs Triton's
+    interpreter on from its start (importing fastcore5 imports triton). The runner's own command
+    and environment, with a few calls instead of thousands."""
+    import subprocess
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as in a user's shell (conftest sets it for the tests)
+    real_call = subprocess.call
+    monkeypatch.setattr(subprocess, "call", lambda command, **kwargs: real_call(
+        command + ["--calls", "5", "--rounds", "1"], timeout=300, **kwargs))
+    report_path = tmp_path / "host.json"
+    assert runner.main(["--host", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert {row["op"] for row in report["cases"]} == {"linear_relu", "embedding_dot_bias", "sgd"}
+    assert all(row["fastcore5_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])
+    if not torch.cuda.is_available():
+        assert report["backend"] == "triton"  # the interpreter, its launch stubbed: the hot path measured

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # bench/ is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import runner, train  # noqa: E402
-
-import fastcore5  # noqa: E402
-from fastcore5.nn import EmbeddingDotBias  # noqa: E402
+import fastcore5
+from fastcore5.bench import runner, train, train_data
+from fastcore5.nn import EmbeddingDotBias
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,8 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def tiny(monkeypatch):
     """Sizes that train in a second, and torch.compile without inductor's minutes of CPU compiling."""
-    monkeypatch.setitem(train.COLLAB, DEVICE, train.CollabSize(12_000, 150, 90, 8, 1_024, lr=2.0))
-    monkeypatch.setitem(train.MLP, DEVICE, train.MLPSize(32, (16, 24, 24, 8), 6))
+    monkeypatch.setitem(train.COLLAB, DEVICE, train_data.CollabSize(12_000, 150, 90, 8, 1_024, lr=2.0))
+    monkeypatch.setitem(train.MLP, DEVICE, train_data.MLPSize(32, (16, 24, 24, 8), 6))
     if DEVICE == "cpu":
         monkeypatch.setattr(train, "COMPILE_BACKEND", "eager")
 
@@ -54,7 +47,7 @@ def test_train_run_writes_table_json_and_plot(tmp_path, capsys, tiny):
         assert mlp[variant]["final_loss"] == pytest.approx(mlp["eager"]["final_loss"], rel=1e-2)
         assert collab[variant]["samples_per_s"] == pytest.approx(steps * 1_024 / collab[variant]["seconds"])
     # and training happened: clearly better than predicting the mean rating
-    valid_y = train.synthetic_ratings(train.COLLAB[DEVICE], DEVICE)[3]
+    valid_y = train_data.synthetic_ratings(train.COLLAB[DEVICE], DEVICE)[3]
     assert collab["eager"]["valid_mse"] < 0.9 * float(valid_y.var())
     ours = collab["fastcore5"]
     assert set(ours["speedup"]) == set(train.VARIANTS) - {"fastcore5"}
@@ -84,7 +77,7 @@ def test_mse_check_flags_a_way_that_disagrees_or_fails():
 
 def test_zipf_ids_are_skewed_and_in_range():
     generator = torch.Generator().manual_seed(0)
-    ids = train.zipf_ids(200_000, 1_000, 1.0, 5.0, generator, "cpu")
+    ids = train_data.zipf_ids(200_000, 1_000, 1.0, 5.0, generator, "cpu")
     assert ids.dtype == torch.int64 and 0 <= int(ids.min()) and int(ids.max()) < 1_000
     counts = torch.bincount(ids, minlength=1_000).sort(descending=True).values.double()
     weights = (torch.arange(1_000, dtype=torch.float64) + 6).reciprocal()
@@ -96,7 +89,7 @@ def test_zipf_ids_are_skewed_and_in_range():
 
 def test_eager_model_computes_the_same_as_fastcore5():
     fused = EmbeddingDotBias(6, 20, 15, (0.0, 5.5))
-    eager = train.EagerDotBias(6, 20, 15, (0.0, 5.5))
+    eager = train_data.EagerDotBias(6, 20, 15, (0.0, 5.5))
     eager.load_state_dict(fused.state_dict())
     x = torch.stack([torch.randint(0, 20, (33,)), torch.randint(0, 15, (33,))], dim=1)
     with fastcore5.use_backend("torch"):
@@ -104,8 +97,8 @@ def test_eager_model_computes_the_same_as_fastcore5():
 
 
 def test_mlp_ways_share_their_parameters_layout():
-    eager, fused = train.mlp((5, 7, 3), fused=False, device="cpu"), train.mlp((5, 7, 3), fused=True, device="cpu")
-    train.copy_parameters(eager, fused)
+    eager, fused = train_data.mlp((5, 7, 3), fused=False, device="cpu"), train_data.mlp((5, 7, 3), fused=True, device="cpu")
+    train_data.copy_parameters(eager, fused)
     x = torch.randn(4, 5)
     with fastcore5.use_backend("torch"):
         torch.testing.assert_close(fused(x), eager(x))

@@ -1,6 +1,7 @@
 """SGD (momentum 0.9, weight decay 1e-2, lr 0.01), one optimizer step: fastcore5.optim.SGD in
 its normal and its contiguous mode against torch.optim.SGD with foreach=True and fused=True,
-on the three parameter sets of the H200 anchors (shared/anchors/measure_anchors.py):
+on the three parameter sets of the H200 anchors (anchors/, measured by the project's
+measure_anchors.py, which is not in this repository):
 
     one_64M               one fp32 tensor of 2**26 parameters
     resnet50_like_161x    161 tensors, 40,028,608 parameters (107 small + 54 large, seeded mix)
@@ -11,7 +12,7 @@ parameters (same values, same fixed gradients), so the runs do not disturb each 
 set is larger than L2 (the smallest, 8.2M parameters, is 98 MB of p + grad + buf), so no
 rotation is needed. The first call of each step creates the momentum buffers (and compiles the
 kernel); the timers warm up past it. On CPU the sets are small and fastcore5 runs its
-plain-PyTorch reference (see bench/runner.py).
+plain-PyTorch reference (see runner.py).
 """
 from __future__ import annotations
 

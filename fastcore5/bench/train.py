@@ -31,7 +31,7 @@ import math
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcore5 import backends
-from fastcore5.nn import EmbeddingDotBias, LinearReLU
+from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
 from . import runner
+from .train_data import (
+    ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, copy_parameters, mlp, mlp_data, synthetic_ratings,
+)
 
 VARIANTS = ("fastcore5", "eager", "torch.compile", "torch.compile reduce-overhead")
 OURS = "fastcore5"
@@ -56,30 +59,6 @@ WARMUP_STEPS = 3
 # compile takes minutes there and is not what the test checks)
 COMPILE_BACKEND = "inductor"
 
-
-@dataclass(frozen=True)
-class CollabSize:
-    n_ratings: int
-    n_users: int
-    n_items: int
-    n_factors: int
-    batch: int
-    lr: float  # one-cycle peak; the loss is a mean over the batch, hence large for embedding rows
-    valid_fraction: float = 0.1
-    y_range: tuple[float, float] = (0.0, 5.5)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-
-
-@dataclass(frozen=True)
-class MLPSize:
-    batch: int
-    widths: tuple[int, ...]
-    steps: int
-    lr: float = 0.01
-    momentum: float = 0.9
-
-
 # lr: the per-row step size scales as lr * (rows' share of a batch) / batch. At 1/10 of the full
 # size (users, items, ratings and batch all divided by 10: the same occurrences of a row per batch)
 # lr 5, 20 and 50 all reached validation MSE 0.48-0.49 in one epoch (CPU, 2026-11-27); 100 at full
@@ -87,90 +66,6 @@ class MLPSize:
 COLLAB = {"cuda": CollabSize(25_000_000, 162_541, 59_047, 64, 65_536, lr=100.0),
           "cpu": CollabSize(60_000, 800, 400, 16, 2_048, lr=2.0)}
 MLP = {"cuda": MLPSize(8192, (1024, 4096, 4096, 1024), 200), "cpu": MLPSize(64, (32, 64, 64, 32), 12)}
-ITEM_ZIPF = (1.0, 50.0)  # p(rank r) ~ 1 / (r + 50): top item 0.28% of ratings at full size (ML-25M: ~0.3%)
-USER_ZIPF = (0.5, 100.0)  # users are skewed too, less so
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-def zipf_ids(count: int, n: int, exponent: float, offset: float, generator: torch.Generator, device) -> torch.Tensor:
-    """``count`` ids in [0, n) drawn with p(rank r) proportional to 1 / (r + offset)**exponent, the
-    ranks scattered over the ids by a random permutation (popular rows are not all at the start)."""
-    ranks = torch.arange(n, dtype=torch.float64, device=device)
-    cdf = torch.cumsum((ranks + 1 + offset).pow(-exponent), 0)
-    cdf /= cdf[-1].clone()
-    draws = torch.rand(count, generator=generator, device=device, dtype=torch.float64)
-    picked = torch.searchsorted(cdf, draws).clamp_(max=n - 1)
-    return torch.randperm(n, generator=generator, device=device)[picked]
-
-
-def synthetic_ratings(size: CollabSize, device, seed: int = 0):
-    """Shuffled (train_x, train_y, valid_x, valid_y): (user, item) pairs and half-star ratings in
-    [0.5, 5] from a planted rank-8 model with biases and noise, so there is something to learn."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def normal(*shape, std):
-        return torch.randn(*shape, generator=generator, device=device) * std
-
-    users = zipf_ids(size.n_ratings, size.n_users, *USER_ZIPF, generator, device)
-    items = zipf_ids(size.n_ratings, size.n_items, *ITEM_ZIPF, generator, device)
-    user_factors, item_factors = normal(size.n_users, 8, std=0.4), normal(size.n_items, 8, std=0.4)
-    user_bias, item_bias = normal(size.n_users, std=0.3), normal(size.n_items, std=0.5)
-    ratings = torch.empty(size.n_ratings, device=device)
-    chunk = 1 << 22  # bounds the (chunk, 8) gathers
-    for start in range(0, size.n_ratings, chunk):
-        u, i = users[start:start + chunk], items[start:start + chunk]
-        score = 3.5 + user_bias[u] + item_bias[i] + (user_factors[u] * item_factors[i]).sum(1)
-        ratings[start:start + chunk] = score + normal(u.numel(), std=0.5)
-    ratings = (ratings * 2).round_().clamp_(1, 10) / 2
-    pairs = torch.stack([users, items], dim=1)
-    order = torch.randperm(size.n_ratings, generator=generator, device=device)
-    n_valid = int(size.n_ratings * size.valid_fraction)
-    valid, train = order[:n_valid], order[n_valid:]
-    return pairs[train], ratings[train], pairs[valid], ratings[valid]
-
-
-# --------------------------------------------------------------------------------------- models
-
-
-class EagerDotBias(nn.Module):
-    """The lesson's formula on nn.Embedding, as fastai writes it; parameter names as fastai's, so
-    fastcore5's EmbeddingDotBias state_dict loads here unchanged."""
-
-    def __init__(self, n_factors, n_users, n_items, y_range, device=None):
-        super().__init__()
-        self.y_range = y_range
-        self.u_weight = nn.Embedding(n_users, n_factors, device=device)
-        self.i_weight = nn.Embedding(n_items, n_factors, device=device)
-        self.u_bias = nn.Embedding(n_users, 1, device=device)
-        self.i_bias = nn.Embedding(n_items, 1, device=device)
-
-    def forward(self, x):
-        users, items = x[:, 0], x[:, 1]
-        res = (self.u_weight(users) * self.i_weight(items)).sum(1) + self.u_bias(users)[:, 0] + self.i_bias(items)[:, 0]
-        low, high = self.y_range
-        return torch.sigmoid(res) * (high - low) + low
-
-
-def mlp(widths: tuple[int, ...], fused: bool, device) -> nn.Sequential:
-    """Linear -> ReLU for every layer but the last (plain Linear), fused or not."""
-    layers = []
-    for position, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
-        last = position == len(widths) - 2
-        if last:
-            layers.append(nn.Linear(n_in, n_out, device=device))
-        elif fused:
-            layers.append(LinearReLU(n_in, n_out, device=device))
-        else:
-            layers += [nn.Linear(n_in, n_out, device=device), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-def copy_parameters(source: nn.Module, target: nn.Module) -> None:
-    with torch.no_grad():
-        for p, q in zip(source.parameters(), target.parameters(), strict=True):
-            q.copy_(p)
 
 
 def loss_function(model: nn.Module, variant: str, autocast: bool, device: str) -> Callable:
@@ -293,15 +188,6 @@ def mlp_run(variant: str, size: MLPSize, data, initial: dict, device: str) -> di
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         row["final_loss"] = float(F.mse_loss(model(inputs[0]).float(), targets[0]))
     return row
-
-
-def mlp_data(size: MLPSize, device, seed: int = 0, n_batches: int = 4):
-    """Batches of inputs and targets of a fixed random teacher (with a ReLU, so not learnt at once)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    n_in, n_out = size.widths[0], size.widths[-1]
-    teacher = torch.randn(n_in, n_out, generator=generator, device=device) / math.sqrt(n_in)
-    inputs = [torch.randn(size.batch, n_in, generator=generator, device=device) for _ in range(n_batches)]
-    return inputs, [torch.relu(x @ teacher) for x in inputs]
 
 
 # ---------------------------------------------------------------------------------------- report

@@ -1,8 +1,9 @@
-"""`python -m bench`: every op's benchmark cases, in one process, on the device present.
+"""`fastcore5 bench` (`python -m bench` in a checkout): every op's benchmark cases, in one
+process, on the device present.
 
-Order of work: measure the card's ceilings (bench.common.measure_ceilings), then for each op
-whose bench/bench_<op>.py exists collect ``cases(device, quick)`` and time every callable of
-every case (bench.common.run_case). The result is a table on stdout, one JSON file (card,
+Order of work: measure the card's ceilings (common.measure_ceilings), then for each op whose
+bench_<op>.py exists beside this file collect ``cases(device, quick)`` and time every callable of
+every case (common.run_case). The result is a table on stdout, one JSON file (card,
 versions, commit, date, ceilings and every number) and, unless --no-plots, PNG plots of the
 speedups and of the fraction of the ceiling reached.
 
@@ -18,6 +19,7 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import os
 import platform
 import re
 import subprocess
@@ -36,11 +38,24 @@ from .common import Case, measure_ceilings, run_case
 
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT = BENCH_DIR / "results"
 # Eager / torch.compile / cuBLASLt / torch.optim.SGD times measured on one H200 (torch 2.11,
-# triton 3.6) by the design's anchors/measure_anchors.py; shown beside a CUDA run's own numbers.
+# triton 3.6) by the project's anchors/measure_anchors.py, which lives with the design notes outside
+# this repository (the file records device and versions); shown beside a CUDA run's own numbers.
+# Shipped as package data (setup.py), so an installed wheel has it too.
 ANCHORS_FILE = BENCH_DIR / "anchors" / "h200-2026-11-26.json"
+
+
+def source_checkout() -> Path | None:
+    """The repository checkout the package runs from (a source tree or an editable install), or
+    None for an installed wheel."""
+    root = BENCH_DIR.parent.parent
+    return root if (root / "setup.py").is_file() and (root / "bench").is_dir() else None
+
+
+CHECKOUT = source_checkout()
+# A checkout keeps its results in bench/results (beside bench/NOTES.md, which logs them); an
+# installed wheel writes under the current directory.
+DEFAULT_OUT = CHECKOUT / "bench" / "results" if CHECKOUT else Path("bench-results")
 
 
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
@@ -59,15 +74,16 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-        help=f"where to write the JSON and the plots (default: {DEFAULT_OUT.relative_to(REPO_ROOT)})",
+        help="where to write the JSON and the plots (default: "
+        + ("bench/results of the checkout)" if CHECKOUT else "bench-results in the current folder)"),
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
     parser.add_argument(
         "--host", action="store_true",
-        help="instead: the host time of every public entry point next to eager PyTorch (bench/host.py; runs without a GPU)",
+        help="instead: the host time of every public entry point next to eager PyTorch (fastcore5/bench/host.py; runs without a GPU)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --host: also write its results as JSON to PATH")
-    parser.add_argument("--train", action="store_true", help="end-to-end training speed instead (bench/train.py)")
+    parser.add_argument("--train", action="store_true", help="end-to-end training speed instead (fastcore5/bench/train.py)")
     return parser
 
 
@@ -79,9 +95,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     if args.host:
-        # A fresh process: on CPU it must switch Triton's interpreter on before triton is imported.
-        command = [sys.executable, "-m", "bench.host"] + (["--json", str(args.json.resolve())] if args.json else [])
-        return subprocess.call(command, cwd=REPO_ROOT)
+        # A fresh process, with Triton's interpreter on from its start when there is no GPU: importing
+        # the fastcore5 package imports triton, which reads TRITON_INTERPRET once (see host.py).
+        command = [sys.executable, "-m", f"{__package__}.host"] + (["--json", str(args.json.resolve())] if args.json else [])
+        env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call(command, env=env)
     try:
         out = writable_folder(args.out, "--out")
     except OutputPathError as err:
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         for op in ops:
             module = load_cases_module(op)
             if module is None:
-                skipped[op] = f"bench/bench_{op}.py does not exist yet"
+                skipped[op] = f"fastcore5/bench/bench_{op}.py does not exist yet"
                 print(f"{op}: skipped ({skipped[op]})")
                 continue
             op_backends[op] = backends.select(op, device, torch.float32)
@@ -202,8 +220,11 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
+    if CHECKOUT is None:
+        return None, None  # an installed wheel: no commit to name
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout
+        return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=10, check=True).stdout
 
     try:
         return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
@@ -225,7 +246,7 @@ def load_anchors() -> tuple[dict[str, float], Path | None]:
 
 
 def load_cases_module(op: str):
-    """bench/bench_<op>.py, or None while that op has no benchmark file."""
+    """bench_<op>.py beside this file, or None while that op has no benchmark file."""
     if not (BENCH_DIR / f"bench_{op}.py").is_file():
         return None
     return importlib.import_module(f"{__package__}.bench_{op}")

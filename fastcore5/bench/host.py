@@ -1,9 +1,11 @@
-"""`python -m bench --host`: what each public entry point costs the host, next to eager PyTorch.
+"""`fastcore5 bench --host` (`python -m bench --host`): what each public entry point costs the
+host, next to eager PyTorch.
 
 Every entry is called on tiny tensors, so the time per call is host work: argument checks,
 backend choice, autograd, allocation, the launcher's Python and the launch itself. Without a
-GPU the Triton kernels are reached through TRITON_INTERPRET=1 (set here before triton is
-imported) with the interpreter's launch replaced by a no-op: the measurement then stops where a
+GPU the Triton kernels are reached through TRITON_INTERPRET=1 (which the runner sets when it
+starts this module's process: importing the fastcore5 package imports triton, which reads it
+once) with the interpreter's launch replaced by a no-op: the measurement then stops where a
 GPU launch would start, and Triton's own launch path is not included. On a GPU the launches
 are real (tiny tensors, so the device never holds the host back).
 
@@ -32,7 +34,10 @@ def _prepare_stubbed_launches() -> None:
     """CPU: route Triton kernels through the interpreter and make its launch a no-op. Must run
     before triton is first imported (TRITON_INTERPRET is read at import)."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("bench.host must set TRITON_INTERPRET=1 before triton is imported; run it as a fresh process")
+        raise RuntimeError(
+            "without a GPU, fastcore5.bench.host needs TRITON_INTERPRET=1 from the start of its process (triton reads "
+            "it once, at import): run `fastcore5 bench --host`, which sets it"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.pop("FASTCORE5_POISON", None)  # poisoning is a test aid, not part of the hot path
     from triton.runtime.interpreter import InterpretedFunction

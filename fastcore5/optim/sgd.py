@@ -1,0 +1,380 @@
+"""``SGD``: torch.optim.SGD with one fused kernel launch per step, a drop-in (see the
+``fastcore5.optim`` docstring). Normal mode's launch plans are in ``plan.py``, contiguous mode's
+flat buffers in ``flat.py``, the kernels behind both in ``fastcore5.ops.sgd``.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from itertools import repeat
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import backends, index_errors
+from ..ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, sgd_step
+from .distributed import is_dtensor, local_tensor
+from .flat import FlatBuffers
+from .plan import Launch, Plan, backend_request
+
+__all__ = ["SGD"]
+
+_GRAD = operator.attrgetter("grad")
+
+
+def _capturing() -> bool:
+    """A CUDA graph capture is under way on the current stream (never initialises CUDA)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) with a fused step.
+
+    Args: as torch.optim.SGD — ``params``, ``lr`` (float or 1-element tensor; a tensor is read on
+    the device, so put it on the params' device), ``momentum``, ``dampening``, ``weight_decay``,
+    ``nesterov``, ``maximize``; ``foreach`` and ``fused`` are accepted for compatibility and
+    ignored (the step is always fused); ``differentiable=True`` is refused. Extras:
+
+    decoupled_weight_decay: apply ``p -= lr * weight_decay * p`` to the weights instead of adding
+        ``weight_decay * p`` to the gradient (fastai's "true weight decay"). Saved in the param
+        groups; torch.optim.SGD ignores the key when it loads such a checkpoint.
+    contiguous: keep params, grads and momentum buffers in flat buffers so a step costs one launch
+        over a few ranges regardless of the number of tensors (constraints in the
+        ``fastcore5.optim`` docstring).
+
+    capturable: the step may be captured in a CUDA graph (``torch.cuda.graph``) and replayed. lr must
+        then be a tensor on the params' device (a scheduler updates it in place, which replays
+        see); run at least one step eagerly before capturing, so the momentum buffers exist.
+        momentum, dampening, weight_decay and the flags are baked into a captured step: changing
+        them (OneCycleLR's momentum cycling) needs a new capture. Without it, capturing a step
+        raises.
+
+    Params whose ``.grad`` is None are skipped. Works with ``torch.optim.lr_scheduler`` (also
+    ``OneCycleLR`` with momentum cycling) and ``torch.amp.GradScaler``: an overflowed step changes
+    nothing (read on the device). A step never reads a device value on the host. Momentum buffers
+    are created zero-filled when a param first steps, even if that step is skipped (overflow, or a
+    bad EmbeddingDotBias index: see below); the next step then stores ``(1 - dampening) * g``, which
+    is torch's first step exactly when dampening == 0 (the only case where ours differs from torch,
+    whose fused SGD leaves such a buffer uninitialised).
+
+    Index errors: each step first raises any IndexError that an EmbeddingDotBias kernel has
+    reported (``fastcore5.index_errors``), and passes each device's pending flag to the kernel,
+    which skips the update on the device when a bad index reached this step's gradients.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        contiguous: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        SGDHyper(lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay).check()
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
+        if capturable and not isinstance(lr, Tensor):
+            raise ValueError(
+                "capturable=True needs lr as a tensor on the params' device (e.g. lr=torch.tensor(0.1, device='cuda')): "
+                "a float lr would be baked into the captured graph and the scheduler's changes never replayed"
+            )
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=False, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._plans: dict[int, Plan] = {}
+        self._flats: dict[int, list[FlatBuffers]] = {}
+        self.contiguous = bool(contiguous)
+        self.capturable = bool(capturable)
+        self._warned_regrad = False
+        super().__init__(params, defaults)
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+        # Optimizer.__getstate__ keeps only defaults, state and param_groups: an unpickled or
+        # deep-copied optimizer comes back without its caches, in normal (non-contiguous) mode.
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_flats", {})
+        self.__dict__.setdefault("contiguous", False)
+        self.__dict__.setdefault("capturable", False)
+        self.__dict__.setdefault("_warned_regrad", False)
+        self._plans.clear()
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        SGDHyper.from_group(group).check()
+        if group.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
+        for i, p in enumerate(group["params"]):
+            if p.is_sparse or p.is_complex() or not p.dtype.is_floating_point:
+                raise TypeError(
+                    f"param {i} of param group {len(self.param_groups) - 1} is {p.dtype}"
+                    f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
+                )
+        if self.contiguous:
+            if any(map(is_dtensor, group["params"])):
+                raise ValueError(
+                    "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
+                    "use the default contiguous=False, which steps the local shards in one launch"
+                )
+            by_kind: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+            self._flats[len(self.param_groups) - 1] = [FlatBuffers(ps, self.state) for ps in by_kind.values()]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()
+        for flats in self._flats.values():
+            for flat in flats:
+                flat.adopt_buffers(self.state)
+        self.refresh()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Normal mode: torch's zero_grad. Contiguous mode: one fill per flat gradient buffer
+        (``set_to_none`` is ignored: the flat views must stay the gradients)."""
+        if not self.contiguous:
+            return super().zero_grad(set_to_none)
+        for flats in self._flats.values():
+            for flat in flats:
+                if flat.refs_changed():
+                    flat.readopt_grads(copy=False)
+                flat.flat_grad.zero_()
+                flat.mark_grads_seen()
+
+    # ------------------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimisation step (closure: re-evaluates the model and returns the loss)."""
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
+        capturing = _capturing()
+        if capturing and not self.capturable:
+            raise RuntimeError(
+                "fastcore5.optim.SGD.step is being captured in a CUDA graph but the optimizer was built without "
+                "capturable=True; build it with capturable=True (and a tensor lr on the device)"
+            )
+        if not capturing:
+            # A replayed graph never runs this; reading the report during a capture is not allowed.
+            index_errors.raise_pending()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        skip_flags: dict[torch.device, Tensor | None] = {}
+        for index, group in enumerate(self.param_groups):
+            hyper = SGDHyper.from_group(group)
+            if self.contiguous:
+                self._step_flat(index, hyper, grad_scale, found_inf, skip_flags, capturing)
+            else:
+                self._step_group(index, group, hyper, grad_scale, found_inf, skip_flags, capturing)
+        return loss
+
+    def _traced_step(self, closure):
+        """The step as torch.compile traces it: the functional ``sgd_step`` (one custom op per
+        device and dtype) over each group's params with gradients, without the eager path's
+        caches, which key on tensor addresses that a trace does not have. Contiguous mode keeps
+        its flat views as the params and gradients, so the same code serves it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            state = [self.state[p] for p in params]
+            buffers = sgd_step(
+                params, [p.grad for p in params], [entry.get("momentum_buffer") for entry in state],
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            )
+            if group["momentum"] != 0:
+                for entry, buffer in zip(state, buffers):
+                    entry["momentum_buffer"] = buffer
+        return loss
+
+    @staticmethod
+    def _skip_flag(skip_flags: dict, device: torch.device) -> Tensor | None:
+        if device not in skip_flags:
+            skip_flags[device] = index_errors.pending_skip_flag(device)
+        return skip_flags[device]
+
+    def _check_capturable(self, hyper: SGDHyper, device: torch.device, new_buffers: bool, capturing: bool) -> None:
+        lr = hyper.lr
+        if not isinstance(lr, Tensor) or lr.device != device:
+            where = f"a tensor on {lr.device}" if isinstance(lr, Tensor) else f"the float {lr!r}"
+            raise ValueError(
+                f"capturable=True needs each param group's lr as a tensor on its params' device ({device}); got {where}"
+            )
+        if new_buffers and capturing:
+            raise RuntimeError(
+                "fastcore5.optim.SGD: a momentum buffer would be created inside a CUDA graph capture; run at least "
+                "one step eagerly (a warm-up step, as torch.cuda.graph requires anyway) before capturing"
+            )
+
+    def _plan(self, index: int, group: dict, grads: list, missing: list, momentum_on: bool) -> Plan:
+        params = group["params"]
+        by_launch: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            if missing[i]:
+                continue
+            name = f"param {i} of param group {index}"
+            check_param_and_grad(p, grads[i], name, "its .grad")
+            entry = self.state.get(p)
+            buf = entry.get("momentum_buffer") if entry else None
+            if momentum_on and buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
+                raise ValueError(
+                    f"the momentum_buffer of {name} must match it in shape, dtype and device: got {tuple(buf.shape)} "
+                    f"{buf.dtype} {buf.device} for {tuple(p.shape)} {p.dtype} {p.device}"
+                )
+            if momentum_on and buf is not None and is_dtensor(buf) != is_dtensor(p):
+                raise ValueError(
+                    f"the momentum_buffer of {name} must be a DTensor exactly when the param is one (FSDP2): load "
+                    "a sharded optimizer state dict (torch.distributed.checkpoint.state_dict.set_state_dict)"
+                )
+            by_launch.setdefault((p.device, p.dtype, is_dtensor(p), momentum_on and buf is None), []).append(i)
+        launches = []
+        for (device, dtype, dtensor, first), idx in by_launch.items():
+            members = [params[i] for i in idx]
+            if first:
+                buffers = new_momentum_buffers(members)
+                for p, buf in zip(members, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+            elif momentum_on:
+                buffers = [self.state[p]["momentum_buffer"] for p in members]
+            else:
+                buffers = []
+            launch_grads = [grads[i] for i in idx]
+            if dtensor:
+                members_local, launch_grads = list(map(local_tensor, members)), list(map(local_tensor, launch_grads))
+                device = members_local[0].device
+            else:
+                members_local = members
+            launch = Launch(members, idx, buffers, first, None, dtensor)
+            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers)
+            launch.prepared.check_grads(members_local, launch_grads)
+            launches.append(launch)
+        plan = Plan(missing, momentum_on, launches, backend_request())
+        self._plans[index] = plan
+        return plan
+
+    def _current_plan(self, index: int, group: dict, grads: list, momentum_on: bool, capturing: bool) -> Plan:
+        """The plan for this step's gradients: the cached one when nothing it depends on changed,
+        found by C-level passes over the tensors; a new one otherwise. New gradient tensors
+        (set_to_none makes new ones every step) are checked for their strides only."""
+        missing = list(map(operator.is_, grads, repeat(None)))
+        plan = self._plans.get(index)
+        if (
+            plan is None or plan.stale or plan.missing != missing or plan.momentum_on != momentum_on
+            or plan.request != backend_request()
+            or not all(launch.prepared.addresses_unchanged(launch.params()) for launch in plan.launches)
+        ):
+            if capturing and momentum_on and self._would_create_buffers(group, missing):
+                self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
+            return self._plan(index, group, grads, missing, momentum_on)
+        for launch in plan.launches:
+            launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        return plan
+
+    def _would_create_buffers(self, group: dict, missing: list) -> bool:
+        return any(
+            not miss and (self.state.get(p) or {}).get("momentum_buffer") is None
+            for p, miss in zip(group["params"], missing)
+        )
+
+    def _step_group(self, index, group, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+        grads = list(map(_GRAD, group["params"]))
+        momentum_on = hyper.momentum != 0
+        plan = self._current_plan(index, group, grads, momentum_on, capturing)
+        for launch in plan.launches:
+            if self.capturable:
+                self._check_capturable(hyper, launch.device, launch.first, capturing)
+            launch.prepared.run(
+                launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
+                self._skip_flag(skip_flags, launch.device),
+            )
+
+    def _step_flat(self, index, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+        momentum_on = hyper.momentum != 0
+        for flat in self._flats.get(index, ()):
+            flat.check_params()
+            if flat.grads_maybe_replaced() and flat.readopt_grads(copy=True) and not self._warned_regrad:
+                self._warned_regrad = True
+                warnings.warn(
+                    "fastcore5.optim.SGD(contiguous=True): some .grad tensors were replaced (model.zero_grad() "
+                    "with set_to_none, create_graph=True, ...); they were copied back into the flat gradient "
+                    "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
+                    stacklevel=3,
+                )
+            if self.capturable:
+                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
+                self._check_capturable(hyper, flat.device, new_buffers, capturing)
+            segments = flat.segments_for(momentum_on)
+            skip_flag = self._skip_flag(skip_flags, flat.device)
+            for first, (ps, gs, bs, prepared) in segments.items():
+                prepared.run(ps, gs, bs, hyper, first, grad_scale, found_inf, skip_flag)
+            if True in segments:
+                flat.record_new_buffers(self.state)
+            flat.mark_grads_seen()
+
+    # ------------------------------------------------------------------------- layer groups
+
+    def freeze_to(self, n: int) -> None:
+        """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
+        normal mode, .grad=None so the step skips them) and unfreeze groups [n:]. Negative n counts
+        from the end, as in fastai: freeze_to(-1) leaves only the last group trainable."""
+        count = len(self.param_groups)
+        frozen = n if n >= 0 else count + n
+        if frozen >= count:
+            warnings.warn(f"freezing {frozen} groups of {count}: the whole model is frozen", stacklevel=2)
+        for i, group in enumerate(self.param_groups):
+            train = i >= frozen
+            for p in group["params"]:
+                p.requires_grad_(train)
+                if not train and not self.contiguous:
+                    p.grad = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Contiguous mode: re-read which params are trainable (requires_grad). The step reads it at
+        construction, after freeze_to/freeze/unfreeze and after load_state_dict, not every step (that
+        would cost a pass over all params); call this after toggling requires_grad yourself.
+        Normal mode: nothing to do (params whose .grad is None are skipped at every step)."""
+        for flats in self._flats.values():
+            for flat in flats:
+                flat.refresh_trainable()
+
+    def freeze(self) -> None:
+        """Train only the last param group (fastai's ``freeze``: the head of a pretrained model)."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Train every param group."""
+        self.freeze_to(0)
