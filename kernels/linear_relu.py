@@ -328,7 +328,8 @@ def tuned_configs() -> list[dict]:
     """The config each Linear+ReLU kernel launched with, per shape bucket, in this process: one row
     per (kernel, bucket) with the bucket, BLOCK sizes, warps, stages, and whether the config was
     timed here, read from the disk cache or the only candidate (benchmarks record this)."""
-    return [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
+    portable = [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
+    return portable + linear_relu_hopper.tuned_configs()  # the TMA kernels' rows: titles end in " (TMA)"
 
 
 def _acc_dtype(dtype: torch.dtype):

@@ -38,7 +38,7 @@ from ._common import (
 from ._tuning import TunedKernel, launch_kwargs
 
 
-_BIAS_DOT_COLUMNS = tl.constexpr(16) # the narrowest wgmma N for 16-bit operands
+_BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
 
 
 @triton.jit
@@ -143,7 +143,8 @@ def _bwd_weight_kernel(
         dw_desc.store([row, col], acc.to(dw_desc.dtype))
         if sums_bias:
             if BIAS_BY_DOT:
-                bias_acc = tl.max(bias_cols, axis=1)  # every column holds the same sums
+                # every column holds the same sums; dividing by a power of two is exact, and NaN stays
+                bias_acc = tl.sum(bias_cols, axis=1) / _BIAS_DOT_COLUMNS
             rows = row.to(tl.int64) + tl.arange(0, BLOCK_M)
             tl.store(db_ptr + rows, bias_acc.to(db_ptr.dtype.element_ty), mask=rows < N)
 
@@ -162,7 +163,7 @@ _TILES = [
     (64, 64, 64, 4, 4),
 ]
 _SHARED_MEMORY_BYTES = 232448  # what one Hopper block may opt into (227 KB)
-_BARRIER_BYTES = 1024  # mbarriers and the bias-sum ones tile, rounded up
+_SMALL_BUFFERS_BYTES = 4096  # mbarriers and the bias sum's tile of ones, rounded up
 _GROUP_M = 8
 
 
@@ -179,7 +180,7 @@ def _shared_bytes(tile: tuple, streamed_tiles: int, operand_bytes: int, output_b
     (``streamed_tiles`` of BLOCK_M x BLOCK_K: x; or grad_out and out) and of the BLOCK_K x
     BLOCK_N operand, plus the output tile staged for the TMA store."""
     m, n, k, stages, _ = tile
-    return stages * (streamed_tiles * m * k + k * n) * operand_bytes + m * n * output_bytes + _BARRIER_BYTES
+    return stages * (streamed_tiles * m * k + k * n) * operand_bytes + m * n * output_bytes + _SMALL_BUFFERS_BYTES
 
 
 def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
