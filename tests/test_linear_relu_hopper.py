@@ -207,10 +207,11 @@ def _on_hopper() -> bool:
 
 
 @pytest.fixture
-def two_candidates(monkeypatch):
-    """Tune among the largest and the smallest tile only: each new bucket compiles every
-    candidate of three kernels, which the full list would make minutes of a test run."""
-    monkeypatch.setattr(hopper, "_TILES", [hopper._TILES[0], hopper._TILES[-1]])
+def three_candidates(monkeypatch):
+    """Tune among three tiles (two warpgroups with 16-bit and with fp32 operands, one small):
+    each new bucket compiles every candidate of three kernels, which the full list would make
+    minutes of a test run."""
+    monkeypatch.setattr(hopper, "_TILES", [(128, 256, 32, 4, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4)])
 
 
 @pytest.fixture
@@ -225,7 +226,7 @@ def tf32(request):
 @pytest.mark.skipif(HAS_CUDA and not _on_hopper(), reason="the TMA kernels need sm_90+")
 @pytest.mark.parametrize("dtype, tf32", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)], indirect=["tf32"])
 @pytest.mark.parametrize("shape, N", [((1024, 256), 1024), ((1024, 1024), 256), ((1000, 264), 776)])
-def test_gpu_parity_through_the_tma_path(two_candidates, monkeypatch, dtype, tf32, shape, N):
+def test_gpu_parity_through_the_tma_path(three_candidates, monkeypatch, dtype, tf32, shape, N):
     """The public op at small versions of the benchmark shapes (and a ragged one): it takes the
     TMA kernels, and forward and gradients are within 2x torch's error against float64."""
     calls = []
@@ -242,7 +243,7 @@ def test_gpu_parity_through_the_tma_path(two_candidates, monkeypatch, dtype, tf3
 
 @pytest.mark.gpu
 @pytest.mark.skipif(HAS_CUDA and not _on_hopper(), reason="the TMA kernels need sm_90+")
-def test_gpu_ineligible_layouts_take_the_portable_kernels(two_candidates, monkeypatch):
+def test_gpu_ineligible_layouts_take_the_portable_kernels(three_candidates, monkeypatch):
     calls = []
     monkeypatch.setattr(hopper, "forward", lambda *a: calls.append(a))
     x = torch.randn(256, 2 * 128, dtype=torch.bfloat16, device="cuda")[:, ::2]  # inner stride 2
@@ -253,18 +254,25 @@ def test_gpu_ineligible_layouts_take_the_portable_kernels(two_candidates, monkey
     ok, errs = low_precision_error_ok(out, torch.relu(x @ w.T), torch.relu(x.double() @ w.double().T), 5e-2)
     assert ok, errs
     assert not hopper.forward_eligible(x, w, None)
-    assert not hopper.forward_eligible(x.contiguous(), w.double(), None)  # fp64
+    assert not hopper.forward_eligible(x.contiguous().double(), w.double(), None)  # fp64
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert not hopper.forward_eligible(x.contiguous().float(), w.float(), None)  # fp32 without TF32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     assert not hopper.forward_eligible(x.contiguous(), w[:60], None)  # N = 60: 120-byte output rows
     assert hopper.forward_eligible(x.contiguous(), w, None)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(HAS_CUDA and not _on_hopper(), reason="the TMA kernels need sm_90+")
-def test_gpu_backward_is_deterministic(two_candidates):
+def test_gpu_backward_is_deterministic(three_candidates):
     """No atomics: two backward passes on the same inputs agree bit for bit, grad_b included."""
     x, w, b = make_inputs(2048, 512, 768, torch.bfloat16, device="cuda")
     out = portable.linear_relu_forward(x, w, b)
     grad_out = torch.randn_like(out)
+    assert hopper.backward_eligible(grad_out, out, x, w, True, True, True)
     first = portable.linear_relu_backward(grad_out, out, x, w, True, True, True)
     second = portable.linear_relu_backward(grad_out, out, x, w, True, True, True)
     for a, c in zip(first, second):
