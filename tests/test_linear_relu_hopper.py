@@ -124,6 +124,29 @@ def test_bias_gradient_over_many_tiles(dtype):
     assert ok, errs
 
 
+def test_launchers_hand_eligible_calls_to_the_tma_kernels(monkeypatch):
+    """The hook at the top of kernels/linear_relu.py's launchers, end to end through the public op
+    and autograd on CPU: with eligibility forced (it needs an sm_90 GPU), forward and backward
+    reach the TMA launchers with their arguments in order, and the results are right."""
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(hopper, name)
+        monkeypatch.setattr(hopper, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(hopper, "forward_eligible", lambda *a: True)
+    monkeypatch.setattr(hopper, "backward_eligible", lambda *a: True)
+    x, w, b = make_inputs(37, 24, 40, torch.float32, requires_grad=True)
+    grad_out = torch.randn(37, 40)
+    with use_backend("triton"):
+        out = fastcore5.linear_relu(x, w, b)
+        grads = torch.autograd.grad(out, (x, w, b), grad_out)
+    assert calls == ["forward", "backward"]
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    exact = torch.relu(x64 @ w64.T + b64)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    for ours, expected in zip(grads, _reference_grads(grad_out, out.detach(), x.detach(), w.detach())):
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- eligibility -----------------------------------------------------------------------------
 
 def test_tma_compatible_needs_unit_inner_stride_16_byte_rows_and_alignment():
