@@ -146,6 +146,7 @@ def _linear_relu_hopper_launches():
         torch.backends.cuda.matmul.allow_tf32 = tf32
         x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
         out = k.forward(x, w, b)
+        # fp16 without grad_b: the grad_W kernel's variant without the bias sum
         k.backward(torch.randn(M, N, dtype=dtype), out, x, w, True, True, dtype != torch.float16)
     torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -15,6 +15,7 @@ import torch
 
 import fastcore5
 from fastcore5 import use_backend
+from fastcore5.kernels import _tuning
 from fastcore5.kernels import linear_relu as portable
 from fastcore5.kernels import linear_relu_hopper as hopper
 
@@ -230,11 +231,15 @@ def _on_hopper() -> bool:
 
 
 @pytest.fixture
-def three_candidates(monkeypatch):
+def three_candidates(monkeypatch, tmp_path):
     """Tune among three tiles (two warpgroups with 16-bit and with fp32 operands, one small):
     each new bucket compiles every candidate of three kernels, which the full list would make
-    minutes of a test run."""
+    minutes of a test run. The choices go to a scratch tuning cache, not the user's."""
     monkeypatch.setattr(hopper, "_TILES", [(128, 256, 32, 4, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4)])
+    monkeypatch.setenv("FASTCORE5_CACHE_DIR", str(tmp_path))
+    _tuning.forget_disk_cache()
+    yield
+    _tuning.forget_disk_cache()
 
 
 @pytest.fixture
