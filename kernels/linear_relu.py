@@ -18,6 +18,7 @@ from ._common import (
     cdiv, dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output, next_power_of_2,
 )
 from ._tuning import TunedKernel, launch_kwargs
+from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
 
 
 @triton.jit
@@ -339,7 +340,8 @@ def tuned_configs() -> list[dict]:
     """The config each Linear+ReLU kernel launched with, per shape bucket, in this process: one row
     per (kernel, bucket) with the bucket, BLOCK sizes, warps, stages, and whether the config was
     timed here, read from the disk cache or the only candidate (benchmarks record this)."""
-    return [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
+    portable = [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
+    return portable + linear_relu_hopper.tuned_configs()  # the TMA kernels' rows: titles end in " (TMA)"
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -394,6 +396,8 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     ``wrap``: None, or a callable applied to the kernel before launching it
     (torch.library.wrap_triton), for tracing with fake tensors: then nothing is tuned."""
+    if linear_relu_hopper.forward_eligible(x, weight, bias, wrap):
+        return linear_relu_hopper.forward(x, weight, bias)
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
@@ -435,6 +439,8 @@ def linear_relu_backward(
     x is needed only for grad_W and weight only for grad_x. Shapes: grad_out and out (M, N),
     x (M, K), weight (N, K). ``wrap`` as for linear_relu_forward.
     """
+    if linear_relu_hopper.backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, wrap):
+        return linear_relu_hopper.backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
     M, N = out.shape
     K = _in_features(x, weight)
     dtype = out.dtype

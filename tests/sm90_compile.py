@@ -80,6 +80,11 @@ def compile_launch(jit_fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         "wgmma": "warp_group_dot" in compiled.asm["ttgir"],
         "async_copies": len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", compiled.asm["ttgir"])),
         "tma": "async_tma_copy_global_to_local" in compiled.asm["ttgir"],
+        # the PTX of TMA kernels: bulk tensor copies, wgmma, and how many shared-memory buffers
+        # the deepest multi-buffered operand has (>= 2: loads run ahead of the dots)
+        "ptx_bulk_tensor_copies": compiled.asm["ptx"].count("cp.async.bulk.tensor"),
+        "ptx_wgmma": compiled.asm["ptx"].count("wgmma.mma_async"),
+        "operand_buffers": max(map(int, re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])), default=1),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -132,6 +137,20 @@ def _linear_relu_launches():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def _linear_relu_hopper_launches():
+    from fastcore5.kernels import linear_relu_hopper as k
+
+    # called directly: forward_eligible is false for CPU tensors, which is all this script has
+    M, K, N = 512, 256, 384
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        out = k.forward(x, w, b)
+        # fp16 without grad_b: the grad_W kernel's variant without the bias sum
+        k.backward(torch.randn(M, N, dtype=dtype), out, x, w, True, True, dtype != torch.float16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def _embedding_dot_bias_launches():
     from fastcore5.index_errors import SLOTS
     from fastcore5.kernels import embedding_dot_bias as k
@@ -167,6 +186,7 @@ def _sgd_launches():
 # op name -> a function that calls that op's launchers at representative dtypes and flags
 LAUNCHES = {
     "linear_relu": _linear_relu_launches,
+    "linear_relu_hopper": _linear_relu_hopper_launches,
     "embedding_dot_bias": _embedding_dot_bias_launches,
     "sgd": _sgd_launches,
 }

@@ -42,7 +42,7 @@ def _chosen_configs(dtype, M, K, N):
         return {
             "triton_configs": [
                 row for row in tuned_configs()
-                if dtype_part in row["bucket"] and dims[row["kernel"]] in row["bucket"]
+                if dtype_part in row["bucket"] and dims[row["kernel"].removesuffix(" (TMA)")] in row["bucket"]
             ]
         }
 
