@@ -295,6 +295,12 @@ def _descriptor(t: torch.Tensor, block_shape: list) -> TensorDescriptor:
 
 _TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INTERPRETING = interpreting()  # fixed at import, like @triton.jit's own choice; read on every call
+# The TMA path builds three to five TensorDescriptor objects per launch (about 2-5 us of host time
+# each, measured on the CPU machine), where the portable kernels build none. Below about 2**31
+# multiply-adds a kernel runs for less than a call's host time on an H100/H200, so the call is
+# host-bound and the portable path is the faster one; above it the device time decides. A
+# prediction from the H200 run's host and kernel times, to be re-measured on a GPU.
+MIN_MACS = 1 << 31
 _HOPPER_DEVICES: dict = {}
 
 
@@ -323,13 +329,13 @@ def _rows_fit_tma(extent: int, dtype: torch.dtype) -> bool:
 
 def forward_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wrap=None) -> bool:
     """Whether linear_relu_forward should run the TMA kernel: an sm_90+ GPU (not the interpreter,
-    not a traced launch), an eligible dtype, non-empty extents, TMA-compatible x and weight, and
-    an output whose rows are whole 16-byte multiples."""
+    not a traced launch), an eligible dtype, at least MIN_MACS multiply-adds (none of the extents
+    empty), TMA-compatible x and weight, and an output whose rows are whole 16-byte multiples."""
     if wrap is not None or not x.is_cuda or _INTERPRETING or not _is_hopper_or_newer(x.device):
         return False
     (M, K), N = x.shape, weight.shape[0]
     return (
-        M > 0 and N > 0 and K > 0 and _dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
+        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
         and tma_compatible(x) and tma_compatible(weight)
     )
 
@@ -345,7 +351,7 @@ def backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_gra
     operand = x if need_weight_grad else weight
     K = operand.shape[1]
     return (
-        M > 0 and N > 0 and K > 0 and _dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
+        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
         and tma_compatible(grad_out) and tma_compatible(out)
         and (not need_weight_grad or tma_compatible(x)) and (not need_input_grad or tma_compatible(weight))
     )

@@ -236,6 +236,7 @@ def three_candidates(monkeypatch, tmp_path):
     each new bucket compiles every candidate of three kernels, which the full list would make
     minutes of a test run. The choices go to a scratch tuning cache, not the user's."""
     monkeypatch.setattr(hopper, "_TILES", [(128, 256, 32, 4, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4)])
+    monkeypatch.setattr(hopper, "MIN_MACS", 1)  # the tests' shapes are below the host-time threshold
     monkeypatch.setenv("FASTCORE5_CACHE_DIR", str(tmp_path))
     _tuning.forget_disk_cache()
     yield
@@ -291,6 +292,8 @@ def test_gpu_ineligible_layouts_take_the_portable_kernels(three_candidates, monk
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert not hopper.forward_eligible(x.contiguous(), w[:60], None)  # N = 60: 120-byte output rows
     assert hopper.forward_eligible(x.contiguous(), w, None)
+    monkeypatch.setattr(hopper, "MIN_MACS", 256 * 64 * 128 + 1)  # one multiply-add short: host-bound, portable
+    assert not hopper.forward_eligible(x.contiguous(), w, None)
 
 
 @pytest.mark.gpu
