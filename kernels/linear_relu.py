@@ -258,12 +258,12 @@ class _Launcher:
         self.flag_names = flag_names
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, wrap, device, variant: tuple, extents: tuple, strides: tuple, args: tuple):
+    def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
         if wrap is not None:
-            return self._launch_wrapped(wrap, device, variant, extents, strides, args)
+            return self._launch_wrapped(wrap, variant, extents, strides, args)
         plan = self.plans.get((variant, extents, strides))
         if plan is None:
-            plan = self._plan(device, variant, extents, strides, args)
+            plan = self._plan(variant, extents, strides, args)
         grid, meta_parameters, options = plan
         # What kernel[grid](...) calls. The constexprs go positionally, after the runtime
         # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
@@ -286,8 +286,9 @@ class _Launcher:
         dtype, precision, *flags = variant
         return _constexprs(dtype, precision, **dict(zip(self.flag_names, flags)))
 
-    def _plan(self, device, variant, extents, strides, args) -> tuple:
+    def _plan(self, variant, extents, strides, args) -> tuple:
         rows, cols, _ = extents
+        device = args[0].device
         constexprs = self.constexprs(variant)
 
         def run(config):
@@ -312,13 +313,13 @@ class _Launcher:
             self.plans[(variant, extents, strides)] = plan
         return plan
 
-    def _launch_wrapped(self, wrap, device, variant, extents, strides, args):
+    def _launch_wrapped(self, wrap, variant, extents, strides, args):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
         the bucket's config when this process already chose one, else the fixed default. Sizes
         that are symbolic get the default too, so no guard is put on them here."""
         config = None
         if all(type(v) is int for v in (*extents, *strides)):
-            config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(device))
+            config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(args[0].device))
         config = config or self.tuned.default
         rows, cols, _ = extents
         grid = _grid(rows, cols, config)
@@ -417,7 +418,7 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     precision = dot_precision(dtype)
     strides = (*x_strides, *w_strides, N, 1)  # out is a fresh contiguous (M, N), N > 0
     _forward(
-        wrap, x.device, (dtype, precision, has_bias), (M, N, K), strides,
+        wrap, (dtype, precision, has_bias), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
     )
     return finish_output(out, dtype)
@@ -459,7 +460,7 @@ def linear_relu_backward(
             else:
                 strides = (*grad_strides, *weight.stride(), *grad_x.stride())
                 _backward_input(
-                    wrap, device, (dtype, precision), (M, K, N), strides,
+                    wrap, (dtype, precision), (M, K, N), strides,
                     (grad_out, out, weight, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
@@ -477,7 +478,7 @@ def linear_relu_backward(
             else:
                 strides = (*grad_strides, 0, 0, 0, 0)
             _backward_weight(
-                wrap, device, (dtype, precision, weight_tiles, need_bias_grad), (N, k_extent, M), strides,
+                wrap, (dtype, precision, weight_tiles, need_bias_grad), (N, k_extent, M), strides,
                 (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
                  grad_b if need_bias_grad else out, M, N, k_extent, *strides),
             )

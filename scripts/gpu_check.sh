@@ -2,9 +2,9 @@
 # The whole GPU check in one device call (see README "Running on a GPU").
 #
 # Installs fastcore5 from this working tree without network, builds the CUDA extension, runs the
-# GPU tests, a one-epoch demo and the quick benchmark, and writes every log and JSON under $OUT
+# GPU tests, a one-epoch demo, the quick benchmark and the host-time benchmark, and writes every log and JSON under $OUT
 # (default ./gpu-out). Budget: one 600 s device call with room to spare. Each stage has its own
-# time limit (below; 470 s together, 500 if the CUDA build fails), so one slow stage cannot eat the call; a failed stage is
+# time limit (below; 515 s together, 545 if the CUDA build fails), so one slow stage cannot eat the call; a failed stage is
 # recorded and the next still runs. $OUT/summary.txt says how long each stage took and how it
 # ended. The exit status is 1 when the install, the tests or the demo failed.
 #
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STAGES=${STAGES:-"install tests demo bench"}
+STAGES=${STAGES:-"install tests demo bench host"}
 PYTHON=${PYTHON:-python3}
 WORKERS=${WORKERS:-8}
 TEST_TIMEOUT=${TEST_TIMEOUT:-120}
@@ -27,6 +27,7 @@ INSTALL_LIMIT=${INSTALL_LIMIT:-120}
 TESTS_LIMIT=${TESTS_LIMIT:-200}
 DEMO_LIMIT=${DEMO_LIMIT:-60}
 BENCH_LIMIT=${BENCH_LIMIT:-90}
+HOST_LIMIT=${HOST_LIMIT:-45}
 mkdir -p "$OUT"
 status=0
 : >"$OUT/summary.txt"
@@ -77,6 +78,9 @@ for s in $STAGES; do
       stage demo "$DEMO_LIMIT" $PYTHON -m fastcore5 demo --epochs 1 --device cuda || status=1 ;;
     bench)
       stage bench "$BENCH_LIMIT" $PYTHON -m bench --quick --out "$OUT/bench" || true ;;
+    host)
+      # Host time per call with real launches on tiny tensors (the hot-path issue's GPU check).
+      stage host "$HOST_LIMIT" $PYTHON -m fastcore5.bench.host --calls 500 --json "$OUT/host.json" || true ;;
     *) echo "unknown stage $s" | tee -a "$OUT/summary.txt"; status=2 ;;
   esac
 done
