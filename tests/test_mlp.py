@@ -230,6 +230,11 @@ def test_autocast_computes_in_the_autocast_dtype():
     assert ours.dtype == theirs.dtype == torch.bfloat16
     exact = float64_copy(fused)(x.double())
     assert_parity(ours, theirs, exact, atol=2e-2, rtol=0, what="autocast output")
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("triton"):
+        mixed = fused(x.bfloat16())  # bf16 input, fp32 parameters: one dtype once cast
+    assert mixed.dtype == torch.bfloat16
+    with use_backend("triton"), pytest.raises(TypeError, match=r"x is torch.bfloat16, weights\[0\] is torch.float32"):
+        fused(x.bfloat16())
 
 
 def test_torch_compile_fullgraph():

@@ -27,6 +27,8 @@ from .. import backends, index_errors
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from .linear_relu import OP, linear_relu
 
+_FLOATS = frozenset(FLOAT_DTYPES)
+
 
 def _triton_kernels():
     from ..kernels import linear_relu as layer_kernels
@@ -104,24 +106,53 @@ def _compose(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | Non
     return F.linear(x, weights[-1], biases[-1])
 
 
-def _check_arguments(x, weights, biases) -> list:
-    """The biases as a list of len(weights) (None for absent ones); raises naming the argument."""
+def _shape_check(x, weights, biases) -> tuple[bool, bool]:
+    """(usable, one dtype): the fast test of every argument but the dtypes' agreement, which
+    autocast may still establish; the detailed, argument-naming errors are built only on failure."""
+    try:
+        if x.dtype not in _FLOATS or x.dim() == 0 or not isinstance(weights, (list, tuple)) or not weights:
+            return False, False
+        if biases is not None and (not isinstance(biases, (list, tuple)) or len(biases) != len(weights)):
+            return False, False
+        features, device, dtype = x.shape[-1], x.device, x.dtype
+        same_dtype = True
+        for l, weight in enumerate(weights):
+            if weight.dtype not in _FLOATS or weight.dim() != 2 or weight.shape[1] != features or weight.device != device:
+                return False, False
+            same_dtype = same_dtype and weight.dtype is dtype
+            bias = None if biases is None else biases[l]
+            if bias is not None:
+                if bias.dtype not in _FLOATS or bias.shape != weight.shape[:1] or bias.device != device:
+                    return False, False
+                same_dtype = same_dtype and bias.dtype is dtype
+            features = weight.shape[0]
+        return True, same_dtype
+    except (AttributeError, TypeError):
+        return False, False
+
+
+def _named(x, weights, biases) -> dict:
+    named = {"x": x, **{f"weights[{l}]": w for l, w in enumerate(weights)}}
+    named.update((f"biases[{l}]", b) for l, b in enumerate(biases or ()) if b is not None)
+    return named
+
+
+def _raise_bad_arguments(x, weights, biases) -> None:
+    """The argument-naming error for whatever _shape_check refused."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension (in_features), got a 0-d tensor")
-    if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise TypeError("weights must be a non-empty list or tuple of (out_features, in_features) tensors")
     if biases is None:
         biases = [None] * len(weights)
-    elif isinstance(biases, Tensor) or not isinstance(biases, Sequence):
+    elif not isinstance(biases, (list, tuple)):
         raise TypeError("biases must be None or a list or tuple with one tensor (or None) per weight")
     elif len(biases) != len(weights):
         raise ValueError(f"biases has {len(biases)} entries but weights has {len(weights)}; give one per layer (None for no bias)")
     features, source = x.shape[-1], "x's last dimension"
-    named = {"x": x}
     for l, (weight, bias) in enumerate(zip(weights, biases)):
         check_tensor(f"weights[{l}]", weight, dtypes=FLOAT_DTYPES, ndim=2)
-        named[f"weights[{l}]"] = weight
         if weight.shape[1] != features:
             raise ValueError(
                 f"weights[{l}] has in_features={weight.shape[1]} but {source} gives {features} features "
@@ -129,13 +160,11 @@ def _check_arguments(x, weights, biases) -> list:
             )
         if bias is not None:
             check_tensor(f"biases[{l}]", bias, dtypes=FLOAT_DTYPES, ndim=1)
-            named[f"biases[{l}]"] = bias
             if bias.shape[0] != weight.shape[0]:
                 raise ValueError(f"biases[{l}] has {bias.shape[0]} elements but weights[{l}] has out_features={weight.shape[0]}")
         features, source = weight.shape[0], f"weights[{l}] (out_features)"
-    check_same_device(**named)
-    check_same_dtype(**named)
-    return list(biases)
+    check_same_device(**_named(x, weights, biases))
+    raise AssertionError("mlp refused arguments that pass every detailed check")  # pragma: no cover
 
 
 def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None) -> Tensor:
@@ -155,13 +184,19 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
     """
     if index_errors.watching:
         index_errors.raise_pending()
-    biases = _check_arguments(x, weights, biases)
+    usable, same_dtype = _shape_check(x, weights, biases)
+    if not usable:
+        _raise_bad_arguments(x, weights, biases)
+    if biases is None:
+        biases = (None,) * len(weights)
     device_type = backends.device_type(x)
     if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
         x = x.to(compute_dtype)
         weights = [w.to(compute_dtype) for w in weights]
         biases = [None if b is None else b.to(compute_dtype) for b in biases]
+    elif not same_dtype:
+        check_same_dtype(**_named(x, weights, biases))
     backend = backends.select(OP, device_type, x.dtype)
     if backend != "triton" or torch.compiler.is_compiling():
         return _compose(x, weights, biases)
