@@ -208,6 +208,20 @@ def test_leading_batch_dims_and_non_contiguous_input():
     torch.testing.assert_close(out, nn.Sequential(*fused)(x))
 
 
+def test_transposed_and_strided_parameters():
+    weights = [torch.randn(5, 6, dtype=torch.float64).t(), torch.randn(4, 12, dtype=torch.float64)[:, ::2]]
+    biases = [torch.randn(12, dtype=torch.float64)[::2], None]  # (6, 5) column-major, (4, 6) strided
+    params = [p.requires_grad_() for p in (*weights, biases[0])]
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(7, 4, dtype=torch.float64)
+    with use_backend("triton"):
+        ours = torch.autograd.grad(fastcore5.mlp(x, weights, biases), (x, *params), grad_out)
+    with use_backend("torch"):
+        theirs = torch.autograd.grad(fastcore5.mlp(x, weights, biases), (x, *params), grad_out)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 def test_no_grad_forward_and_the_other_backends_agree():
     fused = randomize(MLP((8, 6, 5)))
     x = torch.randn(7, 8)
