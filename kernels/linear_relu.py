@@ -52,9 +52,11 @@ def _linear_relu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """RELU=False makes it a plain Linear (the output layer of kernels/mlp.py's stack)."""
     pid = tl.program_id(0)
     tile_m, tile_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,7 +83,8 @@ def _linear_relu_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC_DTYPE)[None, :]
-    acc = tl.maximum(acc, 0.0)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -132,13 +135,15 @@ def _linear_relu_bwd_weight_kernel(
     grad_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_om, stride_on, stride_xm, stride_xk, stride_dn, stride_dk,
-    HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr,
+    HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr, RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_W tile (rows of N, columns of K) = sum over M of g.T tile @ x tile; the programs of
     the first K tile also write grad_b = sum over M of g. Block names follow the output:
-    BLOCK_M tiles N, BLOCK_N tiles K, BLOCK_K is the reduction over M."""
+    BLOCK_M tiles N, BLOCK_N tiles K, BLOCK_K is the reduction over M. RELU=False takes
+    grad_out as g unmasked (``out`` is then not read): kernels/mlp.py passes gradients that
+    are already masked, or belong to a layer without ReLU."""
     pid = tl.program_id(0)
     tile_n, tile_k = _grouped_tile(pid, N, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = tile_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,9 +158,10 @@ def _linear_relu_bwd_weight_kernel(
     bias_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for m0 in range(0, M, BLOCK_K):
         in_range = offs_m < M - m0
-        grad = tl.load(gt_ptrs, mask=in_range[None, :], other=0.0)
-        active = tl.load(ot_ptrs, mask=in_range[None, :], other=0.0) > 0
-        gt_tile = tl.where(active, grad, tl.zeros_like(grad))
+        gt_tile = tl.load(gt_ptrs, mask=in_range[None, :], other=0.0)
+        if RELU:
+            active = tl.load(ot_ptrs, mask=in_range[None, :], other=0.0) > 0
+            gt_tile = tl.where(active, gt_tile, tl.zeros_like(gt_tile))
         if HAS_BIAS_GRAD:
             bias_acc += tl.sum(gt_tile.to(ACC_DTYPE), axis=1)
         if HAS_WEIGHT_GRAD:
@@ -330,10 +336,11 @@ class _Launcher:
 
 
 _ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS",))
+_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
 _backward_input = _Launcher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
 _backward_weight = _Launcher(
-    _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2, flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD")
+    _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2,
+    flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"),
 )
 
 
@@ -418,7 +425,7 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     precision = dot_precision(dtype)
     strides = (*x_strides, *w_strides, N, 1)  # out is a fresh contiguous (M, N), N > 0
     _forward(
-        wrap, (dtype, precision, has_bias), (M, N, K), strides,
+        wrap, (dtype, precision, has_bias, True), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
     )
     return finish_output(out, dtype)
@@ -478,7 +485,7 @@ def linear_relu_backward(
             else:
                 strides = (*grad_strides, 0, 0, 0, 0)
             _backward_weight(
-                wrap, (dtype, precision, weight_tiles, need_bias_grad), (N, k_extent, M), strides,
+                wrap, (dtype, precision, weight_tiles, need_bias_grad, True), (N, k_extent, M), strides,
                 (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
                  grad_b if need_bias_grad else out, M, N, k_extent, *strides),
             )

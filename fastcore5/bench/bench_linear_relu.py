@@ -1,5 +1,6 @@
 """Linear+ReLU: fastcore5 against eager F.linear+relu, the cuBLASLt epilogue
-(torch._addmm_activation) and torch.compile, forward and forward+backward."""
+(torch._addmm_activation) and torch.compile, forward and forward+backward; and the MLP built from
+it (fastcore5.nn.MLP, shape "mlp:...") against eager nn.Sequential, forward+backward."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,8 @@ import fastcore5
 from .common import Case, Rotating, copies_to_exceed_l2
 
 SHAPES = [(8192, 1024, 4096), (8192, 4096, 1024), (65536, 256, 256), (1024, 1024, 1024)]
+MLP_SHAPE = (8192, (1024, 4096, 4096, 1024))  # issue 14's target: batch, layer sizes
+MLP_CPU_SHAPE = (64, (32, 64, 64, 32))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -86,6 +89,42 @@ def _shape_cases(device, dtype_name, dtype, M, K, N, compiled) -> list[Case]:
     return [fwd, fwdbwd]
 
 
+def _mlp_case(device, dtype_name, dtype, M, sizes) -> Case:
+    """fwd+bwd of the stack Linear, ReLU, ..., Linear on one set of parameters: fastcore5.nn.MLP
+    (one autograd boundary, each ReLU mask applied in the grad-input GEMM above it), the same
+    stack of per-layer fused LinearReLU modules, and eager nn.Sequential."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(k, n, device=device, dtype=dtype) for k, n in zip(sizes[:-1], sizes[1:])]
+    eager = torch.nn.Sequential(*[m for linear in linears for m in (linear, torch.nn.ReLU())][:-1])
+    fused = fastcore5.nn.MLP.from_sequential(eager)
+    per_layer = torch.nn.Sequential()
+    for linear in linears[:-1]:
+        layer = fastcore5.nn.LinearReLU(linear.in_features, linear.out_features, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        per_layer.append(layer)
+    per_layer.append(linears[-1])
+    inputs = Rotating(
+        lambda: (torch.randn(M, sizes[0], device=device, dtype=dtype),),
+        copies_to_exceed_l2(M * sizes[0] * torch.finfo(dtype).bits // 8, device),
+    )
+    grad_out = torch.randn(M, sizes[-1], device=device, dtype=dtype)
+
+    def step(module):
+        def run():
+            module(*inputs.next()).backward(grad_out)
+            module.zero_grad(set_to_none=True)
+
+        return run
+
+    flops = 3 * 2.0 * M * sum(k * n for k, n in zip(sizes[:-1], sizes[1:]))
+    fns = {
+        "fastcore5": step(fused), "per_layer_linear_relu": step(per_layer), "eager": step(eager),
+        "torch.compile": step(torch.compile(eager)),
+    }
+    # Listed under the Linear+ReLU op, whose backend it runs on; the shape names the stack.
+    return Case("linear_relu", f"mlp:{M}x" + "-".join(map(str, sizes)), dtype_name, "fwdbwd", fns, flops=flops)
+
+
 def cases(device: str, quick: bool = False) -> list[Case]:
     if device == "cuda":
         shapes = SHAPES[:2] if quick else SHAPES
@@ -93,9 +132,13 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     else:
         shapes, dtypes = [(256, 256, 256)], {"fp32": torch.float32}
     compiled = torch.compile(_eager)
+    if device == "cuda":
+        mlp = _mlp_case(device, "bf16", torch.bfloat16, *MLP_SHAPE)
+    else:
+        mlp = _mlp_case(device, "fp32", torch.float32, *MLP_CPU_SHAPE)
     return [
         case
         for dtype_name, dtype in dtypes.items()
         for M, K, N in shapes
         for case in _shape_cases(device, dtype_name, dtype, M, K, N, compiled)
-    ]
+    ] + [mlp]

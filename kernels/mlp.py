@@ -1,0 +1,168 @@
+"""The kernels of an MLP ``LinearReLU -> ... -> LinearReLU -> Linear`` that differ from one
+Linear+ReLU layer's, and their launchers.
+
+Layer l computes h_l = relu(h_{l-1} @ W_l.T + b_l) (h_{-1} = x); the last layer has no ReLU.
+Its backward, from g_l = dLoss/d(pre-activation of layer l):
+  grad_W_l = g_l.T @ h_{l-1},   grad_b_l = g_l.sum(0)
+  g_{l-1}  = (g_l @ W_l) * (h_{l-1} > 0)        (grad_x = g_0 @ W_0 for the input)
+One Linear+ReLU layer on its own gets dLoss/dh_l and must mask it by h_l > 0 in both of its
+backward GEMMs, reading grad and out twice (kernels/linear_relu.py). Here the mask of layer l-1
+is applied in the epilogue of layer l's grad-input GEMM, on the accumulator, before the only
+store: layer l-1's backward then starts from g_{l-1}, already masked, and reads only it.
+
+Kernels:
+  ``_mlp_grad_input_kernel``            g @ W, with the optional epilogue ``* (below > 0)``
+  ``_linear_relu_bwd_weight_kernel``    (kernels/linear_relu.py) with RELU=False: g.T @ h and
+                                        g.sum(0) from g as given, no mask
+  ``_linear_relu_fwd_kernel``           (kernels/linear_relu.py) with RELU=False for the last layer;
+                                        the hidden layers use linear_relu_forward as it is.
+The bias gradient of every layer is summed by that layer's grad_W kernel, whose first column of
+programs streams all M rows of g anyway (as kernels/linear_relu.py does): no atomics, a fixed
+order, so the backward is deterministic. Summing it in the grad-input epilogue instead would need
+per-tile partial sums (each program sees BLOCK_M rows only), their store and a finishing pass.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, finish_output, new_output
+from .linear_relu import (
+    _DTYPE_FACTS, _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
+    _linear_relu_fwd_kernel, _round_to_tf32, _with_a_unit_stride,
+)
+
+
+@triton.jit
+def _mlp_grad_input_kernel(
+    grad_ptr, w_ptr, below_ptr, dx_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_bm, stride_bk, stride_dm, stride_dk,
+    MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dx tile = sum over N of grad tile @ W tile, times (below > 0) when MASK. Block names follow
+    the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
+    pid = tl.program_id(0)
+    tile_m, tile_k = _grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap onto valid ones so the loop needs only the N mask.
+    rows = offs_m % M
+    cols = offs_k % K
+    g_ptrs = grad_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_K):
+        in_range = offs_n < N - n0
+        g_tile = tl.load(g_ptrs, mask=in_range[None, :], other=0.0).to(w_ptr.dtype.element_ty)
+        w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
+        if UPCAST:
+            g_tile = g_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        if ROUND_TF32:
+            g_tile = _round_to_tf32(g_tile)
+            w_tile = _round_to_tf32(w_tile)
+        acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        g_ptrs += BLOCK_K * stride_gn
+        w_ptrs += BLOCK_K * stride_wn
+    in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    if MASK:
+        below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
+        acc = tl.where(below > 0, acc, tl.zeros_like(acc))
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_tile)
+
+
+# Own launchers (own plan caches and tuning titles) for the kernels shared with
+# kernels/linear_relu.py: with RELU=False they are different compiled kernels.
+_output_forward = _Launcher(_linear_relu_fwd_kernel, "MLP output layer forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
+_grad_input = _Launcher(_mlp_grad_input_kernel, "MLP grad_input (+ mask of the layer below)", m_axis=0, flag_names=("MASK",))
+_grad_weight = _Launcher(
+    _linear_relu_bwd_weight_kernel, "MLP grad_W/grad_b", m_axis=2, flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU")
+)
+
+
+def tuned_configs() -> list[dict]:
+    """The config each MLP-only kernel launched with, per shape bucket, in this process (the hidden
+    layers' forward is kernels/linear_relu.py's and listed by its tuned_configs)."""
+    return [row for launcher in (_output_forward, _grad_input, _grad_weight) for row in launcher.report()]
+
+
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias (no ReLU) for 2-D x (M, K); returns a new (M, N) tensor."""
+    x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype = x.dtype
+    out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
+    if M == 0 or N == 0:
+        return finish_output(out, dtype)
+    if K == 0:
+        return finish_output(out.copy_(bias.expand(M, N)) if bias is not None else out.zero_(), dtype)
+    has_bias = bias is not None
+    if has_bias:
+        bias = bias.contiguous()
+    precision = dot_precision(dtype)
+    strides = (*x.stride(), *weight.stride(), N, 1)
+    _output_forward(
+        None, (dtype, precision, has_bias, False), (M, N, K), strides,
+        (x, weight, bias if has_bias else x, out, M, N, K, *strides),
+    )
+    return finish_output(out, dtype)
+
+
+def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | None) -> torch.Tensor:
+    """grad @ weight, times (below > 0) when ``below`` (the output of the ReLU layer underneath,
+    (M, K)) is given. Shapes: grad (M, N), weight (N, K)."""
+    grad, weight, below = _with_a_unit_stride(grad), _with_a_unit_stride(weight), _with_a_unit_stride(below)
+    M, N = grad.shape
+    K = weight.shape[1]
+    dtype = weight.dtype
+    out = new_output((M, K), _DTYPE_FACTS[dtype][0], grad.device)
+    if M and K:
+        if N == 0:
+            out.zero_()
+        else:
+            precision = dot_precision(dtype)
+            mask = below is not None
+            below_strides = below.stride() if mask else (0, 0)
+            strides = (*grad.stride(), *weight.stride(), *below_strides, *out.stride())
+            _grad_input(
+                None, (dtype, precision, mask), (M, K, N), strides,
+                (grad, weight, below if mask else grad, out, M, N, K, *strides),
+            )
+    return finish_output(out, dtype)
+
+
+def grad_weight(
+    grad: torch.Tensor, inp: torch.Tensor | None, need_weight_grad: bool, need_bias_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad.T @ inp, grad.sum(0)), each None unless asked for, from grad (M, N) taken as it is
+    (already masked, or the gradient of a layer without ReLU) and the layer's input inp (M, K),
+    which is needed only for the weight gradient."""
+    grad, inp = _with_a_unit_stride(grad), _with_a_unit_stride(inp)
+    M, N = grad.shape
+    K = inp.shape[1] if need_weight_grad else 0
+    dtype = grad.dtype
+    out_dtype = _DTYPE_FACTS[dtype][0]
+    grad_w = new_output((N, K), out_dtype, grad.device) if need_weight_grad else None
+    grad_b = new_output((N,), out_dtype, grad.device) if need_bias_grad else None
+    weight_tiles = need_weight_grad and K > 0
+    if M == 0:
+        for g in (grad_w, grad_b):
+            if g is not None:
+                g.zero_()
+    elif N and (weight_tiles or need_bias_grad):
+        k_extent = K if weight_tiles else 1  # bias only: one program column, no K tiles
+        in_strides = (*inp.stride(), *grad_w.stride()) if weight_tiles else (0, 0, 0, 0)
+        strides = (*grad.stride(), *grad.stride(), *in_strides)  # grad stands in for the unread ``out``
+        _grad_weight(
+            None, (dtype, dot_precision(dtype), weight_tiles, need_bias_grad, False), (N, k_extent, M), strides,
+            (grad, grad, inp if weight_tiles else grad, grad_w if weight_tiles else grad,
+             grad_b if need_bias_grad else grad, M, N, k_extent, *strides),
+        )
+    return tuple(None if g is None else finish_output(g, dtype) for g in (grad_w, grad_b))
