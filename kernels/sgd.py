@@ -43,9 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, rounded_to
 
-TABLE_COLUMNS = 4  # param offset, grad offset, buffer offset, length
+# The chunk table's int64 columns: param offset, grad offset, buffer offset, length. A constexpr
+# because the kernel strides the table by it.
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(4)
 _TABLE_CACHE_SIZE = 32
 
 
@@ -67,26 +69,12 @@ def _split_scalar(hi, lo, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _store_cast(x, like, BF16: tl.constexpr):
-    """x (fp32/fp64) as ``like``'s dtype, rounded to nearest even. bf16 is rounded by hand: the
-    interpreter truncates a plain fp32 -> bf16 cast (compiled Triton rounds), and spelling the
-    rounding out keeps one code path, tested in CI, for both; a few integer operations per element
-    cost nothing in a memory-bound kernel."""
-    if BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        quiet_nan = (bits >> 16) | 0x40
-        return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(like.dtype)
-
-
-@triton.jit
 def _sgd_piece(
     p_ptrs, g_ptrs, b_ptrs, idx, n,
     lr, momentum, keep, weight_decay, scale,
     MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
-    COMPUTE: tl.constexpr, BF16: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     if MASKED:
         mask = idx < n
@@ -99,9 +87,9 @@ def _sgd_piece(
     if HAS_SCALE:
         g = g / scale
         if MASKED:
-            tl.store(g_ptrs, _store_cast(g, grad, BF16), mask=mask)
+            tl.store(g_ptrs, rounded_to(g, g_ptrs.dtype.element_ty), mask=mask)
         else:
-            tl.store(g_ptrs, _store_cast(g, grad, BF16))
+            tl.store(g_ptrs, rounded_to(g, g_ptrs.dtype.element_ty))
     if MAXIMIZE:
         g = -g
     if HAS_WD:
@@ -119,18 +107,18 @@ def _sgd_piece(
                 buf = tl.load(b_ptrs).to(COMPUTE)
             buf = momentum * buf + keep * g
         if MASKED:
-            tl.store(b_ptrs, _store_cast(buf, grad, BF16), mask=mask)
+            tl.store(b_ptrs, rounded_to(buf, b_ptrs.dtype.element_ty), mask=mask)
         else:
-            tl.store(b_ptrs, _store_cast(buf, grad, BF16))
+            tl.store(b_ptrs, rounded_to(buf, b_ptrs.dtype.element_ty))
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
     p = p - lr * g
     if MASKED:
-        tl.store(p_ptrs, _store_cast(p, grad, BF16), mask=mask)
+        tl.store(p_ptrs, rounded_to(p, p_ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.store(p_ptrs, _store_cast(p, grad, BF16))
+        tl.store(p_ptrs, rounded_to(p, p_ptrs.dtype.element_ty))
 
 
 @triton.jit
@@ -140,9 +128,9 @@ def _sgd_kernel(
     LR_ON_DEVICE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_SKIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, ALIGN: tl.constexpr, COMPUTE: tl.constexpr,
-    BF16: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    row = table_ptr + tl.program_id(0).to(tl.int64) * 4  # TABLE_COLUMNS int64 per chunk
+    row = table_ptr + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
     # ALIGN (elements) is a promise the launcher checked: every offset keeps 16-byte alignment.
     p_off = tl.multiple_of(tl.load(row), ALIGN)
     g_off = tl.multiple_of(tl.load(row + 1), ALIGN)
@@ -171,14 +159,14 @@ def _sgd_kernel(
         _sgd_piece(
             base_ptr + p_off + start + idx, base_ptr + g_off + start + idx, base_ptr + b_off + start + idx,
             idx, BLOCK, lr, momentum, keep, weight_decay, scale,
-            False, HAS_SCALE, HAS_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, HAS_WD, DECOUPLED, COMPUTE, BF16,
+            False, HAS_SCALE, HAS_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, HAS_WD, DECOUPLED, COMPUTE,
         )
     start = n_full * BLOCK
     if start < count:
         _sgd_piece(
             base_ptr + p_off + start + idx, base_ptr + g_off + start + idx, base_ptr + b_off + start + idx,
             idx, count - start, lr, momentum, keep, weight_decay, scale,
-            True, HAS_SCALE, HAS_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, HAS_WD, DECOUPLED, COMPUTE, BF16,
+            True, HAS_SCALE, HAS_MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, HAS_WD, DECOUPLED, COMPUTE,
         )
 
 
@@ -338,7 +326,7 @@ class StepLaunch:
             HAS_MOMENTUM=has_momentum, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov) and has_momentum,
             MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
             ALIGN=align, COMPUTE=tl.float64 if self.dtype == torch.float64 else tl.float32,
-            BF16=self.dtype == torch.bfloat16, BLOCK=self.block, num_warps=self.num_warps,
+            BLOCK=self.block, num_warps=self.num_warps,
         )
 
 
