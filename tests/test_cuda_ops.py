@@ -28,6 +28,8 @@ import torch
 
 from fastcore5 import backends, reference
 
+from helpers import allow_tf32
+
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,12 +181,8 @@ def test_linear_relu_uses_the_allow_tf32_argument_not_the_global_flag():
     ops = cuda_ops()
     x, w, b = _linear(256, 2048, 256, torch.float32)
     exact = reference.linear_relu(x.double(), w.double(), b.double())
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with allow_tf32(True):
         ieee = ops.linear_relu_forward(x, w, b, False)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
     # IEEE fp32 over K = 2048 stays near 1e-6 of the scale; TF32 (10-bit mantissa) is near 1e-3.
     assert (ieee.double() - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
 
