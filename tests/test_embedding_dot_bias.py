@@ -7,6 +7,7 @@ With a CUDA device the same tests make their tensors on it and run the compiled 
 """
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ import fastcore5
 from fastcore5.kernels import embedding_dot_bias as kernels
 from fastcore5.kernels import segment_reduce
 from fastcore5.nn import EmbeddingDotBias
-from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
+from fastcore5.ops.embedding_dot_bias import check_y_range, embedding_dot_bias_backward_op, embedding_dot_bias_op
 
 from conftest import DEVICE
 from helpers import (
@@ -356,8 +357,6 @@ BAD_INPUTS = {
     "bias_rows_differ": (_bad_call(i_bias=torch.randn(7, 1)), ValueError, r"i_bias has 7 rows but i_weight has 6"),
     "dtype_mismatch": (_bad_call(i_weight=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"i_weight is torch.float64"),
     "device_mismatch": (_bad_call(u_bias=torch.randn(5, 1, device="meta")), ValueError, r"u_bias on meta"),
-    "y_range_not_pair": (_bad_call(y_range=(1.0,)), ValueError, r"y_range must be None or a pair"),
-    "y_range_not_numbers": (_bad_call(y_range=("0", "5")), TypeError, r"y_range must hold two real numbers"),
 }
 
 
@@ -366,6 +365,37 @@ def test_bad_input_names_the_argument(case):
     call, error, message = case
     with pytest.raises(error, match=message):
         call()
+
+
+BAD_Y_RANGES = {
+    "not_pair": ((1.0,), ValueError, r"y_range must be a pair of numbers \(low, high\) or None"),
+    "not_iterable": (5.5, ValueError, r"y_range must be a pair of numbers"),
+    "strings": (("0", "5"), TypeError, r"y_range must hold two real numbers"),
+    "bool": ((False, 5.0), TypeError, r"y_range must hold two real numbers"),
+    "reversed": ((5.0, 0.0), ValueError, r"y_range must be finite with low < high"),
+    "empty": ((1.0, 1.0), ValueError, r"y_range must be finite with low < high"),
+    "nan": ((0.0, float("nan")), ValueError, r"y_range must be finite"),
+    "inf": ((float("-inf"), 5), ValueError, r"y_range must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_Y_RANGES.values(), ids=BAD_Y_RANGES.keys())
+@pytest.mark.parametrize("caller", ["op", "module"])
+def test_bad_y_range_gets_one_message_from_op_and_module(case, caller):
+    y_range, error, message = case
+    with pytest.raises(error, match=message):
+        if caller == "op":
+            _bad_call(y_range=y_range)()
+        else:
+            EmbeddingDotBias(3, 5, 6, y_range=y_range)
+
+
+def test_y_range_of_ints_and_numpy_scalars_is_accepted_as_floats():
+    assert check_y_range((0, np.float32(5.5))) == (0.0, 5.5)
+    assert check_y_range(None) == (None, None)
+    model = EmbeddingDotBias(3, 5, 6, y_range=(1, np.int64(4)))
+    out = model(torch.stack([random_indices(5, 9), random_indices(6, 9)], 1))
+    assert ((out > 1) & (out < 4)).all()
 
 
 def test_bad_index_on_torch_backend_and_module():

@@ -20,6 +20,7 @@ The reference ("torch") backend cannot check inside a kernel, so there "device" 
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 from types import SimpleNamespace
 
@@ -242,19 +243,27 @@ def _backward(ctx, grad_out):
 embedding_dot_bias_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_y_range(y_range) -> tuple[float | None, float | None]:
+def check_y_range(y_range) -> tuple[float | None, float | None]:
+    """(low, high) as floats, or (None, None) for no y_range; ValueError or TypeError naming
+    y_range unless it is a pair of finite real numbers with low < high. The one check of both the
+    op (on every call: a tuple of two floats costs two type tests and a comparison) and
+    nn.EmbeddingDotBias (at construction)."""
     if y_range is None:
         return None, None
     if type(y_range) is tuple and len(y_range) == 2 and type(y_range[0]) is float and type(y_range[1]) is float:
-        return y_range
+        if -math.inf < y_range[0] < y_range[1] < math.inf:
+            return y_range
     try:
         low, high = y_range
     except (TypeError, ValueError):
-        raise ValueError(f"y_range must be None or a pair (low, high) of numbers, got {y_range!r}") from None
+        raise ValueError(f"y_range must be a pair of numbers (low, high) or None, got {y_range!r}") from None
     for bound in (low, high):
         if not isinstance(bound, Real) or isinstance(bound, bool):
             raise TypeError(f"y_range must hold two real numbers (Python or NumPy scalars), got {y_range!r}")
-    return float(low), float(high)
+    low, high = float(low), float(high)
+    if not -math.inf < low < high < math.inf:
+        raise ValueError(f"y_range must be finite with low < high, got {y_range!r}")
+    return low, high
 
 
 def _check_bias(name: str, bias: Tensor, weight_name: str, rows: int) -> None:
@@ -386,7 +395,7 @@ def embedding_dot_bias(
         usable = False
     if not usable:
         _raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate)
-    y_lo, y_hi = _check_y_range(y_range)
+    y_lo, y_hi = check_y_range(y_range)
     device_type = backends.device_type(u_weight)
     if validate is None:
         validate = "device" if device_type == "cuda" else "sync"
