@@ -17,7 +17,8 @@ import fastcore5
 from fastcore5.kernels import embedding_dot_bias as kernels
 from fastcore5.kernels import segment_reduce
 from fastcore5.nn import EmbeddingDotBias
-from fastcore5.ops.embedding_dot_bias import check_y_range, embedding_dot_bias_backward_op, embedding_dot_bias_op
+from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
+from fastcore5.ops.embedding_dot_bias_checks import check_y_range
 
 from conftest import DEVICE
 from helpers import (

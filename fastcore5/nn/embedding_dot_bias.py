@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import interpret
 from .._checks import INDEX_DTYPES, check_tensor
-from ..ops.embedding_dot_bias import check_y_range, embedding_dot_bias
+from ..ops.embedding_dot_bias import embedding_dot_bias
+from ..ops.embedding_dot_bias_checks import check_y_range
 
 
 def _fastai_init_(weight: Tensor) -> None:
