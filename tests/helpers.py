@@ -1,12 +1,26 @@
-"""Helpers shared by the test files: random EmbeddingDotBias inputs, the float64 reference run,
-the deterministic-algorithms and TF32 switches and the low-precision parity rule."""
+"""Helpers shared by the test files: random EmbeddingDotBias inputs on the test device, the float64
+reference run, the deterministic-algorithms and TF32 switches and the low-precision parity rule."""
 import contextlib
 
+import pytest
 import torch
 
 import fastcore5
 from fastcore5 import reference
 from fastcore5.kernels import segment_reduce
+
+from conftest import DEVICE
+
+# fastai's names of EmbeddingDotBias's four tables, as its state_dict keys.
+FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
+
+
+@pytest.fixture(autouse=True)
+def tensors_on_test_device():
+    """Factory calls without a device make their tensors on DEVICE (CUDA when there is one). An
+    autouse fixture for the test files that import it."""
+    with contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE):
+        yield
 
 
 def random_tables(
