@@ -152,7 +152,6 @@ def add_segment_sums(
     tile = SEGMENT_TILE
     acc_dtype = coef.dtype
     has_weight, has_bias = grad_w is not None, grad_b is not None
-    grad_dtype = grad_w.dtype if has_weight else grad_b.dtype
     block_d = min(SEGMENT_BLOCK_D, next_power_of_2(D))
     first_level = True
     carry_w = carry_b = coef  # placeholders on the first level, never read there

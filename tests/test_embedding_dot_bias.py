@@ -19,7 +19,7 @@ from fastcore5.nn import EmbeddingDotBias
 from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
 from fastcore5.ops.embedding_dot_bias_checks import check_y_range
 
-from helpers import (  # tensors_on_test_device: an autouse fixture
+from helpers import (  # noqa: F401 (tensors_on_test_device is an autouse fixture)
     FASTAI_KEYS, assert_parity, deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables,
     reference_fwd_bwd, tensors_on_test_device, use_segment_tile,
 )
