@@ -65,6 +65,15 @@ def deterministic_algorithms(enabled=True):
         torch.use_deterministic_algorithms(previous)
 
 
+def cuda_ops():
+    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension is not built:
+    a GPU run is only complete with it."""
+    assert fastcore5.backends.cuda_extension() is not None, (
+        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
+    )
+    return torch.ops.fastcore5_cuda
+
+
 @contextlib.contextmanager
 def allow_tf32(enabled=True):
     """torch.backends.cuda.matmul.allow_tf32 = enabled inside the block, the previous setting after."""

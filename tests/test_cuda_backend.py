@@ -6,8 +6,9 @@ two implementations answer to the same contract: parity with the reference (help
 for low precision), only the requested gradients, the deterministic EmbeddingDotBias path bitwise
 reproducible, tables past 2^31 elements, bad indices as IndexError with the CUDA context still
 usable, and the SGD options including tensor lr and the GradScaler skip. The raw CUDA ops also go
-through torch.compile(fullgraph=True) here; their own contracts (argument errors, opcheck, the
-C++ autograd ops, bad indices, skip_flag, graph capture) are tested in tests/test_cuda_ops.py.
+through torch.compile(fullgraph=True) here; their own contracts (opcheck, the C++ autograd ops,
+bad indices, skip_flag, graph capture) are tested in tests/test_cuda_ops.py, their argument
+errors in tests/test_cuda_op_errors.py.
 
 If the extension is missing on a GPU machine the "cuda" cases fail (BackendUnavailableError
 naming the build switch): a GPU run is only complete with the extension built.
@@ -24,20 +25,13 @@ import fastcore5
 from fastcore5 import backends, reference, use_backend
 from fastcore5.nn import LinearReLU
 
-from helpers import allow_tf32, assert_parity, deterministic_algorithms
+from helpers import allow_tf32, assert_parity, cuda_ops, deterministic_algorithms
 
 pytestmark = pytest.mark.gpu
 
 BACKENDS = ("triton", "cuda")
 CUDA_OPS = ("linear_relu_forward", "linear_relu_backward", "linear_relu", "embedding_dot_bias_forward",
             "embedding_dot_bias_backward", "embedding_dot_bias", "sgd_step")
-
-
-def cuda_ops():
-    assert backends.cuda_extension() is not None, (
-        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
-    )
-    return torch.ops.fastcore5_cuda
 
 
 def atol_of_largest(atol, exact):
