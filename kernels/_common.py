@@ -83,7 +83,7 @@ BF16_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC0)
 @triton.jit
 def rounded_to(values, DTYPE: tl.constexpr):
     """``values`` (fp32 or narrower) converted to DTYPE for a store: rounded to nearest even,
-    NaN and +-inf kept, overflow to inf, the same bits as torch's ``.to(dtype)``.
+    +-inf kept, overflow to inf, the same bits as torch's ``.to(dtype)``, and a NaN for a NaN.
 
     bf16 is rounded from the bits, compiled and interpreted alike: the interpreter truncates a
     plain fp32 -> bf16 cast (triton 3.9) where compiled Triton rounds, so one spelled-out path is
