@@ -49,10 +49,16 @@ __host__ __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// Threads per warp on every NVIDIA GPU (the device's warpSize is not a compile-time constant):
+// lane numbers, one-warp work units and warp shuffles are written in it.
+constexpr int kWarpSize = 32;
+// Every lane of a warp: the mask of a shuffle that the whole warp takes part in.
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+
 // Threads per block of the elementwise, per-sample and SGD kernels: 8 warps, small enough for
 // several resident blocks per SM (latency hiding across blocks) and a multiple of every group
-// size G <= 32 the EmbeddingDotBias kernels use.
-constexpr int kThreadsPerBlock = 256;
+// size G <= kWarpSize the EmbeddingDotBias kernels use.
+constexpr int kThreadsPerBlock = 8 * kWarpSize;
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;

@@ -18,7 +18,7 @@
 //                  an order fixed by B alone (csrc/embedding_segment_reduce.cu): bitwise reproducible.
 //   sparse:        per-sample values (nn.Embedding(sparse=True)'s COO values): no reduction.
 // Math in fp32 (fp64 for fp64 tables). All row offsets are int64 (tables may exceed 2^31 elements).
-// Work split: a group of G lanes (G a power of two <= 32, just enough lanes to cover a row with
+// Work split: a group of G lanes (G a power of two <= kWarpSize, just enough lanes to cover a row with
 // one 16-byte access each) handles one sample, so for D = 64 in bf16 a warp serves 4 samples.
 #include "common.cuh"
 #include "embedding_rows.cuh"
@@ -32,7 +32,7 @@ constexpr int kThreads = kThreadsPerBlock;
 // Sum over the G lanes of a group (G a power of two); every lane of the warp must call it.
 template <typename A>
 __device__ __forceinline__ A group_sum(A value, int G) {
-  for (int offset = G / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset, G);
+  for (int offset = G / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(kFullWarpMask, value, offset, G);
   return value;
 }
 
@@ -229,11 +229,11 @@ __global__ void per_sample_backward_kernel(const T* __restrict__ grad_out, int64
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
 
-// Lanes per sample: enough for one VEC-wide access per lane across the row, a power of two <= 32.
+// Lanes per sample: enough for one VEC-wide access per lane across the row, a power of two <= kWarpSize.
 int group_size(int64_t D, int vec) {
   const int64_t lanes = std::max<int64_t>(1, ceil_div(D, vec));
   int G = 1;
-  while (G < 32 && G < lanes) G *= 2;
+  while (G < kWarpSize && G < lanes) G *= 2;
   return G;
 }
 

@@ -21,7 +21,7 @@ constexpr int kThreads = kThreadsPerBlock;
 //
 // The sorted sequence (N entries: key = row, order = sample) is cut into chunks of kChunk
 // entries, one warp each. Inside a chunk the warp walks the entries in order; each run of equal
-// keys (a "piece") is summed in fp32 registers, lanes spanning the D columns (32*VEC per column
+// keys (a "piece") is summed in fp32 registers, lanes spanning the D columns (kWarpSize*VEC per column
 // tile). A piece that is its row's whole segment is stored straight into the gradient row (its
 // only writer). A piece cut by a chunk boundary goes to a scratch slot: ``head`` if its segment
 // began in an earlier chunk, else ``tail``. segment_carry_kernel then lets the chunk where each
@@ -29,7 +29,7 @@ constexpr int kThreads = kThreadsPerBlock;
 // row. Every sum runs in an order fixed by N and kChunk: bitwise identical from run to run.
 // Scratch rows are D + 1 wide; column D carries the bias sum.
 // ---------------------------------------------------------------------------------------------
-constexpr int kChunk = 32;
+constexpr int kChunk = kWarpSize;  // entries per chunk: each lane fetches one
 
 struct SegmentArgs {
   IndexRef keys;           // sorted rows (N,)
@@ -43,13 +43,13 @@ __global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restric
                                      T* __restrict__ grad_w, T* __restrict__ grad_b, acc_t<T>* __restrict__ head,
                                      acc_t<T>* __restrict__ tail) {
   using A = acc_t<T>;
-  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
+  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t begin = chunk * kChunk;
   if (begin >= args.N) return;  // whole warps exit together
   const int64_t end = min(args.N, begin + kChunk);
   const int64_t D = args.D;
-  // Lane l fetches entry begin + l once; the walk below broadcasts it (kChunk == 32 lanes).
+  // Lane l fetches entry begin + l once; the walk below broadcasts it (kChunk == kWarpSize).
   int64_t my_key = -1, my_partner = 0;
   A my_coef = A(0);
   if (begin + lane < end) {
@@ -62,7 +62,7 @@ __global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restric
   const int64_t key_after = end < args.N ? args.keys[end] : -1;
   const int64_t width = D + 1;
   const int64_t col_extent = grad_w != nullptr ? D : 1;  // one pass for the bias alone
-  for (int64_t col0 = 0; col0 < col_extent; col0 += 32 * VEC) {
+  for (int64_t col0 = 0; col0 < col_extent; col0 += kWarpSize * VEC) {
     const int64_t c = col0 + static_cast<int64_t>(lane) * VEC;
     const bool has_cols = grad_w != nullptr && c < D;
     A acc[VEC];
@@ -72,9 +72,9 @@ __global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restric
     int piece_begin = 0;
     const int count = static_cast<int>(end - begin);
     for (int e = 0; e < count; ++e) {
-      const int64_t key = __shfl_sync(0xffffffffu, my_key, e);
-      const A cf = __shfl_sync(0xffffffffu, my_coef, e);
-      const int64_t partner = __shfl_sync(0xffffffffu, my_partner, e);
+      const int64_t key = __shfl_sync(kFullWarpMask, my_key, e);
+      const A cf = __shfl_sync(kFullWarpMask, my_coef, e);
+      const int64_t partner = __shfl_sync(kFullWarpMask, my_partner, e);
       if (has_cols) {
         const T* row = partner_table.row(partner);
         if (VEC > 1) {
@@ -86,7 +86,7 @@ __global__ void segment_chunk_kernel(SegmentArgs args, const acc_t<T>* __restric
         }
       }
       bias_acc += cf;
-      const bool last_of_piece = e + 1 == count || __shfl_sync(0xffffffffu, my_key, e + 1) != key;
+      const bool last_of_piece = e + 1 == count || __shfl_sync(kFullWarpMask, my_key, e + 1) != key;
       if (!last_of_piece) continue;
       const bool starts_before = piece_begin == 0 && key_before == key;
       const bool continues_after = e + 1 == count && key_after == key;
@@ -125,8 +125,8 @@ template <typename T>
 __global__ void segment_carry_kernel(SegmentArgs args, T* __restrict__ grad_w, T* __restrict__ grad_b,
                                      const acc_t<T>* __restrict__ head, const acc_t<T>* __restrict__ tail) {
   using A = acc_t<T>;
-  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
+  const int64_t chunk = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
   const int64_t chunks = (args.N + kChunk - 1) / kChunk;
   if (chunk >= chunks) return;
   const int64_t begin = chunk * kChunk;
@@ -140,7 +140,7 @@ __global__ void segment_carry_kernel(SegmentArgs args, T* __restrict__ grad_w, T
   while ((last + 1) * kChunk < args.N && args.keys[(last + 1) * kChunk] == key) ++last;
   const int64_t D = args.D, width = D + 1;
   const int64_t col_extent = grad_w != nullptr ? D : 0;
-  for (int64_t c = lane; c < col_extent; c += 32) {
+  for (int64_t c = lane; c < col_extent; c += kWarpSize) {
     A sum = tail[chunk * width + c];
     for (int64_t k = chunk + 1; k <= last; ++k) sum += head[k * width + c];
     grad_w[key * D + c] = static_cast<T>(sum);
@@ -174,7 +174,7 @@ void embedding_segment_reduce_cuda(const at::TensorBase& sorted_keys, const at::
     T* grad_w_ptr = grad_w.defined() ? grad_w.mutable_data_ptr<T>() : nullptr;
     T* grad_b_ptr = grad_b.defined() ? grad_b.mutable_data_ptr<T>() : nullptr;
     const TableRef<T> table = table_ref<T>(partner_table);
-    const int64_t warps_per_block = kThreads / 32;
+    const int64_t warps_per_block = kThreads / kWarpSize;
     const int64_t blocks = ceil_div(chunks, warps_per_block);
     if (blocks >= (1LL << 31)) fail(ArgError::kValue, "embedding_dot_bias backward: ", N, " samples too large for one launch");
     // The gradient rows are contiguous (grad_w is a fresh (n, D) tensor), so only the partner

@@ -1,7 +1,10 @@
-"""What every launcher shares: output allocation and interpreter facts."""
+"""What every launcher and kernel shares: output allocation, interpreter facts and the rounding
+of stored results."""
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -72,16 +75,26 @@ def dot_needs_upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def kernel_output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel should write a ``dtype`` result in.
+# What torch writes for every NaN converted to bf16 (a quiet NaN, sign cleared), so that stored
+# bits match torch's bit for bit.
+BF16_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC0)
 
-    The interpreter converts fp32 to bf16 by truncation, not round-to-nearest-even as compiled
-    kernels do (up to 1 ulp off with triton 3.9 on CPU), so under it bf16 results are written in
-    fp32 and rounded by torch in the launcher (``finish_output``). Compiled kernels write bf16.
+
+@triton.jit
+def rounded_to(values, DTYPE: tl.constexpr):
+    """``values`` (fp32 or narrower) converted to DTYPE for a store: rounded to nearest even,
+    +-inf kept, overflow to inf, the same bits as torch's ``.to(dtype)``, and a NaN for a NaN.
+
+    bf16 is rounded from the bits, compiled and interpreted alike: the interpreter truncates a
+    plain fp32 -> bf16 cast (triton 3.9) where compiled Triton rounds, so one spelled-out path is
+    the one CI tests; a few integer operations per element cost nothing next to the store. The
+    interpreter's other casts are numpy's, which round to nearest even like compiled code, so
+    other dtypes convert natively. fp64 ``values`` would be rounded twice on the way to bf16.
     """
-    return torch.float32 if interpreting() and dtype == torch.bfloat16 else dtype
-
-
-def finish_output(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``out`` as ``dtype``: a no-op unless kernel_output_dtype widened it."""
-    return out if out.dtype == dtype else out.to(dtype)
+    if DTYPE == tl.bfloat16:
+        tl.static_assert(values.dtype != tl.float64, "rounded_to: round fp64 to fp32 first")
+        bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
+        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bf16_bits = tl.where(values != values, BF16_NAN_BITS, nearest_even)
+        return bf16_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return values.to(DTYPE)

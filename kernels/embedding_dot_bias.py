@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, new_output, next_power_of_2
-from ._embedding_common import INTERPRETING, acc_dtype, rounded, soft_bf16, tl_acc_dtype
+from ._common import cdiv, new_output, next_power_of_2, rounded_to
+from ._embedding_common import INTERPRETING, acc_dtype, tl_acc_dtype
 from .segment_reduce import add_segment_sums
 
 # Blocks of the per-sample kernels (the forward and the per-sample backward in every MODE).
@@ -133,7 +133,7 @@ def _embedding_dot_bias_fwd_kernel(
     users_ptr, items_ptr, u_weight_ptr, i_weight_ptr, u_bias_ptr, i_bias_ptr, out_ptr, errors_ptr,
     B, D, n_users, n_items, y_lo, y_hi,
     stride_users, stride_items, stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
-    HAS_Y_RANGE: tl.constexpr, RECORD_ERRORS: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    HAS_Y_RANGE: tl.constexpr, RECORD_ERRORS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b] for a block of samples; a sample with a bad index scores NaN and, with
@@ -157,12 +157,12 @@ def _embedding_dot_bias_fwd_kernel(
     if HAS_Y_RANGE:
         res = 1.0 / (1.0 + tl.exp(-res)) * (y_hi - y_lo) + y_lo
     res = tl.where(valid, res, float("nan"))
-    tl.store(out_ptr + samples, rounded(res, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+    tl.store(out_ptr + samples, rounded_to(res, out_ptr.dtype.element_ty), mask=in_batch)
 
 
 @triton.jit
 def _scatter_or_store(
-    out_ptr, row_offsets, sample_offsets, values, valid, in_batch, MODE: tl.constexpr, SOFT_BF16: tl.constexpr
+    out_ptr, row_offsets, sample_offsets, values, valid, in_batch, MODE: tl.constexpr
 ):
     """MODE_ATOMIC: add ``values`` into the ACC_DTYPE accumulator at out[row_offsets] where
     ``valid``. MODE_SPARSE: store them, rounded to out's dtype, at out[sample_offsets] for every
@@ -170,13 +170,13 @@ def _scatter_or_store(
     if MODE == MODE_ATOMIC:
         tl.atomic_add(out_ptr + row_offsets, values, mask=valid, sem="relaxed")
     else:
-        tl.store(out_ptr + sample_offsets, rounded(values, out_ptr.dtype.element_ty, SOFT_BF16), mask=in_batch)
+        tl.store(out_ptr + sample_offsets, rounded_to(values, out_ptr.dtype.element_ty), mask=in_batch)
 
 
 @triton.jit
 def _partner_rows_out(
     out_ptr, rows, partner_table_ptr, partners, stride_pt_n, stride_pt_d, coef, samples, cols, D,
-    read_mask, batch_mask, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+    read_mask, batch_mask, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """One column tile of a table's gradient: coef * the partner row (for grad_U, V[i_b]), added
     into the gradient at the sample's own row ``rows`` or stored per sample (see _scatter_or_store)."""
@@ -185,7 +185,7 @@ def _partner_rows_out(
     )
     _scatter_or_store(
         out_ptr, rows[:, None] * D + cols[None, :], samples[:, None] * D + cols[None, :],
-        coef[:, None] * partner_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE, SOFT_BF16,
+        coef[:, None] * partner_rows.to(ACC_DTYPE), read_mask, batch_mask, MODE,
     )
 
 
@@ -198,7 +198,7 @@ def _embedding_dot_bias_bwd_per_sample_kernel(
     stride_uw_n, stride_uw_d, stride_iw_n, stride_iw_d, stride_ub, stride_ib,
     MODE: tl.constexpr, HAS_Y_RANGE: tl.constexpr, NEED_UW: tl.constexpr, NEED_IW: tl.constexpr,
     NEED_UB: tl.constexpr, NEED_IB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The backward's per-sample work for a block of samples; MODE picks what is written:
 
@@ -223,9 +223,9 @@ def _embedding_dot_bias_bwd_per_sample_kernel(
         tl.store(coef_ptr + samples, coef, mask=in_batch)
     else:
         if NEED_UB:
-            _scatter_or_store(out_ub_ptr, users, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+            _scatter_or_store(out_ub_ptr, users, samples, coef, valid, in_batch, MODE)
         if NEED_IB:
-            _scatter_or_store(out_ib_ptr, items, samples, coef, valid, in_batch, MODE, SOFT_BF16)
+            _scatter_or_store(out_ib_ptr, items, samples, coef, valid, in_batch, MODE)
         if NEED_UW or NEED_IW:
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
@@ -235,12 +235,12 @@ def _embedding_dot_bias_bwd_per_sample_kernel(
                 if NEED_UW:
                     _partner_rows_out(
                         out_uw_ptr, users, i_weight_ptr, items, stride_iw_n, stride_iw_d, coef, samples, cols, D,
-                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
+                        read_mask, batch_mask, MODE, ACC_DTYPE,
                     )
                 if NEED_IW:
                     _partner_rows_out(
                         out_iw_ptr, items, u_weight_ptr, users, stride_uw_n, stride_uw_d, coef, samples, cols, D,
-                        read_mask, batch_mask, MODE, ACC_DTYPE, SOFT_BF16,
+                        read_mask, batch_mask, MODE, ACC_DTYPE,
                     )
 
 
@@ -309,7 +309,7 @@ def embedding_dot_bias_forward(
         u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
         u_bias.stride(0), i_bias.stride(0),
         HAS_Y_RANGE=has_y_range, RECORD_ERRORS=index_errors is not None,
-        ACC_DTYPE=tl_acc_dtype(u_weight.dtype), SOFT_BF16=soft_bf16(u_weight.dtype),
+        ACC_DTYPE=tl_acc_dtype(u_weight.dtype),
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
     )
     return out
@@ -372,7 +372,7 @@ def embedding_dot_bias_backward(
             B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides,
             MODE=mode.value, HAS_Y_RANGE=has_y_range,
             NEED_UW=need_uw, NEED_IW=need_iw, NEED_UB=need_ub, NEED_IB=need_ib,
-            ACC_DTYPE=tl_acc_dtype(dtype), SOFT_BF16=soft_bf16(dtype),
+            ACC_DTYPE=tl_acc_dtype(dtype),
             BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
         )
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    cdiv, dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output, next_power_of_2,
+    cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2, rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
@@ -86,7 +86,7 @@ def _linear_relu_fwd_kernel(
     if RELU:
         acc = tl.maximum(acc, 0.0)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(out_ptrs, rounded_to(acc, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _linear_relu_bwd_input_kernel(
         o_ptrs += BLOCK_K * stride_on
         w_ptrs += BLOCK_K * stride_wn
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -179,10 +179,10 @@ def _linear_relu_bwd_weight_kernel(
         x_ptrs += BLOCK_K * stride_xm
     if HAS_WEIGHT_GRAD:
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+        tl.store(dw_ptrs, rounded_to(acc, dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
     if HAS_BIAS_GRAD:
         if tile_k == 0:
-            tl.store(db_ptr + offs_n, bias_acc.to(db_ptr.dtype.element_ty), mask=offs_n < N)
+            tl.store(db_ptr + offs_n, rounded_to(bias_acc, db_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 # Hopper (H100/H200) tiles: 128x128..128x256 with 3-4 stages for 16-bit operands, smaller tiles for
@@ -356,11 +356,11 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# Per dtype: the dtype kernels write, whether dot operands are widened, the accumulator type.
+# Per dtype: whether dot operands are widened, the accumulator type.
 # Fixed for the process, like the choice between interpreter and compiler that @triton.jit made
 # when this module was imported; looked up once here instead of on every call.
 _DTYPE_FACTS = {
-    dtype: (kernel_output_dtype(dtype), dot_needs_upcast(dtype), _acc_dtype(dtype))
+    dtype: (dot_needs_upcast(dtype), _acc_dtype(dtype))
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 }
 
@@ -374,7 +374,7 @@ def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
     key = (dtype, precision, *flags.items())
     constexprs = _CONSTEXPRS.get(key)
     if constexprs is None:
-        _, upcast, acc_dtype = _DTYPE_FACTS[dtype]
+        upcast, acc_dtype = _DTYPE_FACTS[dtype]
         constexprs = _CONSTEXPRS[key] = {
             "INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype,
             **flags,
@@ -416,9 +416,9 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if 1 not in w_strides:
         weight = _with_a_unit_stride(weight)
         w_strides = weight.stride()
-    out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
+    out = new_output((M, N), dtype, x.device)
     if M == 0 or N == 0:
-        return finish_output(out, dtype)
+        return out
     has_bias = bias is not None
     if has_bias:
         bias = bias.contiguous()  # N elements: cheaper to copy than to stride in the epilogue
@@ -428,7 +428,7 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         wrap, (dtype, precision, has_bias, True), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
     )
-    return finish_output(out, dtype)
+    return out
 
 
 def linear_relu_backward(
@@ -454,13 +454,12 @@ def linear_relu_backward(
     dtype = out.dtype
     grad_out, out = _with_a_unit_stride(grad_out), _with_a_unit_stride(out)
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
-    grad_dtype = _DTYPE_FACTS[dtype][0]
     device = out.device
     precision = dot_precision(dtype)
     grad_x = grad_w = grad_b = None
     grad_strides = (*grad_out.stride(), *out.stride())
     if need_input_grad:
-        grad_x = new_output((M, K), grad_dtype, device)
+        grad_x = new_output((M, K), dtype, device)
         if M and K:
             if N == 0:
                 grad_x.zero_()
@@ -471,8 +470,8 @@ def linear_relu_backward(
                     (grad_out, out, weight, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
-        grad_w = new_output((N, K), grad_dtype, device) if need_weight_grad else None
-        grad_b = new_output((N,), grad_dtype, device) if need_bias_grad else None
+        grad_w = new_output((N, K), dtype, device) if need_weight_grad else None
+        grad_b = new_output((N,), dtype, device) if need_bias_grad else None
         weight_tiles = need_weight_grad and K > 0
         if M == 0:
             for g in (grad_w, grad_b):
@@ -489,4 +488,4 @@ def linear_relu_backward(
                 (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
                  grad_b if need_bias_grad else out, M, N, k_extent, *strides),
             )
-    return tuple(None if g is None else finish_output(g, dtype) for g in (grad_x, grad_w, grad_b))
+    return grad_x, grad_w, grad_b

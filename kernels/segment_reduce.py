@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, new_output, next_power_of_2
-from ._embedding_common import INTERPRETING, rounded, soft_bf16, tl_acc_dtype
+from ._common import cdiv, new_output, next_power_of_2, rounded_to
+from ._embedding_common import INTERPRETING, tl_acc_dtype
 
 # Entries per tile; each level shrinks its input by SEGMENT_TILE / 2. Tests lower it to force
 # many levels on small batches.
@@ -40,7 +40,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
     carry_out_keys_ptr, carry_out_w_ptr, carry_out_b_ptr,
     D, n_rows, n_partner_rows,
     FIRST_LEVEL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EMIT_CARRY: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One level of the deterministic segment reduction for one table (see the module docstring).
 
@@ -96,7 +96,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
         bias_pieces = tl.sum(tl.where(same_piece, bias_values[None, :], 0.0), axis=1)
         grad_b_ptrs = grad_b_ptr + keys
         previous_biases = tl.load(grad_b_ptrs, mask=adds_to_grad, other=0.0).to(ACC_DTYPE)
-        bias_sums = rounded(previous_biases + bias_pieces, grad_b_ptr.dtype.element_ty, SOFT_BF16)
+        bias_sums = rounded_to(previous_biases + bias_pieces, grad_b_ptr.dtype.element_ty)
         tl.store(grad_b_ptrs, bias_sums, mask=adds_to_grad)
         if EMIT_CARRY:
             first_bias_piece = tl.sum(tl.where(at_first, bias_pieces, 0.0), axis=0)
@@ -124,7 +124,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
             grad_mask = adds_to_grad[:, None] & in_cols[None, :]
             grad_ptrs = grad_w_ptr + keys[:, None] * D + cols[None, :]
             previous_rows = tl.load(grad_ptrs, mask=grad_mask, other=0.0).to(ACC_DTYPE)
-            row_sums = rounded(previous_rows + pieces, grad_w_ptr.dtype.element_ty, SOFT_BF16)
+            row_sums = rounded_to(previous_rows + pieces, grad_w_ptr.dtype.element_ty)
             tl.store(grad_ptrs, row_sums, mask=grad_mask)
             if EMIT_CARRY:
                 first_piece = tl.sum(tl.where(at_first[:, None], pieces, 0.0), axis=0)
@@ -152,7 +152,6 @@ def add_segment_sums(
     tile = SEGMENT_TILE
     acc_dtype = coef.dtype
     has_weight, has_bias = grad_w is not None, grad_b is not None
-    grad_dtype = grad_w.dtype if has_weight else grad_b.dtype
     block_d = min(SEGMENT_BLOCK_D, next_power_of_2(D))
     first_level = True
     carry_w = carry_b = coef  # placeholders on the first level, never read there
@@ -180,7 +179,7 @@ def add_segment_sums(
             next_keys, next_w, next_b,
             D, n_rows, n_partner_rows,
             FIRST_LEVEL=first_level, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, EMIT_CARRY=emit_carry,
-            ACC_DTYPE=tl_acc_dtype(acc_dtype), SOFT_BF16=soft_bf16(grad_dtype), TILE=tile, BLOCK_D=block_d,
+            ACC_DTYPE=tl_acc_dtype(acc_dtype), TILE=tile, BLOCK_D=block_d,
             num_warps=SEGMENT_WARPS,
         )
         if not emit_carry:

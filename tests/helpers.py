@@ -1,12 +1,26 @@
-"""Helpers shared by the test files: random EmbeddingDotBias inputs, the float64 reference run,
-the deterministic-algorithms switch and the low-precision parity rule."""
+"""Helpers shared by the test files: random EmbeddingDotBias inputs on the test device, the float64
+reference run, the deterministic-algorithms and TF32 switches and the low-precision parity rule."""
 import contextlib
 
+import pytest
 import torch
 
 import fastcore5
 from fastcore5 import reference
 from fastcore5.kernels import segment_reduce
+
+from conftest import DEVICE
+
+# fastai's names of EmbeddingDotBias's four tables, as its state_dict keys.
+FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
+
+
+@pytest.fixture(autouse=True)
+def tensors_on_test_device():
+    """Factory calls without a device make their tensors on DEVICE (CUDA when there is one). An
+    autouse fixture for the test files that import it."""
+    with contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE):
+        yield
 
 
 def random_tables(
@@ -51,20 +65,44 @@ def deterministic_algorithms(enabled=True):
         torch.use_deterministic_algorithms(previous)
 
 
+def cuda_ops():
+    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension is not built:
+    a GPU run is only complete with it."""
+    assert fastcore5.backends.cuda_extension() is not None, (
+        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
+    )
+    return torch.ops.fastcore5_cuda
+
+
+@contextlib.contextmanager
+def allow_tf32(enabled=True):
+    """torch.backends.cuda.matmul.allow_tf32 = enabled inside the block, the previous setting after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def use_segment_tile(monkeypatch, entries):
     """Make the deterministic backward's segment reduction cut tiles of ``entries``, so that small
     batches run through many carry levels."""
     monkeypatch.setattr(segment_reduce, "SEGMENT_TILE", entries)
 
 
-def assert_parity(ours, torch_same_dtype, exact, atol, rtol, what):
+def assert_parity(ours, torch_same_dtype, exact, atol, rtol=0.0, what="values", *, torch_exact=None):
     """The low-precision parity rule: ``ours`` is within 2x PyTorch's own error in the same dtype
-    (``torch_same_dtype``) plus atol + rtol*|exact| of the float64 ``exact``."""
+    (``torch_same_dtype``) plus atol + rtol*|exact| of the float64 ``exact``.
+
+    ``torch_exact``: the float64 reference PyTorch's result is measured against, where it is not
+    ``exact`` (Linear+ReLU gradients follow each implementation's own ReLU mask)."""
+    torch_exact = exact if torch_exact is None else torch_exact
     ours, torch_same_dtype = ours.double(), torch_same_dtype.double()
-    torch_error = (torch_same_dtype - exact).abs().max().item() if exact.numel() else 0.0
+    torch_error = (torch_same_dtype - torch_exact).abs().max().item() if torch_exact.numel() else 0.0
     allowed = 2 * torch_error + atol + rtol * exact.abs()
     error = (ours - exact).abs()
     assert torch.isfinite(ours).all(), f"{what}: non-finite values"
     assert (error <= allowed).all(), (
-        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol}, rtol {rtol})"
+        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol:.3g}, rtol {rtol})"
     )

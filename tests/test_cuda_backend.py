@@ -2,12 +2,13 @@
 
 GPU only (skipped without a CUDA device; scripts/gpu_check.sh runs them after building the
 extension with FASTCORE5_BUILD_CUDA=1). Every check is parametrized over both backends, so the
-two implementations answer to the same contract: parity with the reference (within_parity below
+two implementations answer to the same contract: parity with the reference (helpers.assert_parity
 for low precision), only the requested gradients, the deterministic EmbeddingDotBias path bitwise
 reproducible, tables past 2^31 elements, bad indices as IndexError with the CUDA context still
 usable, and the SGD options including tensor lr and the GradScaler skip. The raw CUDA ops also go
-through torch.compile(fullgraph=True) here; their own contracts (argument errors, opcheck, the
-C++ autograd ops, bad indices, skip_flag, graph capture) are tested in tests/test_cuda_ops.py.
+through torch.compile(fullgraph=True) here; their own contracts (opcheck, the C++ autograd ops,
+bad indices, skip_flag, graph capture) are tested in tests/test_cuda_ops.py, their argument
+errors in tests/test_cuda_op_errors.py.
 
 If the extension is missing on a GPU machine the "cuda" cases fail (BackendUnavailableError
 naming the build switch): a GPU run is only complete with the extension built.
@@ -24,7 +25,7 @@ import fastcore5
 from fastcore5 import backends, reference, use_backend
 from fastcore5.nn import LinearReLU
 
-from helpers import deterministic_algorithms
+from helpers import allow_tf32, assert_parity, cuda_ops, deterministic_algorithms
 
 pytestmark = pytest.mark.gpu
 
@@ -33,34 +34,10 @@ CUDA_OPS = ("linear_relu_forward", "linear_relu_backward", "linear_relu", "embed
             "embedding_dot_bias_backward", "embedding_dot_bias", "sgd_step")
 
 
-def cuda_ops():
-    assert backends.cuda_extension() is not None, (
-        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
-    )
-    return torch.ops.fastcore5_cuda
-
-
-def within_parity(ours, torch_same_dtype, exact, atol):
-    """The project's low-precision parity rule: our error against float64 is at most 2x PyTorch's own
-    error in the same dtype (+ atol).
-
-    ``atol`` is relative to the largest exact value, so one tolerance fits outputs and gradient
-    sums of any magnitude (a hot embedding row sums thousands of terms)."""
-    if exact.numel() == 0:
-        return True, (0.0, 0.0)
-    ours_err = (ours.double() - exact).abs().max().item()
-    torch_err = (torch_same_dtype.double() - exact).abs().max().item()
-    return ours_err <= 2 * torch_err + atol * max(1.0, exact.abs().max().item()), (ours_err, torch_err)
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+def atol_of_largest(atol, exact):
+    """``atol`` relative to the largest exact value (at least 1), so one tolerance fits outputs and
+    gradient sums of any magnitude (a hot embedding row sums thousands of terms)."""
+    return atol * max(1.0, exact.abs().max().item()) if exact.numel() else atol
 
 
 def test_extension_registers_every_op():
@@ -91,7 +68,7 @@ def test_linear_relu_parity(backend, dtype, use_tf32, M, K, N, bias):
     x, w, b = _linear_inputs(M, K, N, dtype, bias)
     params = [t.requires_grad_() for t in (x, w, b) if t is not None]
     grad_out = torch.randn(M, N, dtype=dtype, device="cuda")
-    with tf32(use_tf32):
+    with allow_tf32(use_tf32):
         with use_backend(backend):
             out = fastcore5.linear_relu(x, w, b)
             ours = (out, *torch.autograd.grad(out, params, grad_out))
@@ -103,8 +80,7 @@ def test_linear_relu_parity(backend, dtype, use_tf32, M, K, N, bias):
     atol = {torch.float32: 1e-4 if not use_tf32 else 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
     for name, o, t, e in zip(("out", "grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
         assert o.dtype == dtype and o.shape == e.shape, name
-        ok, errs = within_parity(o, t, e, atol)
-        assert ok, (name, errs)
+        assert_parity(o, t, e, atol_of_largest(atol, e), what=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,7 +88,7 @@ def test_linear_relu_strided_and_transposed_operands(backend):
     x = torch.randn(300, 70, device="cuda")[::3, 5:69]  # rows strided, columns offset
     w = torch.randn(64, 50, device="cuda").t()          # (50, 64) column-major
     b = torch.randn(100, device="cuda")[::2]
-    with tf32(False), use_backend(backend):
+    with allow_tf32(False), use_backend(backend):
         out = fastcore5.linear_relu(x, w, b)
     torch.testing.assert_close(out, F.relu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4)
 
@@ -203,8 +179,7 @@ def test_embedding_dot_bias_parity(backend, dtype, y_range, deterministic, D, B,
     for name, o, t, e in zip(("out", "grad_u_weight", "grad_i_weight", "grad_u_bias", "grad_i_bias"),
                              [ours[0], *ours[1]], [theirs[0], *theirs[1]], [exact[0], *exact[1]]):
         assert o.dtype == dtype and o.shape == e.shape, name
-        ok, errs = within_parity(o, t, e, atol)
-        assert ok, (name, errs)
+        assert_parity(o, t, e, atol_of_largest(atol, e), what=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,15 +1,15 @@
-"""fastcore5.embedding_dot_bias and fastcore5.nn.EmbeddingDotBias against the float64 reference.
+"""fastcore5.embedding_dot_bias against the float64 reference: values, gradients (dense, sparse,
+deterministic), opcheck, torch.compile, and bad input to the op and to nn.EmbeddingDotBias. The
+module as fastai's drop-in is tested in test_embedding_dot_bias_module.py.
 
 On CPU the Triton kernels run through the interpreter (conftest), so shapes are small and large
 blocks of samples go to each program. Every comparison is against fastcore5.reference in float64
 on fresh random tables (never zeros); launcher outputs are NaN-poisoned (FASTCORE5_POISON=1).
 With a CUDA device the same tests make their tensors on it and run the compiled kernels.
 """
-import contextlib
-
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastcore5
@@ -17,43 +17,14 @@ from fastcore5.kernels import embedding_dot_bias as kernels
 from fastcore5.kernels import segment_reduce
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.ops.embedding_dot_bias import embedding_dot_bias_backward_op, embedding_dot_bias_op
+from fastcore5.ops.embedding_dot_bias_checks import check_y_range
 
-from conftest import DEVICE
-from helpers import (
-    assert_parity, deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables, reference_fwd_bwd,
-    use_segment_tile,
+from helpers import (  # noqa: F401 (tensors_on_test_device is an autouse fixture)
+    FASTAI_KEYS, assert_parity, deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables,
+    reference_fwd_bwd, tensors_on_test_device, use_segment_tile,
 )
 
 pytestmark = pytest.mark.any_device
-
-FASTAI_KEYS = ("u_weight.weight", "i_weight.weight", "u_bias.weight", "i_bias.weight")
-
-
-@pytest.fixture(autouse=True)
-def _tensors_on_test_device():
-    """Factory calls without a device make their tensors on DEVICE (CUDA when there is one)."""
-    with contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE):
-        yield
-
-
-class FastaiEmbeddingDotBias(nn.Module):
-    """fastai 2.8's collab.EmbeddingDotBias in plain torch (fastai itself is not installed):
-    four nn.Embedding with fastai's names, forward on a (B, 2) tensor, .squeeze() quirk included."""
-
-    def __init__(self, n_factors, n_users, n_items, y_range=None):
-        super().__init__()
-        self.y_range = y_range
-        self.u_weight, self.i_weight, self.u_bias, self.i_bias = (
-            nn.Embedding(*shape) for shape in ((n_users, n_factors), (n_items, n_factors), (n_users, 1), (n_items, 1))
-        )
-
-    def forward(self, x):
-        users, items = x[:, 0], x[:, 1]
-        dot = self.u_weight(users) * self.i_weight(items)
-        res = dot.sum(1) + self.u_bias(users).squeeze() + self.i_bias(items).squeeze()
-        if self.y_range is None:
-            return res
-        return torch.sigmoid(res) * (self.y_range[1] - self.y_range[0]) + self.y_range[0]
 
 
 def zipf_indices(n, batch, exponent=1.2):
@@ -356,8 +327,6 @@ BAD_INPUTS = {
     "bias_rows_differ": (_bad_call(i_bias=torch.randn(7, 1)), ValueError, r"i_bias has 7 rows but i_weight has 6"),
     "dtype_mismatch": (_bad_call(i_weight=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"i_weight is torch.float64"),
     "device_mismatch": (_bad_call(u_bias=torch.randn(5, 1, device="meta")), ValueError, r"u_bias on meta"),
-    "y_range_not_pair": (_bad_call(y_range=(1.0,)), ValueError, r"y_range must be None or a pair"),
-    "y_range_not_numbers": (_bad_call(y_range=("0", "5")), TypeError, r"y_range must hold two real numbers"),
 }
 
 
@@ -368,6 +337,37 @@ def test_bad_input_names_the_argument(case):
         call()
 
 
+BAD_Y_RANGES = {
+    "not_pair": ((1.0,), ValueError, r"y_range must be a pair of numbers \(low, high\) or None"),
+    "not_iterable": (5.5, ValueError, r"y_range must be a pair of numbers"),
+    "strings": (("0", "5"), TypeError, r"y_range must hold two real numbers"),
+    "bool": ((False, 5.0), TypeError, r"y_range must hold two real numbers"),
+    "reversed": ((5.0, 0.0), ValueError, r"y_range must be finite with low < high"),
+    "empty": ((1.0, 1.0), ValueError, r"y_range must be finite with low < high"),
+    "nan": ((0.0, float("nan")), ValueError, r"y_range must be finite"),
+    "inf": ((float("-inf"), 5), ValueError, r"y_range must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_Y_RANGES.values(), ids=BAD_Y_RANGES.keys())
+@pytest.mark.parametrize("caller", ["op", "module"])
+def test_bad_y_range_gets_one_message_from_op_and_module(case, caller):
+    y_range, error, message = case
+    with pytest.raises(error, match=message):
+        if caller == "op":
+            _bad_call(y_range=y_range)()
+        else:
+            EmbeddingDotBias(3, 5, 6, y_range=y_range)
+
+
+def test_y_range_of_ints_and_numpy_scalars_is_accepted_as_floats():
+    assert check_y_range((0, np.float32(5.5))) == (0.0, 5.5)
+    assert check_y_range(None) == (None, None)
+    model = EmbeddingDotBias(3, 5, 6, y_range=(1, np.int64(4)))
+    out = model(torch.stack([random_indices(5, 9), random_indices(6, 9)], 1))
+    assert ((out > 1) & (out < 4)).all()
+
+
 def test_bad_index_on_torch_backend_and_module():
     with fastcore5.use_backend("torch"), pytest.raises(IndexError, match="users"):
         _bad_call(users=torch.tensor([0, 1, 2, -3, 0, 1, 2, 3]))()
@@ -376,93 +376,3 @@ def test_bad_index_on_torch_backend_and_module():
         model(torch.tensor([[0, 5]]))
     with pytest.raises(ValueError, match=r"x must have shape \(B, 2\)"):
         model(torch.zeros(4, 3, dtype=torch.int64))
-
-
-# --- the module ------------------------------------------------------------------------------
-
-
-def test_module_is_a_drop_in_for_fastai():
-    fastai_model = FastaiEmbeddingDotBias(6, 10, 12, y_range=(0.0, 5.5))
-    with torch.no_grad():
-        for p in fastai_model.parameters():
-            p.normal_()  # trained-looking values, not the tiny init
-    ours = EmbeddingDotBias(6, 10, 12, y_range=(0.0, 5.5))
-    assert list(ours.state_dict().keys()) == list(fastai_model.state_dict().keys()) == list(FASTAI_KEYS)
-    ours.load_state_dict(fastai_model.state_dict())
-    pairs = torch.stack([random_indices(10, 33), random_indices(12, 33)], dim=1)
-    torch.testing.assert_close(ours(pairs), fastai_model(pairs), atol=1e-5, rtol=1e-5)
-    # One pair: fastai squeezes its (1, 1) bias lookups to 0-d, but adding them to the (1,) dot
-    # product gives shape (1,) again; ours returns (1,) directly.
-    one = pairs[:1]
-    assert ours(one).shape == fastai_model(one).shape == (1,)
-    torch.testing.assert_close(ours(one), fastai_model(one), atol=1e-5, rtol=1e-5)
-
-
-def test_module_init_follows_fastai():
-    model = EmbeddingDotBias(50, 1000, 300)
-    weight = model.u_weight.weight.detach()
-    assert weight.abs().max() <= 0.02  # normal truncated at 2 sigma by fmod, times 0.01
-    assert 0.008 < weight.std() < 0.01
-    assert [p.shape for p in model.parameters()] == [(1000, 50), (300, 50), (1000, 1), (300, 1)]
-    assert model.u_weight.weight.dtype == torch.float32
-    half = EmbeddingDotBias(4, 5, 6, dtype=torch.float16)
-    assert all(p.dtype == torch.float16 for p in half.parameters())
-
-
-def test_interpretation_tools():
-    classes = {"user": ["#na#", 101, 102, 103], "title": ["#na#", "Alien", "Brazil", "Cube", "Dune"]}
-    model = EmbeddingDotBias.from_classes(3, classes, y_range=(0.0, 5.0))
-    assert model.u_weight.num_embeddings == 4 and model.i_weight.num_embeddings == 5
-    with torch.no_grad():
-        model.i_bias.weight.copy_(torch.tensor([[0.0], [0.3], [-0.7], [0.9], [0.1]]))
-        model.i_weight.weight.normal_()
-    torch.testing.assert_close(model.bias(["Cube", "Brazil"]), torch.tensor([0.9, -0.7], device="cpu"))
-    torch.testing.assert_close(model.weight(["Dune"]), model.i_weight.weight.detach()[4:5].cpu())
-    torch.testing.assert_close(model.weight([102], is_item=False), model.u_weight.weight.detach()[2:3].cpu())
-    assert [label for label, _ in model.top_by_bias(2)] == ["Cube", "Alien"]
-    assert [label for label, _ in model.bottom_by_bias(2)] == ["Brazil", "#na#"]
-    with pytest.raises(KeyError, match="Zardoz"):
-        model.bias(["Zardoz"])
-
-    titles = ["Alien", "Brazil", "Cube", "Dune"]
-    coordinates = model.pca(2, ids=titles)
-    factors = model.weight(titles).double()
-    centred = factors - factors.mean(0)
-    assert coordinates.shape == (4, 2)
-    # Projections on the principal axes: orthogonal columns carrying the top singular values.
-    singular_values = torch.linalg.svdvals(centred)[:2]
-    torch.testing.assert_close(coordinates.double().norm(dim=0), singular_values, atol=1e-5, rtol=1e-5)
-    gram = coordinates.double().T @ coordinates.double()
-    torch.testing.assert_close(gram, torch.diag(singular_values**2), atol=1e-5, rtol=1e-5)
-
-    plain = EmbeddingDotBias(3, 4, 5)
-    torch.testing.assert_close(plain.bias([4, 0]), plain.i_bias.weight.detach()[[4, 0], 0].cpu())
-    assert plain.pca(3).shape == (5, 3)
-    with pytest.raises(IndexError, match=r"item ids must lie in \[0, 5\)"):
-        plain.weight([5])
-
-
-def test_training_beats_predicting_the_mean():
-    """Plain SGD on ratings with planted rank-2 structure: validation MSE far below the mean's."""
-    n_users, n_items = 30, 30
-    user_factors, item_factors = torch.randn(n_users, 2), torch.randn(n_items, 2)
-    user_bias, item_bias = 0.5 * torch.randn(n_users), 0.5 * torch.randn(n_items)
-
-    def ratings(count):
-        users, items = random_indices(n_users, count), random_indices(n_items, count)
-        signal = (user_factors[users] * item_factors[items]).sum(1) + user_bias[users] + item_bias[items]
-        return torch.stack([users, items], 1), 3.0 + signal + 0.1 * torch.randn(count)
-
-    (train_x, train_y), (valid_x, valid_y) = ratings(512), ratings(512)
-    mean = train_y.mean()
-    model = EmbeddingDotBias(4, n_users, n_items)
-    optimizer = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)
-    for _ in range(200):
-        loss = F.mse_loss(model(train_x) + mean, train_y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        valid_mse = F.mse_loss(model(valid_x) + mean, valid_y).item()
-    mean_mse = F.mse_loss(torch.full_like(valid_y, mean.item()), valid_y).item()
-    assert valid_mse < 0.1 * mean_mse, (valid_mse, mean_mse)

@@ -13,6 +13,7 @@ from fastcore5.nn import LinearReLU
 from fastcore5.ops.linear_relu import linear_relu_backward_op, linear_relu_op
 
 from conftest import DEVICE
+from helpers import assert_parity
 
 
 def reference(x, weight, bias):
@@ -29,13 +30,6 @@ def make_inputs(M, K, N, dtype=torch.float32, bias=True, requires_grad=False, de
     return x, weight, b
 
 
-def low_precision_error_ok(ours, torch_out, exact, atol):
-    """The parity rule: our error against float64 is at most 2x PyTorch's own error (+ atol)."""
-    our_err = (ours.double() - exact).abs().max().item()
-    torch_err = (torch_out.double() - exact).abs().max().item()
-    return our_err <= 2 * torch_err + atol, (our_err, torch_err)
-
-
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("M, K, N", [(37, 29, 23), (1, 16, 16), (64, 48, 40)])
 def test_forward_within_torch_error(dtype, atol, M, K, N):
@@ -44,8 +38,7 @@ def test_forward_within_torch_error(dtype, atol, M, K, N):
         ours = fastcore5.linear_relu(x, w, b)
     exact = reference(x.double(), w.double(), b.double())
     assert ours.dtype == dtype and ours.shape == (M, N)
-    ok, errs = low_precision_error_ok(ours, reference(x, w, b), exact, atol)
-    assert ok, errs
+    assert_parity(ours, reference(x, w, b), exact, atol)
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -59,8 +52,7 @@ def test_backward_within_torch_error(dtype, atol):
     exact = torch.autograd.grad(reference(x64, w64, b64), (x64, w64, b64), grad_out.double())
     for name, o, t, e in zip(("grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
         assert o.dtype == dtype
-        ok, errs = low_precision_error_ok(o, t, e, atol)
-        assert ok, (name, errs)
+        assert_parity(o, t, e, atol, what=name)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -199,8 +191,7 @@ def test_autocast_computes_in_autocast_dtype_like_nn_linear():
         theirs = F.relu(torch.nn.Linear.forward(layer, x))
     assert ours.dtype == theirs.dtype == torch.bfloat16
     exact = reference(x.double(), layer.weight.double(), layer.bias.double())
-    ok, errs = low_precision_error_ok(ours, theirs, exact, 1e-2)
-    assert ok, errs
+    assert_parity(ours, theirs, exact, 1e-2)
 
 
 def test_module_is_a_drop_in_for_nn_linear():
@@ -295,8 +286,7 @@ def test_gpu_parity_at_benchmark_shapes(backend, dtype, tf32, M, K, N):
     exact = (exact_out, *torch.autograd.grad(exact_out, (x64, w64, b64), grad_out.double()))
     scale = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
     for name, o, t, e in zip(("out", "grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
-        ok, errs = low_precision_error_ok(o, t, e, scale)
-        assert ok, (name, errs)
+        assert_parity(o, t, e, scale, what=name)
 
 
 # ---- kernel level: tf32 rounding, layouts ----------------------------------------------------
@@ -408,8 +398,7 @@ def check_layout_parity(x, w, b, grad_out, atol):
     theirs = torch.autograd.grad(torch_out, (xc, wc, bc), grad_out.contiguous())
     x64, w64, b64, g64 = (t.detach().double() for t in (x, w, b, grad_out))
     pre = F.linear(x64, w64, b64)
-    ok, errs = low_precision_error_ok(out, torch_out, torch.relu(pre), atol)
-    assert ok, ("out", errs)
+    assert_parity(out, torch_out, torch.relu(pre), atol, what="out")
     flipped = (out > 0) != (pre > 0)
     assert (pre[flipped].abs() <= 1e-2 * pre.abs().max()).all(), "relu mask wrong beyond rounding"
 
@@ -421,9 +410,7 @@ def check_layout_parity(x, w, b, grad_out, atol):
         ("grad_x", "grad_weight", "grad_bias"), ours, theirs, exact_grads(out > 0), exact_grads(torch_out > 0)
     ):
         assert o.shape == e_ours.shape and o.dtype == x.dtype, name
-        our_err = (o.double() - e_ours).abs().max().item()
-        torch_err = (t.double() - e_torch).abs().max().item()
-        assert our_err <= 2 * torch_err + atol, (name, our_err, torch_err)
+        assert_parity(o, t, e_ours, atol, what=name, torch_exact=e_torch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

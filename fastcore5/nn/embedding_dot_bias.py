@@ -2,7 +2,6 @@
 reading what it learned are in fastcore5.interpret; the model's methods of the same names call them."""
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from .. import interpret
 from .._checks import INDEX_DTYPES, check_tensor
 from ..ops.embedding_dot_bias import embedding_dot_bias
+from ..ops.embedding_dot_bias_checks import check_y_range
 
 
 def _fastai_init_(weight: Tensor) -> None:
@@ -55,8 +55,7 @@ class EmbeddingDotBias(nn.Module):
         super().__init__()
         for name, value in (("n_factors", n_factors), ("n_users", n_users), ("n_items", n_items)):
             _check_positive_count(name, value)
-        if y_range is not None:
-            _check_y_range(y_range)
+        check_y_range(y_range)
         self.y_range = y_range
         self.sparse = sparse
         self.validate = validate
@@ -135,12 +134,3 @@ def _check_positive_count(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if isinstance(value, bool) or count < 1:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
-
-
-def _check_y_range(y_range) -> None:
-    try:
-        low, high = (float(v) for v in y_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"y_range must be a pair of numbers (low, high), got {y_range!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"y_range must be finite with low < high, got {y_range!r}")
