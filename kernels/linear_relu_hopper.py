@@ -33,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import linear_relu as portable
 from ._common import (
-    cdiv, dot_needs_upcast, dot_precision, finish_output, interpreting, kernel_output_dtype, new_output, next_power_of_2,
+    cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2, rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
 
@@ -68,7 +68,7 @@ def _fwd_kernel(
             cols = col.to(tl.int64) + tl.arange(0, BLOCK_N)
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(ACC_DTYPE)[None, :]
         acc = tl.maximum(acc, 0.0)
-        out_desc.store([row, col], acc.to(out_desc.dtype))
+        out_desc.store([row, col], rounded_to(acc, out_desc.dtype))
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _bwd_input_kernel(
                 g_tile = portable._round_to_tf32(g_tile)
                 w_tile = portable._round_to_tf32(w_tile)
             acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dx_desc.store([row, col], acc.to(dx_desc.dtype))
+        dx_desc.store([row, col], rounded_to(acc, dx_desc.dtype))
 
 
 @triton.jit
@@ -140,13 +140,13 @@ def _bwd_weight_kernel(
                 gt_tile = portable._round_to_tf32(gt_tile)
                 x_tile = portable._round_to_tf32(x_tile)
             acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dw_desc.store([row, col], acc.to(dw_desc.dtype))
+        dw_desc.store([row, col], rounded_to(acc, dw_desc.dtype))
         if sums_bias:
             if BIAS_BY_DOT:
                 # every column holds the same sums; dividing by a power of two is exact, and NaN stays
                 bias_acc = tl.sum(bias_cols, axis=1) / _BIAS_DOT_COLUMNS
             rows = row.to(tl.int64) + tl.arange(0, BLOCK_M)
-            tl.store(db_ptr + rows, bias_acc.to(db_ptr.dtype.element_ty), mask=rows < N)
+            tl.store(db_ptr + rows, rounded_to(bias_acc, db_ptr.dtype.element_ty), mask=rows < N)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), block names following each kernel's output tile.
@@ -176,12 +176,13 @@ _INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group=2)
 _DEFAULT_CONFIG = _config(128, 128, 32, 3, 8)  # fits every kernel in every eligible dtype; launched untuned
 
 
-def _shared_bytes(tile: tuple, streamed_tiles: int, operand_bytes: int, output_bytes: int) -> int:
+def _shared_bytes(tile: tuple, streamed_tiles: int, element_bytes: int) -> int:
     """Shared memory a config needs, at most: ``stages`` buffers of the streamed operand tiles
     (``streamed_tiles`` of BLOCK_M x BLOCK_K: x; or grad_out and out) and of the BLOCK_K x
-    BLOCK_N operand, plus the output tile staged for the TMA store."""
+    BLOCK_N operand, plus the output tile (operands and output share one dtype) staged for the
+    TMA store."""
     m, n, k, stages, _ = tile
-    return stages * (streamed_tiles * m * k + k * n) * operand_bytes + m * n * output_bytes + _SMALL_BUFFERS_BYTES
+    return (stages * (streamed_tiles * m * k + k * n) + m * n) * element_bytes + _SMALL_BUFFERS_BYTES
 
 
 def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
@@ -190,7 +191,7 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
     b = dict(bucket)
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, b["bytes"], b["out_bytes"]) <= _SHARED_MEMORY_BYTES]
+    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, b["bytes"]) <= _SHARED_MEMORY_BYTES]
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
         limit = max(next_power_of_2(extent), min(t[index] for t in fitting))
         fitting = [t for t in fitting if t[index] <= limit]
@@ -244,7 +245,7 @@ class _PersistentLauncher:
             ("precision", precision),
             ("flags", "".join("1" if f else "0" for f in flags)),
             ("rows", rows), ("cols", cols), ("reduction", reduction),
-            ("bytes", dtype.itemsize), ("out_bytes", kernel_output_dtype(dtype).itemsize),
+            ("bytes", dtype.itemsize),
         )
 
     def _grid(self, device, extents, config) -> tuple:
@@ -373,7 +374,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    out = new_output((M, N), kernel_output_dtype(dtype), x.device)
+    out = new_output((M, N), dtype, x.device)
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out
     precision, constexprs = _dtype_constexprs(dtype)
@@ -383,7 +384,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return (_descriptor(x, [bm, bk]), _descriptor(weight, [bn, bk]), bias, _descriptor(out, [bm, bn]), M, N, K)
 
     _forward(x.device, (dtype, precision, has_bias), (M, N, K), make_args, {**constexprs, "HAS_BIAS": has_bias})
-    return finish_output(out, dtype)
+    return out
 
 
 def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool):
@@ -393,11 +394,10 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
     K = (x if need_weight_grad else weight).shape[1]
     dtype = out.dtype
     device = out.device
-    grad_dtype = kernel_output_dtype(dtype)
     precision, constexprs = _dtype_constexprs(dtype)
     grad_x = grad_w = grad_b = None
     if need_input_grad:
-        grad_x = new_output((M, K), grad_dtype, device)
+        grad_x = new_output((M, K), dtype, device)
 
         def input_args(config):
             bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
@@ -406,8 +406,8 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
 
         _backward_input(device, (dtype, precision), (M, K, N), input_args, constexprs)
     if need_weight_grad:
-        grad_w = new_output((N, K), grad_dtype, device)
-        grad_b = new_output((N,), grad_dtype, device) if need_bias_grad else None
+        grad_w = new_output((N, K), dtype, device)
+        grad_b = new_output((N,), dtype, device) if need_bias_grad else None
 
         def weight_args(config):
             bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
@@ -418,4 +418,4 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
             device, (dtype, precision, need_bias_grad), (N, K, M), weight_args,
             {**constexprs, "HAS_BIAS_GRAD": need_bias_grad, "BIAS_BY_DOT": dtype != torch.float32},
         )
-    return tuple(None if g is None else finish_output(g, dtype) for g in (grad_x, grad_w, grad_b))
+    return grad_x, grad_w, grad_b

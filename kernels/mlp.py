@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, finish_output, new_output
+from ._common import dot_precision, new_output, rounded_to
 from .linear_relu import (
-    _DTYPE_FACTS, _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
+    _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
     _linear_relu_fwd_kernel, _round_to_tf32, _with_a_unit_stride,
 )
 
@@ -74,7 +74,7 @@ def _mlp_grad_input_kernel(
         below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
         acc = tl.where(below > 0, acc, tl.zeros_like(acc))
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_tile)
+    tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=in_tile)
 
 
 # Own launchers (own plan caches and tuning titles) for the kernels shared with
@@ -98,11 +98,11 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    out = new_output((M, N), _DTYPE_FACTS[dtype][0], x.device)
+    out = new_output((M, N), dtype, x.device)
     if M == 0 or N == 0:
-        return finish_output(out, dtype)
+        return out
     if K == 0:
-        return finish_output(out.copy_(bias.expand(M, N)) if bias is not None else out.zero_(), dtype)
+        return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
     has_bias = bias is not None
     if has_bias:
         bias = bias.contiguous()
@@ -112,7 +112,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         None, (dtype, precision, has_bias, False), (M, N, K), strides,
         (x, weight, bias if has_bias else x, out, M, N, K, *strides),
     )
-    return finish_output(out, dtype)
+    return out
 
 
 def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
     M, N = grad.shape
     K = weight.shape[1]
     dtype = weight.dtype
-    out = new_output((M, K), _DTYPE_FACTS[dtype][0], grad.device)
+    out = new_output((M, K), dtype, grad.device)
     if M and K:
         if N == 0:
             out.zero_()
@@ -135,7 +135,7 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
                 None, (dtype, precision, mask), (M, K, N), strides,
                 (grad, weight, below if mask else grad, out, M, N, K, *strides),
             )
-    return finish_output(out, dtype)
+    return out
 
 
 def grad_weight(
@@ -148,9 +148,8 @@ def grad_weight(
     M, N = grad.shape
     K = inp.shape[1] if need_weight_grad else 0
     dtype = grad.dtype
-    out_dtype = _DTYPE_FACTS[dtype][0]
-    grad_w = new_output((N, K), out_dtype, grad.device) if need_weight_grad else None
-    grad_b = new_output((N,), out_dtype, grad.device) if need_bias_grad else None
+    grad_w = new_output((N, K), dtype, grad.device) if need_weight_grad else None
+    grad_b = new_output((N,), dtype, grad.device) if need_bias_grad else None
     weight_tiles = need_weight_grad and K > 0
     if M == 0:
         for g in (grad_w, grad_b):
@@ -165,4 +164,4 @@ def grad_weight(
             (grad, grad, inp if weight_tiles else grad, grad_w if weight_tiles else grad,
              grad_b if need_bias_grad else grad, M, N, k_extent, *strides),
         )
-    return tuple(None if g is None else finish_output(g, dtype) for g in (grad_w, grad_b))
+    return grad_w, grad_b
