@@ -296,7 +296,7 @@ def embedding_dot_bias_forward(
     """
     B = users.shape[0]
     n_users, D = u_weight.shape
-    out = new_output((B,), u_weight.dtype, u_weight.device)
+    out = new_output((B,), u_weight)
     if B == 0:
         return out
     block_b, block_d = _blocks(B, D)
@@ -378,7 +378,7 @@ def embedding_dot_bias_backward(
 
     if sparse:
         shapes = ((B, D), (B, D), (B,), (B,))
-        values = [new_output(shape, dtype, device) if need else None for shape, need in zip(shapes, needs)]
+        values = [new_output(shape, grad_out) if need else None for shape, need in zip(shapes, needs)]
         if B > 0 and any(needs):
             per_sample(MODE_SPARSE, grad_out, values)
         return tuple(values)
@@ -390,7 +390,7 @@ def embedding_dot_bias_backward(
         if B == 0 or not any(needs):
             return tuple(grads)
         if has_y_range:
-            coef = new_output((B,), accumulate_in, device)
+            coef = new_output((B,), grad_out, accumulate_in)
             per_sample(MODE_COEF, coef, (None,) * 4)
         else:
             coef = grad_out.to(accumulate_in).contiguous()

@@ -416,7 +416,7 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if 1 not in w_strides:
         weight = _with_a_unit_stride(weight)
         w_strides = weight.stride()
-    out = new_output((M, N), dtype, x.device)
+    out = new_output((M, N), x)
     if M == 0 or N == 0:
         return out
     has_bias = bias is not None
@@ -454,12 +454,11 @@ def linear_relu_backward(
     dtype = out.dtype
     grad_out, out = _with_a_unit_stride(grad_out), _with_a_unit_stride(out)
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
-    device = out.device
     precision = dot_precision(dtype)
     grad_x = grad_w = grad_b = None
     grad_strides = (*grad_out.stride(), *out.stride())
     if need_input_grad:
-        grad_x = new_output((M, K), dtype, device)
+        grad_x = new_output((M, K), out)
         if M and K:
             if N == 0:
                 grad_x.zero_()
@@ -470,8 +469,8 @@ def linear_relu_backward(
                     (grad_out, out, weight, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
-        grad_w = new_output((N, K), dtype, device) if need_weight_grad else None
-        grad_b = new_output((N,), dtype, device) if need_bias_grad else None
+        grad_w = new_output((N, K), out) if need_weight_grad else None
+        grad_b = new_output((N,), out) if need_bias_grad else None
         weight_tiles = need_weight_grad and K > 0
         if M == 0:
             for g in (grad_w, grad_b):

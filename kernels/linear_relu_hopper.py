@@ -374,7 +374,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    out = new_output((M, N), dtype, x.device)
+    out = new_output((M, N), x)
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out
     precision, constexprs = _dtype_constexprs(dtype)
@@ -397,7 +397,7 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
     precision, constexprs = _dtype_constexprs(dtype)
     grad_x = grad_w = grad_b = None
     if need_input_grad:
-        grad_x = new_output((M, K), dtype, device)
+        grad_x = new_output((M, K), out)
 
         def input_args(config):
             bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
@@ -406,8 +406,8 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
 
         _backward_input(device, (dtype, precision), (M, K, N), input_args, constexprs)
     if need_weight_grad:
-        grad_w = new_output((N, K), dtype, device)
-        grad_b = new_output((N,), dtype, device) if need_bias_grad else None
+        grad_w = new_output((N, K), out)
+        grad_b = new_output((N,), out) if need_bias_grad else None
 
         def weight_args(config):
             bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]

@@ -98,7 +98,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    out = new_output((M, N), dtype, x.device)
+    out = new_output((M, N), x)
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -122,7 +122,7 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
     M, N = grad.shape
     K = weight.shape[1]
     dtype = weight.dtype
-    out = new_output((M, K), dtype, grad.device)
+    out = new_output((M, K), weight)
     if M and K:
         if N == 0:
             out.zero_()
@@ -148,8 +148,8 @@ def grad_weight(
     M, N = grad.shape
     K = inp.shape[1] if need_weight_grad else 0
     dtype = grad.dtype
-    grad_w = new_output((N, K), dtype, grad.device) if need_weight_grad else None
-    grad_b = new_output((N,), dtype, grad.device) if need_bias_grad else None
+    grad_w = new_output((N, K), grad) if need_weight_grad else None
+    grad_b = new_output((N,), grad) if need_bias_grad else None
     weight_tiles = need_weight_grad and K > 0
     if M == 0:
         for g in (grad_w, grad_b):

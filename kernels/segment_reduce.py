@@ -161,9 +161,9 @@ def add_segment_sums(
         tiles = cdiv(N, tile)
         emit_carry = tiles > 1
         if emit_carry:
-            next_keys = new_output((2 * tiles,), torch.int64, keys.device)
-            next_w = new_output((2 * tiles, D), acc_dtype, keys.device) if has_weight else dummy
-            next_b = new_output((2 * tiles,), acc_dtype, keys.device) if has_bias else dummy
+            next_keys = new_output((2 * tiles,), keys, torch.int64)
+            next_w = new_output((2 * tiles, D), keys, acc_dtype) if has_weight else dummy
+            next_b = new_output((2 * tiles,), keys, acc_dtype) if has_bias else dummy
         else:
             next_keys = next_w = next_b = dummy
         launch[(tiles,)](

@@ -151,8 +151,24 @@ def _backward(ctx, grad_out):
 linear_relu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _raise_bad_arguments(x, weight, bias) -> None:
-    """The argument-naming error for whatever the fast check in linear_relu refused."""
+def _checked_and_autocast(x, weight, bias):
+    """(x, weight, bias, device type) for arguments the fast check in linear_relu refused, or for
+    any call while an autocast is on: checked in detail (each error names the argument), then
+    cast to the autocast dtype when autocast is enabled for their device, as nn.Linear's are
+    (mixed dtypes are accepted only then)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    device_type = backends.device_type(x)
+    autocasting = torch.is_autocast_enabled(device_type)
+    _check_arguments(x, weight, bias, same_dtype=not autocasting)
+    if autocasting:
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+    return x, weight, bias, device_type
+
+
+def _check_arguments(x, weight, bias, same_dtype: bool) -> None:
+    """The detailed argument checks, each error naming the argument."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     if bias is not None:
@@ -168,8 +184,8 @@ def _raise_bad_arguments(x, weight, bias) -> None:
         )
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has out_features={out_features}")
-    check_same_dtype(x=x, weight=weight, bias=bias)
-    raise AssertionError("linear_relu refused arguments that pass every detailed check")  # pragma: no cover
+    if same_dtype:
+        check_same_dtype(x=x, weight=weight, bias=bias)
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -188,31 +204,25 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         index_errors.raise_pending()
     try:
         device = x.device
+        dtype = x.dtype
         usable = (
-            x.dtype in _FLOATS
-            and weight.dtype in _FLOATS
+            dtype in _FLOATS
+            and weight.dtype is dtype
             and weight.dim() == 2
             and x.dim() > 0
             and x.shape[-1] == weight.shape[1]
             and weight.device == device
             and (
                 bias is None
-                or (bias.dtype in _FLOATS and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.device == device)
+                or (bias.dtype is dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.device == device)
             )
         )
     except (AttributeError, TypeError):
         usable = False
-    if not usable:
-        _raise_bad_arguments(x, weight, bias)
-    device_type = backends.device_type(x)
-    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
-        bias = bias.to(compute_dtype) if bias is not None else None
-    dtype = x.dtype
-    if weight.dtype is not dtype or (bias is not None and bias.dtype is not dtype):
-        check_same_dtype(x=x, weight=weight, bias=bias)
-
+    device_type = backends.device_type(x) if usable else None
+    if not usable or torch._C._is_any_autocast_enabled():
+        x, weight, bias, device_type = _checked_and_autocast(x, weight, bias)
+        dtype = x.dtype
     backend = backends.select(OP, device_type, dtype)
     if backend == "torch":
         return reference.linear_relu(x, weight, bias)
