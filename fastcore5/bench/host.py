@@ -12,8 +12,12 @@ are real (tiny tensors, so the device never holds the host back).
 The eager equivalent runs on the same tensors: ``F.relu(F.linear(...))``, the nn.Embedding
 formula of fastai's EmbeddingDotBias, and torch.optim.SGD with foreach and with fused.
 
-Timing: for each callable the mean time per call of ``calls`` calls, the best of ``rounds``
-rounds (the best round is the one least disturbed by other processes); on CPU in process time.
+Timing: fastcore5's callable and its eager equivalent run in alternating rounds of ``calls``
+calls each, so both see the same machine; the ratio is the median over rounds of the two rounds'
+ratio, and each time per call the best round's mean. On the 2-core CPU machine, separate
+best-of-7 timings of the same callable differed by 2x between two rows of one run (other
+virtual machines' load comes and goes); the paired median moved by a few percent. On CPU in
+process time.
 Targets (the hot-path issue): forward and forward+backward at most 1.5x eager; SGD at most torch
 fused's time at 161 tensors and at most 0.3x at 2000 tensors (normal mode).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,17 +62,21 @@ def _timer(device: str):
     return time.process_time
 
 
-def best_us(fn, clock, calls: int, rounds: int) -> float:
-    """Microseconds per call: the best round's mean."""
-    for _ in range(max(calls // 10, 5)):
-        fn()
-    results = []
-    for _ in range(rounds):
-        start = clock()
-        for _ in range(calls):
+def paired_us(ours, eager, clock, calls: int, rounds: int) -> tuple[float, float, float]:
+    """(ours us per call, eager us per call, ratio): the best round of each, and the median of
+    the per-round ratios, from alternating rounds (module docstring)."""
+    for fn in (ours, eager):
+        for _ in range(max(calls // 10, 5)):
             fn()
-        results.append((clock() - start) / calls * 1e6)
-    return min(results)
+    ours_us, eager_us, ratios = [], [], []
+    for _ in range(rounds):
+        for fn, results in ((ours, ours_us), (eager, eager_us)):
+            start = clock()
+            for _ in range(calls):
+                fn()
+            results.append((clock() - start) / calls * 1e6)
+        ratios.append(ours_us[-1] / eager_us[-1])
+    return min(ours_us), min(eager_us), statistics.median(ratios)
 
 
 def _forward_backward(fn, inputs, grad):
@@ -164,7 +173,7 @@ def _target(op: str, entry: str, eager: str) -> float | None:
     return SGD_TARGETS[int(entry.split()[1])]
 
 
-def measure(calls: int = 2000, rounds: int = 7) -> dict:
+def measure(calls: int = 500, rounds: int = 21) -> dict:
     """Every entry point's host time and its eager equivalent's, as a JSON-ready dict."""
     import torch
 
@@ -184,10 +193,8 @@ def measure(calls: int = 2000, rounds: int = 7) -> dict:
         + _sgd_cases(device, torch, fastcore5)
     ):
         n = calls if op != "sgd" else max(calls // 20, 20)
-        fastcore5_us = best_us(ours, clock, n, rounds)
-        eager_us = best_us(eager, clock, n, rounds)
+        fastcore5_us, eager_us, ratio = paired_us(ours, eager, clock, n, rounds)
         target = _target(op, entry, eager_text)
-        ratio = fastcore5_us / eager_us
         rows.append({
             "op": op, "entry": entry, "fastcore5_us": round(fastcore5_us, 2), "eager_us": round(eager_us, 2),
             "eager": eager_text, "ratio": round(ratio, 3), "target_ratio": target,
@@ -223,8 +230,8 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench --host", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--calls", type=int, default=2000, help="calls per round (SGD: a twentieth of it)")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per callable; the best is kept")
+    parser.add_argument("--calls", type=int, default=500, help="calls per round (SGD: a twentieth of it, at least 20)")
+    parser.add_argument("--rounds", type=int, default=21, help="alternating rounds per pair of callables")
     args = parser.parse_args(argv)
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: the folder {args.json.parent} does not exist")
