@@ -184,9 +184,23 @@ def _sgd_launches():
 
 
 # op name -> a function that calls that op's launchers at representative dtypes and flags
+def _mlp_launches():
+    from fastcore5.kernels import mlp as k
+
+    M, K, N = 512, 256, 128  # 16-divisible like the benchmark shapes: the same specialisation
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        x, w, b, g = (torch.randn(*s, dtype=dtype) for s in ((M, K), (N, K), (N,), (M, N)))
+        k.linear_forward(x, w, b)
+        k.grad_input(g, w, x)
+        k.grad_weight(g, x, True, True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 LAUNCHES = {
     "linear_relu": _linear_relu_launches,
     "linear_relu_hopper": _linear_relu_hopper_launches,
+    "mlp": _mlp_launches,
     "embedding_dot_bias": _embedding_dot_bias_launches,
     "sgd": _sgd_launches,
 }

@@ -13,7 +13,7 @@ from fastcore5.nn import LinearReLU
 from fastcore5.ops.linear_relu import linear_relu_backward_op, linear_relu_op
 
 from conftest import DEVICE
-from helpers import assert_parity
+from helpers import allow_tf32, assert_parity
 
 
 def reference(x, weight, bias):
@@ -147,18 +147,13 @@ def test_leading_batch_dims_and_permuted_input():
 
 
 def test_tf32_flag_is_followed():
-    x, w, b = make_inputs(16, 32, 16)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        from fastcore5.kernels._common import dot_precision
+    from fastcore5.kernels._common import dot_precision
 
-        torch.backends.cuda.matmul.allow_tf32 = False
+    with allow_tf32(False):
         assert dot_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
+    with allow_tf32(True):
         assert dot_precision(torch.float32) == "tf32"
         assert dot_precision(torch.bfloat16) == "ieee"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize(
@@ -271,16 +266,12 @@ def test_bad_input_names_the_argument(args, error, match):
 def test_gpu_parity_at_benchmark_shapes(backend, dtype, tf32, M, K, N):
     x, w, b = make_inputs(M, K, N, dtype, requires_grad=True, device="cuda")
     grad_out = torch.randn(M, N, dtype=dtype, device="cuda")
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with allow_tf32(tf32):
         with use_backend(backend):
             out = fastcore5.linear_relu(x, w, b)
             ours = (out, *torch.autograd.grad(out, (x, w, b), grad_out))
         torch_out = reference(x, w, b)
         theirs = (torch_out, *torch.autograd.grad(torch_out, (x, w, b), grad_out))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     exact_out = reference(x64, w64, b64)
     exact = (exact_out, *torch.autograd.grad(exact_out, (x64, w64, b64), grad_out.double()))
@@ -429,16 +420,12 @@ def test_layouts_3d_odd_sizes(layout, dtype):
 @pytest.mark.parametrize("shape, N", [((2, 2048, 512), 1024), ((2, 4096, 1024), 2048), ((3, 1001, 997), 769)])
 def test_gpu_layouts(layout, dtype, shape, N):
     """The shapes at which the H200 run (issue 11) saw grad_x 2-3 % off for 16-bit strided x."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with allow_tf32(False):
         x = _layout(layout, shape, dtype, "cuda")
         w = torch.randn(N, shape[-1], dtype=dtype, device="cuda") / shape[-1] ** 0.5
         b = torch.randn(N, dtype=dtype, device="cuda")
         grad_out = _layout(layout, (*shape[:-1], N), dtype, "cuda")
         check_layout_parity(x, w, b, grad_out, {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.gpu
@@ -448,9 +435,5 @@ def test_gpu_tf32_error_at_most_twice_torchs(M, K, N):
     float64 (issue 11: with truncated operands the forward error was 2.5x)."""
     x, w, b = make_inputs(M, K, N, torch.float32, device="cuda")
     grad_out = torch.randn(M, N, device="cuda")
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with allow_tf32(True):
         check_layout_parity(x, w, b, grad_out, 1e-4)  # the fp32 atol of test_gpu_parity_at_benchmark_shapes
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous

@@ -20,7 +20,7 @@ from fastcore5.kernels import linear_relu as portable
 from fastcore5.kernels import linear_relu_hopper as hopper
 
 from conftest import HAS_CUDA
-from helpers import assert_parity
+from helpers import allow_tf32, assert_parity
 from test_linear_relu import check_layout_parity, make_inputs, tf32_round_reference
 from test_triton_sm90_compile import compile_op
 
@@ -243,10 +243,8 @@ def three_candidates(monkeypatch, tmp_path):
 
 @pytest.fixture
 def tf32(request):
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = request.param
-    yield request.param
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    with allow_tf32(request.param):
+        yield request.param
 
 
 @pytest.mark.gpu
@@ -281,12 +279,8 @@ def test_gpu_ineligible_layouts_take_the_portable_kernels(three_candidates, monk
     assert_parity(out, torch.relu(x @ w.T), torch.relu(x.double() @ w.double().T), 5e-2)
     assert not hopper.forward_eligible(x, w, None)
     assert not hopper.forward_eligible(x.contiguous().double(), w.double(), None)  # fp64
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with allow_tf32(False):
         assert not hopper.forward_eligible(x.contiguous().float(), w.float(), None)  # fp32 without TF32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
     assert not hopper.forward_eligible(x.contiguous(), w[:60], None)  # N = 60: 120-byte output rows
     assert hopper.forward_eligible(x.contiguous(), w, None)
     monkeypatch.setattr(hopper, "MIN_MACS", 256 * 64 * 128 + 1)  # one multiply-add short: host-bound, portable

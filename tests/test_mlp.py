@@ -13,7 +13,7 @@ from fastcore5 import use_backend
 from fastcore5.nn import MLP
 
 from conftest import DEVICE
-from helpers import assert_parity, deterministic_algorithms
+from helpers import allow_tf32, assert_parity, deterministic_algorithms
 
 SIZES = [(7, 5), (13, 17, 6), (11, 19, 9, 3)]  # one, two and three layers, odd sizes
 
@@ -362,57 +362,23 @@ def test_gpu_parity_with_the_unfused_sequential(dtype, tf32, M, sizes):
     fused = MLP.from_sequential(unfused)
     x = torch.randn(M, sizes[0], dtype=dtype, device="cuda")
     grad_out = torch.randn(M, sizes[-1], dtype=dtype, device="cuda")
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with allow_tf32(tf32):
         with use_backend("triton"):
             ours, our_grads = forward_backward(fused, x, grad_out)
         theirs, their_grads = forward_backward(unfused, x, grad_out)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
     exact, exact_grads = forward_backward(float64_copy(unfused).cuda(), x.double(), grad_out.double())
     names = ["output", "grad_x"] + [name for name, _ in unfused.named_parameters()]
     for name, o, t, e in zip(names, [ours] + our_grads, [theirs] + their_grads, [exact] + exact_grads):
         assert_parity(o, t, e, atol=1e-3 * e.abs().max().item(), rtol=0, what=name)
 
 
-_SM90_COMPILE = """
-import sys, torch
-import sm90_compile
-
-def launches():
-    from fastcore5.kernels import mlp as k
-    M, K, N = 512, 256, 128  # 16-divisible like the benchmark shapes: the same specialisation
-    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True)):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        x, w, b, g = (torch.randn(*s, dtype=dtype) for s in ((M, K), (N, K), (N,), (M, N)))
-        k.linear_forward(x, w, b)
-        k.grad_input(g, w, x)
-        k.grad_weight(g, x, True, True)
-
-sm90_compile.LAUNCHES["mlp"] = launches
-sys.exit(sm90_compile.main(["mlp"]))
-"""
-
-
 def test_mlp_kernels_compile_for_hopper_with_wgmma_and_pipelined_copies():
     """The MLP's kernels (the masked grad-input GEMM, and the Linear+ReLU forward and grad_W
     kernels with RELU=False) compiled for sm_90 by tests/sm90_compile.py: each fits a Hopper SM,
     and every config with a full warpgroup uses wgmma with asynchronous operand copies."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from test_triton_sm90_compile import compile_op
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCORE5_POISON")}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=1200,
-        cwd=Path(__file__).parent,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    rows = compile_op("mlp")
     kernels = {(r["kernel"], r["constexprs"].get("MASK"), r["constexprs"].get("RELU")) for r in rows}
     assert kernels == {
         ("_linear_relu_fwd_kernel", None, "False"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
-OPS = ("linear_relu", "linear_relu_hopper", "embedding_dot_bias", "sgd")
+OPS = ("linear_relu", "linear_relu_hopper", "mlp", "embedding_dot_bias", "sgd")
 
 
 @functools.lru_cache(maxsize=None)
