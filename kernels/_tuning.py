@@ -13,6 +13,10 @@ Python on every launch. Here instead:
   file (``cache_path()``), which later processes read instead of tuning again;
 * every later launch finds its config with one dict lookup and launches the kernel directly.
 
+``FASTCORE5_TUNING=off`` skips the timing: each bucket launches its kernel's default config, and
+nothing is saved. For test runs on a GPU, where the config does not matter to the result and
+tuning every bucket of every test would take minutes.
+
 Triton's own disk cache (``cache_results=True``) is not used: it lives inside the autotuner
 whose per-call cost and exact-value keys are what this module removes. Under Triton's CPU
 interpreter, and wherever only one candidate survives pruning, nothing is timed or written.
@@ -44,6 +48,18 @@ def cache_path() -> Path:
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastcore5")
     return Path(root) / "tuning.json"
+
+
+TUNING_VAR = "FASTCORE5_TUNING"
+
+
+def tuning_enabled() -> bool:
+    """FASTCORE5_TUNING: "on" (the default) or "off" (module docstring); anything else raises."""
+    raw = os.environ.get(TUNING_VAR, "on")
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{TUNING_VAR}={raw!r} is not a tuning mode; set it to 'on' or 'off', or unset it")
+    return value == "on"
 
 
 def config_to_dict(config: triton.Config) -> dict:
@@ -148,6 +164,8 @@ class TunedKernel:
             elif device_name is None:
                 timings = benchmark({c: runs(c) for c in candidates})
                 entry = {"config": min(timings, key=timings.get), "source": "timed, not saved", "ms": None}
+            elif not tuning_enabled():
+                entry = {"config": self.default, "source": f"default ({TUNING_VAR}=off)", "ms": None}
             else:
                 entry = self._from_disk_or_tuned(bucket, device_name, candidates, runs)
             self.chosen[(bucket, device_name)] = entry

@@ -236,6 +236,7 @@ def three_candidates(monkeypatch, tmp_path):
     monkeypatch.setattr(hopper, "_TILES", [(128, 256, 32, 4, 8), (128, 128, 32, 3, 8), (64, 64, 64, 4, 4)])
     monkeypatch.setattr(hopper, "MIN_MACS", 1)  # the tests' shapes are below the host-time threshold
     monkeypatch.setenv("FASTCORE5_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTCORE5_TUNING", "on")  # scripts/gpu_check.sh turns it off for the other tests
     _tuning.forget_disk_cache()
     yield
     _tuning.forget_disk_cache()

@@ -86,6 +86,17 @@ def test_an_unreadable_cache_file_means_tuning_again(cache_dir, timed):
     assert json.loads((cache_dir / "tuning.json").read_text())["format"] == 1
 
 
+def test_tuning_off_launches_the_default_untimed_and_unsaved(cache_dir, timed, monkeypatch):
+    monkeypatch.setenv("FASTCORE5_TUNING", "off")
+    tuned = _tuning.TunedKernel(_kernel_stand_in, "test kernel", lambda bucket: _configs(128, 64), _configs(16)[0])
+    assert tuned.choose(BUCKET, "test card", lambda config: None).kwargs["BLOCK_M"] == 16
+    assert timed == [] and not (cache_dir / "tuning.json").exists()
+    assert tuned.report()[0]["source"] == "default (FASTCORE5_TUNING=off)"
+    monkeypatch.setenv("FASTCORE5_TUNING", "sometimes")
+    with pytest.raises(ValueError, match="FASTCORE5_TUNING='sometimes'.*'on' or 'off'"):
+        tuned.choose((("dtype", "float16"),), "test card", lambda config: None)
+
+
 def _bucket(launcher, dtype, M, N, K, strides=(64, 1, 64, 1, 32, 1)):
     return launcher.bucket((dtype, "ieee", True), (M, N, K), strides)
 
@@ -203,7 +214,7 @@ def test_gpu_tunes_once_per_bucket_and_later_processes_reuse_it(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "FASTCORE5_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "FASTCORE5_CACHE_DIR": str(tmp_path), "FASTCORE5_TUNING": "on"}
     first = subprocess.run([sys.executable, "-c", _TRAIN_LIKE], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     tuning_lines = [line for line in first.stderr.splitlines() if line.startswith("fastcore5: tuning")]
