@@ -15,6 +15,7 @@ def interpreting() -> bool:
 # Read once: the test suite sets it before anything imports the launchers, and an environment
 # read on every allocation costs more (1-2 us) than the allocation's own host work.
 POISON = os.environ.get("FASTCORE5_POISON", "0") == "1"
+HOPPER_SHARED_MEMORY_BYTES = 232448  # what one block may opt into on an H100/H200 SM (227 KB)
 
 
 # Plain integer arithmetic for the launchers: triton.cdiv and triton.next_power_of_2 are

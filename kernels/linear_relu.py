@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2, rounded_to,
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2,
+    rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
@@ -48,6 +49,17 @@ def _round_to_tf32(v):
 
 
 @triton.jit
+def _dot_operand(tile, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """A loaded tile as tl.dot should get it: widened to fp32 under the interpreter's bf16
+    problem (UPCAST), rounded to tf32 when TF32 is on (ROUND_TF32); unchanged otherwise."""
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    if ROUND_TF32:
+        tile = _round_to_tf32(tile)
+    return tile
+
+
+@triton.jit
 def _linear_relu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K,
@@ -72,12 +84,8 @@ def _linear_relu_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         x_tile = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         w_tile = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-        if UPCAST:
-            x_tile = x_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        if ROUND_TF32:
-            x_tile = _round_to_tf32(x_tile)
-            w_tile = _round_to_tf32(w_tile)
+        x_tile = _dot_operand(x_tile, UPCAST, ROUND_TF32)
+        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -116,12 +124,8 @@ def _linear_relu_bwd_input_kernel(
         active = tl.load(o_ptrs, mask=in_range[None, :], other=0.0) > 0
         g_tile = tl.where(active, grad, tl.zeros_like(grad)).to(w_ptr.dtype.element_ty)
         w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
-        if UPCAST:
-            g_tile = g_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        if ROUND_TF32:
-            g_tile = _round_to_tf32(g_tile)
-            w_tile = _round_to_tf32(w_tile)
+        g_tile = _dot_operand(g_tile, UPCAST, ROUND_TF32)
+        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
         acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         g_ptrs += BLOCK_K * stride_gn
         o_ptrs += BLOCK_K * stride_on
@@ -167,12 +171,8 @@ def _linear_relu_bwd_weight_kernel(
         if HAS_WEIGHT_GRAD:
             x_tile = tl.load(x_ptrs, mask=in_range[:, None], other=0.0)
             gt_tile = gt_tile.to(x_ptr.dtype.element_ty)
-            if UPCAST:
-                gt_tile = gt_tile.to(tl.float32)
-                x_tile = x_tile.to(tl.float32)
-            if ROUND_TF32:
-                gt_tile = _round_to_tf32(gt_tile)
-                x_tile = _round_to_tf32(x_tile)
+            gt_tile = _dot_operand(gt_tile, UPCAST, ROUND_TF32)
+            x_tile = _dot_operand(x_tile, UPCAST, ROUND_TF32)
             acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         gt_ptrs += BLOCK_K * stride_gm
         ot_ptrs += BLOCK_K * stride_om
@@ -198,7 +198,6 @@ _HOPPER_TILES = [
     (64, 128, 32, 4, 4),
     (64, 64, 32, 5, 2),
 ]
-_SHARED_MEMORY_BYTES = 232448  # what one Hopper block may opt into (227 KB)
 _GROUP_M = 8
 
 
@@ -220,7 +219,7 @@ def hopper_candidates(bucket: tuple) -> list[triton.Config]:
     dimension unless no smaller tile exists."""
     b = dict(bucket)
     elem = b["bytes"]
-    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= _SHARED_MEMORY_BYTES]
+    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= HOPPER_SHARED_MEMORY_BYTES]
 
     def small_enough(tiles, index, extent):
         limit = max(next_power_of_2(extent), min(t[index] for t in tiles))

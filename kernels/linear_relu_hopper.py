@@ -33,7 +33,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import linear_relu as portable
 from ._common import (
-    cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2, rounded_to,
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2,
+    rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
 
@@ -57,12 +58,8 @@ def _fwd_kernel(
         for step in range(k_steps):
             x_tile = x_desc.load([row, step * BLOCK_K])
             w_tile = w_desc.load([col, step * BLOCK_K])
-            if UPCAST:
-                x_tile = x_tile.to(tl.float32)
-                w_tile = w_tile.to(tl.float32)
-            if ROUND_TF32:
-                x_tile = portable._round_to_tf32(x_tile)
-                w_tile = portable._round_to_tf32(w_tile)
+            x_tile = portable._dot_operand(x_tile, UPCAST, ROUND_TF32)
+            w_tile = portable._dot_operand(w_tile, UPCAST, ROUND_TF32)
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             cols = col.to(tl.int64) + tl.arange(0, BLOCK_N)
@@ -90,12 +87,8 @@ def _bwd_input_kernel(
             active = out_desc.load([row, step * BLOCK_K]) > 0
             g_tile = tl.where(active, grad, tl.zeros_like(grad))
             w_tile = w_desc.load([step * BLOCK_K, col])
-            if UPCAST:
-                g_tile = g_tile.to(tl.float32)
-                w_tile = w_tile.to(tl.float32)
-            if ROUND_TF32:
-                g_tile = portable._round_to_tf32(g_tile)
-                w_tile = portable._round_to_tf32(w_tile)
+            g_tile = portable._dot_operand(g_tile, UPCAST, ROUND_TF32)
+            w_tile = portable._dot_operand(w_tile, UPCAST, ROUND_TF32)
             acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         dx_desc.store([row, col], rounded_to(acc, dx_desc.dtype))
 
@@ -163,7 +156,6 @@ _TILES = [
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 ]
-_SHARED_MEMORY_BYTES = 232448  # what one Hopper block may opt into (227 KB)
 _SMALL_BUFFERS_BYTES = 4096  # mbarriers and the bias sum's tile of ones, rounded up
 _GROUP_M = 8
 
@@ -191,7 +183,7 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
     b = dict(bucket)
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, b["bytes"]) <= _SHARED_MEMORY_BYTES]
+    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, b["bytes"]) <= HOPPER_SHARED_MEMORY_BYTES]
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
         limit = max(next_power_of_2(extent), min(t[index] for t in fitting))
         fitting = [t for t in fitting if t[index] <= limit]

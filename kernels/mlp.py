@@ -30,7 +30,7 @@ import triton.language as tl
 from ._common import dot_precision, new_output, rounded_to
 from .linear_relu import (
     _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
-    _linear_relu_fwd_kernel, _round_to_tf32, _with_a_unit_stride,
+    _linear_relu_fwd_kernel, _dot_operand, _with_a_unit_stride,
 )
 
 
@@ -60,12 +60,8 @@ def _mlp_grad_input_kernel(
         in_range = offs_n < N - n0
         g_tile = tl.load(g_ptrs, mask=in_range[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
-        if UPCAST:
-            g_tile = g_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        if ROUND_TF32:
-            g_tile = _round_to_tf32(g_tile)
-            w_tile = _round_to_tf32(w_tile)
+        g_tile = _dot_operand(g_tile, UPCAST, ROUND_TF32)
+        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
         acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         g_ptrs += BLOCK_K * stride_gn
         w_ptrs += BLOCK_K * stride_wn

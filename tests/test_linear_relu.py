@@ -326,17 +326,16 @@ def _masked(grad_out, out):
     return torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
 
 
-def test_tf32_operands_are_rounded_in_every_kernel(monkeypatch):
-    """With TF32 allowed, each kernel computes with operands rounded to tf32: under the interpreter
-    (whose dot is plain fp32) the results equal the float64 products of the rounded operands,
-    which differ from the unrounded ones by far more than the fp32 accumulation error."""
-    monkeypatch.setattr(kernels, "dot_precision", lambda dtype: "tf32" if dtype == torch.float32 else "ieee")
-    M, K, N = 45, 70, 38
+def check_tf32_operand_rounding(forward, backward, M, K, N):
+    """fp32 with TF32 (the caller makes the launchers see it): under the interpreter, whose dot is
+    plain fp32, each GEMM's result equals the float64 product of the tf32-rounded operands, which
+    differs from the unrounded one by far more than the fp32 accumulation error; the bias
+    gradient is a plain sum."""
     x, w, b = torch.randn(M, K), torch.randn(N, K) / K**0.5, torch.randn(N)
     grad_out = torch.randn(M, N)
     r = tf32_round_reference
-    out = kernels.linear_relu_forward(x, w, b)
-    grad_x, grad_w, grad_b = kernels.linear_relu_backward(grad_out, out, x, w, True, True, True)
+    out = forward(x, w, b)
+    grad_x, grad_w, grad_b = backward(grad_out, out, x, w, True, True, True)
     g = _masked(grad_out, out).double()
     rounded = {
         "out": torch.relu(r(x).double() @ r(w).double().T + b.double()),
@@ -349,6 +348,11 @@ def test_tf32_operands_are_rounded_in_every_kernel(monkeypatch):
         assert (ours.double() - rounded[name]).abs().max().item() <= accumulation, name
         assert (rounded[name] - unrounded[name]).abs().max().item() > 10 * accumulation, name
     torch.testing.assert_close(grad_b.double(), g.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_tf32_operands_are_rounded_in_every_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "dot_precision", lambda dtype: "tf32" if dtype == torch.float32 else "ieee")
+    check_tf32_operand_rounding(kernels.linear_relu_forward, kernels.linear_relu_backward, 45, 70, 38)
 
 
 def _layout(kind, shape, dtype, device=DEVICE):

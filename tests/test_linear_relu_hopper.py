@@ -16,19 +16,16 @@ import torch
 import fastcore5
 from fastcore5 import use_backend
 from fastcore5.kernels import _tuning
+from fastcore5.kernels._common import HOPPER_SHARED_MEMORY_BYTES
 from fastcore5.kernels import linear_relu as portable
 from fastcore5.kernels import linear_relu_hopper as hopper
 
 from conftest import HAS_CUDA
 from helpers import allow_tf32, assert_parity
-from test_linear_relu import check_layout_parity, make_inputs, tf32_round_reference
+from test_linear_relu import _masked, check_layout_parity, check_tf32_operand_rounding, make_inputs
 from test_triton_sm90_compile import compile_op
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-
-
-def _masked(grad_out, out):
-    return torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
 
 
 def _reference_grads(grad_out, out, x, w):
@@ -86,28 +83,10 @@ def test_only_requested_gradients_are_computed(needs):
 
 
 def test_tf32_operands_are_rounded(monkeypatch):
-    """With TF32 allowed, each TMA kernel rounds its fp32 operands to tf32 like the portable ones
-    (the interpreter's dot is plain fp32, so the result is the float64 product of rounded
-    operands, far from the unrounded one); the bias sum is not rounded."""
+    """With TF32 allowed, each TMA kernel rounds its fp32 operands to tf32 like the portable ones;
+    the bias sum is not rounded."""
     monkeypatch.setattr(hopper, "dot_precision", lambda dtype: "tf32" if dtype == torch.float32 else "ieee")
-    M, K, N = 45, 72, 40
-    x, w, b = torch.randn(M, K), torch.randn(N, K) / K**0.5, torch.randn(N)
-    grad_out = torch.randn(M, N)
-    r = tf32_round_reference
-    out = hopper.forward(x, w, b)
-    grad_x, grad_w, grad_b = hopper.backward(grad_out, out, x, w, True, True, True)
-    g = _masked(grad_out, out).double()
-    rounded = {
-        "out": torch.relu(r(x).double() @ r(w).double().T + b.double()),
-        "grad_x": r(g.float()).double() @ r(w).double(),
-        "grad_w": r(g.float()).double().T @ r(x).double(),
-    }
-    unrounded = {"out": torch.relu(x.double() @ w.double().T + b.double()), "grad_x": g @ w.double(), "grad_w": g.T @ x.double()}
-    for name, ours in (("out", out), ("grad_x", grad_x), ("grad_w", grad_w)):
-        accumulation = 1e-5 * rounded[name].abs().max().item()
-        assert (ours.double() - rounded[name]).abs().max().item() <= accumulation, name
-        assert (rounded[name] - unrounded[name]).abs().max().item() > 10 * accumulation, name
-    torch.testing.assert_close(grad_b.double(), g.sum(0), rtol=1e-5, atol=1e-5)
+    check_tf32_operand_rounding(hopper.forward, hopper.backward, 45, 72, 40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -190,7 +169,7 @@ def test_candidates_fit_shared_memory_and_the_problem(monkeypatch):
     for streamed, element_bytes in ((1, 2), (2, 2), (1, 4), (2, 4)):
         tiles = _tiles(hopper.candidates(_bucket(8192, 4096, 1024, element_bytes=element_bytes), streamed))
         assert tiles
-        assert all(hopper._shared_bytes(t, streamed, element_bytes) <= hopper._SHARED_MEMORY_BYTES for t in tiles)
+        assert all(hopper._shared_bytes(t, streamed, element_bytes) <= HOPPER_SHARED_MEMORY_BYTES for t in tiles)
     # 128x256x64 in 3 stages fits the forward's two operands, not the backward's three
     assert (128, 256, 64, 3, 8) in _tiles(hopper.candidates(large, 1))
     assert (128, 256, 64, 3, 8) not in _tiles(hopper.candidates(large, 2))
