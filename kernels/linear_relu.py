@@ -60,6 +60,30 @@ def _dot_operand(tile, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr):
 
 
 @triton.jit
+def _tile_product(
+    a_ptr, b_ptr, rows, cols, R, stride_a_row, stride_a_r, stride_b_r, stride_b_col,
+    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """sum over r < R of A[rows, r] * B[r, cols] in ACC_DTYPE, BLOCK_R at a time, A's tiles in B's
+    dtype. ``rows`` and ``cols`` must lie in range: callers wrap out-of-range ones onto valid
+    ones (offs % extent) so the loop needs only the R mask, and mask them at the store."""
+    offs_r = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + rows[:, None] * stride_a_row + offs_r[None, :] * stride_a_r
+    b_ptrs = b_ptr + offs_r[:, None] * stride_b_r + cols[None, :] * stride_b_col
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        a_tile = tl.load(a_ptrs, mask=offs_r[None, :] < R - r0, other=0.0).to(b_ptr.dtype.element_ty)
+        b_tile = tl.load(b_ptrs, mask=offs_r[:, None] < R - r0, other=0.0)
+        a_tile = _dot_operand(a_tile, UPCAST, ROUND_TF32)
+        b_tile = _dot_operand(b_tile, UPCAST, ROUND_TF32)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_R * stride_a_r
+        b_ptrs += BLOCK_R * stride_b_r
+    return acc
+
+
+@triton.jit
 def _linear_relu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K,
@@ -73,22 +97,11 @@ def _linear_relu_fwd_kernel(
     tile_m, tile_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Wrap out-of-range rows/columns onto valid ones so the hot loop needs no M/N masks;
-    # the store below masks them out.
-    rows = offs_m % M
     cols = offs_n % N
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        x_tile = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        w_tile = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-        x_tile = _dot_operand(x_tile, UPCAST, ROUND_TF32)
-        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _tile_product(
+        x_ptr, w_ptr, offs_m % M, cols, K, stride_xm, stride_xk, stride_wk, stride_wn,
+        INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC_DTYPE)[None, :]
     if RELU:

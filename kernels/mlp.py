@@ -30,7 +30,7 @@ import triton.language as tl
 from ._common import dot_precision, new_output, rounded_to
 from .linear_relu import (
     _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
-    _linear_relu_fwd_kernel, _dot_operand, _with_a_unit_stride,
+    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride,
 )
 
 
@@ -49,22 +49,10 @@ def _mlp_grad_input_kernel(
     tile_m, tile_k = _grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/columns wrap onto valid ones so the loop needs only the N mask.
-    rows = offs_m % M
-    cols = offs_k % K
-    g_ptrs = grad_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_K):
-        in_range = offs_n < N - n0
-        g_tile = tl.load(g_ptrs, mask=in_range[None, :], other=0.0).to(w_ptr.dtype.element_ty)
-        w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
-        g_tile = _dot_operand(g_tile, UPCAST, ROUND_TF32)
-        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
-        acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        g_ptrs += BLOCK_K * stride_gn
-        w_ptrs += BLOCK_K * stride_wn
+    acc = _tile_product(
+        grad_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, stride_wn, stride_wk,
+        INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if MASK:
         below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
