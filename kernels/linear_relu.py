@@ -443,6 +443,32 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out
 
 
+def weight_and_bias_grads(launcher, wrap, grad_out, out, x, need_weight_grad, need_bias_grad, relu: bool, precision):
+    """(grad_W, grad_b), each None unless asked for, from the grad_W kernel through ``launcher``:
+    grad_W = g.T @ x and grad_b = g.sum(0) for g = grad_out * (out > 0) when ``relu``, else
+    g = grad_out (``out`` is then not read: pass grad_out). x (M, K) is needed only for grad_W;
+    grad_out and out are (M, N) with a unit stride each."""
+    M, N = grad_out.shape
+    K = x.shape[1] if need_weight_grad else 0
+    grad_w = new_output((N, K), grad_out) if need_weight_grad else None
+    grad_b = new_output((N,), grad_out) if need_bias_grad else None
+    weight_tiles = need_weight_grad and K > 0
+    if M == 0:
+        for g in (grad_w, grad_b):
+            if g is not None:
+                g.zero_()
+    elif N and (weight_tiles or need_bias_grad):
+        k_extent = K if weight_tiles else 1  # bias only: one program column, no K tiles
+        operand_strides = (*x.stride(), *grad_w.stride()) if weight_tiles else (0, 0, 0, 0)
+        strides = (*grad_out.stride(), *out.stride(), *operand_strides)
+        launcher(
+            wrap, (grad_out.dtype, precision, weight_tiles, need_bias_grad, relu), (N, k_extent, M), strides,
+            (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
+             grad_b if need_bias_grad else out, M, N, k_extent, *strides),
+        )
+    return grad_w, grad_b
+
+
 def linear_relu_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -468,35 +494,19 @@ def linear_relu_backward(
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
     precision = dot_precision(dtype)
     grad_x = grad_w = grad_b = None
-    grad_strides = (*grad_out.stride(), *out.stride())
     if need_input_grad:
         grad_x = new_output((M, K), out)
         if M and K:
             if N == 0:
                 grad_x.zero_()
             else:
-                strides = (*grad_strides, *weight.stride(), *grad_x.stride())
+                strides = (*grad_out.stride(), *out.stride(), *weight.stride(), *grad_x.stride())
                 _backward_input(
                     wrap, (dtype, precision), (M, K, N), strides,
                     (grad_out, out, weight, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
-        grad_w = new_output((N, K), out) if need_weight_grad else None
-        grad_b = new_output((N,), out) if need_bias_grad else None
-        weight_tiles = need_weight_grad and K > 0
-        if M == 0:
-            for g in (grad_w, grad_b):
-                if g is not None:
-                    g.zero_()
-        elif N and (weight_tiles or need_bias_grad):
-            k_extent = K if weight_tiles else 1  # bias only: one program column, no K tiles
-            if weight_tiles:
-                strides = (*grad_strides, *x.stride(), *grad_w.stride())
-            else:
-                strides = (*grad_strides, 0, 0, 0, 0)
-            _backward_weight(
-                wrap, (dtype, precision, weight_tiles, need_bias_grad, True), (N, k_extent, M), strides,
-                (grad_out, out, x if weight_tiles else out, grad_w if weight_tiles else out,
-                 grad_b if need_bias_grad else out, M, N, k_extent, *strides),
-            )
+        grad_w, grad_b = weight_and_bias_grads(
+            _backward_weight, wrap, grad_out, out, x, need_weight_grad, need_bias_grad, True, precision
+        )
     return grad_x, grad_w, grad_b

@@ -30,7 +30,7 @@ import triton.language as tl
 from ._common import dot_precision, new_output, rounded_to
 from .linear_relu import (
     _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
-    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride,
+    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride, weight_and_bias_grads,
 )
 
 
@@ -129,23 +129,6 @@ def grad_weight(
     (already masked, or the gradient of a layer without ReLU) and the layer's input inp (M, K),
     which is needed only for the weight gradient."""
     grad, inp = _with_a_unit_stride(grad), _with_a_unit_stride(inp)
-    M, N = grad.shape
-    K = inp.shape[1] if need_weight_grad else 0
-    dtype = grad.dtype
-    grad_w = new_output((N, K), grad) if need_weight_grad else None
-    grad_b = new_output((N,), grad) if need_bias_grad else None
-    weight_tiles = need_weight_grad and K > 0
-    if M == 0:
-        for g in (grad_w, grad_b):
-            if g is not None:
-                g.zero_()
-    elif N and (weight_tiles or need_bias_grad):
-        k_extent = K if weight_tiles else 1  # bias only: one program column, no K tiles
-        in_strides = (*inp.stride(), *grad_w.stride()) if weight_tiles else (0, 0, 0, 0)
-        strides = (*grad.stride(), *grad.stride(), *in_strides)  # grad stands in for the unread ``out``
-        _grad_weight(
-            None, (dtype, dot_precision(dtype), weight_tiles, need_bias_grad, False), (N, k_extent, M), strides,
-            (grad, grad, inp if weight_tiles else grad, grad_w if weight_tiles else grad,
-             grad_b if need_bias_grad else grad, M, N, k_extent, *strides),
-        )
-    return grad_w, grad_b
+    return weight_and_bias_grads(
+        _grad_weight, None, grad, grad, inp, need_weight_grad, need_bias_grad, False, dot_precision(grad.dtype)
+    )
