@@ -14,11 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2,
-    rounded_to,
-)
-from ._tuning import TunedKernel, launch_kwargs
+from ._common import dot_precision, new_output, rounded_to
+from .gemm_launch import GemmLauncher
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
 
 
@@ -198,159 +195,9 @@ def _linear_relu_bwd_weight_kernel(
             tl.store(db_ptr + offs_n, rounded_to(bias_acc, db_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-# Hopper (H100/H200) tiles: 128x128..128x256 with 3-4 stages for 16-bit operands, smaller tiles for
-# skinny shapes and fp32. (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); block names follow each
-# kernel's output tile, BLOCK_K is its reduction step.
-_HOPPER_TILES = [
-    (128, 256, 64, 3, 8),
-    (256, 128, 64, 3, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 32, 4, 4),
-    (64, 256, 32, 4, 4),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 32, 5, 2),
-]
-_GROUP_M = 8
-
-
-def _config(m, n, k, stages, warps, group=_GROUP_M) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group}, num_stages=stages, num_warps=warps)
-
-
-_INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group=4)
-_DEFAULT_CONFIG = _config(128, 128, 32, 4, 4)  # fits fp32 and 16-bit; launched untuned under ``wrap``
-
-
-def _candidates(bucket: tuple) -> list[triton.Config]:
-    return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket)
-
-
-def hopper_candidates(bucket: tuple) -> list[triton.Config]:
-    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
-    Hopper SM's shared memory, without tiles larger than the (power-of-two) problem in any
-    dimension unless no smaller tile exists."""
-    b = dict(bucket)
-    elem = b["bytes"]
-    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= HOPPER_SHARED_MEMORY_BYTES]
-
-    def small_enough(tiles, index, extent):
-        limit = max(next_power_of_2(extent), min(t[index] for t in tiles))
-        return [t for t in tiles if t[index] <= limit]
-
-    for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
-        fitting = small_enough(fitting, index, extent)
-    return [_config(*t) for t in fitting]
-
-
-def _grid(rows, cols, config: triton.Config) -> tuple:
-    """One program per (BLOCK_M x BLOCK_N) output tile, in a flat grid (_grouped_tile orders them)."""
-    return (cdiv(rows, config.kwargs["BLOCK_M"]) * cdiv(cols, config.kwargs["BLOCK_N"]),)
-
-
-def _device_name(device: torch.device) -> str | None:
-    """Keys tuned configs by card; None off CUDA (interpreter, compile-only runs: nothing saved)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
-
-
-def _stride_class(stride: int) -> int:
-    """What Triton's launch specialisation sees of a stride: 1, a multiple of 16 (16), or neither (0)."""
-    return 1 if stride == 1 else 16 if stride % 16 == 0 else 0
-
-
-class _Launcher:
-    """Launches one kernel with the config of its shape bucket (kernels/_tuning.py).
-
-    Per call: one dict lookup on the exact (variant, extents, strides), then ``kernel[grid](...)``.
-    The first call with a new key works out the constexprs, the bucket, its config (tuned once
-    on a GPU) and the grid, and remembers them. ``variant`` is (dtype, dot precision, *flags),
-    the flags being the values of the constexprs named in ``flag_names``; ``m_axis`` says which
-    extent is the batch dimension M, the one bucketed to a power of two."""
-
-    _MAX_PLANS = 4096
-
-    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
-        self.tuned = TunedKernel(kernel, title, _candidates, _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG)
-        self.kernel = kernel
-        self.m_axis = m_axis  # 0: rows, 2: reduction
-        self.flag_names = flag_names
-        self.plans: dict[tuple, tuple] = {}
-
-    def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
-        if wrap is not None:
-            return self._launch_wrapped(wrap, variant, extents, strides, args)
-        plan = self.plans.get((variant, extents, strides))
-        if plan is None:
-            plan = self._plan(variant, extents, strides, args)
-        grid, meta_parameters, options = plan
-        # What kernel[grid](...) calls. The constexprs go positionally, after the runtime
-        # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
-        self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
-
-    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
-        dtype, precision, *flags = variant
-        rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
-        return (
-            ("dtype", str(dtype).replace("torch.", "")),
-            ("precision", precision),
-            ("flags", "".join("1" if f else "0" for f in flags)),
-            ("rows", rows), ("cols", cols), ("reduction", reduction),
-            ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
-            ("strides", ",".join(str(_stride_class(s)) for s in strides)),
-            ("bytes", _ELEMENT_BYTES[dtype]),
-        )
-
-    def constexprs(self, variant: tuple) -> dict:
-        dtype, precision, *flags = variant
-        return _constexprs(dtype, precision, **dict(zip(self.flag_names, flags)))
-
-    def _plan(self, variant, extents, strides, args) -> tuple:
-        rows, cols, _ = extents
-        device = args[0].device
-        constexprs = self.constexprs(variant)
-
-        def run(config):
-            grid = _grid(rows, cols, config)
-            return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
-
-        bucket, device_name = self.bucket(variant, extents, strides), _device_name(device)
-        # Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met
-        # while capturing launches its known or default config, and is tuned on a later eager call.
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:
-            config = self.tuned.known(bucket, device_name) or self.tuned.default
-        else:
-            config = self.tuned.choose(bucket, device_name, run)
-        grid = _grid(rows, cols, config)
-        named = {**constexprs, **config.kwargs}
-        meta_parameters = tuple(named[name] for name in self.kernel.arg_names[len(args):])
-        plan = (grid, meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages})
-        if not capturing:
-            if len(self.plans) >= self._MAX_PLANS:
-                self.plans.clear()
-            self.plans[(variant, extents, strides)] = plan
-        return plan
-
-    def _launch_wrapped(self, wrap, variant, extents, strides, args):
-        """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
-        the bucket's config when this process already chose one, else the fixed default. Sizes
-        that are symbolic get the default too, so no guard is put on them here."""
-        config = None
-        if all(type(v) is int for v in (*extents, *strides)):
-            config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(args[0].device))
-        config = config or self.tuned.default
-        rows, cols, _ = extents
-        grid = _grid(rows, cols, config)
-        wrap(self.kernel)[grid](*args, **self.constexprs(variant), **launch_kwargs(config))
-
-    def report(self) -> list[dict]:
-        return self.tuned.report()
-
-
-_ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
-_forward = _Launcher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_backward_input = _Launcher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
-_backward_weight = _Launcher(
+_forward = GemmLauncher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
+_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
+_backward_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2,
     flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"),
 )
@@ -362,36 +209,6 @@ def tuned_configs() -> list[dict]:
     timed here, read from the disk cache or the only candidate (benchmarks record this)."""
     portable = [row for launcher in (_forward, _backward_input, _backward_weight) for row in launcher.report()]
     return portable + linear_relu_hopper.tuned_configs()  # the TMA kernels' rows: titles end in " (TMA)"
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-# Per dtype: whether dot operands are widened, the accumulator type.
-# Fixed for the process, like the choice between interpreter and compiler that @triton.jit made
-# when this module was imported; looked up once here instead of on every call.
-_DTYPE_FACTS = {
-    dtype: (dot_needs_upcast(dtype), _acc_dtype(dtype))
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-}
-
-
-_CONSTEXPRS: dict[tuple, dict] = {}
-
-
-def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
-    """The constexprs a kernel takes for ``dtype`` at ``precision`` plus ``flags``, built once per
-    combination."""
-    key = (dtype, precision, *flags.items())
-    constexprs = _CONSTEXPRS.get(key)
-    if constexprs is None:
-        upcast, acc_dtype = _DTYPE_FACTS[dtype]
-        constexprs = _CONSTEXPRS[key] = {
-            "INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": upcast, "ACC_DTYPE": acc_dtype,
-            **flags,
-        }
-    return constexprs
 
 
 def _with_a_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:

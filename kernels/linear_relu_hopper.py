@@ -37,6 +37,7 @@ from ._common import (
     rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
+from .gemm_launch import tile_config
 
 
 _BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
@@ -157,15 +158,8 @@ _TILES = [
     (64, 64, 64, 4, 4),
 ]
 _SMALL_BUFFERS_BYTES = 4096  # mbarriers and the bias sum's tile of ones, rounded up
-_GROUP_M = 8
-
-
-def _config(m, n, k, stages, warps, group=_GROUP_M) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group}, num_stages=stages, num_warps=warps)
-
-
-_INTERPRETER_CONFIG = _config(16, 16, 16, 1, 1, group=2)
-_DEFAULT_CONFIG = _config(128, 128, 32, 3, 8)  # fits every kernel in every eligible dtype; launched untuned
+_INTERPRETER_CONFIG = tile_config(16, 16, 16, 1, 1, group=2)
+_DEFAULT_CONFIG = tile_config(128, 128, 32, 3, 8)  # fits every kernel in every eligible dtype; launched untuned
 
 
 def _shared_bytes(tile: tuple, streamed_tiles: int, element_bytes: int) -> int:
@@ -187,7 +181,7 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
         limit = max(next_power_of_2(extent), min(t[index] for t in fitting))
         fitting = [t for t in fitting if t[index] <= limit]
-    return [_config(*t) for t in fitting]
+    return [tile_config(*t) for t in fitting]
 
 
 _SM_COUNTS: dict = {}

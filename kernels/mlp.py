@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, new_output, rounded_to
+from .gemm_launch import GemmLauncher
 from .linear_relu import (
-    _Launcher, _grouped_tile, _linear_relu_bwd_weight_kernel,
+    _grouped_tile, _linear_relu_bwd_weight_kernel,
     _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride, weight_and_bias_grads,
 )
 
@@ -63,9 +64,9 @@ def _mlp_grad_input_kernel(
 
 # Own launchers (own plan caches and tuning titles) for the kernels shared with
 # kernels/linear_relu.py: with RELU=False they are different compiled kernels.
-_output_forward = _Launcher(_linear_relu_fwd_kernel, "MLP output layer forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_grad_input = _Launcher(_mlp_grad_input_kernel, "MLP grad_input (+ mask of the layer below)", m_axis=0, flag_names=("MASK",))
-_grad_weight = _Launcher(
+_output_forward = GemmLauncher(_linear_relu_fwd_kernel, "MLP output layer forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
+_grad_input = GemmLauncher(_mlp_grad_input_kernel, "MLP grad_input (+ mask of the layer below)", m_axis=0, flag_names=("MASK",))
+_grad_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "MLP grad_W/grad_b", m_axis=2, flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU")
 )
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 
-from fastcore5.kernels import _tuning
+from fastcore5.kernels import _tuning, gemm_launch
 from fastcore5.kernels import linear_relu as lr
 
 
@@ -122,15 +122,15 @@ def _tiles(configs):
 
 
 def test_candidates_fit_shared_memory_and_the_problem():
-    big_bf16 = lr.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 8192, 4096, 1024))
-    assert len(big_bf16) == len(lr._HOPPER_TILES)
-    big_fp32 = _tiles(lr.hopper_candidates(_bucket(lr._forward, torch.float32, 8192, 4096, 1024)))
+    big_bf16 = gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 8192, 4096, 1024))
+    assert len(big_bf16) == len(gemm_launch._HOPPER_TILES)
+    big_fp32 = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.float32, 8192, 4096, 1024)))
     assert big_fp32 and not big_fp32 & {(128, 256, 64, 3), (256, 128, 64, 3), (128, 128, 64, 4)}
     for m, n, k, stages in big_fp32:
         assert stages * (m * k + k * n) * 4 <= 232448
-    tiny = _tiles(lr.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 20, 10, 784)))
+    tiny = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 20, 10, 784)))
     assert tiny == {(64, 64, 32, 5)}
-    skinny = _tiles(lr.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 60, 4096, 4096)))
+    skinny = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 60, 4096, 4096)))
     assert skinny and all(m == 64 for m, _, _, _ in skinny) and max(n for _, n, _, _ in skinny) == 256
 
 
