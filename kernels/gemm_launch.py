@@ -82,7 +82,9 @@ class GemmLauncher:
     The first call with a new key works out the constexprs, the bucket, its config (tuned once
     on a GPU) and the grid, and remembers them. ``variant`` is (dtype, dot precision, *flags),
     the flags being the values of the constexprs named in ``flag_names``; ``m_axis`` says which
-    extent is the batch dimension M, the one bucketed to a power of two."""
+    extent is the batch dimension M, the one bucketed to a power of two. ``args`` are the
+    kernel's runtime arguments, the first a tensor on the launch device. A plan does not depend on
+    the tensors' addresses, only on the key, so one plan serves every call with that key."""
 
     _MAX_PLANS = 4096
 
