@@ -219,8 +219,9 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         )
     except (AttributeError, TypeError):
         usable = False
-    device_type = backends.device_type(x) if usable else None
-    if not usable or torch._C._is_any_autocast_enabled():
+    if usable and not torch._C._is_any_autocast_enabled():
+        device_type = backends.device_type(x)
+    else:
         x, weight, bias, device_type = _checked_and_autocast(x, weight, bias)
         dtype = x.dtype
     backend = backends.select(OP, device_type, dtype)
