@@ -152,13 +152,14 @@ def _sgd_cases(device, torch, fastcore5):
         for contiguous in (False, True):
             params = make_params()
             ours = fastcore5.optim.SGD(params, contiguous=contiguous, **hyper)
-            step = ours.step
             if contiguous:
                 # A backward accumulates into the flat gradient buffer, bumping its version; the
                 # step's O(1) check for "the .grad tensors are still the flat views" reads it.
                 def step(grad=params[0].grad, bump=torch.autograd.graph.increment_version, ours=ours):
                     bump(grad)
                     ours.step()
+            else:
+                step = ours.step
             mode = "contiguous" if contiguous else "normal"
             cases.append(("sgd", f"step, {count} tensors, {mode}", step, fused.step, "torch.optim.SGD(fused=True)"))
             cases.append(("sgd", f"step, {count} tensors, {mode}", step, foreach.step, "torch.optim.SGD(foreach=True)"))
