@@ -121,7 +121,7 @@ class GemmLauncher:
 
     def constexprs(self, variant: tuple) -> dict:
         dtype, precision, *flags = variant
-        return _constexprs(dtype, precision, **dict(zip(self.flag_names, flags)))
+        return constexprs_for(dtype, precision, **dict(zip(self.flag_names, flags)))
 
     def _plan(self, variant, extents, strides, args) -> tuple:
         rows, cols, _ = extents
@@ -140,10 +140,7 @@ class GemmLauncher:
             config = self.tuned.known(bucket, device_name) or self.tuned.default
         else:
             config = self.tuned.choose(bucket, device_name, run)
-        grid = _grid(rows, cols, config)
-        named = {**constexprs, **config.kwargs}
-        meta_parameters = tuple(named[name] for name in self.kernel.arg_names[len(args):])
-        plan = (grid, meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages})
+        plan = (_grid(rows, cols, config), *positional_launch(self.kernel, len(args), constexprs, config))
         if not capturing:
             if len(self.plans) >= self._MAX_PLANS:
                 self.plans.clear()
@@ -183,7 +180,7 @@ _DTYPE_FACTS = {
 _CONSTEXPRS: dict[tuple, dict] = {}
 
 
-def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
+def constexprs_for(dtype: torch.dtype, precision: str, **flags) -> dict:
     """The constexprs a kernel takes for ``dtype`` at ``precision`` plus ``flags``, built once per
     combination."""
     key = (dtype, precision, *flags.items())
@@ -195,3 +192,13 @@ def _constexprs(dtype: torch.dtype, precision: str, **flags) -> dict:
             **flags,
         }
     return constexprs
+
+
+def positional_launch(kernel, runtime_count: int, constexprs: dict, config: triton.Config) -> tuple[tuple, dict]:
+    """(meta-parameters, options) for ``kernel.run(*runtime_args, *meta_parameters, ...,
+    **options)``: every constexpr of the kernel after its ``runtime_count`` runtime arguments, in
+    signature order, from ``constexprs`` and the config's block sizes, and the config's warps and
+    stages. Passed positionally because a keyword dict of a dozen entries per launch cost ~1 us."""
+    named = {**constexprs, **config.kwargs}
+    meta_parameters = tuple(named[name] for name in kernel.arg_names[runtime_count:])
+    return meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -33,11 +33,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import linear_relu as portable
 from ._common import (
-    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, dot_precision, interpreting, new_output, next_power_of_2,
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output, next_power_of_2,
     rounded_to,
 )
 from ._tuning import TunedKernel, launch_kwargs
-from .gemm_launch import tile_config
+from .gemm_launch import constexprs_for, positional_launch, tile_config
 
 
 _BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
@@ -208,20 +208,21 @@ class _PersistentLauncher:
 
     _MAX_PLANS = 4096
 
-    def __init__(self, kernel, title: str, m_axis: int, streamed_tiles: int):
+    def __init__(self, kernel, title: str, m_axis: int, streamed_tiles: int, flag_names: tuple[str, ...] = ()):
         default = _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG
         self.tuned = TunedKernel(kernel, title, lambda bucket: candidates(bucket, streamed_tiles), default)
         self.kernel = kernel
         self.m_axis = m_axis  # 0: rows, 2: reduction
+        self.flag_names = flag_names  # the constexprs whose values follow dtype and precision in a variant
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, device, variant: tuple, extents: tuple, make_args, constexprs: dict):
+    def __call__(self, device, variant: tuple, extents: tuple, make_args):
         key = (device, variant, extents)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self._plan(device, variant, extents, make_args, constexprs)
-        config, grid, kwargs = plan
-        self.kernel.run(*make_args(config), grid=grid, warmup=False, **kwargs)
+            plan = self._plan(device, variant, extents, make_args)
+        config, grid, meta_parameters, options = plan
+        self.kernel.run(*make_args(config), *meta_parameters, grid=grid, warmup=False, **options)
 
     def bucket(self, variant: tuple, extents: tuple) -> tuple:
         dtype, precision, *flags = variant
@@ -239,8 +240,11 @@ class _PersistentLauncher:
         tiles = cdiv(rows, config.kwargs["BLOCK_M"]) * cdiv(cols, config.kwargs["BLOCK_N"])
         return (min(tiles, _sm_count(device)),)
 
-    def _plan(self, device, variant, extents, make_args, constexprs) -> tuple:
-        constexprs = {**constexprs, "NUM_PROGRAMS": _sm_count(device)}
+    def _plan(self, device, variant, extents, make_args) -> tuple:
+        dtype, precision, *flags = variant
+        constexprs = {
+            **constexprs_for(dtype, precision, **dict(zip(self.flag_names, flags))), "NUM_PROGRAMS": _sm_count(device),
+        }
 
         def run(config):
             grid = self._grid(device, extents, config)
@@ -253,7 +257,8 @@ class _PersistentLauncher:
             config = self.tuned.known(bucket, device_name) or self.tuned.default
         else:
             config = self.tuned.choose(bucket, device_name, run)
-        plan = (config, self._grid(device, extents, config), {**constexprs, **launch_kwargs(config)})
+        meta_parameters, options = positional_launch(self.kernel, len(make_args(config)), constexprs, config)
+        plan = (config, self._grid(device, extents, config), meta_parameters, options)
         if not capturing:
             if len(self.plans) >= self._MAX_PLANS:
                 self.plans.clear()
@@ -264,9 +269,14 @@ class _PersistentLauncher:
         return self.tuned.report()
 
 
-_forward = _PersistentLauncher(_fwd_kernel, "Linear+ReLU forward (TMA)", m_axis=0, streamed_tiles=1)
+_forward = _PersistentLauncher(
+    _fwd_kernel, "Linear+ReLU forward (TMA)", m_axis=0, streamed_tiles=1, flag_names=("HAS_BIAS",)
+)
 _backward_input = _PersistentLauncher(_bwd_input_kernel, "Linear+ReLU grad_x (TMA)", m_axis=0, streamed_tiles=2)
-_backward_weight = _PersistentLauncher(_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b (TMA)", m_axis=2, streamed_tiles=2)
+_backward_weight = _PersistentLauncher(
+    _bwd_weight_kernel, "Linear+ReLU grad_W/grad_b (TMA)", m_axis=2, streamed_tiles=2,
+    flag_names=("HAS_BIAS_GRAD", "BIAS_BY_DOT"),
+)
 
 
 def tuned_configs() -> list[dict]:
@@ -346,14 +356,6 @@ def backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_gra
 
 # ---- launchers ------------------------------------------------------------------------------
 
-def _dtype_constexprs(dtype: torch.dtype) -> tuple[str, dict]:
-    precision = dot_precision(dtype)
-    return precision, {
-        "INPUT_PRECISION": precision, "ROUND_TF32": precision == "tf32", "UPCAST": dot_needs_upcast(dtype),
-        "ACC_DTYPE": tl.float32,
-    }
-
-
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """relu(x @ weight.T + bias) through the TMA kernel; the caller checked forward_eligible
     (tests call it directly under the interpreter)."""
@@ -363,13 +365,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     out = new_output((M, N), x)
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out
-    precision, constexprs = _dtype_constexprs(dtype)
+    precision = dot_precision(dtype)
 
     def make_args(config):
         bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
         return (_descriptor(x, [bm, bk]), _descriptor(weight, [bn, bk]), bias, _descriptor(out, [bm, bn]), M, N, K)
 
-    _forward(x.device, (dtype, precision, has_bias), (M, N, K), make_args, {**constexprs, "HAS_BIAS": has_bias})
+    _forward(x.device, (dtype, precision, has_bias), (M, N, K), make_args)
     return out
 
 
@@ -380,7 +382,7 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
     K = (x if need_weight_grad else weight).shape[1]
     dtype = out.dtype
     device = out.device
-    precision, constexprs = _dtype_constexprs(dtype)
+    precision = dot_precision(dtype)
     grad_x = grad_w = grad_b = None
     if need_input_grad:
         grad_x = new_output((M, K), out)
@@ -390,7 +392,7 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
             return (_descriptor(grad_out, [bm, bk]), _descriptor(out, [bm, bk]), _descriptor(weight, [bk, bn]),
                     _descriptor(grad_x, [bm, bn]), M, N, K)
 
-        _backward_input(device, (dtype, precision), (M, K, N), input_args, constexprs)
+        _backward_input(device, (dtype, precision), (M, K, N), input_args)
     if need_weight_grad:
         grad_w = new_output((N, K), out)
         grad_b = new_output((N,), out) if need_bias_grad else None
@@ -400,8 +402,6 @@ def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: 
             return (_descriptor(grad_out, [bk, bm]), _descriptor(out, [bk, bm]), _descriptor(x, [bk, bn]),
                     _descriptor(grad_w, [bm, bn]), grad_w if grad_b is None else grad_b, M, N, K)
 
-        _backward_weight(
-            device, (dtype, precision, need_bias_grad), (N, K, M), weight_args,
-            {**constexprs, "HAS_BIAS_GRAD": need_bias_grad, "BIAS_BY_DOT": dtype != torch.float32},
-        )
+        # 16-bit bias sums as a dot with a tile of ones, fp32 by tl.sum (the kernel says why)
+        _backward_weight(device, (dtype, precision, need_bias_grad, dtype != torch.float32), (N, K, M), weight_args)
     return grad_x, grad_w, grad_b
