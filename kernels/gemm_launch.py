@@ -5,7 +5,8 @@ signature convention: runtime arguments, then the dtype's constexprs (INPUT_PREC
 ROUND_TF32, UPCAST, ACC_DTYPE) and the kernel's flags, then BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M,
 on a flat grid of output tiles. ``GemmLauncher`` launches such a kernel: a dict lookup per call
 once a (variant, extents, strides) was seen, the bucket's config from kernels/_tuning.py the
-first time. The candidate tiles are Hopper's (H100/H200), pruned per bucket.
+first time. The candidate tiles are Hopper's (H100/H200), pruned per bucket. ``PlannedLauncher``,
+its base, is what it shares with the TMA kernels' launcher (kernels/linear_relu_hopper.py).
 """
 import torch
 import triton
@@ -75,38 +76,25 @@ def _stride_class(stride: int) -> int:
     return 1 if stride == 1 else 16 if stride % 16 == 0 else 0
 
 
-class GemmLauncher:
-    """Launches one kernel with the config of its shape bucket (kernels/_tuning.py).
-
-    Per call: one dict lookup on the exact (variant, extents, strides), then ``kernel[grid](...)``.
-    The first call with a new key works out the constexprs, the bucket, its config (tuned once
-    on a GPU) and the grid, and remembers them. ``variant`` is (dtype, dot precision, *flags),
-    the flags being the values of the constexprs named in ``flag_names``; ``m_axis`` says which
-    extent is the batch dimension M, the one bucketed to a power of two. ``args`` are the
-    kernel's runtime arguments, the first a tensor on the launch device. A plan does not depend on
-    the tensors' addresses, only on the key, so one plan serves every call with that key."""
+class PlannedLauncher:
+    """What every GEMM launcher here shares: a kernel, its configs tuned per shape bucket
+    (kernels/_tuning.py), and a plan per exact call key, worked out on the first call with that
+    key and then found by one dict lookup. ``variant`` is (dtype, dot precision, *flags), the
+    flags being the values of the constexprs named in ``flag_names``; ``m_axis`` says which
+    extent is the batch dimension M, the one bucketed to a power of two."""
 
     _MAX_PLANS = 4096
 
-    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
-        self.tuned = TunedKernel(kernel, title, _candidates, _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG)
+    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...], candidates, default: triton.Config):
+        self.tuned = TunedKernel(kernel, title, candidates, default)
         self.kernel = kernel
         self.m_axis = m_axis  # 0: rows, 2: reduction
         self.flag_names = flag_names
         self.plans: dict[tuple, tuple] = {}
 
-    def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
-        if wrap is not None:
-            return self._launch_wrapped(wrap, variant, extents, strides, args)
-        plan = self.plans.get((variant, extents, strides))
-        if plan is None:
-            plan = self._plan(variant, extents, strides, args)
-        grid, meta_parameters, options = plan
-        # What kernel[grid](...) calls. The constexprs go positionally, after the runtime
-        # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
-        self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
-
-    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
+    def _bucket(self, variant: tuple, extents: tuple, layout: tuple = ()) -> tuple:
+        """The tuning key: dtype, precision, flags, extents (M to a power of two), ``layout``
+        (what of the strides a launcher's kernel specialises on) and the element size."""
         dtype, precision, *flags = variant
         rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
         return (
@@ -114,38 +102,78 @@ class GemmLauncher:
             ("precision", precision),
             ("flags", "".join("1" if f else "0" for f in flags)),
             ("rows", rows), ("cols", cols), ("reduction", reduction),
-            ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
-            ("strides", ",".join(str(_stride_class(s)) for s in strides)),
-            ("bytes", _ELEMENT_BYTES[dtype]),
+            *layout,
+            ("bytes", dtype.itemsize),
         )
 
     def constexprs(self, variant: tuple) -> dict:
         dtype, precision, *flags = variant
         return constexprs_for(dtype, precision, **dict(zip(self.flag_names, flags)))
 
-    def _plan(self, variant, extents, strides, args) -> tuple:
+    def _planned(self, key: tuple, device: torch.device, bucket: tuple, run, plan_with) -> tuple:
+        """``plan_with(config)`` for the bucket's config, remembered under ``key``. ``run(config)``
+        gives a launch for timing candidates."""
+        # Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met
+        # while capturing launches its known or default config, and is tuned on a later eager call.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            config = self.tuned.known(bucket, _device_name(device)) or self.tuned.default
+        else:
+            config = self.tuned.choose(bucket, _device_name(device), run)
+        plan = plan_with(config)
+        if not capturing:
+            if len(self.plans) >= self._MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        return plan
+
+    def report(self) -> list[dict]:
+        return self.tuned.report()
+
+
+class GemmLauncher(PlannedLauncher):
+    """Launches one kernel of the shared signature on a flat grid of output tiles.
+
+    Per call: one dict lookup on the exact (variant, extents, strides), then ``kernel.run``.
+    ``args`` are the kernel's runtime arguments, the first a tensor on the launch device. A plan
+    does not depend on the tensors' addresses, only on the key, so one plan serves every call
+    with that key."""
+
+    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
+        default = _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG
+        super().__init__(kernel, title, m_axis, flag_names, _candidates, default)
+
+    def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
+        if wrap is not None:
+            return self._launch_wrapped(wrap, variant, extents, strides, args)
+        key = (variant, extents, strides)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self._plan(key, args)
+        grid, meta_parameters, options = plan
+        # What kernel[grid](...) calls. The constexprs go positionally, after the runtime
+        # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
+        self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
+
+    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
+        return self._bucket(variant, extents, (
+            ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
+            ("strides", ",".join(str(_stride_class(s)) for s in strides)),
+        ))
+
+    def _plan(self, key: tuple, args: tuple) -> tuple:
+        variant, extents, strides = key
         rows, cols, _ = extents
-        device = args[0].device
         constexprs = self.constexprs(variant)
 
         def run(config):
             grid = _grid(rows, cols, config)
             return lambda: self.kernel[grid](*args, **constexprs, **launch_kwargs(config))
 
-        bucket, device_name = self.bucket(variant, extents, strides), _device_name(device)
-        # Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met
-        # while capturing launches its known or default config, and is tuned on a later eager call.
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:
-            config = self.tuned.known(bucket, device_name) or self.tuned.default
-        else:
-            config = self.tuned.choose(bucket, device_name, run)
-        plan = (_grid(rows, cols, config), *positional_launch(self.kernel, len(args), constexprs, config))
-        if not capturing:
-            if len(self.plans) >= self._MAX_PLANS:
-                self.plans.clear()
-            self.plans[(variant, extents, strides)] = plan
-        return plan
+        def plan_with(config):
+            return (_grid(rows, cols, config), *positional_launch(self.kernel, len(args), constexprs, config))
+
+        return self._planned(key, args[0].device, self.bucket(variant, extents, strides), run, plan_with)
 
     def _launch_wrapped(self, wrap, variant, extents, strides, args):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
@@ -159,11 +187,7 @@ class GemmLauncher:
         grid = _grid(rows, cols, config)
         wrap(self.kernel)[grid](*args, **self.constexprs(variant), **launch_kwargs(config))
 
-    def report(self) -> list[dict]:
-        return self.tuned.report()
 
-
-_ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 

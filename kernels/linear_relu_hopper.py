@@ -36,8 +36,8 @@ from ._common import (
     HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output, next_power_of_2,
     rounded_to,
 )
-from ._tuning import TunedKernel, launch_kwargs
-from .gemm_launch import constexprs_for, positional_launch, tile_config
+from ._tuning import launch_kwargs
+from .gemm_launch import PlannedLauncher, positional_launch, tile_config
 
 
 _BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
@@ -198,75 +198,47 @@ def _sm_count(device: torch.device) -> int:
     return count
 
 
-class _PersistentLauncher:
-    """Launches one persistent TMA kernel with its shape bucket's config (kernels/_tuning.py).
+class _PersistentLauncher(PlannedLauncher):
+    """Launches one persistent TMA kernel with its shape bucket's config.
 
     Unlike the portable launchers the arguments depend on the config (each descriptor carries
     its block shape), so a launch passes ``make_args(config)``. The grid is min(#SMs, #tiles);
     NUM_PROGRAMS, the tile loop's stride, is the SM count itself, so that one compiled kernel
     serves every problem size."""
 
-    _MAX_PLANS = 4096
-
     def __init__(self, kernel, title: str, m_axis: int, streamed_tiles: int, flag_names: tuple[str, ...] = ()):
         default = _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG
-        self.tuned = TunedKernel(kernel, title, lambda bucket: candidates(bucket, streamed_tiles), default)
-        self.kernel = kernel
-        self.m_axis = m_axis  # 0: rows, 2: reduction
-        self.flag_names = flag_names  # the constexprs whose values follow dtype and precision in a variant
-        self.plans: dict[tuple, tuple] = {}
+        super().__init__(kernel, title, m_axis, flag_names, lambda bucket: candidates(bucket, streamed_tiles), default)
 
     def __call__(self, device, variant: tuple, extents: tuple, make_args):
         key = (device, variant, extents)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self._plan(device, variant, extents, make_args)
+            plan = self._plan(key, make_args)
         config, grid, meta_parameters, options = plan
         self.kernel.run(*make_args(config), *meta_parameters, grid=grid, warmup=False, **options)
 
     def bucket(self, variant: tuple, extents: tuple) -> tuple:
-        dtype, precision, *flags = variant
-        rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
-        return (
-            ("dtype", str(dtype).replace("torch.", "")),
-            ("precision", precision),
-            ("flags", "".join("1" if f else "0" for f in flags)),
-            ("rows", rows), ("cols", cols), ("reduction", reduction),
-            ("bytes", dtype.itemsize),
-        )
+        return self._bucket(variant, extents)
 
     def _grid(self, device, extents, config) -> tuple:
         rows, cols, _ = extents
         tiles = cdiv(rows, config.kwargs["BLOCK_M"]) * cdiv(cols, config.kwargs["BLOCK_N"])
         return (min(tiles, _sm_count(device)),)
 
-    def _plan(self, device, variant, extents, make_args) -> tuple:
-        dtype, precision, *flags = variant
-        constexprs = {
-            **constexprs_for(dtype, precision, **dict(zip(self.flag_names, flags))), "NUM_PROGRAMS": _sm_count(device),
-        }
+    def _plan(self, key: tuple, make_args) -> tuple:
+        device, variant, extents = key
+        constexprs = {**self.constexprs(variant), "NUM_PROGRAMS": _sm_count(device)}
 
         def run(config):
             grid = self._grid(device, extents, config)
             return lambda: self.kernel[grid](*make_args(config), **constexprs, **launch_kwargs(config))
 
-        bucket = self.bucket(variant, extents)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:  # timing would synchronise inside the capture: see kernels/linear_relu.py
-            config = self.tuned.known(bucket, device_name) or self.tuned.default
-        else:
-            config = self.tuned.choose(bucket, device_name, run)
-        meta_parameters, options = positional_launch(self.kernel, len(make_args(config)), constexprs, config)
-        plan = (config, self._grid(device, extents, config), meta_parameters, options)
-        if not capturing:
-            if len(self.plans) >= self._MAX_PLANS:
-                self.plans.clear()
-            self.plans[(device, variant, extents)] = plan
-        return plan
+        def plan_with(config):
+            meta_parameters, options = positional_launch(self.kernel, len(make_args(config)), constexprs, config)
+            return (config, self._grid(device, extents, config), meta_parameters, options)
 
-    def report(self) -> list[dict]:
-        return self.tuned.report()
+        return self._planned(key, device, self.bucket(variant, extents), run, plan_with)
 
 
 _forward = _PersistentLauncher(
