@@ -63,6 +63,23 @@ def test_train_run_writes_table_json_and_plot(tmp_path, capsys, tiny):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.parametrize("variant", train.VARIANTS)
+def test_one_cycle_schedules_the_lr_and_holds_the_stated_momentum(variant):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    hyper = {"lr": 2.0, "momentum": 0.9, "weight_decay": 1e-4}
+    optimizer, schedule = train.optimizer_for(variant, params, hyper, "cpu", one_cycle_steps=20)
+    assert isinstance(optimizer, fastcore5.optim.SGD) == (variant == train.OURS)
+    seen = []
+    for _ in range(20):
+        seen.append(dict(optimizer.param_groups[0]))
+        params[0].grad = torch.ones(3)
+        optimizer.step()
+        schedule.step()
+    lrs = [group["lr"] for group in seen]
+    assert lrs[0] == pytest.approx(2.0 / 25) and max(lrs) == pytest.approx(2.0) and lrs[-1] < lrs[0] / 100
+    assert all(group["momentum"] == 0.9 and group["weight_decay"] == 1e-4 for group in seen)
+    assert train.optimizer_for(variant, params, hyper, "cpu")[1] is None
+
 def _rows(**mse):
     return [{"task": "collab", "variant": variant, "valid_mse": value} for variant, value in mse.items()]
 
