@@ -63,6 +63,24 @@ def test_train_run_writes_table_json_and_plot(tmp_path, capsys, tiny):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+
+def test_train_run_fails_when_a_way_misses_eager_validation_mse(tmp_path, monkeypatch, tiny):
+    """The agreement is an assertion of the run: a way 5% off eager ends it with exit status 1."""
+    real_run = train.collab_run
+
+    def fastcore5_off(variant, *args):
+        row = real_run(variant, *args)
+        if variant == train.OURS:
+            row["valid_mse"] *= 1.05
+        return row
+
+    monkeypatch.setattr(train, "collab_run", fastcore5_off)
+    monkeypatch.setattr(train, "mlp_task", lambda size, device: [])
+    assert runner.main(["--train", "--out", str(tmp_path), "--no-plots"]) == 1
+    [json_path] = tmp_path.glob("train-*.json")
+    [problem] = json.loads(json_path.read_text())["problems"]
+    assert problem.startswith("collab: fastcore5 validation MSE") and "differs from eager" in problem
+
 @pytest.mark.parametrize("variant", train.VARIANTS)
 def test_one_cycle_schedules_the_lr_and_holds_the_stated_momentum(variant):
     params = [torch.nn.Parameter(torch.zeros(3))]
