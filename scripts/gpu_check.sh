@@ -15,6 +15,8 @@
 #
 # Usage on the device machine: bash scripts/gpu_check.sh                        (everything)
 #                              STAGES="install tests" bash scripts/gpu_check.sh  (then "demo bench")
+#                              STAGES="install train" bash scripts/gpu_check.sh  (the training benchmark:
+#                              not in the default stages, it needs most of a call on its own)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -28,6 +30,7 @@ TESTS_LIMIT=${TESTS_LIMIT:-200}
 DEMO_LIMIT=${DEMO_LIMIT:-60}
 BENCH_LIMIT=${BENCH_LIMIT:-90}
 HOST_LIMIT=${HOST_LIMIT:-45}
+TRAIN_LIMIT=${TRAIN_LIMIT:-420}
 mkdir -p "$OUT"
 status=0
 : >"$OUT/summary.txt"
@@ -83,6 +86,9 @@ for s in $STAGES; do
     host)
       # Host time per call with real launches on tiny tensors (the hot-path issue's GPU check).
       stage host "$HOST_LIMIT" $PYTHON -m fastcore5.bench.host --calls 500 --json "$OUT/host.json" || true ;;
+    train)
+      # python -m bench --train at full size; its JSON goes under bench/results/ once committed
+      stage train "$TRAIN_LIMIT" $PYTHON -m bench --train --out "$OUT/train" || status=1 ;;
     *) echo "unknown stage $s" | tee -a "$OUT/summary.txt"; status=2 ;;
   esac
 done

@@ -63,6 +63,41 @@ def test_train_run_writes_table_json_and_plot(tmp_path, capsys, tiny):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+
+def test_train_run_fails_when_a_way_misses_eager_validation_mse(tmp_path, monkeypatch, tiny):
+    """The agreement is an assertion of the run: a way 5% off eager ends it with exit status 1."""
+    real_run = train.collab_run
+
+    def fastcore5_off(variant, *args):
+        row = real_run(variant, *args)
+        if variant == train.OURS:
+            row["valid_mse"] *= 1.05
+        return row
+
+    monkeypatch.setattr(train, "collab_run", fastcore5_off)
+    monkeypatch.setattr(train, "mlp_task", lambda size, device: [])
+    assert runner.main(["--train", "--out", str(tmp_path), "--no-plots"]) == 1
+    [json_path] = tmp_path.glob("train-*.json")
+    [problem] = json.loads(json_path.read_text())["problems"]
+    assert problem.startswith("collab: fastcore5 validation MSE") and "differs from eager" in problem
+
+@pytest.mark.parametrize("variant", train.VARIANTS)
+def test_one_cycle_schedules_the_lr_and_holds_the_stated_momentum(variant):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    hyper = {"lr": 2.0, "momentum": 0.9, "weight_decay": 1e-4}
+    optimizer, schedule = train.optimizer_for(variant, params, hyper, "cpu", one_cycle_steps=20)
+    assert isinstance(optimizer, fastcore5.optim.SGD) == (variant == train.OURS)
+    seen = []
+    for _ in range(20):
+        seen.append(dict(optimizer.param_groups[0]))
+        params[0].grad = torch.ones(3)
+        optimizer.step()
+        schedule.step()
+    lrs = [group["lr"] for group in seen]
+    assert lrs[0] == pytest.approx(2.0 / 25) and max(lrs) == pytest.approx(2.0) and lrs[-1] < lrs[0] / 100
+    assert all(group["momentum"] == 0.9 and group["weight_decay"] == 1e-4 for group in seen)
+    assert train.optimizer_for(variant, params, hyper, "cpu")[1] is None
+
 def _rows(**mse):
     return [{"task": "collab", "variant": variant, "valid_mse": value} for variant, value in mse.items()]
 

@@ -2,13 +2,14 @@
 fastcore5.optim.SGD, and its state saved and loaded through torch.distributed.checkpoint.
 
 fully_shard turns every parameter into a DTensor sharded on dim 0 (uneven shards included: the
-last Linear's 3 rows split 2 + 1); the optimizer steps the local shards in one launch and keeps
-DTensor momentum buffers. Each rank trains on its half of a batch; FSDP2 averages the gradients
-in its reduce-scatter, so the sharded model must equal one process training on the whole batch
-with torch.optim.SGD. Halfway, the model and optimizer state go through DCP (get_state_dict /
-dcp.save, then a fresh model and optimizer, dcp.load / set_state_dict) and training continues
-from the loaded copy. Float64 keeps the comparison tight. The Triton kernel runs through the
-interpreter (TRITON_INTERPRET=1, set by conftest and inherited by the spawned processes).
+last Linear's 3 rows split 2 + 1); the optimizer steps the four local shards in one launch
+(checked) and keeps DTensor momentum buffers. Each rank trains on its half of a batch; FSDP2
+averages the gradients in its reduce-scatter, so the sharded model must equal one process
+training on the whole batch with torch.optim.SGD. Halfway, the model and optimizer state go
+through DCP (get_state_dict / dcp.save, then a fresh model and optimizer, dcp.load /
+set_state_dict) and training continues from the loaded copy. Float64 keeps the comparison
+tight. The Triton kernel runs through the interpreter (TRITON_INTERPRET=1, set by conftest and
+inherited by the spawned processes).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         train(model, optimizer, data[:SAVE_AFTER], shard=rank)
         buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
         kinds = sorted({type(b).__name__ for b in buffers})
+        launches = [(len(launch.members), launch.dtensor, launch.prepared.backend)
+                    for launch in optimizer._plans[0].launches]
         saved_buffers = [b.full_tensor() for b in buffers]  # before training goes on in place
         model_state, optim_state = get_state_dict(model, optimizer)
         checkpoint = os.path.join(out_dir, "checkpoint")
@@ -67,6 +70,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         train(restored, restored_optimizer, data[SAVE_AFTER:], shard=rank)
         result = {
             "kinds": kinds,
+            "launches": launches,
             "saved_buffers": saved_buffers,
             "loaded_buffers": loaded_buffers,
             "continued": [p.full_tensor() for p in model.parameters()],
@@ -91,6 +95,7 @@ def test_fsdp2_sharded_training_and_checkpoint_match_unsharded_torch_sgd(tmp_pat
 
     for result in ranks:
         assert result["kinds"] == ["DTensor"]
+        assert result["launches"] == [(4, True, "triton")]  # the four local shards: one kernel launch
         for saved, loaded, want in zip(result["saved_buffers"], result["loaded_buffers"], torch_buffers):
             torch.testing.assert_close(saved, want, rtol=0, atol=1e-12)
             assert torch.equal(loaded, saved)
