@@ -3,6 +3,7 @@ the H200 anchors, ops without a benchmark file and cases that fail."""
 from __future__ import annotations
 
 import json
+import subprocess
 import types
 from pathlib import Path
 
@@ -16,6 +17,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FIELDS = {"card", "torch", "triton", "commit", "date", "device", "quick", "ceilings", "results", "skipped_ops", "notes"}
+
+
+def assert_git_ignores_as_results(written: list[Path]) -> None:
+    """Files a run wrote (to a scratch --out) would be ignored by git under bench/results, the
+    default --out of a checkout, so a benchmark run leaves `git status` clean."""
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing for .gitignore to keep clean")
+    names = sorted(f"bench/results/{path.name}" for path in written)
+    assert names
+    done = subprocess.run(["git", "check-ignore", *names], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == names, f"not ignored by git: {sorted(set(names) - set(done.stdout.split()))}"
 
 
 def _only_json(directory: Path) -> dict:
@@ -49,6 +61,7 @@ def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, 
     plots = sorted(tmp_path.glob("*.png"))
     assert [p.name.rsplit("-", 1)[1] for p in plots] == ["ceiling.png", "speedup.png"]
     assert all(p.read_bytes()[:8] == PNG_SIGNATURE for p in plots)
+    assert_git_ignores_as_results(list(tmp_path.iterdir()))
 
 
 def _fake_cases(device, quick):
@@ -156,8 +169,6 @@ def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, m
     """--host runs fastcore5.bench.host in a fresh process; without a GPU that process needs Triton's
     interpreter on from its start (importing fastcore5 imports triton). The runner's own command
     and environment, with a few calls instead of thousands."""
-    import subprocess
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as in a user's shell (conftest sets it for the tests)
     real_call = subprocess.call
     monkeypatch.setattr(subprocess, "call", lambda command, **kwargs: real_call(
