@@ -146,6 +146,17 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --out {out}:")
 
 
+@pytest.mark.parametrize("problem", ["folder", "under_a_file"])
+def test_bad_host_json_path_fails_before_the_host_benchmark_starts(tmp_path, capsys, monkeypatch, problem):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started the host benchmark before checking --json"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    json_path = tmp_path if problem == "folder" else blocker / "host.json"
+    assert runner.main(["--host", "--json", str(json_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --json {json_path}:")
+
+
 def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("FASTCORE5_BACKEND", "bogus")
     monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured with a bad FASTCORE5_BACKEND"))

@@ -32,7 +32,7 @@ import torch
 
 import fastcore5
 from fastcore5 import backends
-from fastcore5._output_paths import OutputPathError, writable_folder
+from fastcore5._output_paths import OutputPathError, writable_file, writable_folder
 
 from .common import Case, measure_ceilings, run_case
 
@@ -94,17 +94,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     except backends.BackendConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    if args.host:
-        # A fresh process, with Triton's interpreter on from its start when there is no GPU: importing
-        # the fastcore5 package imports triton, which reads TRITON_INTERPRET once (see host.py).
-        command = [sys.executable, "-m", f"{__package__}.host"] + (["--json", str(args.json.resolve())] if args.json else [])
-        env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
-        return subprocess.call(command, env=env)
     try:
-        out = writable_folder(args.out, "--out")
+        if args.host:
+            host_json = writable_file(args.json, "--json").resolve() if args.json else None
+        else:
+            out = writable_folder(args.out, "--out")
     except OutputPathError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    if args.host:
+        # A fresh process, with Triton's interpreter on from its start when there is no GPU: importing
+        # the fastcore5 package imports triton, which reads TRITON_INTERPRET once (see host.py).
+        command = [sys.executable, "-m", f"{__package__}.host"] + (["--json", str(host_json)] if host_json else [])
+        env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.call(command, env=env)
     if args.train:
         from . import train
 
