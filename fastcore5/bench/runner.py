@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    ignore_torch_deprecations()
     try:
         backends.check_environment()
     except backends.BackendConfigError as err:
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     if args.host:
         # A fresh process, with Triton's interpreter on from its start when there is no GPU: importing
         # the fastcore5 package imports triton, which reads TRITON_INTERPRET once (see host.py).
-        command = [sys.executable, "-m", f"{__package__}.host"] + (["--json", str(host_json)] if host_json else [])
+        # The parent's -W options too, so `python -W error::DeprecationWarning -m bench --host` checks the child.
+        warning_options = [f"-W{option}" for option in sys.warnoptions]
+        command = [sys.executable, *warning_options, "-m", f"{__package__}.host"] + (["--json", str(host_json)] if host_json else [])
         env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.call(command, env=env)
     if args.train:
@@ -185,6 +189,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         print(f"{len(errors)} case(s) failed: see 'error' in the table and the JSON", file=sys.stderr)
         return 1
     return 0
+
+
+def ignore_torch_deprecations() -> None:
+    """torch.compile imports torch.utils.mkldnn, whose classes use torch's own deprecated
+    torch.jit.script_method: torch's deprecation, not ours, ignored here as pyproject.toml ignores it
+    for the tests, so that `python -W error::DeprecationWarning -m bench` fails on ours only."""
+    warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning, module="torch")
 
 
 def environment(device: str, quick: bool) -> dict:
