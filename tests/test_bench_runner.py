@@ -3,6 +3,8 @@ the H200 anchors, ops without a benchmark file and cases that fail."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -16,6 +18,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_FIELDS = {"card", "torch", "triton", "commit", "date", "device", "quick", "ceilings", "results", "skipped_ops", "notes"}
+
+
+def assert_git_ignores_as_results(written: list[Path]) -> None:
+    """Files a run wrote (to a scratch --out) would be ignored by git under bench/results, the
+    default --out of a checkout, so a benchmark run leaves `git status` clean."""
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing for .gitignore to keep clean")
+    names = sorted(f"bench/results/{path.name}" for path in written)
+    assert names
+    done = subprocess.run(["git", "check-ignore", *names], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == names, f"not ignored by git: {sorted(set(names) - set(done.stdout.split()))}"
 
 
 def _only_json(directory: Path) -> dict:
@@ -49,6 +62,7 @@ def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, 
     plots = sorted(tmp_path.glob("*.png"))
     assert [p.name.rsplit("-", 1)[1] for p in plots] == ["ceiling.png", "speedup.png"]
     assert all(p.read_bytes()[:8] == PNG_SIGNATURE for p in plots)
+    assert_git_ignores_as_results(list(tmp_path.iterdir()))
 
 
 def _fake_cases(device, quick):
@@ -133,6 +147,17 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --out {out}:")
 
 
+@pytest.mark.parametrize("problem", ["folder", "under_a_file"])
+def test_bad_host_json_path_fails_before_the_host_benchmark_starts(tmp_path, capsys, monkeypatch, problem):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started the host benchmark before checking --json"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    json_path = tmp_path if problem == "folder" else blocker / "host.json"
+    assert runner.main(["--host", "--json", str(json_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --json {json_path}:")
+
+
 def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("FASTCORE5_BACKEND", "bogus")
     monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured with a bad FASTCORE5_BACKEND"))
@@ -140,6 +165,32 @@ def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m bench: error: FASTCORE5_BACKEND='bogus'")
     assert all(name in err[0] for name in ("triton", "cuda", "torch", "auto"))
+
+
+_COMPILING_BENCH_RUN = """
+import sys, types, torch
+from fastcore5.bench import runner
+from fastcore5.bench.common import Case
+
+def cases(device, quick):
+    x = torch.ones(4)
+    compiled = torch.compile(lambda t: t + 1)  # as the real cases do: inductor, imported on first use
+    return [Case("linear_relu", "4", "fp32", "fwd", {"fastcore5": lambda: x + 1, "torch.compile": lambda: compiled(x)})]
+
+runner.load_cases_module = lambda op: types.SimpleNamespace(cases=cases)
+sys.exit(runner.main(["--quick", "--op", "linear_relu", "--no-plots", "--out", sys.argv[1]]))
+"""
+
+
+def test_bench_runs_under_python_w_error_deprecation_warning(tmp_path):
+    """`python -W error::DeprecationWarning -m bench` finds deprecations in our code only: torch's
+    own, from importing inductor for torch.compile, does not end the run."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", _COMPILING_BENCH_RUN, str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "torch.compile" in done.stdout and "DeprecationWarning" not in done.stderr
 
 
 def test_cli_bench_subcommand_reaches_the_runner(capsys):
@@ -155,15 +206,20 @@ def test_cli_bench_subcommand_reaches_the_runner(capsys):
 def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, monkeypatch):
     """--host runs fastcore5.bench.host in a fresh process; without a GPU that process needs Triton's
     interpreter on from its start (importing fastcore5 imports triton). The runner's own command
-    and environment, with a few calls instead of thousands."""
-    import subprocess
-
+    and environment, with a few calls instead of thousands. The parent's -W options reach the
+    child: here a deprecation in our code fails it, as under `python -W error::DeprecationWarning`."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as in a user's shell (conftest sets it for the tests)
-    real_call = subprocess.call
-    monkeypatch.setattr(subprocess, "call", lambda command, **kwargs: real_call(
-        command + ["--calls", "5", "--rounds", "1"], timeout=300, **kwargs))
+    monkeypatch.setattr(sys, "warnoptions", ["error::DeprecationWarning"])
+    real_call, commands = subprocess.call, []
+
+    def call_with_few_calls(command, **kwargs):
+        commands.append(command)
+        return real_call(command + ["--calls", "5", "--rounds", "1"], timeout=300, **kwargs)
+
+    monkeypatch.setattr(subprocess, "call", call_with_few_calls)
     report_path = tmp_path / "host.json"
     assert runner.main(["--host", "--json", str(report_path)]) == 0
+    assert commands[0][1:3] == ["-Werror::DeprecationWarning", "-m"]
     report = json.loads(report_path.read_text())
     assert {row["op"] for row in report["cases"]} == {"linear_relu", "embedding_dot_bias", "sgd"}
     assert all(row["fastcore5_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])

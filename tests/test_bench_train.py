@@ -12,6 +12,8 @@ import fastcore5
 from fastcore5.bench import runner, train, train_data
 from fastcore5.nn import EmbeddingDotBias
 
+from test_bench_runner import assert_git_ignores_as_results
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,6 +63,7 @@ def test_train_run_writes_table_json_and_plot(tmp_path, capsys, tiny):
     assert "samples/s" in printed and "steps/s" in printed and "torch.compile reduce-overhead" in printed
     [png] = tmp_path.glob("train-*.png")
     assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert_git_ignores_as_results([json_path, png])
 
 
 

@@ -129,6 +129,15 @@ def test_too_few_ratings_name_the_real_cause(tmp_path, capsys):
     line = _one_error_line(capsys)
     assert "32 for training, fewer than one batch of 256" in line and "lower --batch-size to 32 or less" in line
 
+    one_item = tmp_path / "one_item"
+    one_item.mkdir()
+    (one_item / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,7,{r}.0,0\n" for r in range(1, 6)))
+    assert main(["demo", "--part", "collab", "--ratings", str(one_item), "--batch-size", "2", "--backend", "torch"]) == 2
+    captured = capsys.readouterr()
+    assert "data: " in captured.out and ": 1 user, 1 item, 5 ratings (" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "the ratings cover 1 item" in lines[0] and "at least 2 items" in lines[0]
+
 
 def test_counts_are_written_in_words_that_agree():
     out = io.StringIO()

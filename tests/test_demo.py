@@ -221,10 +221,11 @@ def test_help_explains_every_demo_option(capsys):
 
 def test_python_m_fastcore5_demo_on_a_fresh_cpu_process():
     """`python -m fastcore5 demo` as the README's quick start runs it: a new process without the
-    test suite's TRITON_INTERPRET, so the automatic backend choice is the one a CPU user gets."""
+    test suite's TRITON_INTERPRET, so the automatic backend choice is the one a CPU user gets; with
+    deprecations as errors, as pyproject.toml's filter makes them for in-process tests."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCORE5_POISON", "FASTCORE5_BACKEND")}
     done = subprocess.run(
-        [sys.executable, "-m", "fastcore5", "demo", "--part", "digits", "--epochs", "1"],
+        [sys.executable, "-W", "error::DeprecationWarning", "-m", "fastcore5", "demo", "--part", "digits", "--epochs", "1"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

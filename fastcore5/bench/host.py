@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from .._output_paths import OutputPathError, writable_file
+
 FORWARD_TARGET = 1.5
 SGD_TARGETS = {161: 1.0, 2000: 0.3}
 
@@ -234,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=500, help="calls per round (SGD: a twentieth of it, at least 20)")
     parser.add_argument("--rounds", type=int, default=21, help="alternating rounds per pair of callables")
     args = parser.parse_args(argv)
-    if args.json is not None and not args.json.parent.is_dir():
-        parser.error(f"--json: the folder {args.json.parent} does not exist")
+    try:
+        json_path = writable_file(args.json, "--json") if args.json is not None else None
+    except OutputPathError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     report = measure(args.calls, args.rounds)
     print(format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"JSON: {args.json}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+        print(f"JSON: {json_path}")
     return 0
 
 

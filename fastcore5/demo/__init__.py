@@ -214,7 +214,8 @@ def _run_collab(options: DemoOptions, device, plots: Path | None, report: DemoRe
     report.ratings = ratings
     stream.write(
         f"{counter} Collaborative filtering: EmbeddingDotBias trained with SGD\n"
-        f"  data: {ratings.source}: {ratings.n_users} users, {ratings.n_items} items, {len(ratings)} ratings "
+        f"  data: {ratings.source}: {_console.plural(ratings.n_users, 'user')}, {_console.plural(ratings.n_items, 'item')}, "
+        f"{_console.plural(len(ratings), 'rating')} "
         f"(loaded in {_console.seconds(data_seconds)})\n"
     )
     settings = CollabSettings(seed=options.seed, **_overrides(options), **options.collab_overrides)

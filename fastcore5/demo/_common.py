@@ -132,7 +132,7 @@ def interpreter_estimate(used: dict[str, str], device: torch.device, total_steps
         expected = first + typical * (total_steps - 1)
         stream.write(
             f"  Triton's interpreter takes {_console.seconds(typical)} per step here: this part's "
-            f"{total_steps} steps will take about {_console.seconds(expected)}\n"
+            f"{_console.plural(total_steps, 'step')} will take about {_console.seconds(expected)}\n"
         )
         stream.flush()
 

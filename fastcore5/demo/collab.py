@@ -23,6 +23,8 @@ from ._common import DemoError, EpochStats, Stopwatch, backends_for, interpreter
 from .data import Ratings
 
 OPS = ("embedding_dot_bias", "sgd")
+# The interpretation reads the item factors on this many principal components (one per item at most).
+PCA_COMPONENTS = 2
 
 
 @dataclass
@@ -86,6 +88,11 @@ def train_collab(ratings: Ratings, settings: CollabSettings, device: torch.devic
         raise DemoError(
             f"{len(ratings)} ratings leave none for validation ({settings.valid_fraction:.0%} of them rounds down to 0): "
             f"use at least {math.ceil(1 / settings.valid_fraction)} ratings"
+        )
+    if ratings.n_items < PCA_COMPONENTS:
+        raise DemoError(
+            f"the ratings cover {_console.plural(ratings.n_items, 'item')}: the interpretation reads the item factors "
+            f"on {PCA_COMPONENTS} principal components, so it needs ratings of at least {PCA_COMPONENTS} items"
         )
     if steps_per_epoch == 0:
         raise DemoError(
@@ -161,7 +168,7 @@ def evaluate_mse(model: torch.nn.Module, pairs: torch.Tensor, targets: torch.Ten
 
 @torch.no_grad()
 def interpret_collab(
-    model: EmbeddingDotBias, ratings: Ratings, stream: TextIO, top: int = 10, most_rated: int = 1000, components: int = 2
+    model: EmbeddingDotBias, ratings: Ratings, stream: TextIO, top: int = 10, most_rated: int = 1000, components: int = PCA_COMPONENTS
 ) -> Interpretation:
     """The lesson's reading of a trained EmbeddingDotBias, printed to ``stream`` and returned.
 
