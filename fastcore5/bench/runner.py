@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         # the fastcore5 package imports triton, which reads TRITON_INTERPRET once (see host.py).
         # The parent's -W options too, so `python -W error::DeprecationWarning -m bench --host` checks the child.
         warning_options = [f"-W{option}" for option in sys.warnoptions]
-        command = [sys.executable, *warning_options, "-m", f"{__package__}.host"] + (["--json", str(host_json)] if host_json else [])
+        command = [sys.executable, *warning_options, "-m", f"{__package__}.host"]
+        if host_json:
+            command += ["--json", str(host_json)]
         env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.call(command, env=env)
     if args.train:
@@ -195,7 +197,9 @@ def ignore_torch_deprecations() -> None:
     """torch.compile imports torch.utils.mkldnn, whose classes use torch's own deprecated
     torch.jit.script_method: torch's deprecation, not ours, ignored here as pyproject.toml ignores it
     for the tests, so that `python -W error::DeprecationWarning -m bench` fails on ours only."""
-    warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning, module="torch")
+    warnings.filterwarnings(
+        "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning, module="torch"
+    )
 
 
 def environment(device: str, quick: bool) -> dict:

@@ -333,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
     if device == "cpu":
         notes.append(
             "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
-            "pipeline; its numbers are not the point. The training-speed numbers need a GPU: STAGES=\"install train\" bash scripts/gpu_check.sh."
+            "pipeline; its numbers are not the point. The training-speed numbers need a GPU: "
+            'STAGES="install train" bash scripts/gpu_check.sh.'
         )
     for note in notes:
         print(note)
