@@ -228,6 +228,7 @@ def test_lr_find_runs_and_restores_the_weights(tmp_path, plumbing):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:load_learner` uses Python's insecure pickle:UserWarning")  # the file is this test's own
 @pytest.mark.parametrize("make", [make_collab, make_tabular], ids=["collab", "tabular"])
 def test_export_and_load_learner_round_trip(tmp_path, plumbing, make):
     learn = make(partial(fc_fastai.SGD, mom=0.9), patched=True, path=tmp_path)
