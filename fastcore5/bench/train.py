@@ -10,7 +10,7 @@ Two training runs, each done four ways from the same initial weights and the sam
 * **mlp** — 8192 x 1024 -> 4096 -> 4096 -> 1024 (ReLU after the hidden layers), bf16 autocast, SGD
   with momentum, 200 steps on synthetic data.
 
-The four ways: ``fastcore5`` (``fastcore5.nn.EmbeddingDotBias`` / ``LinearReLU`` +
+The four ways: ``fastcore5`` (``fastcore5.nn.EmbeddingDotBias`` / ``fastcore5.nn.MLP`` +
 ``fastcore5.optim.SGD``), ``eager`` (nn.Embedding / nn.Linear + nn.ReLU with the same formula +
 ``torch.optim.SGD(fused=True)``), ``torch.compile`` of the eager model's forward and loss (default
 mode) and the same with ``mode="reduce-overhead"`` (CUDA graphs). Each way first runs a few
@@ -45,7 +45,7 @@ from fastcore5.optim import SGD
 
 from . import runner
 from .train_data import (
-    ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, copy_parameters, mlp, mlp_data, synthetic_ratings,
+    ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,
 )
 
 VARIANTS = ("fastcore5", "eager", "torch.compile", "torch.compile reduce-overhead")
@@ -180,9 +180,7 @@ def collab_run(variant: str, size: CollabSize, data, initial: dict, device: str)
 def mlp_run(variant: str, size: MLPSize, data, initial: dict, device: str) -> dict:
     inputs, targets = data
     model = mlp(size.widths, fused=variant == OURS, device=device)
-    reference = mlp(size.widths, fused=False, device=device)
-    reference.load_state_dict(initial)
-    copy_parameters(reference, model)
+    model.load_state_dict(initial)  # the fused MLP has the plain Sequential's state_dict
     initial_here = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     def batches(count):

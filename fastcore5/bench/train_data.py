@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastcore5.nn import LinearReLU
+from fastcore5.nn import MLP
 
 __all__ = [
     "CollabSize", "MLPSize", "ITEM_ZIPF", "USER_ZIPF", "zipf_ids", "synthetic_ratings", "mlp_data",
-    "EagerDotBias", "mlp", "copy_parameters",
+    "EagerDotBias", "mlp",
 ]
 
 
@@ -107,23 +107,10 @@ class EagerDotBias(nn.Module):
 
 
 def mlp(widths: tuple[int, ...], fused: bool, device) -> nn.Sequential:
-    """Linear -> ReLU for every layer but the last (plain Linear), fused or not."""
-    layers = []
-    for position, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
-        last = position == len(widths) - 2
-        if last:
-            layers.append(nn.Linear(n_in, n_out, device=device))
-        elif fused:
-            layers.append(LinearReLU(n_in, n_out, device=device))
-        else:
-            layers += [nn.Linear(n_in, n_out, device=device), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-def copy_parameters(source: nn.Module, target: nn.Module) -> None:
-    with torch.no_grad():
-        for p, q in zip(source.parameters(), target.parameters(), strict=True):
-            q.copy_(p)
+    """Linear -> ReLU for every layer but the last (plain Linear): fastcore5.nn.MLP, the stack as
+    one fused op, or the same layers as a plain nn.Sequential."""
+    model = MLP(widths, device=device)
+    return model if fused else nn.Sequential(*model)
 
 
 def mlp_data(size: MLPSize, device, seed: int = 0, n_batches: int = 4):
