@@ -147,6 +147,24 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
     assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --out {out}:")
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--host", "--train"], "--host and --train"),
+        (["--json", "x.json"], "--json is for --host"),
+        (["--train", "--json", "x.json"], "--json is for --host"),
+        (["--host", "--op", "sgd"], "--op picks kernel benchmarks; --host"),
+        (["--train", "--op", "sgd"], "--op picks kernel benchmarks; --train"),
+    ],
+)
+def test_options_a_run_would_ignore_are_refused_in_one_line(argv, named, capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started the host benchmark"))
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("started measuring"))
+    assert runner.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: {named}")
+
+
 @pytest.mark.parametrize("problem", ["folder", "under_a_file"])
 def test_bad_host_json_path_fails_before_the_host_benchmark_starts(tmp_path, capsys, monkeypatch, problem):
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started the host benchmark before checking --json"))

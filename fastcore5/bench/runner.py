@@ -88,8 +88,24 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     return parser
 
 
+def option_conflict(args: argparse.Namespace) -> str | None:
+    """Why the options asked for cannot go together, or None: an option that the chosen run would
+    ignore is refused rather than dropped silently."""
+    if args.host and args.train:
+        return "--host and --train are separate runs: pick one"
+    if args.json is not None and not args.host:
+        return "--json is for --host; the kernel and training benchmarks write their JSON into --out"
+    if args.ops and (args.host or args.train):
+        return f"--op picks kernel benchmarks; {'--host' if args.host else '--train'} runs every op it has"
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    conflict = option_conflict(args)
+    if conflict:
+        print(f"{prog}: error: {conflict}", file=sys.stderr)
+        return 2
     ignore_torch_deprecations()
     try:
         backends.check_environment()
