@@ -2,7 +2,7 @@
 
 x is (M, K), W is (N, K) like nn.Linear.weight, b is (N,) or absent, out is (M, N).
 Forward: one tiled GEMM whose epilogue adds the bias and applies ReLU before the only store.
-Backward: relu'(pre) = (out > 0), so only ``out`` is needed, never the pre-activation.
+Backward: relu'(pre) = (out > 0; NaN passes, as in torch), so only ``out`` is needed, never the pre-activation.
   grad_x = g @ W            (one kernel, tiles of grad_x, loop over N)
   grad_W = g.T @ x, grad_b = g.sum(0)   (one kernel, tiles of grad_W, loop over M; the bias
                                          sum rides on the g tiles the column-0 programs load)
@@ -43,6 +43,19 @@ def _round_to_tf32(v):
     tie_to_even = (bits >> 13) & 1
     rounded = ((bits + 0xFFF + tie_to_even) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return tl.where((bits & 0x7F800000) == 0x7F800000, v, rounded)
+
+
+@triton.jit
+def relu(v):
+    """torch.relu's values: a NaN stays NaN (tl.maximum would turn it into 0 on a GPU)."""
+    return tl.where(v < 0, tl.zeros_like(v), v)
+
+
+@triton.jit
+def relu_masked(grad, out):
+    """grad where relu's output ``out`` is not <= 0, else 0: torch's threshold_backward, which
+    passes the gradient of a NaN output on."""
+    return tl.where(out <= 0, tl.zeros_like(grad), grad)
 
 
 @triton.jit
@@ -102,7 +115,7 @@ def _linear_relu_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC_DTYPE)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, rounded_to(acc, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -131,8 +144,7 @@ def _linear_relu_bwd_input_kernel(
     for n0 in range(0, N, BLOCK_K):
         in_range = offs_n < N - n0
         grad = tl.load(g_ptrs, mask=in_range[None, :], other=0.0)
-        active = tl.load(o_ptrs, mask=in_range[None, :], other=0.0) > 0
-        g_tile = tl.where(active, grad, tl.zeros_like(grad)).to(w_ptr.dtype.element_ty)
+        g_tile = relu_masked(grad, tl.load(o_ptrs, mask=in_range[None, :], other=0.0)).to(w_ptr.dtype.element_ty)
         w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
         g_tile = _dot_operand(g_tile, UPCAST, ROUND_TF32)
         w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
@@ -174,8 +186,7 @@ def _linear_relu_bwd_weight_kernel(
         in_range = offs_m < M - m0
         gt_tile = tl.load(gt_ptrs, mask=in_range[None, :], other=0.0)
         if RELU:
-            active = tl.load(ot_ptrs, mask=in_range[None, :], other=0.0) > 0
-            gt_tile = tl.where(active, gt_tile, tl.zeros_like(gt_tile))
+            gt_tile = relu_masked(gt_tile, tl.load(ot_ptrs, mask=in_range[None, :], other=0.0))
         if HAS_BIAS_GRAD:
             bias_acc += tl.sum(gt_tile.to(ACC_DTYPE), axis=1)
         if HAS_WEIGHT_GRAD:

@@ -65,7 +65,7 @@ def _fwd_kernel(
         if HAS_BIAS:
             cols = col.to(tl.int64) + tl.arange(0, BLOCK_N)
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(ACC_DTYPE)[None, :]
-        acc = tl.maximum(acc, 0.0)
+        acc = portable.relu(acc)
         out_desc.store([row, col], rounded_to(acc, out_desc.dtype))
 
 
@@ -85,8 +85,7 @@ def _bwd_input_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for step in range(n_steps):
             grad = grad_desc.load([row, step * BLOCK_K])
-            active = out_desc.load([row, step * BLOCK_K]) > 0
-            g_tile = tl.where(active, grad, tl.zeros_like(grad))
+            g_tile = portable.relu_masked(grad, out_desc.load([row, step * BLOCK_K]))
             w_tile = w_desc.load([step * BLOCK_K, col])
             g_tile = portable._dot_operand(g_tile, UPCAST, ROUND_TF32)
             w_tile = portable._dot_operand(w_tile, UPCAST, ROUND_TF32)
@@ -115,8 +114,7 @@ def _bwd_weight_kernel(
         bias_cols = tl.zeros((BLOCK_M, _BIAS_DOT_COLUMNS), dtype=ACC_DTYPE)
         for step in range(m_steps):
             grad = grad_desc.load([step * BLOCK_K, row])
-            active = out_desc.load([step * BLOCK_K, row]) > 0
-            gt_tile = tl.where(active, grad, tl.zeros_like(grad)).T
+            gt_tile = portable.relu_masked(grad, out_desc.load([step * BLOCK_K, row])).T
             x_tile = x_desc.load([step * BLOCK_K, col])
             if UPCAST:
                 gt_tile = gt_tile.to(tl.float32)

@@ -31,7 +31,7 @@ from ._common import dot_precision, new_output, rounded_to
 from .gemm_launch import GemmLauncher
 from .linear_relu import (
     _grouped_tile, _linear_relu_bwd_weight_kernel,
-    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride, weight_and_bias_grads,
+    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride, relu_masked, weight_and_bias_grads,
 )
 
 
@@ -57,7 +57,7 @@ def _mlp_grad_input_kernel(
     in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if MASK:
         below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
-        acc = tl.where(below > 0, acc, tl.zeros_like(acc))
+        acc = relu_masked(acc, below)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
     tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=in_tile)
 

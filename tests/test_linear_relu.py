@@ -240,6 +240,30 @@ def test_torch_backend_runs_the_reference():
         torch.testing.assert_close(fastcore5.linear_relu(x, w, b), reference(x, w, b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("poisoned, value", [("x", float("nan")), ("weight", float("nan")), ("bias", float("nan")), ("x", float("inf"))])
+def test_nan_and_inf_propagate_like_torch(backend, poisoned, value):
+    """torch.relu keeps a NaN and its backward passes the gradient of a NaN output on; a fused
+    epilogue built on max(acc, 0) would silently turn both into 0."""
+    x, w, b = make_inputs(6, 5, 4, torch.float64)
+    with torch.no_grad():
+        {"x": x, "weight": w, "bias": b}[poisoned].view(-1)[1] = value
+    grad_out = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
+    results = []
+    for fn in (lambda *a: _on_backend(backend, *a), reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    assert not results[1][0].isfinite().all()  # the poison reached the output
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def _on_backend(backend, x, w, b):
+    with use_backend(backend):
+        return fastcore5.linear_relu(x, w, b)
+
+
 @pytest.mark.parametrize(
     "args, error, match",
     [

@@ -320,6 +320,23 @@ def test_bad_sizes_name_the_argument(sizes, error, match):
         MLP(sizes)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_the_unfused_sequential(backend, value):
+    """A NaN reaching a hidden ReLU stays NaN and its gradient flows on, as in nn.ReLU; a mask of
+    (h > 0) in the fused grad-input epilogue would silently zero both."""
+    unfused = randomize(sequential((5, 7, 3), dtype=torch.float64))
+    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE)
+    x[1, 2] = value
+    grad_out = torch.randn(4, 3, dtype=torch.float64, device=DEVICE)
+    with use_backend(backend):
+        ours, our_grads = forward_backward(MLP.from_sequential(unfused), x, grad_out)
+    theirs, their_grads = forward_backward(unfused, x, grad_out)
+    assert not theirs.isfinite().all()  # the poison reached the output
+    for o, t in zip([ours] + our_grads, [theirs] + their_grads):
+        torch.testing.assert_close(o, t, equal_nan=True)
+
+
 def _args(x_shape=(3, 4), shapes=((5, 4), (2, 5)), bias_shapes=(5, 2), **changes):
     args = {
         "x": torch.randn(*x_shape),
