@@ -327,6 +327,9 @@ BAD_INPUTS = {
     "bias_rows_differ": (_bad_call(i_bias=torch.randn(7, 1)), ValueError, r"i_bias has 7 rows but i_weight has 6"),
     "dtype_mismatch": (_bad_call(i_weight=torch.randn(6, 3, dtype=torch.float64)), TypeError, r"i_weight is torch.float64"),
     "device_mismatch": (_bad_call(u_bias=torch.randn(5, 1, device="meta")), ValueError, r"u_bias on meta"),
+    "sparse_users": (_bad_call(users=random_indices(5, 8).to_sparse()), TypeError, r"users must be a dense .*sparse_coo"),
+    "sparse_table": (_bad_call(i_weight=torch.randn(6, 3).to_sparse()), TypeError, r"i_weight must be a dense"),
+    "sparse_bias": (_bad_call(u_bias=torch.randn(5, 1).to_sparse()), TypeError, r"u_bias must be a dense"),
 }
 
 
@@ -358,6 +361,20 @@ def test_bad_y_range_gets_one_message_from_op_and_module(case, caller):
             _bad_call(y_range=y_range)()
         else:
             EmbeddingDotBias(3, 5, 6, y_range=y_range)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(validate="bogus"), ValueError, r"validate must be None or one of"),
+        (dict(sparse="yes"), TypeError, r"sparse must be a bool, got str"),
+        (dict(n_factors=0), ValueError, r"n_factors must be at least 1"),
+        (dict(n_users=5.0), TypeError, r"n_users must be an int"),
+    ],
+)
+def test_bad_module_arguments_are_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        EmbeddingDotBias(**{"n_factors": 3, "n_users": 5, "n_items": 6, **kwargs})
 
 
 def test_y_range_of_ints_and_numpy_scalars_is_accepted_as_floats():

@@ -276,6 +276,9 @@ def _on_backend(backend, x, w, b):
         (lambda: (torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), None), TypeError, "weight is torch.float64"),
         (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, device="meta")), ValueError, "bias on meta"),
         (lambda: ([[1.0]], torch.randn(5, 4), None), TypeError, "x must be a torch.Tensor"),
+        (lambda: (torch.randn(3, 4).to_sparse(), torch.randn(5, 4), None), TypeError, "x must be a dense .*sparse_coo"),
+        (lambda: (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5).to_sparse()), TypeError, "bias must be a dense"),
+        (lambda: (torch.randn(3, 4, device="meta"), torch.randn(5, 4), None), ValueError, "x on meta, weight on cpu"),
     ],
 )
 def test_bad_input_names_the_argument(args, error, match):

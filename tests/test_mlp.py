@@ -362,6 +362,7 @@ def _args(x_shape=(3, 4), shapes=((5, 4), (2, 5)), bias_shapes=(5, 2), **changes
         (lambda: _args(biases=lambda: [torch.randn(5), torch.randn(2, dtype=torch.float64)]), TypeError, r"biases\[1\] is torch.float64"),
         (lambda: _args(biases=lambda: [torch.randn(5, device="meta"), None]), ValueError, r"biases\[0\] on meta"),
         (lambda: _args(x=lambda: [[1.0]]), TypeError, "x must be a torch.Tensor"),
+        (lambda: _args(weights=lambda: [torch.randn(5, 4), torch.randn(2, 5).to_sparse()]), TypeError, r"weights\[1\] must be a dense"),
     ],
 )
 def test_bad_input_names_the_argument(args, error, match):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import interpret
 from .._checks import INDEX_DTYPES, check_tensor
 from ..ops.embedding_dot_bias import embedding_dot_bias
-from ..ops.embedding_dot_bias_checks import check_y_range
+from ..ops.embedding_dot_bias_checks import check_modes, check_y_range
 
 
 def _fastai_init_(weight: Tensor) -> None:
@@ -56,6 +56,7 @@ class EmbeddingDotBias(nn.Module):
         for name, value in (("n_factors", n_factors), ("n_users", n_users), ("n_items", n_items)):
             _check_positive_count(name, value)
         check_y_range(y_range)
+        check_modes(sparse, validate)
         self.y_range = y_range
         self.sparse = sparse
         self.validate = validate

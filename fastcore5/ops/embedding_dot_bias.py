@@ -36,6 +36,7 @@ from .embedding_dot_bias_checks import (
 OP = "embedding_dot_bias"
 _FLOATS = frozenset(FLOAT_DTYPES)
 _INDICES = frozenset(INDEX_DTYPES)
+_STRIDED = torch.strided
 
 
 def _triton_kernels():
@@ -292,6 +293,10 @@ def embedding_dot_bias(
         usable = (
             users.dtype in _INDICES
             and items.dtype in _INDICES
+            and users.layout is _STRIDED
+            and items.layout is _STRIDED
+            and u_weight.layout is _STRIDED
+            and i_weight.layout is _STRIDED
             and users.dim() == 1
             and items.shape == users.shape
             and dtype in _FLOATS

@@ -64,6 +64,14 @@ def _check_bias(name: str, bias: Tensor, weight_name: str, rows: int) -> None:
         raise ValueError(f"{name} has {bias.shape[0]} rows but {weight_name} has {rows}")
 
 
+def check_modes(sparse, validate) -> None:
+    """The op's ``sparse`` and ``validate``; nn.EmbeddingDotBias checks them at construction too."""
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
+    if validate is not None and validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be None or one of {', '.join(map(repr, VALIDATE_MODES))}, got {validate!r}")
+
+
 def raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate) -> None:
     """The argument-naming error for whatever the fast check in embedding_dot_bias refused."""
     check_tensor("users", users, dtypes=INDEX_DTYPES, ndim=1)
@@ -79,10 +87,7 @@ def raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse
         )
     _check_bias("u_bias", u_bias, "u_weight", u_weight.shape[0])
     _check_bias("i_bias", i_bias, "i_weight", i_weight.shape[0])
-    if not isinstance(sparse, bool):
-        raise TypeError(f"sparse must be a bool, got {type(sparse).__name__}")
-    if validate is not None and validate not in VALIDATE_MODES:
-        raise ValueError(f"validate must be None or one of {', '.join(map(repr, VALIDATE_MODES))}, got {validate!r}")
+    check_modes(sparse, validate)
     check_same_device(users=users, items=items, u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
     check_same_dtype(u_weight=u_weight, i_weight=i_weight, u_bias=u_bias, i_bias=i_bias)
     raise AssertionError("embedding_dot_bias refused arguments that pass every detailed check")  # pragma: no cover
@@ -92,6 +97,7 @@ def bias_fits(bias, rows: int, dtype, device) -> bool:
     shape = bias.shape
     return (
         bias.dtype is dtype
+        and bias.layout is torch.strided
         and shape[0] == rows
         and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
         and bias.device == device

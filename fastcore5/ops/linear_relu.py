@@ -28,6 +28,7 @@ from ._library import fused_op, launch, register_fake
 
 OP = "linear_relu"
 _FLOATS = frozenset(FLOAT_DTYPES)
+_STRIDED = torch.strided
 
 
 def _triton_kernels():
@@ -156,19 +157,21 @@ def _checked_and_autocast(x, weight, bias):
     any call while an autocast is on: checked in detail (each error names the argument), then
     cast to the autocast dtype when autocast is enabled for their device, as nn.Linear's are
     (mixed dtypes are accepted only then)."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    _check_arguments(x, weight, bias)
     device_type = backends.device_type(x)
-    autocasting = torch.is_autocast_enabled(device_type)
-    _check_arguments(x, weight, bias, same_dtype=not autocasting)
-    if autocasting:
+    if not torch.is_autocast_enabled(device_type):
+        check_same_dtype(x=x, weight=weight, bias=bias)
+    else:
         compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
     return x, weight, bias, device_type
 
 
-def _check_arguments(x, weight, bias, same_dtype: bool) -> None:
-    """The detailed argument checks, each error naming the argument."""
+def _check_arguments(x, weight, bias) -> None:
+    """The detailed argument checks but the dtypes' agreement, each error naming the argument
+    (the devices' agreement comes before anything asks about x's device type: autocast knows no
+    "meta")."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     if bias is not None:
@@ -184,8 +187,6 @@ def _check_arguments(x, weight, bias, same_dtype: bool) -> None:
         )
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has out_features={out_features}")
-    if same_dtype:
-        check_same_dtype(x=x, weight=weight, bias=bias)
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -207,6 +208,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         dtype = x.dtype
         usable = (
             dtype in _FLOATS
+            and x.layout is _STRIDED
+            and weight.layout is _STRIDED
             and weight.dtype is dtype
             and weight.dim() == 2
             and x.dim() > 0
@@ -214,7 +217,10 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
             and weight.device == device
             and (
                 bias is None
-                or (bias.dtype is dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.device == device)
+                or (
+                    bias.dtype is dtype and bias.layout is _STRIDED and bias.dim() == 1
+                    and bias.shape[0] == weight.shape[0] and bias.device == device
+                )
             )
         )
     except (AttributeError, TypeError):

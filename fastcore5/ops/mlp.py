@@ -28,6 +28,7 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_t
 from .linear_relu import OP, linear_relu
 
 _FLOATS = frozenset(FLOAT_DTYPES)
+_STRIDED = torch.strided
 
 
 def _triton_kernels():
@@ -110,19 +111,25 @@ def _shape_check(x, weights, biases) -> tuple[bool, bool]:
     """(usable, one dtype): the fast test of every argument but the dtypes' agreement, which
     autocast may still establish; the detailed, argument-naming errors are built only on failure."""
     try:
-        if x.dtype not in _FLOATS or x.dim() == 0 or not isinstance(weights, (list, tuple)) or not weights:
+        if x.dtype not in _FLOATS or x.layout is not _STRIDED or x.dim() == 0:
+            return False, False
+        if not isinstance(weights, (list, tuple)) or not weights:
             return False, False
         if biases is not None and (not isinstance(biases, (list, tuple)) or len(biases) != len(weights)):
             return False, False
         features, device, dtype = x.shape[-1], x.device, x.dtype
         same_dtype = True
         for l, weight in enumerate(weights):
-            if weight.dtype not in _FLOATS or weight.dim() != 2 or weight.shape[1] != features or weight.device != device:
+            if weight.dtype not in _FLOATS or weight.layout is not _STRIDED or weight.dim() != 2:
+                return False, False
+            if weight.shape[1] != features or weight.device != device:
                 return False, False
             same_dtype = same_dtype and weight.dtype is dtype
             bias = None if biases is None else biases[l]
             if bias is not None:
-                if bias.dtype not in _FLOATS or bias.shape != weight.shape[:1] or bias.device != device:
+                if bias.dtype not in _FLOATS or bias.layout is not _STRIDED:
+                    return False, False
+                if bias.shape != weight.shape[:1] or bias.device != device:
                     return False, False
                 same_dtype = same_dtype and bias.dtype is dtype
             features = weight.shape[0]
