@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,6 +333,58 @@ def test_other_bad_input_is_refused_clearly():
         sgd_ops.sgd_step([torch.randn(4, 3)], [torch.randn(3, 4).T], [None], lr=0.1)
     with pytest.raises(ValueError, match="found_inf must have exactly one element"):
         sgd_ops.sgd_step([p.detach()], [torch.randn(3)], [None], lr=0.1, found_inf=torch.zeros(2))
+
+
+def _sparse_grad(opt, p):
+    p.grad = torch.ones_like(p).to_sparse()
+
+
+def _one_element_momentum_buffer(opt, p):
+    state = opt.state_dict()
+    state["state"] = {0: {"momentum_buffer": torch.ones(1)}}  # copy_ into a (3,) view would broadcast it
+    opt.load_state_dict(state)
+    p.grad = torch.ones_like(p)
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
+@pytest.mark.parametrize(
+    "spoil, error, match",
+    [
+        (_sparse_grad, TypeError, r"the \.grad of param 0 of param group 0 must be a dense \(strided\) tensor"),
+        (_one_element_momentum_buffer, ValueError, r"momentum_buffer of param 0 of param group 0 must match it in shape"),
+    ],
+    ids=["sparse grad", "momentum buffer of another shape"],
+)
+def test_bad_state_is_refused_naming_the_param_in_both_modes(contiguous, spoil, error, match):
+    p = torch.randn(3, requires_grad=True)
+    opt = SGD([p], lr=0.1, momentum=0.9, contiguous=contiguous)
+    with pytest.raises(error, match=match):
+        spoil(opt, p)
+        opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_contiguous_mode_refuses_a_param_listed_twice():
+    p = torch.randn(3, requires_grad=True)
+    SGD([p, p], lr=0.1)  # torch warns and steps it twice; so does normal mode
+    with pytest.raises(ValueError, match="param group 0 holds a param twice"):
+        SGD([p, p], lr=0.1, contiguous=True)
+
+
+def test_numpy_scalar_lr_is_taken_as_torch_takes_it():
+    mine, theirs = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opts = SGD([mine], lr=np.float32(0.5)), torch.optim.SGD([theirs], lr=np.float32(0.5))
+    for p, opt in zip((mine, theirs), opts):
+        p.grad = torch.full_like(p, 2.0)
+        opt.step()
+    torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("n", [1.5, "1", None, True])
+def test_freeze_to_needs_an_int(n):
+    opt = SGD([{"params": [torch.randn(3, requires_grad=True)]}, {"params": [torch.randn(3, requires_grad=True)]}])
+    with pytest.raises(TypeError, match="n must be an int"):
+        opt.freeze_to(n)
 
 
 # ------------------------------------------------------------------------- lesson helpers

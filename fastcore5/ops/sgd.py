@@ -40,6 +40,7 @@ never created the buffer) stores ``g``.
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import NamedTuple
 
 from types import SimpleNamespace
@@ -83,7 +84,7 @@ class SGDHyper(NamedTuple):
                 raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
             if read_tensor_lr and lr < 0.0:
                 raise ValueError(f"Invalid learning rate: {lr}")
-        elif not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        elif not isinstance(lr, Real) or isinstance(lr, bool):  # Real: NumPy scalars too, as torch takes them
             raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
         elif lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -331,8 +332,6 @@ def check_param_and_grad(p, g, p_name: str, g_name: str) -> None:
     """A param and its gradient as the kernels need them; errors name the argument."""
     check_tensor(p_name, p)
     check_tensor(g_name, g)
-    if p.is_sparse or g.is_sparse:
-        raise RuntimeError(f"fastcore5 SGD does not support sparse tensors ({p_name if p.is_sparse else g_name} is sparse)")
     if p.is_complex():
         raise TypeError(f"{p_name} is complex ({p.dtype}); fastcore5 SGD supports real floating dtypes only")
     if p.dtype not in FLOAT_DTYPES:

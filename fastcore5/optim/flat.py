@@ -35,8 +35,9 @@ class FlatBuffers:
     since the last fill or step, every .grad is checked (O(n)) and repaired.
     """
 
-    def __init__(self, params: list[Tensor], state):
+    def __init__(self, params: list[Tensor], state, names: list[str]):
         first = params[0]
+        self.names = names  # "param i of param group g", for errors
         self.device, self.dtype = first.device, first.dtype
         align = max(1, _ALIGN_BYTES // first.element_size())
         self.params = params
@@ -82,6 +83,11 @@ class FlatBuffers:
             if buf is None:
                 self.has_buffer[i] = False
                 continue
+            if buf.shape != p.shape:  # copy_ would broadcast a (1,) buffer silently
+                raise ValueError(
+                    f"the momentum_buffer of {self.names[i]} must match it in shape: got {tuple(buf.shape)} "
+                    f"for {tuple(p.shape)}"
+                )
             view = self.buffer_view(i)
             if buf.data_ptr() != view.data_ptr():
                 with torch.no_grad():
@@ -124,6 +130,8 @@ class FlatBuffers:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 g = p.grad
+                if g is not None and g.layout is not torch.strided:
+                    raise TypeError(f"the .grad of {self.names[i]} must be a dense (strided) tensor, got layout {g.layout}")
                 # same address, shape and dense layout (dtype is enforced by torch): the flat slot itself
                 if g is not None and g.data_ptr() == self.grad_ptrs[i] and g.shape == p.shape and g.is_contiguous():
                     continue

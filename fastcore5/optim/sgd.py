@@ -133,15 +133,24 @@ class SGD(Optimizer):
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
         if self.contiguous:
-            if any(map(is_dtensor, group["params"])):
+            index, params = len(self.param_groups) - 1, group["params"]
+            if any(map(is_dtensor, params)):
                 raise ValueError(
                     "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
                     "use the default contiguous=False, which steps the local shards in one launch"
                 )
-            by_kind: dict[tuple, list[Tensor]] = {}
-            for p in group["params"]:
-                by_kind.setdefault((p.device, p.dtype), []).append(p)
-            self._flats[len(self.param_groups) - 1] = [FlatBuffers(ps, self.state) for ps in by_kind.values()]
+            if len(set(map(id, params))) != len(params):
+                raise ValueError(
+                    f"param group {index} holds a param twice; contiguous=True keeps one flat slot per param, "
+                    "so list each param once"
+                )
+            by_kind: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
+            self._flats[index] = [
+                FlatBuffers([params[i] for i in members], self.state, [f"param {i} of param group {index}" for i in members])
+                for members in by_kind.values()
+            ]
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -246,7 +255,7 @@ class SGD(Optimizer):
             if missing[i]:
                 continue
             name = f"param {i} of param group {index}"
-            check_param_and_grad(p, grads[i], name, "its .grad")
+            check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
             entry = self.state.get(p)
             buf = entry.get("momentum_buffer") if entry else None
             if momentum_on and buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
@@ -350,6 +359,8 @@ class SGD(Optimizer):
         """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
         normal mode, .grad=None so the step skips them) and unfreeze groups [n:]. Negative n counts
         from the end, as in fastai: freeze_to(-1) leaves only the last group trainable."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int (the number of param groups to freeze), got {n!r}")
         count = len(self.param_groups)
         frozen = n if n >= 0 else count + n
         if frozen >= count:
