@@ -32,16 +32,26 @@ from ._common import interpreting
 from .sgd_kernel import TABLE_COLUMNS, block_sizes, sgd_kernel, split_fp32
 
 
-def _dense_layout(name: str, i: int, t: torch.Tensor, like: torch.Tensor) -> None:
+def _names(count: int, param_names: list[str] | None) -> list[tuple[str, str, str]]:
+    """(param, grad, buffer) names for errors: sgd_step's argument names, or, given the params'
+    names (the optimizer's "param i of param group g"), names derived from them."""
+    if param_names is None:
+        return [(f"params[{i}]", f"grads[{i}]", f"momentum_buffers[{i}]") for i in range(count)]
+    return [(name, f"the .grad of {name}", f"the momentum_buffer of {name}") for name in param_names]
+
+
+def _dense_layout(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
     # The kernel walks numel() consecutive elements from data_ptr(); that is the tensor exactly when
     # it is contiguous (or channels-last) and the param, grad and buffer share their strides.
     dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
         t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
     )
+    if t is like and not dense:
+        raise ValueError(f"{name} must be a dense tensor (contiguous or channels-last); got strides {t.stride()}")
     if not dense or t.stride() != like.stride():
         raise ValueError(
-            f"{name}[{i}] must be a dense tensor (contiguous or channels-last) with the same strides as params[{i}]; "
-            f"got strides {t.stride()} for params[{i}] strides {like.stride()}"
+            f"{name} must be a dense tensor (contiguous or channels-last) with the same strides as {like_name}; "
+            f"got strides {t.stride()} for {like_name} strides {like.stride()}"
         )
 
 
@@ -75,11 +85,12 @@ class StepLaunch:
 
     _TABLES_KEPT = 4  # per launch: the gradient address sets seen most recently
 
-    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor]):
-        for i, p in enumerate(params):
-            _dense_layout("params", i, p, p)
-        for i, (p, b) in enumerate(zip(params, buffers)):
-            _dense_layout("momentum_buffers", i, b, p)
+    def __init__(self, params: list[torch.Tensor], buffers: list[torch.Tensor], param_names: list[str] | None = None):
+        self.names = _names(len(params), param_names)
+        for (p_name, _, _), p in zip(self.names, params):
+            _dense_layout(p_name, p, p, p_name)
+        for (p_name, _, b_name), p, b in zip(self.names, params, buffers):
+            _dense_layout(b_name, b, p, p_name)
         first = params[0]
         self.device, self.dtype, self.itemsize = first.device, first.dtype, first.element_size()
         self.block, chunk, self.num_warps = block_sizes()
@@ -128,10 +139,10 @@ class StepLaunch:
         except RuntimeError:  # a sparse gradient has no strides
             same = False
         if not same:
-            for i, (p, g) in enumerate(zip(params, grads)):
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"fastcore5 SGD does not support sparse gradients (grads[{i}] is {g.layout})")
-                _dense_layout("grads", i, g, p)
+            for (p_name, g_name, _), p, g in zip(self.names, params, grads):
+                if g.layout != torch.strided:
+                    raise TypeError(f"{g_name} must be a dense (strided) tensor, got layout {g.layout}")
+                _dense_layout(g_name, g, p, p_name)
 
     def table_for(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
         g_ptrs = self._ptrs(grads)

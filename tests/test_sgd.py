@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+import fastcore5
 from fastcore5.ops import sgd as sgd_ops
 from fastcore5.optim import SGD, discriminative_param_groups, even_mults, lr_range
 
+from conftest import DEVICE
 from sgd_twins import F64, SHAPES, assert_same, assert_same_buffers, set_grads, torch_pair
 
 
@@ -361,6 +363,22 @@ def test_bad_state_is_refused_naming_the_param_in_both_modes(contiguous, spoil, 
     with pytest.raises(error, match=match):
         spoil(opt, p)
         opt.step()
+
+
+def test_layout_errors_name_the_param_in_its_group():
+    """The Triton step checks layouts per launch; the error still names the param by its place in
+    its group, not in the launch (a param without a gradient is in no launch)."""
+    idle, stepped = torch.randn(2, device=DEVICE, requires_grad=True), torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    opt = SGD([idle, stepped], lr=0.1, momentum=0.9)
+    with fastcore5.use_backend("triton"):
+        stepped.grad = torch.randn(4, 3, device=DEVICE)
+        opt.step()  # the launch plan is cached from here on
+        stepped.grad = torch.randn(3, 4, device=DEVICE).T
+        with pytest.raises(ValueError, match=r"the \.grad of param 1 of param group 0 must be a dense tensor"):
+            opt.step()
+        stepped.grad = torch.randn(4, 3, device=DEVICE).to_sparse()
+        with pytest.raises(TypeError, match=r"the \.grad of param 1 of param group 0 must be a dense \(strided\)"):
+            opt.step()
 
 
 @pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")

@@ -151,7 +151,7 @@ def test_host_side_descriptions_are_cached():
     assert len(builds) == 2
     assert len(tables) == 1  # same addresses: one table, reused
     ps[0].grad = torch.randn(3, 7, dtype=F64).T
-    with pytest.raises(ValueError, match=r"grads\[0\] must be a dense tensor"):
+    with pytest.raises(ValueError, match=r"the \.grad of param 0 of param group 0 must be a dense tensor"):
         opt.step()
     ps[0].grad = torch.randn_like(ps[0])
     ps[1].data = ps[1].detach().clone()  # the param moved: the plan must follow it

@@ -181,13 +181,14 @@ class PreparedStep:
 
     __slots__ = ("backend", "triton")
 
-    def __init__(self, backend: str, params: list[Tensor], buffers: list[Tensor]):
+    def __init__(self, backend: str, params: list[Tensor], buffers: list[Tensor], param_names: list[str] | None = None):
+        """``param_names`` name the params in errors (default: ``params[i]``)."""
         self.backend = backend
         self.triton = None
         if backend == "triton":
             from ..kernels.sgd import StepLaunch  # here, not at import: triton is optional
 
-            self.triton = StepLaunch(params, buffers)
+            self.triton = StepLaunch(params, buffers, param_names)
 
     def addresses_unchanged(self, params: list[Tensor]) -> bool:
         return self.triton is None or self.triton.addresses_unchanged(params)

@@ -287,7 +287,8 @@ class SGD(Optimizer):
             else:
                 members_local = members
             launch = Launch(members, idx, buffers, first, None, dtensor)
-            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers)
+            names = [f"param {i} of param group {index}" for i in idx]
+            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
         plan = Plan(missing, momentum_on, launches, backend_request())
