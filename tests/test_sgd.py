@@ -389,6 +389,13 @@ def test_contiguous_mode_refuses_a_param_listed_twice():
         SGD([p, p], lr=0.1, contiguous=True)
 
 
+@pytest.mark.parametrize("hyper", [dict(momentum="0.9"), dict(momentum=0.9, dampening="0.1"), dict(weight_decay=None)])
+def test_non_numeric_hyperparameters_are_refused_by_name(hyper):
+    name = next(k for k, v in hyper.items() if not isinstance(v, float))
+    with pytest.raises(TypeError, match=f"{name} must be a float"):
+        SGD([torch.randn(3, requires_grad=True)], lr=0.1, **hyper)
+
+
 def test_numpy_scalar_lr_is_taken_as_torch_takes_it():
     mine, theirs = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     opts = SGD([mine], lr=np.float32(0.5)), torch.optim.SGD([theirs], lr=np.float32(0.5))

@@ -88,6 +88,10 @@ class SGDHyper(NamedTuple):
             raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
         elif lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
+        for name in ("momentum", "dampening", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (Real, Tensor)):  # torch fails on these later, or with a bare '<' error
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if self.momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {self.momentum}")
         if self.weight_decay < 0.0:
