@@ -7,7 +7,8 @@
 //             algorithm with that epilogue for a dtype/layout, the plain matmul runs and
 //             bias_relu_kernel finishes the tile in a second pass (same result, one extra
 //             read+write of ``out``).
-//   backward  g = grad_out * (out > 0); grad_b = sum_rows g     (relu_mask_bias_kernel, one pass)
+//   backward  g = grad_out where not out <= 0 (a NaN output passes, as in torch), else 0;
+//             grad_b = sum_rows g                                (relu_mask_bias_kernel, one pass)
 //             grad_x = g @ W, grad_W = g^T @ x                   (two cuBLASLt matmuls)
 //             Only ``out`` is needed (relu' = out > 0), never the pre-activation. cuBLASLt's
 //             DRELU_BGRAD epilogue applies the ReLU derivative to a matmul *result*, which fits the
@@ -263,14 +264,14 @@ __global__ void bias_relu_kernel(T* __restrict__ out, const T* __restrict__ bias
     for (int j = 0; j < VEC; ++j) {
       A a = static_cast<A>(value.v[j]);
       if (bias != nullptr) a += static_cast<A>(bias[col + j]);
-      value.v[j] = static_cast<T>(a > A(0) ? a : A(0));
+      value.v[j] = static_cast<T>(a < A(0) ? A(0) : a);  // a NaN stays NaN, as in torch.relu
     }
     reinterpret_cast<Vec<T, VEC>*>(out)[v] = value;
   }
 }
 
 // relu_mask_bias_kernel: over contiguous (rows, cols) grad_out and out,
-//   masked[r, c] = out[r, c] > 0 ? grad_out[r, c] : 0           (when masked != null)
+//   masked[r, c] = out[r, c] <= 0 ? 0 : grad_out[r, c]          (when masked != null)
 //   partial[blockIdx.y, c] = sum over this block's rows of masked  (when partial != null)
 // Block = 32 x 8 threads; threadIdx.x owns VEC consecutive columns of a 32*VEC column tile,
 // threadIdx.y strides over the block's row range [row_begin, row_end) in steps of 8. The column
@@ -298,7 +299,7 @@ __global__ void relu_mask_bias_kernel(const T* __restrict__ grad_out, const T* _
       Vec<T, VEC> m;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        m.v[j] = static_cast<A>(o.v[j]) > A(0) ? g.v[j] : T(0);
+        m.v[j] = static_cast<A>(o.v[j]) <= A(0) ? T(0) : g.v[j];  // passes a NaN output's gradient, as torch does
         acc[j] += static_cast<A>(m.v[j]);
       }
       if (masked != nullptr) *reinterpret_cast<Vec<T, VEC>*>(masked + at) = m;

@@ -94,6 +94,29 @@ def test_linear_relu_strided_and_transposed_operands(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_relu_nan_propagates_like_torch(backend, dtype):
+    """torch.relu keeps a NaN and its backward passes a NaN output's gradient on. The CUDA
+    backend's forward ReLU is cuBLASLt's epilogue, whose NaN handling NVIDIA does not document:
+    this is the check of it."""
+    x, w, b = _linear_inputs(64, 32, 48, dtype)
+    x[3, 5] = float("nan")
+    grad_out = torch.randn(64, 48, dtype=dtype, device="cuda")
+    results = []
+    for run in (lambda *a: _linear_relu_on(backend, *a), reference.linear_relu):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out = run(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    for name, ours, theirs in zip(("out", "grad_x", "grad_w", "grad_b"), *results):
+        assert torch.equal(ours.isnan(), theirs.isnan()), f"{name}: NaN where torch has none, or none where it has"
+
+
+def _linear_relu_on(backend, x, w, b):
+    with use_backend(backend):
+        return fastcore5.linear_relu(x, w, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M, K, N", [(0, 8, 4), (3, 0, 4), (3, 8, 0)])
 def test_linear_relu_empty_dims(backend, M, K, N):
     x, w, b = _linear_inputs(M, K, N, torch.float32)
