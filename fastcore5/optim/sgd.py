@@ -28,6 +28,11 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+def _param_name(index: int, group_index: int) -> str:
+    """How errors name a param: by its place in its group, as the user listed it."""
+    return f"param {index} of param group {group_index}"
+
+
 class SGD(Optimizer):
     """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) with a fused step.
 
@@ -129,7 +134,7 @@ class SGD(Optimizer):
         for i, p in enumerate(group["params"]):
             if p.is_sparse or p.is_complex() or not p.dtype.is_floating_point:
                 raise TypeError(
-                    f"param {i} of param group {len(self.param_groups) - 1} is {p.dtype}"
+                    f"{_param_name(i, len(self.param_groups) - 1)} is {p.dtype}"
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
         if self.contiguous:
@@ -148,7 +153,7 @@ class SGD(Optimizer):
             for i, p in enumerate(params):
                 by_kind.setdefault((p.device, p.dtype), []).append(i)
             self._flats[index] = [
-                FlatBuffers([params[i] for i in members], self.state, [f"param {i} of param group {index}" for i in members])
+                FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
                 for members in by_kind.values()
             ]
 
@@ -254,7 +259,7 @@ class SGD(Optimizer):
         for i, p in enumerate(params):
             if missing[i]:
                 continue
-            name = f"param {i} of param group {index}"
+            name = _param_name(i, index)
             check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
             entry = self.state.get(p)
             buf = entry.get("momentum_buffer") if entry else None
@@ -287,7 +292,7 @@ class SGD(Optimizer):
             else:
                 members_local = members
             launch = Launch(members, idx, buffers, first, None, dtensor)
-            names = [f"param {i} of param group {index}" for i in idx]
+            names = [_param_name(i, index) for i in idx]
             launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
