@@ -46,19 +46,20 @@ def _candidates(bucket: tuple) -> list[triton.Config]:
 
 def hopper_candidates(bucket: tuple) -> list[triton.Config]:
     """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
-    Hopper SM's shared memory, without tiles larger than the (power-of-two) problem in any
-    dimension unless no smaller tile exists."""
-    b = dict(bucket)
-    elem = b["bytes"]
+    Hopper SM's shared memory, pruned by ``configs_for_problem``."""
+    elem = dict(bucket)["bytes"]
     fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= HOPPER_SHARED_MEMORY_BYTES]
+    return configs_for_problem(fitting, bucket)
 
-    def small_enough(tiles, index, extent):
-        limit = max(next_power_of_2(extent), min(t[index] for t in tiles))
-        return [t for t in tiles if t[index] <= limit]
 
+def configs_for_problem(tiles: list[tuple], bucket: tuple) -> list[triton.Config]:
+    """``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) as configs, without tiles larger than
+    the bucket's (power-of-two) problem in any dimension unless no smaller tile exists."""
+    b = dict(bucket)
     for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
-        fitting = small_enough(fitting, index, extent)
-    return [tile_config(*t) for t in fitting]
+        limit = max(next_power_of_2(extent), min(t[index] for t in tiles))
+        tiles = [t for t in tiles if t[index] <= limit]
+    return [tile_config(*t) for t in tiles]
 
 
 def _grid(rows, cols, config: triton.Config) -> tuple:

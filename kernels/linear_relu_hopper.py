@@ -33,11 +33,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import linear_relu as portable
 from ._common import (
-    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output, next_power_of_2,
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output,
     rounded_to,
 )
 from ._tuning import launch_kwargs
-from .gemm_launch import PlannedLauncher, positional_launch, tile_config
+from .gemm_launch import PlannedLauncher, configs_for_problem, positional_launch, tile_config
 
 
 _BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
@@ -170,16 +170,13 @@ def _shared_bytes(tile: tuple, streamed_tiles: int, element_bytes: int) -> int:
 
 
 def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
-    """The configs worth timing for a bucket: those that fit a Hopper SM's shared memory, without
-    tiles larger than the (power-of-two) problem in any dimension unless no smaller one fits."""
+    """The configs worth timing for a bucket: those that fit a Hopper SM's shared memory, pruned by
+    gemm_launch.configs_for_problem."""
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    b = dict(bucket)
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, b["bytes"]) <= HOPPER_SHARED_MEMORY_BYTES]
-    for index, extent in ((0, b["rows"]), (1, b["cols"]), (2, b["reduction"])):
-        limit = max(next_power_of_2(extent), min(t[index] for t in fitting))
-        fitting = [t for t in fitting if t[index] <= limit]
-    return [tile_config(*t) for t in fitting]
+    elem = dict(bucket)["bytes"]
+    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem) <= HOPPER_SHARED_MEMORY_BYTES]
+    return configs_for_problem(fitting, bucket)
 
 
 _SM_COUNTS: dict = {}
