@@ -136,6 +136,13 @@ def test_a_fraction_above_the_ceiling_is_marked_and_explained(tmp_path, capsys, 
     assert "faster than the ceiling" in " ".join(_only_json(tmp_path)["notes"])
 
 
+def assert_one_error_line(capsys, start: str) -> str:
+    """What the runner printed to stderr is one line, beginning with ``start``; that line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(start), err
+    return err[0]
+
+
 @pytest.mark.parametrize("problem", ["file", "under_a_file"])
 def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypatch, problem):
     monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured before checking --out"))
@@ -143,8 +150,7 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
     blocker.write_text("")
     out = blocker if problem == "file" else blocker / "results"
     assert runner.main(["--quick", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --out {out}:")
+    assert_one_error_line(capsys, f"python -m bench: error: --out {out}:")
 
 
 @pytest.mark.parametrize(
@@ -161,8 +167,7 @@ def test_options_a_run_would_ignore_are_refused_in_one_line(argv, named, capsys,
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("started the host benchmark"))
     monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("started measuring"))
     assert runner.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: {named}")
+    assert_one_error_line(capsys, f"python -m bench: error: {named}")
 
 
 @pytest.mark.parametrize("problem", ["folder", "under_a_file"])
@@ -172,17 +177,15 @@ def test_bad_host_json_path_fails_before_the_host_benchmark_starts(tmp_path, cap
     blocker.write_text("")
     json_path = tmp_path if problem == "folder" else blocker / "host.json"
     assert runner.main(["--host", "--json", str(json_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"python -m bench: error: --json {json_path}:")
+    assert_one_error_line(capsys, f"python -m bench: error: --json {json_path}:")
 
 
 def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("FASTCORE5_BACKEND", "bogus")
     monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("measured with a bad FASTCORE5_BACKEND"))
     assert runner.main(["--quick"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m bench: error: FASTCORE5_BACKEND='bogus'")
-    assert all(name in err[0] for name in ("triton", "cuda", "torch", "auto"))
+    line = assert_one_error_line(capsys, "python -m bench: error: FASTCORE5_BACKEND='bogus'")
+    assert all(name in line for name in ("triton", "cuda", "torch", "auto"))
 
 
 _COMPILING_BENCH_RUN = """
