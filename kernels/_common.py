@@ -16,6 +16,36 @@ def interpreting() -> bool:
 # read on every allocation costs more (1-2 us) than the allocation's own host work.
 POISON = os.environ.get("FASTCORE5_POISON", "0") == "1"
 HOPPER_SHARED_MEMORY_BYTES = 232448  # what one block may opt into on an H100/H200 SM (227 KB)
+# Shared memory one block may opt into, per compute capability (CUDA programming guide's table of
+# technical specifications): A100 163 KB, RTX 30xx/A10 99 KB, Orin 163 KB, RTX 40xx/L4/L40 99 KB,
+# H100/H200 227 KB. Launchers prune their configs by the launch device's figure.
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: HOPPER_SHARED_MEMORY_BYTES}
+_compile_target_arch = 90  # what CPU-tensor launches plan for: scripts/compile_check.py sets it
+_shared_memory_by_device: dict = {}
+
+
+def set_compile_target(arch: int) -> None:
+    """The compute capability (80, 86, 89, 90) that launches with CPU tensors plan their configs
+    for; only scripts/compile_check.py's compile-only runs launch compiled kernels on CPU tensors."""
+    global _compile_target_arch
+    if arch not in SHARED_MEMORY_PER_BLOCK:
+        raise ValueError(f"arch {arch} is not one of {sorted(SHARED_MEMORY_PER_BLOCK)}")
+    _compile_target_arch = arch
+
+
+def compile_target_arch() -> int:
+    return _compile_target_arch
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (the compile target for CPU tensors)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_PER_BLOCK[_compile_target_arch]
+    limit = _shared_memory_by_device.get(device.index)
+    if limit is None:
+        properties = torch.cuda.get_device_properties(device)
+        limit = _shared_memory_by_device[device.index] = properties.shared_memory_per_block_optin
+    return limit
 
 
 # Plain integer arithmetic for the launchers: triton.cdiv and triton.next_power_of_2 are

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, interpreting, next_power_of_2
+from ._common import (
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, interpreting, next_power_of_2, shared_memory_limit,
+)
 from ._tuning import TunedKernel, launch_kwargs
 
 
@@ -45,10 +47,12 @@ def _candidates(bucket: tuple) -> list[triton.Config]:
 
 
 def hopper_candidates(bucket: tuple) -> list[triton.Config]:
-    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
-    Hopper SM's shared memory, pruned by ``configs_for_problem``."""
+    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit the
+    bucket's shared memory (``smem``: the device's, Hopper's when absent), pruned by
+    ``configs_for_problem``."""
     elem = dict(bucket)["bytes"]
-    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= HOPPER_SHARED_MEMORY_BYTES]
+    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
+    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= limit]
     return configs_for_problem(fitting, bucket)
 
 
@@ -93,9 +97,10 @@ class PlannedLauncher:
         self.flag_names = flag_names
         self.plans: dict[tuple, tuple] = {}
 
-    def _bucket(self, variant: tuple, extents: tuple, layout: tuple = ()) -> tuple:
+    def _bucket(self, variant: tuple, extents: tuple, layout: tuple = (), shared_limit: int | None = None) -> tuple:
         """The tuning key: dtype, precision, flags, extents (M to a power of two), ``layout``
-        (what of the strides a launcher's kernel specialises on) and the element size."""
+        (what of the strides a launcher's kernel specialises on), the element size and the
+        device's shared memory per block (which configs fit)."""
         dtype, precision, *flags = variant
         rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
         return (
@@ -105,6 +110,7 @@ class PlannedLauncher:
             ("rows", rows), ("cols", cols), ("reduction", reduction),
             *layout,
             ("bytes", dtype.itemsize),
+            ("smem", HOPPER_SHARED_MEMORY_BYTES if shared_limit is None else shared_limit),
         )
 
     def constexprs(self, variant: tuple) -> dict:
@@ -156,11 +162,11 @@ class GemmLauncher(PlannedLauncher):
         # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
         self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
 
-    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
+    def bucket(self, variant: tuple, extents: tuple, strides: tuple, shared_limit: int | None = None) -> tuple:
         return self._bucket(variant, extents, (
             ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
             ("strides", ",".join(str(_stride_class(s)) for s in strides)),
-        ))
+        ), shared_limit)
 
     def _plan(self, key: tuple, args: tuple) -> tuple:
         variant, extents, strides = key
@@ -174,7 +180,9 @@ class GemmLauncher(PlannedLauncher):
         def plan_with(config):
             return (_grid(rows, cols, config), *positional_launch(self.kernel, len(args), constexprs, config))
 
-        return self._planned(key, args[0].device, self.bucket(variant, extents, strides), run, plan_with)
+        device = args[0].device
+        bucket = self.bucket(variant, extents, strides, shared_memory_limit(device))
+        return self._planned(key, device, bucket, run, plan_with)
 
     def _launch_wrapped(self, wrap, variant, extents, strides, args):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;

@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import linear_relu as portable
 from ._common import (
     HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output,
-    rounded_to,
+    rounded_to, shared_memory_limit,
 )
 from ._tuning import launch_kwargs
 from .gemm_launch import PlannedLauncher, configs_for_problem, positional_launch, tile_config
@@ -175,7 +175,8 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
     elem = dict(bucket)["bytes"]
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem) <= HOPPER_SHARED_MEMORY_BYTES]
+    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
+    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem) <= limit]
     return configs_for_problem(fitting, bucket)
 
 
@@ -213,8 +214,8 @@ class _PersistentLauncher(PlannedLauncher):
         config, grid, meta_parameters, options = plan
         self.kernel.run(*make_args(config), *meta_parameters, grid=grid, warmup=False, **options)
 
-    def bucket(self, variant: tuple, extents: tuple) -> tuple:
-        return self._bucket(variant, extents)
+    def bucket(self, variant: tuple, extents: tuple, shared_limit: int | None = None) -> tuple:
+        return self._bucket(variant, extents, shared_limit=shared_limit)
 
     def _grid(self, device, extents, config) -> tuple:
         rows, cols, _ = extents
@@ -233,7 +234,7 @@ class _PersistentLauncher(PlannedLauncher):
             meta_parameters, options = positional_launch(self.kernel, len(make_args(config)), constexprs, config)
             return (config, self._grid(device, extents, config), meta_parameters, options)
 
-        return self._planned(key, device, self.bucket(variant, extents), run, plan_with)
+        return self._planned(key, device, self.bucket(variant, extents, shared_memory_limit(device)), run, plan_with)
 
 
 _forward = _PersistentLauncher(
@@ -281,7 +282,7 @@ def tma_compatible(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def _dtype_eligible(dtype: torch.dtype) -> bool:
+def dtype_eligible(dtype: torch.dtype) -> bool:
     """16-bit operands, or fp32 with TF32 allowed (fp32 IEEE dots do not use tensor cores)."""
     return dtype in _TMA_DTYPES and (dtype != torch.float32 or dot_precision(dtype) == "tf32")
 
@@ -299,7 +300,7 @@ def forward_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return False
     (M, K), N = x.shape, weight.shape[0]
     return (
-        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
+        M * N * K >= max(MIN_MACS, 1) and dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
         and tma_compatible(x) and tma_compatible(weight)
     )
 
@@ -315,7 +316,7 @@ def backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_gra
     operand = x if need_weight_grad else weight
     K = operand.shape[1]
     return (
-        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
+        M * N * K >= max(MIN_MACS, 1) and dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
         and tma_compatible(grad_out) and tma_compatible(out)
         and (not need_weight_grad or tma_compatible(x)) and (not need_input_grad or tma_compatible(weight))
     )

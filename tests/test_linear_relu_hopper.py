@@ -141,9 +141,9 @@ def test_tma_compatible_needs_unit_inner_stride_16_byte_rows_and_alignment():
 def test_dtypes_eligible_are_16_bit_and_fp32_with_tf32(monkeypatch):
     for precision, fp32_eligible in (("tf32", True), ("ieee", False)):
         monkeypatch.setattr(hopper, "dot_precision", lambda dtype, p=precision: p if dtype == torch.float32 else "ieee")
-        assert hopper._dtype_eligible(torch.bfloat16) and hopper._dtype_eligible(torch.float16)
-        assert hopper._dtype_eligible(torch.float32) == fp32_eligible
-        assert not hopper._dtype_eligible(torch.float64)
+        assert hopper.dtype_eligible(torch.bfloat16) and hopper.dtype_eligible(torch.float16)
+        assert hopper.dtype_eligible(torch.float32) == fp32_eligible
+        assert not hopper.dtype_eligible(torch.float64)
 
 
 def test_cpu_and_traced_launches_stay_on_the_portable_kernels():
