@@ -39,7 +39,28 @@ def tile_config(m, n, k, stages, warps, group=GROUP_M) -> triton.Config:
 
 
 _INTERPRETER_CONFIG = tile_config(16, 16, 16, 1, 1, group=4)
-_DEFAULT_CONFIG = tile_config(128, 128, 32, 4, 4)  # fits fp32 and 16-bit; launched untuned under ``wrap``
+# What a launch runs untuned (FASTCORE5_TUNING=off, CUDA-graph capture, torch.compile), by element
+# size and dot precision: configs that spill no register and fit 99 KB of shared memory (sm_86/89,
+# the smallest of the cards shipped to) in every kernel on sm_80/86/89/90, as measured by
+# scripts/compile_check.py (bench/NOTES.md). The former single default, 128 x 128 x 32 over 4 warps
+# and 4 stages, held 128 fp32 accumulators per thread and spilled (fp32 without TF32: 255 registers
+# and up to 1.9 KB of spill per thread; fp64: 22 KB, and 197-297 KB of shared memory, more than
+# any card has). Without TF32 the fp32 dot runs on FMA units, register-hungry: a narrower K step.
+_DEFAULT_TILES = {
+    (2, "ieee"): (128, 128, 32, 3, 8),
+    (4, "tf32"): (128, 128, 32, 2, 8),
+    (4, "ieee"): (64, 128, 16, 3, 8),
+    (8, "ieee"): (64, 64, 16, 3, 4),
+}
+
+
+def _default_tile(bucket: tuple) -> tuple:
+    facts = dict(bucket)
+    return _DEFAULT_TILES[facts["bytes"], facts["precision"]]
+
+
+def default_config(bucket: tuple) -> triton.Config:
+    return _INTERPRETER_CONFIG if interpreting() else tile_config(*_default_tile(bucket))
 
 
 def _candidates(bucket: tuple) -> list[triton.Config]:
@@ -53,7 +74,8 @@ def hopper_candidates(bucket: tuple) -> list[triton.Config]:
     elem = dict(bucket)["bytes"]
     limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
     fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= limit]
-    return configs_for_problem(fitting, bucket)
+    # the default fits every card: where no Hopper tile does (fp64 on sm_86/89), it is the candidate
+    return configs_for_problem(fitting or [_default_tile(bucket)], bucket)
 
 
 def configs_for_problem(tiles: list[tuple], bucket: tuple) -> list[triton.Config]:
@@ -124,7 +146,7 @@ class PlannedLauncher:
         # while capturing launches its known or default config, and is tuned on a later eager call.
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing:
-            config = self.tuned.known(bucket, _device_name(device)) or self.tuned.default
+            config = self.tuned.known(bucket, _device_name(device)) or self.tuned.default_for(bucket)
         else:
             config = self.tuned.choose(bucket, _device_name(device), run)
         plan = plan_with(config)
@@ -147,8 +169,7 @@ class GemmLauncher(PlannedLauncher):
     with that key."""
 
     def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
-        default = _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG
-        super().__init__(kernel, title, m_axis, flag_names, _candidates, default)
+        super().__init__(kernel, title, m_axis, flag_names, _candidates, default_config)
 
     def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
         if wrap is not None:
@@ -191,7 +212,7 @@ class GemmLauncher(PlannedLauncher):
         config = None
         if all(type(v) is int for v in (*extents, *strides)):
             config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(args[0].device))
-        config = config or self.tuned.default
+        config = config or self.tuned.default_for((("bytes", variant[0].itemsize), ("precision", variant[1])))
         rows, cols, _ = extents
         grid = _grid(rows, cols, config)
         wrap(self.kernel)[grid](*args, **self.constexprs(variant), **launch_kwargs(config))

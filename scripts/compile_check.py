@@ -169,7 +169,7 @@ def _code_facts(ttgir: str, ptx: str) -> dict:
     }
 
 
-def _patch(compiler: Compiler, all_configs: bool) -> None:
+def _patch(compiler: Compiler, configs: str) -> None:
     """Route every launch to ``compiler``: plain launches, and the tuned launchers' choice."""
     from triton.runtime.jit import JITFunction
 
@@ -180,15 +180,16 @@ def _patch(compiler: Compiler, all_configs: bool) -> None:
 
     def choose(self, bucket, device_name, runs):
         candidates = self.candidates(bucket)
-        picked = candidates if all_configs else list(dict.fromkeys([candidates[0], candidates[-1]]))
+        picked = {"all": candidates, "ends": list(dict.fromkeys([candidates[0], candidates[-1]])), "none": []}[configs]
         for config in picked:
             with _role(compiler, "candidate"):
                 runs(config)()
         # the default: FASTCORE5_TUNING=off, CUDA-graph capture, torch.compile
+        default = self.default_for(bucket)
         with _role(compiler, "default"):
-            runs(self.default)()
-        self.chosen[(bucket, device_name)] = {"config": self.default, "source": "compile check", "ms": None}
-        return self.default
+            runs(default)()
+        self.chosen[(bucket, device_name)] = {"config": default, "source": "compile check", "ms": None}
+        return default
 
     JITFunction.run = run
     _tuning.TunedKernel.choose = choose
@@ -346,10 +347,11 @@ LAUNCHES = {
 }
 
 
-def worker(arch: int, ops: list[str], all_configs: bool) -> list[dict]:
-    """Compile the launches of ``ops`` for ``arch``; one row per compile."""
+def worker(arch: int, ops: list[str], configs: str) -> list[dict]:
+    """Compile the launches of ``ops`` for ``arch``; one row per compile. ``configs``: which
+    candidates of a tuned launcher besides its default: "all", "ends" (first and last), "none"."""
     compiler = Compiler(arch)
-    _patch(compiler, all_configs)
+    _patch(compiler, configs)
     for op in ops:
         if op in HOPPER_ONLY and arch < 90:
             continue
@@ -549,17 +551,14 @@ def _ops(text: str) -> list[str]:
     return ops
 
 
-def _worker_command(arch: int, ops: list[str], all_configs: bool) -> list[str]:
-    command = [sys.executable, __file__, "--worker", "--arch", str(arch), "--ops", ",".join(ops)]
-    return command + (["--all-configs"] if all_configs else [])
-
-
-def _run_worker(arch: int, ops: list[str], all_configs: bool) -> list[dict]:
+def _run_worker(arch: int, ops: list[str], configs: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCORE5_POISON")}
     with tempfile.TemporaryDirectory(prefix="fastcore5-compile-check-") as cache:
         env["TRITON_CACHE_DIR"] = cache
         env["TRITON_DUMP_PTXAS_LOG"] = "1"
-        proc = subprocess.run(_worker_command(arch, ops, all_configs), capture_output=True, text=True, env=env)
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
+        command = [sys.executable, __file__, "--worker", "--arch", str(arch), "--ops", ",".join(ops), "--configs", configs]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
     rows = []
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -574,16 +573,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=_arches, default=[80, 86, 89, 90], help="compute capabilities, e.g. 80,86,89,90")
     parser.add_argument("--ops", type=_ops, default=list(LAUNCHES), help=f"ops to compile ({','.join(LAUNCHES)})")
-    parser.add_argument("--all-configs", action="store_true", help="every autotune candidate, not the first and last")
+    parser.add_argument("--all-configs", action="store_const", const="all", dest="configs", default="ends",
+                        help="every autotune candidate, not only the first and the last")
+    parser.add_argument("--defaults-only", action="store_const", const="none", dest="configs",
+                        help="no autotune candidate, only the configs launched untuned")
     parser.add_argument("--cuda", action="store_true", help="also compile csrc/ with nvcc for every arch")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels (with --cuda)")
     parser.add_argument("--jobs", type=int, default=2, help="arches compiled at once")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--configs", choices=("all", "ends", "none"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1" and args.worker:
         sys.exit("compile_check: TRITON_INTERPRET=1 is set; the workers compile real kernels without it")
     if args.worker:
-        for row in worker(args.arch[0], args.ops, args.all_configs):
+        for row in worker(args.arch[0], args.ops, args.configs):
             print(json.dumps(row), flush=True)
         return 0
     rows: list[dict] = []
@@ -591,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.no_triton:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for arch_rows in pool.map(lambda a: _run_worker(a, args.ops, args.all_configs), args.arch):
+            for arch_rows in pool.map(lambda a: _run_worker(a, args.ops, args.configs), args.arch):
                 for row in arch_rows:
                     print(json.dumps(row), flush=True)
                 rows += arch_rows
