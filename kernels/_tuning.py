@@ -55,6 +55,22 @@ def cache_path() -> Path:
 
 
 TUNING_VAR = "FASTCORE5_TUNING"
+BUDGET_VAR = "FASTCORE5_TUNING_SECONDS"
+_tuning_spent = 0.0  # seconds this process has spent timing candidates
+
+
+def tuning_budget_left() -> bool:
+    """FASTCORE5_TUNING_SECONDS (unset: no limit) caps the seconds a process spends tuning; once
+    they are spent, new buckets launch their default config (scripts/gpu_check.sh sets it, so a
+    cold cache cannot eat a benchmark stage's time limit)."""
+    raw = os.environ.get(BUDGET_VAR)
+    if raw is None:
+        return True
+    try:
+        budget = float(raw)
+    except ValueError:
+        raise ValueError(f"{BUDGET_VAR}={raw!r} is not a number of seconds") from None
+    return _tuning_spent < budget
 
 
 def tuning_enabled() -> bool:
@@ -82,7 +98,7 @@ def launch_kwargs(config: triton.Config) -> dict:
 def benchmark(runs: dict[triton.Config, Callable[[], object]]) -> dict[triton.Config, float]:
     """Milliseconds per launch of each candidate (inf for one that fails to compile or launch).
 
-    Module-level so that tests/sm90_compile.py can replace it with "compile, do not run"."""
+    Module-level so that scripts/compile_check.py can replace it with "compile, do not run"."""
     from triton.testing import do_bench
 
     timings = {}
@@ -203,7 +219,7 @@ class TunedKernel:
         """The config for ``bucket``: remembered, read from disk, or timed now with ``runs(config)``
         (a zero-argument launch of the kernel with that config on the caller's arguments).
         ``device_name`` (the GPU's name) keys the disk cache; None times without saving (the
-        interpreter, tests/sm90_compile.py's compile-only run)."""
+        interpreter, scripts/compile_check.py's compile-only run)."""
         with _lock:
             entry = self.chosen.get((bucket, device_name))
             if entry is not None:
@@ -216,6 +232,8 @@ class TunedKernel:
                 entry = {"config": min(timings, key=timings.get), "source": "timed, not saved", "ms": None}
             elif not tuning_enabled():
                 entry = {"config": self.default_for(bucket), "source": f"default ({TUNING_VAR}=off)", "ms": None}
+            elif not tuning_budget_left():
+                entry = {"config": self.default_for(bucket), "source": f"default ({BUDGET_VAR} spent)", "ms": None}
             else:
                 entry = self._from_disk_or_tuned(bucket, device_name, candidates, runs)
             self.chosen[(bucket, device_name)] = entry
@@ -228,8 +246,12 @@ class TunedKernel:
             return {"config": config_from_dict(saved["config"]), "source": "disk cache", "ms": saved.get("ms")}
         print(f"fastcore5: tuning {self.title} for {describe(bucket)} ({len(candidates)} configs, once per shape "
               f"bucket, saved in {cache_path()}) ...", end="", file=sys.stderr, flush=True)
+        global _tuning_spent
         start = time.perf_counter()
-        timings = benchmark({c: runs(c) for c in candidates})
+        try:
+            timings = benchmark({c: runs(c) for c in candidates})
+        finally:
+            _tuning_spent += time.perf_counter() - start
         best = min(timings, key=timings.get)
         print(f" done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if timings[best] == float("inf"):

@@ -181,7 +181,7 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
 
 
 _SM_COUNTS: dict = {}
-_CPU_SM_COUNT = 132  # compile-only runs on CPU tensors (tests/sm90_compile.py): an H100/H200's SMs
+_CPU_SM_COUNT = 132  # compile-only runs on CPU tensors (scripts/compile_check.py): an H100/H200's SMs
 _INTERPRETER_SM_COUNT = 3  # small, so that the interpreter runs several tiles per program
 
 

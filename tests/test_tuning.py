@@ -273,3 +273,20 @@ def test_the_tuning_cache_key_changes_with_a_called_helper(tmp_path, monkeypatch
     edited = _kernel_module(tmp_path / "c", "x + 2")
     assert _tuning.source_hash(before.kernel) == _tuning.source_hash(same.kernel)
     assert _tuning.source_hash(before.kernel) != _tuning.source_hash(edited.kernel)
+
+
+def test_a_spent_tuning_budget_launches_defaults(cache_dir, timed, monkeypatch):
+    """FASTCORE5_TUNING_SECONDS caps the time a process spends tuning (the GPU check sets it):
+    once spent, a new bucket gets the default config untimed."""
+    monkeypatch.setenv("FASTCORE5_TUNING_SECONDS", "5")
+    monkeypatch.setattr(_tuning, "_tuning_spent", 0.0)
+    tuned = _tuning.TunedKernel(_kernel_stand_in, "test kernel", lambda bucket: _configs(128, 64), _configs(16)[0])
+    assert tuned.choose(BUCKET, "test card", lambda config: None).kwargs["BLOCK_M"] == 64  # timed
+    monkeypatch.setattr(_tuning, "_tuning_spent", 5.0)
+    other = (("dtype", "float16"),)
+    assert tuned.choose(other, "test card", lambda config: None).kwargs["BLOCK_M"] == 16
+    assert len(timed) == 1
+    assert tuned.report()[1]["source"] == "default (FASTCORE5_TUNING_SECONDS spent)"
+    monkeypatch.setenv("FASTCORE5_TUNING_SECONDS", "soon")
+    with pytest.raises(ValueError, match="FASTCORE5_TUNING_SECONDS='soon' is not a number"):
+        tuned.choose((("dtype", "float64"),), "test card", lambda config: None)
