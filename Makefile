@@ -53,7 +53,9 @@ bench: $(VENV)/.installed-bench
 # launchers for ARCH, every autotune candidate and default, every dtype; csrc/ too when nvcc is
 # installed. No GPU needed. TRITON=3.6.0 runs it under that triton (what the GPU machine has) in a
 # side venv, $(VENV)-triton-3.6.0, that sees the main venv's packages behind its own triton.
+# CONFIGS= (empty) compiles each tuned launcher's first and last candidate and its default only.
 ARCH ?= 80,86,89,90
+CONFIGS ?= --all-configs
 TRITON ?=
 CHECK_VENV := $(if $(TRITON),$(VENV)-triton-$(TRITON),$(VENV))
 CHECK_READY := $(if $(TRITON),$(CHECK_VENV)/.triton-installed,$(VENV)/.installed-$(TEST_EXTRAS))
@@ -66,7 +68,7 @@ $(VENV)-triton-%/.triton-installed: $(VENV)/.installed-$(TEST_EXTRAS)
 	touch $@
 
 compile-check: $(CHECK_READY)
-	$(CHECK_VENV)/bin/python scripts/compile_check.py --arch $(ARCH) --all-configs $(if $(HAVE_NVCC),--cuda)
+	$(CHECK_VENV)/bin/python scripts/compile_check.py --arch $(ARCH) $(CONFIGS) $(if $(HAVE_NVCC),--cuda)
 
 clean:
 	rm -rf $(VENV) $(VENV)-triton-* build *.egg-info

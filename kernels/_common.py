@@ -1,5 +1,6 @@
-"""What every launcher and kernel shares: output allocation, interpreter facts and the rounding
-of stored results."""
+"""What every launcher and kernel shares: output allocation, interpreter facts, the device guard
+and the rounding of stored results."""
+import functools
 import os
 
 import torch
@@ -57,6 +58,32 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= max(n, 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+_current_device = torch.cuda.current_device
+
+
+def on_device_of(tensor_of):
+    """Decorate a launcher so its kernels launch on the device of ``tensor_of(args)`` (a tensor, or
+    None for a call that launches nothing).
+
+    Triton launches on the *current* CUDA device: without this, tensors on cuda:1 while cuda:0 is
+    current would be handed to kernels running on cuda:0. The guard costs one device query per
+    call when the tensor is on the current device, and switches devices only when it is not."""
+    def decorate(launcher):
+        @functools.wraps(launcher)
+        def guarded(*args, **kwargs):
+            tensor = tensor_of(args)
+            device = tensor.device if tensor is not None else None
+            if device is not None and device.type == "cuda" and device.index is not None and device.index != _current_device():
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+            return launcher(*args, **kwargs)
+
+        guarded.device_guard = True
+        return guarded
+
+    return decorate
 
 
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, new_output, next_power_of_2, rounded_to
+from ._common import cdiv, new_output, next_power_of_2, on_device_of, rounded_to
 from ._embedding_common import INTERPRETING, acc_dtype, clamped_rows, tl_acc_dtype
 from .segment_reduce import add_segment_sums
 
@@ -269,6 +269,7 @@ def _table_args(u_weight, i_weight, u_bias, i_bias, fallback):
     return tables, strides
 
 
+@on_device_of(lambda args: args[2])
 def embedding_dot_bias_forward(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -315,6 +316,7 @@ def embedding_dot_bias_forward(
     return out
 
 
+@on_device_of(lambda args: args[0])
 def embedding_dot_bias_backward(
     grad_out: torch.Tensor,
     users: torch.Tensor,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, on_device_of
 from .sgd_kernel import TABLE_COLUMNS, block_sizes, sgd_kernel, split_fp32
 
 
@@ -224,6 +224,7 @@ def prepared_launch(params: list[torch.Tensor], momentum_buffers: list[torch.Ten
     return launch
 
 
+@on_device_of(lambda args: args[0][0] if args[0] else None)
 def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

@@ -313,6 +313,7 @@ def test_gpu_parity_at_benchmark_shapes(backend, dtype, tf32, M, K, N):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from fastcore5.kernels import gemm_tiles  # noqa: E402
 from fastcore5.kernels import linear_relu as kernels  # noqa: E402
 
 
@@ -320,7 +321,7 @@ from fastcore5.kernels import linear_relu as kernels  # noqa: E402
 def _round_to_tf32_test_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(src_ptr + offs, mask=offs < n)
-    tl.store(dst_ptr + offs, kernels._round_to_tf32(v), mask=offs < n)
+    tl.store(dst_ptr + offs, gemm_tiles.round_to_tf32(v), mask=offs < n)
 
 
 def tf32_round_reference(v: torch.Tensor) -> torch.Tensor:
