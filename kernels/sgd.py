@@ -65,6 +65,14 @@ _is_contiguous = torch.Tensor.is_contiguous
 _kept_for_graphs: list[torch.Tensor] = []
 
 
+def _pinned_empty(shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, pin_memory=True)
+
+
+def _to_device(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return pinned.to(device, non_blocking=True)
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -113,6 +121,9 @@ class StepLaunch:
         self.host_table[:, 2] = self._offsets(self.b_ptrs, "momentum_buffers")[self.owner] + self.start
         self.host_table[:, 3] = np.minimum(lengths[self.owner] - self.start, chunk)
         self.tables: collections.OrderedDict = collections.OrderedDict()
+        self.spare_pinned: list[torch.Tensor] = []
+        if self.device.type == "cuda" and not _capturing(self.device):
+            self._keep_spare_pinned()
 
     def _offsets(self, ptrs: np.ndarray, name: str) -> np.ndarray:
         """Element offsets of ``ptrs`` from params[0]: the kernel adds them to its one base pointer."""
@@ -157,16 +168,23 @@ class StepLaunch:
             if low_bits % self.itemsize:
                 raise ValueError(f"grads addresses are not multiples of the element size ({self.itemsize} bytes)")
             align = self.align if low_bits % 16 == 0 else 1
-            host = self.host_table.copy()
+            on_cuda = self.device.type == "cuda"
+            # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
+            # alive until the copy has run (and _kept_for_graphs keeps a captured one forever).
+            # Pinning allocates, which CUDA-graph capture forbids: a table built while capturing
+            # (the gradients got new addresses, after zero_grad(set_to_none=True)) fills a block
+            # pinned beforehand.
+            source = self._pinned_block(capturing) if on_cuda else torch.empty(self.host_table.shape, dtype=torch.int64)
+            host = source.numpy()
+            host[:] = self.host_table
             np.add(((g_ptrs - self.base) // self.itemsize)[self.owner], self.start, out=host[:, 1])
-            table = torch.from_numpy(host)
-            if self.device.type == "cuda":
-                # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
-                # alive until the copy has run (and _kept_for_graphs keeps a captured one forever).
-                source = table.pin_memory()
-                table = source.to(self.device, non_blocking=True)
+            table = source
+            if on_cuda:
+                table = _to_device(source, self.device)
                 if capturing:
                     _kept_for_graphs.append(source)
+                else:
+                    self._keep_spare_pinned()
             hit = self.tables[key] = (table, align)
             if len(self.tables) > self._TABLES_KEPT:
                 self.tables.popitem(last=False)
@@ -175,6 +193,22 @@ class StepLaunch:
         if capturing:
             _kept_for_graphs.append(hit[0])
         return hit
+
+    _SPARE_PINNED = 2  # pinned table blocks kept for tables built during capture
+
+    def _keep_spare_pinned(self) -> None:
+        while len(self.spare_pinned) < self._SPARE_PINNED:
+            self.spare_pinned.append(_pinned_empty(self.host_table.shape))
+
+    def _pinned_block(self, capturing: bool) -> torch.Tensor:
+        if not capturing:
+            return _pinned_empty(self.host_table.shape)
+        if not self.spare_pinned:
+            raise RuntimeError(
+                "fastcore5 SGD: the gradients moved more than twice during one CUDA-graph capture; run "
+                "the captured step once eagerly before capturing (warm-up), as torch.cuda.graphs asks"
+            )
+        return self.spare_pinned.pop()
 
     def launch(self, base: torch.Tensor, grads, lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize,
                decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag) -> None:

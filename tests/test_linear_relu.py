@@ -470,3 +470,21 @@ def test_gpu_tf32_error_at_most_twice_torchs(M, K, N):
     grad_out = torch.randn(M, N, device="cuda")
     with allow_tf32(True):
         check_layout_parity(x, w, b, grad_out, 1e-4)  # the fp32 atol of test_gpu_parity_at_benchmark_shapes
+
+
+@pytest.mark.gpu
+def test_gpu_operand_whose_stride_times_a_block_passes_2_31():
+    """x column-major with a leading stride of 2**25 + 16 elements: the K loop's offset r * stride
+    passes 2**31 from r = 64 on (it was int32 and wrapped). 4.3 GB of bf16 storage."""
+    M, K, N, leading = 64, 96, 32, 2**25 + 16
+    storage = torch.randn(K, leading, dtype=torch.bfloat16, device="cuda")
+    x = storage[:, :M].t()  # (M, K), strides (1, leading)
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
+    out = kernels.linear_relu_forward(x, weight, bias)
+    exact = torch.relu(x.double() @ weight.double().t() + bias.double())
+    torch.testing.assert_close(out.double(), exact, atol=0.1, rtol=0.02)
+    grad_x, grad_w, _ = kernels.linear_relu_backward(torch.ones_like(out), out, x, weight, True, True, False)
+    mask = (out > 0).double()
+    torch.testing.assert_close(grad_w.double(), mask.t() @ x.double(), atol=0.5, rtol=0.02)
+    torch.testing.assert_close(grad_x.double(), mask @ weight.double(), atol=0.5, rtol=0.02)

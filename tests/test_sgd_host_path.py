@@ -9,6 +9,7 @@ import copy
 import warnings
 
 import pytest
+import numpy as np
 import torch
 
 from fastcore5 import backends
@@ -315,3 +316,32 @@ def test_training_step_has_no_sync_on_cuda(contiguous):
         torch.cuda.set_sync_debug_mode("default")
         for name in ("grad_scale", "found_inf"):
             opt.__dict__.pop(name, None)
+
+
+def test_a_table_built_during_graph_capture_pins_no_memory(monkeypatch):
+    """After zero_grad(set_to_none=True) the captured step's gradients have new addresses, so a new
+    chunk table is built while the stream is capturing. Pinning host memory allocates, which
+    capture forbids: the table must fill a block pinned before capture began. Simulated on CPU:
+    the launch believes it is on CUDA, pinning records whether capture was on."""
+    from fastcore5.kernels import sgd as sgd_kernels
+
+    capturing = [False]
+    pinned_while_capturing = []
+
+    def pinned_empty(shape):
+        pinned_while_capturing.append(capturing[0])
+        return torch.empty(shape, dtype=torch.int64)
+
+    monkeypatch.setattr(sgd_kernels, "_pinned_empty", pinned_empty)
+    monkeypatch.setattr(sgd_kernels, "_to_device", lambda pinned, device: pinned)
+    monkeypatch.setattr(sgd_kernels, "_capturing", lambda device: capturing[0])
+    params = [torch.randn(3000), torch.randn(7)]
+    launch = sgd_kernels.StepLaunch(params, [torch.zeros_like(p) for p in params])
+    launch.device = torch.device("cuda")
+    launch.table_for([torch.randn_like(p) for p in params])  # eager: pins, keeps spares
+    capturing[0] = True
+    grads = [torch.randn_like(p) for p in params]
+    table, _ = launch.table_for(grads)
+    assert True not in pinned_while_capturing
+    expected_offsets = (np.array([g.data_ptr() for g in grads]) - params[0].data_ptr()) // 4
+    assert table[0, 1].item() == expected_offsets[0] and table[-1, 1].item() == expected_offsets[1]
