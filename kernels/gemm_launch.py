@@ -63,17 +63,15 @@ def default_config(bucket: tuple) -> triton.Config:
     return _INTERPRETER_CONFIG if interpreting() else tile_config(*_default_tile(bucket))
 
 
-def _candidates(bucket: tuple) -> list[triton.Config]:
-    return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket)
-
-
-def hopper_candidates(bucket: tuple) -> list[triton.Config]:
+def hopper_candidates(bucket: tuple, streamed_tiles: int = 1) -> list[triton.Config]:
     """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit the
     bucket's shared memory (``smem``: the device's, Hopper's when absent), pruned by
-    ``configs_for_problem``."""
+    ``configs_for_problem``. ``streamed_tiles``: BLOCK_M x BLOCK_K tiles loaded per K step (2 for
+    the backward kernels that read grad_out and out; the compile matrix found their 1-tile
+    estimate admitting configs of 107-141 KB on 99 KB cards)."""
     elem = dict(bucket)["bytes"]
     limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
-    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= limit]
+    fitting = [t for t in _HOPPER_TILES if t[3] * (streamed_tiles * t[0] * t[2] + t[2] * t[1]) * elem <= limit]
     # the default fits every card: where no Hopper tile does (fp64 on sm_86/89), it is the candidate
     return configs_for_problem(fitting or [_default_tile(bucket)], bucket)
 
@@ -168,8 +166,11 @@ class GemmLauncher(PlannedLauncher):
     does not depend on the tensors' addresses, only on the key, so one plan serves every call
     with that key."""
 
-    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
-        super().__init__(kernel, title, m_axis, flag_names, _candidates, default_config)
+    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = (), streamed_tiles: int = 1):
+        def candidates(bucket):
+            return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket, streamed_tiles)
+
+        super().__init__(kernel, title, m_axis, flag_names, candidates, default_config)
 
     def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
         if wrap is not None:

@@ -102,10 +102,10 @@ def _linear_relu_bwd_weight_kernel(
 
 
 _forward = GemmLauncher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
+_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0, streamed_tiles=2)
 _backward_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2,
-    flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"),
+    flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"), streamed_tiles=2,
 )
 
 
