@@ -86,6 +86,14 @@ def on_device_of(tensor_of):
     return decorate
 
 
+def in_signature_order(kernel, runtime_count: int, constexprs: dict) -> tuple:
+    """``kernel``'s constexprs after its ``runtime_count`` runtime arguments, in signature order,
+    for ``kernel.run(*runtime_args, *this, grid=..., warmup=False, num_warps=...)``: passed
+    positionally, because a launch with a dozen keyword arguments spends ~1 us on the host
+    binding them. Launchers cache the tuple per combination of flags."""
+    return tuple(constexprs[name] for name in kernel.arg_names[runtime_count:])
+
+
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised output on ``like``'s device, of ``dtype`` (default: ``like``'s); filled
     with NaN (or -1 for integers) when FASTCORE5_POISON=1.

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, interpreting, next_power_of_2, shared_memory_limit,
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, in_signature_order, interpreting, next_power_of_2,
+    shared_memory_limit,
 )
 from ._tuning import TunedKernel, launch_kwargs
 
@@ -254,6 +255,5 @@ def positional_launch(kernel, runtime_count: int, constexprs: dict, config: trit
     **options)``: every constexpr of the kernel after its ``runtime_count`` runtime arguments, in
     signature order, from ``constexprs`` and the config's block sizes, and the config's warps and
     stages. Passed positionally because a keyword dict of a dozen entries per launch cost ~1 us."""
-    named = {**constexprs, **config.kwargs}
-    meta_parameters = tuple(named[name] for name in kernel.arg_names[runtime_count:])
+    meta_parameters = in_signature_order(kernel, runtime_count, {**constexprs, **config.kwargs})
     return meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages}

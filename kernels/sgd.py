@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
-from ._common import interpreting, on_device_of
+from ._common import in_signature_order, interpreting, on_device_of
 from .sgd_kernel import TABLE_COLUMNS, block_sizes, sgd_kernel, split_fp32
 
 
@@ -122,6 +122,7 @@ class StepLaunch:
         self.host_table[:, 3] = np.minimum(lengths[self.owner] - self.start, chunk)
         self.tables: collections.OrderedDict = collections.OrderedDict()
         self.spare_pinned: list[torch.Tensor] = []
+        self.meta_parameters: dict[tuple, tuple] = {}  # flags -> the kernel's constexprs, in order
         if self.device.type == "cuda" and not _capturing(self.device):
             self._keep_spare_pinned()
 
@@ -221,20 +222,29 @@ class StepLaunch:
         momentum_hi, momentum_lo = split_fp32(momentum)
         keep_hi, keep_lo = split_fp32(1.0 - dampening)
         wd_hi, wd_lo = split_fp32(weight_decay)
-        sgd_kernel[(self.rows,)](
+        flags = (lr_tensor is not None, grad_scale is not None, found_inf is not None, skip_flag is not None,
+                 has_momentum, bool(first_step), bool(nesterov) and has_momentum, bool(maximize), weight_decay != 0,
+                 bool(decoupled_weight_decay), align)
+        meta_parameters = self.meta_parameters.get(flags)
+        if meta_parameters is None:
+            meta_parameters = self.meta_parameters[flags] = in_signature_order(sgd_kernel, _RUNTIME_ARGS, {
+                **dict(zip(_FLAG_NAMES, flags)),
+                "COMPUTE": tl.float64 if self.dtype == torch.float64 else tl.float32, "BLOCK": self.block,
+            })
+        sgd_kernel.run(
             base, table,
             table if lr_tensor is None else lr_tensor,  # the table stands in for absent pointers; never read
             table if grad_scale is None else grad_scale,
             table if found_inf is None else found_inf,
             table if skip_flag is None else skip_flag,
             lr_hi, lr_lo, momentum_hi, momentum_lo, keep_hi, keep_lo, wd_hi, wd_lo,
-            LR_ON_DEVICE=lr_tensor is not None, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, HAS_SKIP=skip_flag is not None,
-            HAS_MOMENTUM=has_momentum, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov) and has_momentum,
-            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-            ALIGN=align, COMPUTE=tl.float64 if self.dtype == torch.float64 else tl.float32,
-            BLOCK=self.block, num_warps=self.num_warps,
+            *meta_parameters, grid=(self.rows,), warmup=False, num_warps=self.num_warps,
         )
+
+
+_RUNTIME_ARGS = 14  # sgd_kernel's arguments before its constexprs
+_FLAG_NAMES = ("LR_ON_DEVICE", "HAS_SCALE", "HAS_FOUND_INF", "HAS_SKIP", "HAS_MOMENTUM", "FIRST_STEP", "NESTEROV",
+               "MAXIMIZE", "HAS_WD", "DECOUPLED", "ALIGN")
 
 
 # (device, dtype, param and buffer addresses, lengths, strides) -> StepLaunch, least recently used
