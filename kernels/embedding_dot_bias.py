@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, new_output, next_power_of_2, on_device_of, rounded_to
+from ._common import cdiv, launch, new_output, next_power_of_2, on_device_of, rounded_to
 from ._embedding_common import INTERPRETING, acc_dtype, clamped_rows, tl_acc_dtype
 from .segment_reduce import add_segment_sums
 
@@ -302,16 +302,16 @@ def embedding_dot_bias_forward(
         return out
     block_b, block_d = _blocks(B, D)
     has_y_range = y_lo is not None
-    kernel = _embedding_dot_bias_fwd_kernel if wrap is None else wrap(_embedding_dot_bias_fwd_kernel)
-    kernel[(cdiv(B, block_b),)](
-        users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
-        B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
-        users.stride(0), items.stride(0),
-        u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
-        u_bias.stride(0), i_bias.stride(0),
-        HAS_Y_RANGE=has_y_range, RECORD_ERRORS=index_errors is not None,
-        ACC_DTYPE=tl_acc_dtype(u_weight.dtype),
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+    launch(
+        _embedding_dot_bias_fwd_kernel, wrap, (cdiv(B, block_b),),
+        (users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
+         B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
+         users.stride(0), items.stride(0),
+         u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
+         u_bias.stride(0), i_bias.stride(0)),
+        # HAS_Y_RANGE, RECORD_ERRORS, ACC_DTYPE, BLOCK_B, BLOCK_D
+        (has_y_range, index_errors is not None, tl_acc_dtype(u_weight.dtype), block_b, block_d),
+        SAMPLE_WARPS,
     )
     return out
 
@@ -354,7 +354,6 @@ def embedding_dot_bias_backward(
       (B, D), (B, D), (B,), (B,); the caller pairs them with users/items as indices.
     wrap: None, or a function applied to each kernel before launching it (torch.library.wrap_triton).
     """
-    launch = (lambda kernel: kernel) if wrap is None else wrap
     B = users.shape[0]
     dtype, device = grad_out.dtype, grad_out.device
     D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
@@ -369,13 +368,13 @@ def embedding_dot_bias_backward(
         (grad or values of u_weight, i_weight, u_bias, i_bias; None: not wanted)."""
         block_b, block_d = _blocks(B, D)
         need_uw, need_iw, need_ub, need_ib = (out is not None for out in outputs)
-        launch(_embedding_dot_bias_bwd_per_sample_kernel)[(cdiv(B, block_b),)](
-            grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
-            B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides,
-            MODE=mode.value, HAS_Y_RANGE=has_y_range,
-            NEED_UW=need_uw, NEED_IW=need_iw, NEED_UB=need_ub, NEED_IB=need_ib,
-            ACC_DTYPE=tl_acc_dtype(dtype),
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+        launch(
+            _embedding_dot_bias_bwd_per_sample_kernel, wrap, (cdiv(B, block_b),),
+            (grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
+             B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides),
+            # MODE, HAS_Y_RANGE, NEED_UW, NEED_IW, NEED_UB, NEED_IB, ACC_DTYPE, BLOCK_B, BLOCK_D
+            (mode.value, has_y_range, need_uw, need_iw, need_ub, need_ib, tl_acc_dtype(dtype), block_b, block_d),
+            SAMPLE_WARPS,
         )
 
     if sparse:
