@@ -21,7 +21,7 @@ kernel does the work of each sample, its MODE saying what it writes:
   order of the additions varies from run to run, so the result is nondeterministic in the last
   bits. bf16/fp16 tables accumulate in an fp32 workspace that is rounded once at the end.
 * deterministic (used when torch.are_deterministic_algorithms_enabled()): coef is formed first
-  (MODE_COEF; without y_range it is grad_out itself), then each table's indices are sorted and
+  (MODE_COEF; without y_range it is grad_out itself, 0 for a sample with a bad index), then each table's indices are sorted and
   segment_reduce.py sums every row's samples in an order fixed by B alone: bitwise identical
   across runs, and bf16/fp16 gradients are rounded once, from fp32, without a workspace.
 * sparse (MODE_SPARSE): per-sample values coef * partner-row (B, D) and coef (B,), exactly what
@@ -390,11 +390,10 @@ def embedding_dot_bias_backward(
         grads = [torch.zeros(shape, dtype=dtype, device=device) if need else None for shape, need in zip(shapes, needs)]
         if B == 0 or not any(needs):
             return tuple(grads)
-        if has_y_range:
-            coef = new_output((B,), grad_out, accumulate_in)
-            per_sample(MODE_COEF, coef, (None,) * 4)
-        else:
-            coef = grad_out.to(accumulate_in).contiguous()
+        # coef by the kernel even without y_range (where it is grad_out itself): it writes 0 for a
+        # sample with an index outside its table, which the segment reduction relies on.
+        coef = new_output((B,), grad_out, accumulate_in)
+        per_sample(MODE_COEF, coef, (None,) * 4)
         grad_uw, grad_iw, grad_ub, grad_ib = grads
         if need_u_weight or need_u_bias:
             sorted_users, order = torch.sort(users, stable=True)
