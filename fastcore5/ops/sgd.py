@@ -72,26 +72,32 @@ class SGDHyper(NamedTuple):
             group["maximize"], group["decoupled_weight_decay"],
         )
 
-    def check(self, read_tensor_lr: bool = True) -> None:
-        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
-        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
-        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
+    def check_types(self) -> None:
+        """The types a step needs (torch itself fails on these only inside its step, halfway)."""
         lr = self.lr
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
             if not lr.dtype.is_floating_point:
                 raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
-            if read_tensor_lr and lr < 0.0:
-                raise ValueError(f"Invalid learning rate: {lr}")
         elif not isinstance(lr, Real) or isinstance(lr, bool):  # Real: NumPy scalars too, as torch takes them
             raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
-        elif lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
         for name in ("momentum", "dampening", "weight_decay"):
             value = getattr(self, name)
-            if not isinstance(value, (Real, Tensor)):  # torch fails on these later, or with a bare '<' error
+            if not isinstance(value, (Real, Tensor)) or isinstance(value, Tensor) and value.numel() != 1:
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+    def check(self, read_tensor_lr: bool = True) -> None:
+        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
+        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
+        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
+        self.check_types()
+        lr = self.lr
+        if isinstance(lr, Tensor):
+            if read_tensor_lr and lr < 0.0:
+                raise ValueError(f"Invalid learning rate: {lr}")
+        elif lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
         if self.momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {self.momentum}")
         if self.weight_decay < 0.0:

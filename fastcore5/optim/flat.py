@@ -123,15 +123,22 @@ class FlatBuffers:
     def grads_maybe_replaced(self) -> bool:
         return self.refs_changed() or self.flat_grad._version == self.grad_version
 
+    def check_grads(self) -> None:
+        """What ``readopt_grads`` will copy: dense gradients (checked first, so a refused step or
+        zero_grad changes nothing)."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and g.layout is not torch.strided:
+                raise TypeError(f"the .grad of {self.names[i]} must be a dense (strided) tensor, got layout {g.layout}")
+
     def readopt_grads(self, copy: bool) -> bool:
         """Make every .grad its flat view again; with ``copy``, first copy into the view any
-        gradient that replaced it (a missing one counts as zero). Returns True if one was replaced."""
+        gradient that replaced it (a missing one counts as zero). Returns True if one was replaced.
+        Call ``check_grads`` first."""
         replaced = False
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 g = p.grad
-                if g is not None and g.layout is not torch.strided:
-                    raise TypeError(f"the .grad of {self.names[i]} must be a dense (strided) tensor, got layout {g.layout}")
                 # same address, shape and dense layout (dtype is enforced by torch): the flat slot itself
                 if g is not None and g.data_ptr() == self.grad_ptrs[i] and g.shape == p.shape and g.is_contiguous():
                     continue

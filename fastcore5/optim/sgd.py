@@ -170,12 +170,16 @@ class SGD(Optimizer):
         (``set_to_none`` is ignored: the flat views must stay the gradients)."""
         if not self.contiguous:
             return super().zero_grad(set_to_none)
-        for flats in self._flats.values():
-            for flat in flats:
-                if flat.refs_changed():
-                    flat.readopt_grads(copy=False)
-                flat.flat_grad.zero_()
-                flat.mark_grads_seen()
+        flats = [flat for group_flats in self._flats.values() for flat in group_flats]
+        changed = [flat.refs_changed() for flat in flats]
+        for flat, refs_changed in zip(flats, changed):
+            if refs_changed:
+                flat.check_grads()
+        for flat, refs_changed in zip(flats, changed):
+            if refs_changed:
+                flat.readopt_grads(copy=False)
+            flat.flat_grad.zero_()
+            flat.mark_grads_seen()
 
     # ------------------------------------------------------------------------------------- step
 
@@ -199,13 +203,22 @@ class SGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        skip_flags: dict[torch.device, Tensor | None] = {}
+        # All or nothing: every group is checked (and its launches planned) before the first write,
+        # so a refused step leaves params, grads, buffers and state as they were.
+        ready = []
         for index, group in enumerate(self.param_groups):
             hyper = SGDHyper.from_group(group)
+            hyper.check_types()
             if self.contiguous:
-                self._step_flat(index, hyper, grad_scale, found_inf, skip_flags, capturing)
+                ready.append((self._check_flat(index, hyper, capturing), hyper, None))
             else:
-                self._step_group(index, group, hyper, grad_scale, found_inf, skip_flags, capturing)
+                ready.append(self._prepare_group(index, group, hyper, capturing))
+        skip_flags: dict[torch.device, Tensor | None] = {}
+        for prepared, hyper, grads in ready:
+            if self.contiguous:
+                self._step_flat(prepared, hyper, grad_scale, found_inf, skip_flags)
+            else:
+                self._step_group(prepared, grads, hyper, grad_scale, found_inf, skip_flags)
         return loss
 
     def _traced_step(self, closure):
@@ -277,10 +290,8 @@ class SGD(Optimizer):
         launches = []
         for (device, dtype, dtensor, first), idx in by_launch.items():
             members = [params[i] for i in idx]
-            if first:
+            if first:  # recorded in state by the step that fills them, after every check passed
                 buffers = new_momentum_buffers(members)
-                for p, buf in zip(members, buffers):
-                    self.state[p]["momentum_buffer"] = buf
             elif momentum_on:
                 buffers = [self.state[p]["momentum_buffer"] for p in members]
             else:
@@ -292,6 +303,7 @@ class SGD(Optimizer):
             else:
                 members_local = members
             launch = Launch(members, idx, buffers, first, None, dtensor)
+            launch.new_buffers = buffers if first else None
             names = [_param_name(i, index) for i in idx]
             launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
@@ -324,33 +336,51 @@ class SGD(Optimizer):
             for p, miss in zip(group["params"], missing)
         )
 
-    def _step_group(self, index, group, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+    def _prepare_group(self, index, group, hyper, capturing) -> tuple:
+        """(plan, hyper, grads) for one group in normal mode: every check, no write."""
         grads = list(map(_GRAD, group["params"]))
-        momentum_on = hyper.momentum != 0
-        plan = self._current_plan(index, group, grads, momentum_on, capturing)
-        for launch in plan.launches:
-            if self.capturable:
+        plan = self._current_plan(index, group, grads, hyper.momentum != 0, capturing)
+        if self.capturable:
+            for launch in plan.launches:
                 self._check_capturable(hyper, launch.device, launch.first, capturing)
+        return plan, hyper, grads
+
+    def _step_group(self, plan, grads, hyper, grad_scale, found_inf, skip_flags) -> None:
+        for launch in plan.launches:
+            if launch.new_buffers:
+                for p, buf in zip(launch.members, launch.new_buffers):
+                    self.state[p]["momentum_buffer"] = buf
             launch.prepared.run(
                 launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
                 self._skip_flag(skip_flags, launch.device),
             )
 
-    def _step_flat(self, index, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+    def _check_flat(self, index, hyper, capturing) -> list:
+        """Contiguous mode's checks of one group before any write: [(flat, gradients replaced)]."""
         momentum_on = hyper.momentum != 0
+        checked = []
         for flat in self._flats.get(index, ()):
             flat.check_params()
-            if flat.grads_maybe_replaced() and flat.readopt_grads(copy=True) and not self._warned_regrad:
+            replaced = flat.grads_maybe_replaced()
+            if replaced:
+                flat.check_grads()
+            if self.capturable:
+                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
+                self._check_capturable(hyper, flat.device, new_buffers, capturing)
+            checked.append((flat, replaced))
+        return checked
+
+    def _step_flat(self, checked, hyper, grad_scale, found_inf, skip_flags) -> None:
+        momentum_on = hyper.momentum != 0
+        for flat, replaced in checked:
+            if replaced and flat.readopt_grads(copy=True) and not self._warned_regrad:
                 self._warned_regrad = True
                 warnings.warn(
                     "fastcore5.optim.SGD(contiguous=True): some .grad tensors were replaced (model.zero_grad() "
                     "with set_to_none, create_graph=True, ...); they were copied back into the flat gradient "
                     "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            if self.capturable:
-                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
-                self._check_capturable(hyper, flat.device, new_buffers, capturing)
             segments = flat.segments_for(momentum_on)
             skip_flag = self._skip_flag(skip_flags, flat.device)
             for first, (ps, gs, bs, prepared) in segments.items():
