@@ -92,3 +92,109 @@ def test_a_refused_first_step_creates_no_momentum_buffer(backend):
     for p, t in zip(params, twins):
         torch.testing.assert_close(p.detach(), t.detach(), rtol=0, atol=1e-14)
         torch.testing.assert_close(ours.state[p]["momentum_buffer"], theirs.state[t]["momentum_buffer"], rtol=0, atol=1e-14)
+
+
+# ---------------------------------------------------------------- 2. validate before mutating
+
+BAD_GROUPS = {
+    "negative lr": (dict(lr=-0.1), ValueError),
+    "nesterov with dampening": (dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError),
+    "nesterov without momentum": (dict(momentum=0.0, nesterov=True), ValueError),
+    "integer param": (dict(params=[torch.zeros(3, dtype=torch.int64)]), TypeError),
+    "param already in another group": ("reuse", ValueError),
+    "non-numeric momentum": (dict(momentum="0.9"), TypeError),
+}
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
+@pytest.mark.parametrize("bad", list(BAD_GROUPS))
+def test_a_refused_param_group_is_not_kept(contiguous, bad):
+    params = _params(2)
+    opt = SGD([params[0]], lr=0.1, momentum=0.9, contiguous=contiguous)
+    extra, error = BAD_GROUPS[bad]
+    group = {"params": [params[0]]} if extra == "reuse" else {"params": [params[1]], **extra}
+    with fastcore5.use_backend("torch"):
+        params[0].grad = torch.randn_like(params[0]) if not contiguous else params[0].grad.copy_(torch.randn_like(params[0]))
+        before = snapshot(params, opt)
+        with pytest.raises(error):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1
+        assert_unchanged(before, snapshot(params, opt), "a refused add_param_group")
+        opt.step()  # the next valid call still works
+        opt.add_param_group({"params": [params[1]], "lr": 0.05})
+        params[1].grad = torch.randn_like(params[1]) if not contiguous else params[1].grad.copy_(torch.randn_like(params[1]))
+        opt.step()
+
+
+def test_a_refused_contiguous_constructor_leaves_params_and_grads_alone():
+    good, shared = _params(1)[0], torch.randn(6, dtype=F64)
+    tied = [torch.nn.Parameter(shared[:4]), torch.nn.Parameter(shared[2:])]  # two leaves, one storage
+    before = snapshot([good, *tied])
+    with pytest.raises(ValueError, match="param 0 of param group 1 and param 1 of param group 1 share memory"):
+        SGD([{"params": [good]}, {"params": tied}], lr=0.1, contiguous=True)
+    assert_unchanged(before, snapshot([good, *tied]), "a refused constructor")
+    assert good.grad is None and good.data_ptr() != 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_load_state_dict_in_contiguous_mode_keeps_its_state_when_it_refuses(backend):
+    params = _params(2)
+    opt = SGD(params, lr=0.1, momentum=0.9, contiguous=True)
+    with fastcore5.use_backend(backend):
+        for p in params:
+            p.grad.copy_(torch.randn_like(p))
+        opt.step()
+        bad = opt.state_dict()
+        bad["state"] = {0: {"momentum_buffer": torch.ones(1, dtype=F64)}, 1: {"momentum_buffer": torch.ones(4, 3, dtype=F64)}}
+        before = snapshot(params, opt)
+        with pytest.raises(ValueError, match="momentum_buffer of param 0 of param group 0 must match it in shape"):
+            opt.load_state_dict(bad)
+        assert_unchanged(before, snapshot(params, opt), "a refused load_state_dict")
+        opt.step()
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["normal", "contiguous"])
+def test_a_refused_zero_grad_changes_nothing(contiguous):
+    params = _params(2)
+    opt = SGD(params, lr=0.1, contiguous=contiguous)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad = torch.randn_like(params[1]).to_sparse()
+    before = snapshot(params, opt)
+    if contiguous:
+        with pytest.raises(TypeError, match=r"the \.grad of param 1 of param group 0 must be a dense"):
+            opt.zero_grad()
+        assert_unchanged(before, snapshot(params, opt), "a refused zero_grad")
+    else:
+        opt.zero_grad()  # torch's zero_grad: sparse gradients are fine
+        assert all(p.grad is None for p in params)
+
+
+# ------------------------------------------------------------------------------ 3. aliasing
+
+
+@pytest.mark.parametrize("make", ["same storage", "overlapping views", "another group"])
+def test_contiguous_mode_refuses_params_that_share_memory_naming_them(make):
+    base = torch.randn(8, dtype=F64)
+    a = torch.nn.Parameter(base[:5])
+    b = torch.nn.Parameter(base if make == "same storage" else base[3:])
+    groups = [{"params": [a]}, {"params": [b]}] if make == "another group" else [{"params": [a, b]}]
+    names = "param 0 of param group 0 and param 0 of param group 1" if make == "another group" else \
+        "param 0 of param group 0 and param 1 of param group 0"
+    with pytest.raises(ValueError, match=names + " share memory"):
+        SGD(groups, lr=0.1, contiguous=True)
+    # normal mode keeps the sharing, as torch.optim.SGD does
+    opt = SGD(groups, lr=0.1)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    assert a.data_ptr() == base.data_ptr()
+
+
+def test_contiguous_mode_keeps_disjoint_views_and_refuses_a_later_group_sharing_its_buffer():
+    base = torch.randn(8, dtype=F64)
+    a, b = torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:])
+    opt = SGD([a, b], lr=0.1, contiguous=True)  # disjoint: each gets its own slot
+    twin = torch.nn.Parameter(a.data)  # shares the flat buffer's memory with a
+    with pytest.raises(ValueError, match="param 0 of param group 0 and param 0 of param group 1 share memory"):
+        opt.add_param_group({"params": [twin]})
+    assert len(opt.param_groups) == 1

@@ -33,6 +33,23 @@ def _param_name(index: int, group_index: int) -> str:
     return f"param {index} of param group {group_index}"
 
 
+def _first_shared_memory(named: list) -> tuple[str, str] | None:
+    """The names, in listing order, of two of the (tensor, name) pairs whose memory overlaps, or None."""
+    spans = []
+    for order, (p, name) in enumerate(named):
+        if p.numel() == 0 or p.device.type == "meta":
+            continue
+        start = p.storage_offset() * p.element_size()
+        last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) * p.element_size()
+        spans.append((p.untyped_storage().data_ptr(), start, start + last + p.element_size(), order))
+    spans.sort()
+    for (storage, _, end, order), (next_storage, next_start, _, next_order) in zip(spans, spans[1:]):
+        if storage == next_storage and next_start < end:
+            first, second = sorted((order, next_order))
+            return named[first][1], named[second][1]
+    return None
+
+
 class SGD(Optimizer):
     """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) with a fused step.
 
@@ -103,7 +120,15 @@ class SGD(Optimizer):
         self.contiguous = bool(contiguous)
         self.capturable = bool(capturable)
         self._warned_regrad = False
+        # Contiguous mode moves params into flat buffers only once every group passed its checks,
+        # so a refused constructor leaves the params (and their .grad) as they were.
+        self._building = True
         super().__init__(params, defaults)
+        self._building = False
+        if self.contiguous:
+            self._check_contiguous_groups(range(len(self.param_groups)))
+            for index in range(len(self.param_groups)):
+                self._build_flats(index)
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
@@ -122,23 +147,40 @@ class SGD(Optimizer):
         self.__dict__.setdefault("contiguous", False)
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_warned_regrad", False)
+        self.__dict__.setdefault("_building", False)
         self._plans.clear()
         self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, plus fastcore5's checks; a refused group is not kept."""
+        index = len(self.param_groups)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(index, self.param_groups[index])
+            if self.contiguous and not self._building:
+                self._check_contiguous_groups([index])
+                self._build_flats(index)
+        except BaseException:
+            del self.param_groups[index:]
+            raise
+
+    def _check_group(self, index: int, group: dict) -> None:
         SGDHyper.from_group(group).check()
         if group.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
         for i, p in enumerate(group["params"]):
             if p.is_sparse or p.is_complex() or not p.dtype.is_floating_point:
                 raise TypeError(
-                    f"{_param_name(i, len(self.param_groups) - 1)} is {p.dtype}"
+                    f"{_param_name(i, index)} is {p.dtype}"
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
-        if self.contiguous:
-            index, params = len(self.param_groups) - 1, group["params"]
+
+    def _check_contiguous_groups(self, indices) -> None:
+        """What contiguous mode cannot hold, for the groups ``indices``: DTensors, a param listed
+        twice, and params sharing memory (tied weights that are distinct tensors, views of one
+        tensor), which separate flat slots would silently untie."""
+        for index in indices:
+            params = self.param_groups[index]["params"]
             if any(map(is_dtensor, params)):
                 raise ValueError(
                     "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
@@ -149,21 +191,57 @@ class SGD(Optimizer):
                     f"param group {index} holds a param twice; contiguous=True keeps one flat slot per param, "
                     "so list each param once"
                 )
-            by_kind: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                by_kind.setdefault((p.device, p.dtype), []).append(i)
-            self._flats[index] = [
-                FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
-                for members in by_kind.values()
-            ]
+        named = [(p, _param_name(i, g)) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
+        shared = _first_shared_memory(named)
+        if shared is not None:
+            raise ValueError(
+                f"{shared[0]} and {shared[1]} share memory (tied weights or views of one tensor); contiguous=True "
+                "gives each param its own slot in a flat buffer, which would untie them: pass the shared "
+                "tensor once, or use contiguous=False (which keeps the sharing, as torch.optim.SGD does)"
+            )
+
+    def _build_flats(self, index: int) -> None:
+        params = self.param_groups[index]["params"]
+        by_kind: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        self._flats[index] = [
+            FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
+            for members in by_kind.values()
+        ]
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict; a momentum buffer that does not fit its param (shape, or not a
+        tensor) is refused naming the param, and the optimizer keeps its own state."""
+        kept_state, kept_groups = self.state, self.param_groups
         super().load_state_dict(state_dict)
+        try:
+            self._check_loaded_buffers()
+        except BaseException:
+            self.state, self.param_groups = kept_state, kept_groups
+            raise
         self._plans.clear()
         for flats in self._flats.values():
             for flat in flats:
                 flat.adopt_buffers(self.state)
         self.refresh()
+
+    def _check_loaded_buffers(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                entry = self.state.get(p)
+                buf = entry.get("momentum_buffer") if entry else None
+                if buf is None:
+                    continue
+                if not isinstance(buf, Tensor):
+                    raise TypeError(f"the momentum_buffer of {_param_name(i, g)} must be a tensor, got {type(buf).__name__}")
+                if buf.shape != p.shape:
+                    raise ValueError(
+                        f"the momentum_buffer of {_param_name(i, g)} must match it in shape: got "
+                        f"{tuple(buf.shape)} for {tuple(p.shape)}"
+                    )
+                if buf.layout is not torch.strided:  # torch's SGD keeps a sparse one after sparse gradients
+                    entry["momentum_buffer"] = buf.to_dense()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Normal mode: torch's zero_grad. Contiguous mode: one fill per flat gradient buffer
