@@ -198,3 +198,74 @@ def test_contiguous_mode_keeps_disjoint_views_and_refuses_a_later_group_sharing_
     with pytest.raises(ValueError, match="param 0 of param group 0 and param 0 of param group 1 share memory"):
         opt.add_param_group({"params": [twin]})
     assert len(opt.param_groups) == 1
+
+
+def test_a_refused_patch_leaves_the_fastai_model_as_it_was():
+    pytest.importorskip("fastai")
+    from fastai.collab import EmbeddingDotBias as FastaiEmbeddingDotBias
+
+    import fastcore5.fastai
+
+    linear = torch.nn.Linear(3, 4)
+    model = torch.nn.Sequential(linear, torch.nn.ReLU(), FastaiEmbeddingDotBias(2, 3, 4, y_range=(5.0, 0.0)))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="y_range"):
+        fastcore5.fastai.patch_model(model)
+    assert [type(m) for m in model.modules()] == before and model[0] is linear
+
+
+@pytest.mark.parametrize("lr", [slice(float("nan"), 1e-3), slice(-1e-5, 1e-3), slice(float("inf"))])
+def test_fastai_opt_func_refuses_a_bad_lr_slice_naming_it(lr):
+    pytest.importorskip("fastai")
+    import fastcore5.fastai
+
+    p = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lr\.(start|stop) must be finite and > 0"):
+        fastcore5.fastai.SGD([p], lr=lr)
+
+
+# ------------------------------------------------------------- 7. small things a user meets
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: fastcore5.optim.even_mults(1e-5, 1e-3, 0), ValueError, r"n must be an int >= 1, got 0"),
+        (lambda: fastcore5.optim.even_mults(1e-5, 1e-3, 2.5), TypeError, r"n must be an int"),
+        (lambda: fastcore5.optim.even_mults(float("nan"), 1e-3, 3), ValueError, r"start must be finite and > 0"),
+        (lambda: fastcore5.optim.even_mults(1e-5, -1e-3, 3), ValueError, r"stop must be finite and > 0"),
+        (lambda: fastcore5.optim.lr_range(float("nan"), 2), ValueError, r"lr must be finite and >= 0"),
+        (lambda: fastcore5.optim.lr_range(-1e-3, 2), ValueError, r"lr must be finite and >= 0"),
+        (lambda: fastcore5.optim.lr_range(slice(-1e-3), 2), ValueError, r"lr\.stop must be finite and > 0"),
+        (lambda: fastcore5.optim.lr_range(1e-3, -2), ValueError, r"n must be an int >= 1"),
+        (lambda: fastcore5.optim.discriminative_param_groups(3, 1e-3), TypeError, r"layer_groups must be an iterable"),
+        (lambda: fastcore5.optim.discriminative_param_groups([[torch.zeros(1)]], float("nan")), ValueError, "lr must be finite"),
+    ],
+)
+def test_lesson_helpers_name_the_argument_and_its_range(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_lesson_helpers_still_follow_fastai_at_the_edges():
+    assert fastcore5.optim.lr_range(slice(0, 1e-3), 3) == [1e-4, 1e-4, 1e-3]  # fastai: a zero start is no start
+    assert fastcore5.optim.lr_range(0.0, 2) == [0.0, 0.0]  # lr 0 is a valid (frozen) rate for torch's SGD
+    assert fastcore5.optim.even_mults(None, 1e-3, 1) == [1e-3]
+
+
+@pytest.mark.parametrize("n", [3, -3, 10])
+def test_freeze_to_names_n_and_its_range_and_changes_nothing(n):
+    params = _params(2)
+    opt = SGD([{"params": [p]} for p in params], lr=0.1)
+    before = snapshot(params, opt)
+    with pytest.raises(ValueError, match=r"n must be an int in \[-2, 2\]"):
+        opt.freeze_to(n)
+    assert_unchanged(before, snapshot(params, opt), "a refused freeze_to")
+
+
+@pytest.mark.parametrize("method", ["top_by_bias", "bottom_by_bias", "pca"])
+@pytest.mark.parametrize("k, error", [(-1, ValueError), (0, ValueError), (1.5, TypeError), (float("nan"), TypeError)])
+def test_interpretation_helpers_name_k_and_its_range(method, k, error):
+    model = fastcore5.nn.EmbeddingDotBias(3, 4, 5)
+    with pytest.raises(error, match=r"k must be an int"):
+        getattr(model, method)(k)

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, index_errors
+from .._checks import check_int
 from ..ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, sgd_step
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
@@ -473,9 +474,8 @@ class SGD(Optimizer):
         """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
         normal mode, .grad=None so the step skips them) and unfreeze groups [n:]. Negative n counts
         from the end, as in fastai: freeze_to(-1) leaves only the last group trainable."""
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int (the number of param groups to freeze), got {n!r}")
         count = len(self.param_groups)
+        n = check_int("n", n, -count, count)
         frozen = n if n >= 0 else count + n
         if frozen >= count:
             warnings.warn(f"freezing {frozen} groups of {count}: the whole model is frozen", stacklevel=2)
