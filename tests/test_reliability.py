@@ -269,3 +269,74 @@ def test_interpretation_helpers_name_k_and_its_range(method, k, error):
     model = fastcore5.nn.EmbeddingDotBias(3, 4, 5)
     with pytest.raises(error, match=r"k must be an int"):
         getattr(model, method)(k)
+
+
+# ------------------------------------------------------------ 4. one promise per option
+
+
+def _tables(n_users=5, n_items=6, factors=3, dtype=F64):
+    return [torch.randn(n, d, dtype=dtype, requires_grad=True) for n, d in
+            ((n_users, factors), (n_items, factors), (n_users, 1), (n_items, 1))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_validate_off_scores_bad_samples_nan_with_no_gradient_on_every_backend(backend, sparse):
+    tables = _tables()
+    users = torch.tensor([-1, 0, 7, 2, 4])
+    items = torch.tensor([0, 9, 1, -3, 5])
+    good = torch.tensor([False, False, False, False, True])
+    with fastcore5.use_backend(backend):
+        out = fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.0), sparse=sparse, validate="off")
+        out.nan_to_num(0.0).sum().backward()
+    assert torch.equal(out.isnan(), ~good)
+    expected = fastcore5.reference.embedding_dot_bias(users[good], items[good], *tables, y_range=(0.0, 5.0))
+    torch.testing.assert_close(out[good], expected)
+    grads = [t.grad.to_dense() for t in tables]
+    # only row 4 of the user tables and row 5 of the item tables were used by a good sample
+    for grad, row in zip(grads, (4, 5, 4, 5)):
+        others = torch.ones(grad.shape[0], dtype=torch.bool)
+        others[row] = False
+        assert torch.equal(grad[others], torch.zeros_like(grad[others]))
+        assert grad[row].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["embedding_dot_bias", "linear_relu", "mlp"])
+def test_double_backward_raises_the_same_error_on_every_backend(backend, op):
+    if op == "embedding_dot_bias":
+        tables = _tables()
+        inputs = tables[:1]
+        call = lambda: fastcore5.embedding_dot_bias(torch.tensor([0, 4]), torch.tensor([5, 1]), *tables)
+    else:
+        x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+        w, b = torch.randn(3, 3, dtype=F64, requires_grad=True), torch.randn(3, dtype=F64, requires_grad=True)
+        inputs = [w]
+        call = (lambda: fastcore5.linear_relu(x, w, b)) if op == "linear_relu" else \
+            (lambda: fastcore5.mlp(x, [w, torch.randn(2, 3, dtype=F64)], [b, None]))
+    with fastcore5.use_backend(backend):
+        out = call()
+        grad, = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match=r"fastcore5\.\w+ is differentiable once: double backward"):
+            grad.sum().backward()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("y_range", [(-3e38, 3e38), (0.0, 1e39), (-float("inf"), 0.0)])
+def test_a_y_range_that_would_overflow_is_refused_naming_it_on_every_backend(backend, y_range):
+    tables = [t.detach().float() for t in _tables()]
+    with fastcore5.use_backend(backend), pytest.raises(ValueError, match="y_range"):
+        fastcore5.embedding_dot_bias(torch.tensor([0]), torch.tensor([1]), *tables, y_range=y_range)
+    with pytest.raises(ValueError, match="y_range"):
+        fastcore5.nn.EmbeddingDotBias(3, 5, 6, y_range=y_range)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid of a huge score
+def test_an_extreme_but_valid_y_range_keeps_finite_scores_finite(backend):
+    tables = [t.detach().float() * 100 for t in _tables()]
+    y_range = (-1.7e38, 1.7e38)
+    with fastcore5.use_backend(backend):
+        out = fastcore5.embedding_dot_bias(torch.tensor([0, 4, 2]), torch.tensor([5, 1, 1]), *tables, y_range=y_range)
+    assert torch.isfinite(out).all()
+    assert ((out >= y_range[0]) & (out <= y_range[1])).all()

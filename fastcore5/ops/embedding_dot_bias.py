@@ -16,7 +16,8 @@ Index validation (``validate``):
             runs, and an immediate IndexError: one device-to-host sync per forward on a GPU.
   "off"     no report at all. The kernels still never read or write outside a table (a bad
             sample scores NaN and gets no gradient); use it for indices validated elsewhere.
-The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync".
+The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync";
+its "off" masks bad samples to NaN with no gradient, as the kernels do (``_torch_backend``).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES
+from ._once import not_twice_differentiable, once_only
 from .embedding_dot_bias_checks import (
     VALIDATE_MODES, bias_fits, check_index_range, check_y_range, raise_bad_arguments,
 )
@@ -132,7 +133,7 @@ class _EmbeddingDotBias(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @not_twice_differentiable("embedding_dot_bias")
     def backward(ctx, grad_out):
         return (None, None) + _table_gradients(ctx, grad_out, ctx.kernels.backward) + (None,) * 5
 
@@ -245,6 +246,25 @@ def _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, y_range):
     return torch.sigmoid(res) * (hi - lo) + lo
 
 
+def _torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate):
+    """The "torch" backend, keeping the kernels' promise for bad indices: "sync" (and "device",
+    which it cannot do inside a kernel) raises IndexError before computing; "off", and every mode
+    under torch.compile (which cannot read indices on the host), scores a bad sample NaN and gives
+    it no gradient, as the kernels do."""
+    bounds = None if y_lo is None else (y_lo, y_hi)
+    compute = _torch_sparse if sparse else reference.embedding_dot_bias
+    num_users, num_items = u_weight.shape[0], i_weight.shape[0]
+    if validate != "off" and not torch.compiler.is_compiling():
+        check_index_range(users, items, num_users, num_items)
+        return compute(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+    if num_users == 0 or num_items == 0:  # every sample is bad; there is no row to read
+        return u_weight.new_full(users.shape, float("nan"))
+    valid = (users >= 0) & (users < num_users) & (items >= 0) & (items < num_items)
+    safe_users, safe_items = torch.where(valid, users, 0), torch.where(valid, items, 0)
+    out = compute(safe_users, safe_items, u_weight, i_weight, u_bias, i_bias, bounds)
+    return torch.where(valid, out, float("nan"))
+
+
 def embedding_dot_bias(
     users: Tensor,
     items: Tensor,
@@ -316,19 +336,14 @@ def embedding_dot_bias(
         usable = False
     if not usable:
         raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate)
-    y_lo, y_hi = check_y_range(y_range)
+    y_lo, y_hi = check_y_range(y_range, dtype)
     device_type = backends.device_type(u_weight)
     if validate is None:
         validate = "device" if device_type == "cuda" else "sync"
 
     backend = backends.select(OP, device_type, dtype)
     if backend == "torch":
-        if validate != "off" and not torch.compiler.is_compiling():
-            check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
-        bounds = None if y_lo is None else (y_lo, y_hi)
-        if sparse:
-            return _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
-        return reference.embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+        return once_only(_torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate), OP)
     if torch.compiler.is_compiling():
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend)
     kernels = KERNELS[backend]
