@@ -223,6 +223,17 @@ class PreparedStep:
         torch.autograd.graph.increment_version(params)
 
 
+def run_traced_step(backend, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf) -> None:
+    """One launch group's step as torch.compile traces it: the custom op (or the reference step,
+    plain torch) instead of ``PreparedStep``'s direct launcher call."""
+    device = params[0].device
+    grad_scale, found_inf = _on(device, grad_scale), _on(device, found_inf)
+    if backend == "torch":
+        _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, None)
+    else:
+        sgd_step_op(params, grads, buffers, *hyper.launcher_args(device), first_step, grad_scale, found_inf, None, backend)
+
+
 def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_scale, found_inf, skip_flag) -> None:
     """The "torch" backend: reference.sgd_step plus the skip protocol the kernels follow, without
     a host read: with a flag, the update is computed on copies and written back through

@@ -14,7 +14,9 @@ from torch.optim import Optimizer
 
 from .. import backends, index_errors
 from .._checks import check_int
-from ..ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, sgd_step
+from ..ops.sgd import (
+    OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, run_traced_step, sgd_step,
+)
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
 from .plan import Launch, Plan, backend_request
@@ -303,13 +305,17 @@ class SGD(Optimizer):
     def _traced_step(self, closure):
         """The step as torch.compile traces it: the functional ``sgd_step`` (one custom op per
         device and dtype) over each group's params with gradients, without the eager path's
-        caches, which key on tensor addresses that a trace does not have. Contiguous mode keeps
-        its flat views as the params and gradients, so the same code serves it."""
+        caches, which key on tensor addresses that a trace does not have. Contiguous mode steps
+        views of its flat buffers (``_traced_flat_step``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if self.contiguous:
+                for flat in self._flats.get(index, ()):
+                    self._traced_flat_step(flat, SGDHyper.from_group(group))
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -325,6 +331,33 @@ class SGD(Optimizer):
                 for entry, buffer in zip(state, buffers):
                     entry["momentum_buffer"] = buffer
         return loss
+
+    def _traced_flat_step(self, flat: FlatBuffers, hyper: SGDHyper) -> None:
+        """Contiguous mode under torch.compile: the op over views of the flat buffers themselves.
+        The params cannot be the op's arguments there: they all share the flat buffer's storage,
+        and inductor's functionalisation of a custom op mutating such aliased graph inputs fails
+        (an assertion in its auto_functionalized decomposition)."""
+        momentum_on = hyper.momentum != 0
+        if momentum_on and flat.flat_buffer is None:
+            flat.flat_buffer = torch.zeros(flat.numel, dtype=flat.dtype, device=flat.device)
+        backend = backends.select(OP, flat.device, flat.dtype)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        any_first = False
+        for first in (False, True):
+            members = [
+                i for i, train in enumerate(flat.trainable)
+                if train and (momentum_on and not flat.has_buffer[i]) == first
+            ]
+            if not members:
+                continue
+            any_first = any_first or first
+            ranges = [(flat.starts[i], flat.ends[i]) for i in members]
+            ps = [flat.flat_param[s:e] for s, e in ranges]
+            gs = [flat.flat_grad[s:e] for s, e in ranges]
+            bs = [flat.flat_buffer[s:e] for s, e in ranges] if momentum_on else []
+            run_traced_step(backend, ps, gs, bs, hyper, first, grad_scale, found_inf)
+        if any_first:
+            flat.record_new_buffers(self.state)
 
     @staticmethod
     def _skip_flag(skip_flags: dict, device: torch.device) -> Tensor | None:
