@@ -15,7 +15,8 @@ from torch.optim import Optimizer
 from .. import backends, index_errors
 from .._checks import check_int
 from ..ops.sgd import (
-    OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, run_traced_step, sgd_step,
+    OP, PreparedStep, SGDHyper, SparseGradStep, check_param_and_grad, check_sparse_grad, new_momentum_buffers,
+    run_traced_step, sgd_step,
 )
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
@@ -380,12 +381,18 @@ class SGD(Optimizer):
 
     def _plan(self, index: int, group: dict, grads: list, missing: list, momentum_on: bool) -> Plan:
         params = group["params"]
+        hyper = SGDHyper.from_group(group)
         by_launch: dict[tuple, list[int]] = {}
+        sparse_members: set[int] = set()
         for i, p in enumerate(params):
             if missing[i]:
                 continue
             name = _param_name(i, index)
-            check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
+            if grads[i].layout is not torch.strided and not is_dtensor(p):
+                check_sparse_grad(p, grads[i], name, f"the .grad of {name}", hyper)
+                sparse_members.add(i)
+            else:
+                check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
             entry = self.state.get(p)
             buf = entry.get("momentum_buffer") if entry else None
             if momentum_on and buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
@@ -398,9 +405,10 @@ class SGD(Optimizer):
                     f"the momentum_buffer of {name} must be a DTensor exactly when the param is one (FSDP2): load "
                     "a sharded optimizer state dict (torch.distributed.checkpoint.state_dict.set_state_dict)"
                 )
-            by_launch.setdefault((p.device, p.dtype, is_dtensor(p), momentum_on and buf is None), []).append(i)
+            key = (p.device, p.dtype, is_dtensor(p), momentum_on and buf is None, i in sparse_members)
+            by_launch.setdefault(key, []).append(i)
         launches = []
-        for (device, dtype, dtensor, first), idx in by_launch.items():
+        for (device, dtype, dtensor, first, sparse), idx in by_launch.items():
             members = [params[i] for i in idx]
             if first:  # recorded in state by the step that fills them, after every check passed
                 buffers = new_momentum_buffers(members)
@@ -417,7 +425,10 @@ class SGD(Optimizer):
             launch = Launch(members, idx, buffers, first, None, dtensor)
             launch.new_buffers = buffers if first else None
             names = [_param_name(i, index) for i in idx]
-            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
+            if sparse:
+                launch.prepared = SparseGradStep()
+            else:
+                launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
         plan = Plan(missing, momentum_on, launches, backend_request())
@@ -438,8 +449,11 @@ class SGD(Optimizer):
             if capturing and momentum_on and self._would_create_buffers(group, missing):
                 self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
             return self._plan(index, group, grads, missing, momentum_on)
-        for launch in plan.launches:
-            launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        try:
+            for launch in plan.launches:
+                launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        except TypeError:  # a gradient changed layout (sparse <-> dense): plan again, which names a bad one
+            return self._plan(index, group, grads, missing, momentum_on)
         return plan
 
     def _would_create_buffers(self, group: dict, missing: list) -> bool:
@@ -475,7 +489,7 @@ class SGD(Optimizer):
             flat.check_params()
             replaced = flat.grads_maybe_replaced()
             if replaced:
-                flat.check_grads()
+                flat.check_grads(hyper)
             if self.capturable:
                 new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
                 self._check_capturable(hyper, flat.device, new_buffers, capturing)
