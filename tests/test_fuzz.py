@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import fastcore5  # noqa: E402
-from fastcore5.optim import SGD, even_mults, lr_range  # noqa: E402
+import fastcore5
+from fastcore5.optim import SGD, even_mults, lr_range
 
-from reliability_helpers import CPU_BACKENDS, assert_unchanged, snapshot  # noqa: E402
+from reliability_helpers import CPU_BACKENDS, assert_unchanged, snapshot
 
 EXAMPLES = int(os.environ.get("FASTCORE5_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(
