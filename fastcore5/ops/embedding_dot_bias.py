@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES
 from .embedding_dot_bias_checks import (
@@ -157,11 +158,7 @@ def embedding_dot_bias_op(
     return _forward(KERNELS[backend].forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
 
 
-@embedding_dot_bias_op.register_fake
-def forward_fake(users, items, u_weight, *_):
-    """The (B,) scores, as a fake implementation; fastcore5/_cuda_ops.py gives the same function
-    to the C++ forward ops (their other arguments land in ``_``)."""
-    return u_weight.new_empty((users.shape[0],))
+embedding_dot_bias_op.register_fake(op_shapes.embedding_dot_bias_forward)
 
 
 @torch.library.custom_op("fastcore5::embedding_dot_bias_backward", mutates_args=())
@@ -197,16 +194,7 @@ def embedding_dot_bias_backward_op(
     return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
 
 
-@embedding_dot_bias_backward_op.register_fake
-def backward_fake(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-                  need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, *_):
-    """The four gradients' shapes (dense or per-sample sparse values); one not asked for is (0,)."""
-    B = users.shape[0]
-    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
-    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
-    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(grad_out.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+embedding_dot_bias_backward_op.register_fake(op_shapes.embedding_dot_bias_backward)
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from ..kernels._common import fp32_matmul_allows_tf32
@@ -98,11 +99,7 @@ def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str)
     return launch(KERNELS[backend].forward, backend, x, weight, bias)
 
 
-@register_fake(linear_relu_op)
-def forward_fake(x, weight, bias, *_):
-    """The forward's output for 2-D x, as a fake implementation; fastcore5/_cuda_ops.py gives the
-    same function to the C++ ops (their extra trailing arguments land in ``_``)."""
-    return x.new_empty((x.shape[0], weight.shape[0]))
+register_fake(linear_relu_op)(op_shapes.linear_relu_forward)
 
 
 @fused_op("fastcore5::linear_relu_backward")
@@ -124,16 +121,7 @@ def linear_relu_backward_op(
     return tuple(g if g is not None else out.new_empty(0) for g in grads)
 
 
-@register_fake(linear_relu_backward_op)
-def backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, *_):
-    """(grad_x, grad_weight, grad_bias) shapes; a gradient not asked for is (0,)."""
-    M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
-    return (
-        out.new_empty((M, K) if need_input_grad else 0),
-        out.new_empty((N, K) if need_weight_grad else 0),
-        out.new_empty(N if need_bias_grad else 0),
-    )
+register_fake(linear_relu_backward_op)(op_shapes.linear_relu_backward)
 
 
 def _setup_context(ctx, inputs, output):
