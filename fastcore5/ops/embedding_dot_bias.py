@@ -138,20 +138,15 @@ class _EmbeddingDotBias(torch.autograd.Function):
         return (None, None) + _table_gradients(ctx, grad_out, ctx.kernels.backward) + (None,) * 5
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias", mutates_args=())
-def embedding_dot_bias_op(
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor,
-    i_weight: Tensor,
-    u_bias: Tensor,
-    i_bias: Tensor,
-    y_lo: float | None,
-    y_hi: float | None,
-    sparse: bool,
-    validate: str,
-    backend: str,
-) -> Tensor:
+# Every EmbeddingDotBias op declares its schema as a string, as the backward's comes from the
+# launcher contract: the types are torch's, and the signature is not written again in Python.
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias",
+    mutates_args=(),
+    schema="(Tensor users, Tensor items, Tensor u_weight, Tensor i_weight, Tensor u_bias, Tensor i_bias, "
+    "float? y_lo, float? y_hi, bool sparse, str validate, str backend) -> Tensor",
+)
+def embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend):
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
     because setup_context sees only the op's inputs). The index-error flag that "device"
     validation writes is fastcore5's own state, not an input: the compiler never sees it."""
@@ -161,37 +156,32 @@ def embedding_dot_bias_op(
 embedding_dot_bias_op.register_fake(op_shapes.embedding_dot_bias_forward)
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias_backward", mutates_args=())
-def embedding_dot_bias_backward_op(
-    grad_out: Tensor,
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor | None,
-    i_weight: Tensor | None,
-    u_bias: Tensor | None,
-    i_bias: Tensor | None,
-    num_users: int,
-    num_items: int,
-    y_lo: float | None,
-    y_hi: float | None,
-    need_u_weight: bool,
-    need_i_weight: bool,
-    need_u_bias: bool,
-    need_i_bias: bool,
-    deterministic: bool,
-    sparse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
+# The backward launchers' arguments, in order, as a torch schema: written once, here; the custom
+# op takes them and the backend's name.
+BACKWARD_LAUNCHER_SCHEMA = (
+    "embedding_dot_bias_backward(Tensor grad_out, Tensor users, Tensor items, Tensor? u_weight, Tensor? i_weight, "
+    "Tensor? u_bias, Tensor? i_bias, int num_users, int num_items, float? y_lo, float? y_hi, bool need_u_weight, "
+    "bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+_NEEDS = slice(11, 15)  # need_u_weight .. need_i_bias in BACKWARD_LAUNCHER_SCHEMA
+
+
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias_backward",
+    mutates_args=(),
+    schema=BACKWARD_LAUNCHER_SCHEMA.removeprefix("embedding_dot_bias_backward").replace(") ->", ", str backend) ->", 1),
+)
+def embedding_dot_bias_backward_op(*launcher_args_and_backend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward launcher's arguments (``BACKWARD_LAUNCHER_SCHEMA``), then the backend; returns
+    (grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
     (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
     COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
     (custom ops cannot return None); the CUDA launcher may return either."""
-    grads = KERNELS[backend].backward(
-        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-        need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
-    )
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
+    *launcher_args, backend = launcher_args_and_backend
+    grads = KERNELS[backend].backward(*launcher_args)
+    grad_out = launcher_args[0]
+    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, launcher_args[_NEEDS]))
 
 
 embedding_dot_bias_backward_op.register_fake(op_shapes.embedding_dot_bias_backward)
