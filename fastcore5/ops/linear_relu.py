@@ -200,8 +200,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
             and weight.layout is _STRIDED
             and weight.dtype is dtype
             and weight.dim() == 2
-            and x.dim() > 0
-            and x.shape[-1] == weight.shape[1]
+            and x.shape[-1] == weight.shape[1]  # IndexError for a 0-d x
             and weight.device == device
             and (
                 bias is None
@@ -211,19 +210,18 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
                 )
             )
         )
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, IndexError):
         usable = False
-    if usable and not torch._C._is_any_autocast_enabled():
-        device_type = backends.device_type(x)
-    else:
-        x, weight, bias, device_type = _checked_and_autocast(x, weight, bias)
+    if not usable or torch._C._is_any_autocast_enabled():
+        x, weight, bias, device = _checked_and_autocast(x, weight, bias)  # device: now its type
         dtype = x.dtype
-    backend = backends.select(OP, device_type, dtype)
+    compiling = torch.compiler.is_compiling()
+    backend = (backends.select if compiling else backends.select_eager)(OP, device, dtype)
     if backend == "torch":
         return reference.linear_relu(x, weight, bias)
     flat = x.dim() != 2
     x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]) if flat else x
-    if torch.compiler.is_compiling():
+    if compiling:
         out = linear_relu_op(x2d, weight, bias, backend)
     elif not (
         torch.is_grad_enabled()
