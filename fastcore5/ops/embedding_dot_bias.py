@@ -223,6 +223,9 @@ def _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, y_range):
     return torch.sigmoid(res) * (hi - lo) + lo
 
 
+# The same parameters as reference.embedding_dot_bias, written again on purpose (a duplicate pair
+# that stays): the public op is a drop-in for the spec, so its signature is the spec's, spelled out
+# for readers and tools, plus sparse and validate; tests/test_reference.py checks that they agree.
 def embedding_dot_bias(
     users: Tensor,
     items: Tensor,
@@ -263,6 +266,8 @@ def embedding_dot_bias(
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
     twice.
     """
+    # The same prologue as linear_relu's, written out on purpose (a duplicate pair that stays): a
+    # shared helper would cost a Python call on every op call, which the host-time rule counts.
     if index_errors.watching:
         index_errors.raise_pending()
     try:

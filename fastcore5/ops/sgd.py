@@ -244,6 +244,9 @@ def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
             raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
 
 
+# The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
+# the fused form is a drop-in for the spec, so its signature is the spec's, spelled out for
+# readers and tools, plus the skip protocol; tests/test_reference.py checks that they agree.
 def sgd_step(
     params: list[Tensor],
     grads: list[Tensor],
