@@ -37,21 +37,23 @@ def check_tensor(
 
 def check_same_device(**tensors: Tensor | None) -> torch.device:
     """All given tensors live on one device; the error names each argument's device."""
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"expected all tensors on one device, got {where}")
-    return next(iter(devices))
+    return _shared("device", tensors, ValueError, "all tensors on one device", "on")
 
 
 def check_same_dtype(**tensors: Tensor | None) -> torch.dtype:
+    """All given tensors have one dtype; the error names each argument's dtype."""
+    return _shared("dtype", tensors, TypeError, "one dtype for all tensors", "is")
+
+
+def _shared(attribute: str, tensors: dict, error: type[Exception], expected: str, verb: str):
+    """The one value of ``attribute`` among the tensors that are not None, else ``error`` saying
+    ``expected`` and listing each argument as "name <verb> value"."""
     present = {name: t for name, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
-        what = ", ".join(f"{name} is {t.dtype}" for name, t in present.items())
-        raise TypeError(f"expected one dtype for all tensors, got {what}")
-    return next(iter(dtypes))
+    values = {getattr(t, attribute) for t in present.values()}
+    if len(values) > 1:
+        listed = ", ".join(f"{name} {verb} {getattr(t, attribute)}" for name, t in present.items())
+        raise error(f"expected {expected}, got {listed}")
+    return next(iter(values))
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:

@@ -8,15 +8,23 @@ ids are class labels, as in fastai; otherwise they are integer row indices.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._checks import check_int
 
-if TYPE_CHECKING:
-    from .nn.embedding_dot_bias import EmbeddingDotBias
+
+class EmbeddingDotBias(Protocol):
+    """What these tools read of a model: its four tables, as fastcore5.nn.EmbeddingDotBias (and
+    fastai's) has them. A protocol rather than an import of the class: the module's methods call
+    these functions, so this module sits below fastcore5.nn and must not import it."""
+
+    u_weight: nn.Embedding
+    i_weight: nn.Embedding
+    u_bias: nn.Embedding
+    i_bias: nn.Embedding
 
 
 def _vocabulary(model: EmbeddingDotBias, is_item: bool):

@@ -42,9 +42,7 @@ class EmbeddingDotBias(nn.Module):
 
     def __init__(
         self,
-        n_factors: int,
-        n_users: int,
-        n_items: int,
+        n_factors: int, n_users: int, n_items: int,  # fastai's order
         y_range: tuple[float, float] | None = None,
         *,
         sparse: bool = False,

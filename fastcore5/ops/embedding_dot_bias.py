@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES
 from ._once import not_twice_differentiable, once_only
@@ -187,76 +188,53 @@ class _EmbeddingDotBias(torch.autograd.Function):
         return (None, None) + _table_gradients(ctx, grad_out, ctx.kernels.backward) + (None,) * 5
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias", mutates_args=())
-def embedding_dot_bias_op(
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor,
-    i_weight: Tensor,
-    u_bias: Tensor,
-    i_bias: Tensor,
-    y_lo: float | None,
-    y_hi: float | None,
-    sparse: bool,
-    validate: str,
-    backend: str,
-) -> Tensor:
+# Every EmbeddingDotBias op declares its schema as a string, as the backward's comes from the
+# launcher contract: the types are torch's, and the signature is not written again in Python.
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias",
+    mutates_args=(),
+    schema="(Tensor users, Tensor items, Tensor u_weight, Tensor i_weight, Tensor u_bias, Tensor i_bias, "
+    "float? y_lo, float? y_hi, bool sparse, str validate, str backend) -> Tensor",
+)
+def embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend):
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
     because setup_context sees only the op's inputs). The index-error flag that "device"
     validation writes is fastcore5's own state, not an input: the compiler never sees it."""
     return _forward(KERNELS[backend].forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
 
 
-@embedding_dot_bias_op.register_fake
-def forward_fake(users, items, u_weight, *_):
-    """The (B,) scores, as a fake implementation; fastcore5/_cuda_ops.py gives the same function
-    to the C++ forward ops (their other arguments land in ``_``)."""
-    return u_weight.new_empty((users.shape[0],))
+embedding_dot_bias_op.register_fake(op_shapes.embedding_dot_bias_forward)
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias_backward", mutates_args=())
-def embedding_dot_bias_backward_op(
-    grad_out: Tensor,
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor | None,
-    i_weight: Tensor | None,
-    u_bias: Tensor | None,
-    i_bias: Tensor | None,
-    num_users: int,
-    num_items: int,
-    y_lo: float | None,
-    y_hi: float | None,
-    need_u_weight: bool,
-    need_i_weight: bool,
-    need_u_bias: bool,
-    need_i_bias: bool,
-    deterministic: bool,
-    sparse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
+# The backward launchers' arguments, in order, as a torch schema: written once, here; the custom
+# op takes them and the backend's name.
+BACKWARD_LAUNCHER_SCHEMA = (
+    "embedding_dot_bias_backward(Tensor grad_out, Tensor users, Tensor items, Tensor? u_weight, Tensor? i_weight, "
+    "Tensor? u_bias, Tensor? i_bias, int num_users, int num_items, float? y_lo, float? y_hi, bool need_u_weight, "
+    "bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+_NEEDS = slice(11, 15)  # need_u_weight .. need_i_bias in BACKWARD_LAUNCHER_SCHEMA
+
+
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias_backward",
+    mutates_args=(),
+    schema=BACKWARD_LAUNCHER_SCHEMA.removeprefix("embedding_dot_bias_backward").replace(") ->", ", str backend) ->", 1),
+)
+def embedding_dot_bias_backward_op(*launcher_args_and_backend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward launcher's arguments (``BACKWARD_LAUNCHER_SCHEMA``), then the backend; returns
+    (grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
     (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
     COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
     (custom ops cannot return None); the CUDA launcher may return either."""
-    grads = KERNELS[backend].backward(
-        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-        need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
-    )
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
+    *launcher_args, backend = launcher_args_and_backend
+    grads = KERNELS[backend].backward(*launcher_args)
+    grad_out = launcher_args[0]
+    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, launcher_args[_NEEDS]))
 
 
-@embedding_dot_bias_backward_op.register_fake
-def backward_fake(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-                  need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, *_):
-    """The four gradients' shapes (dense or per-sample sparse values); one not asked for is (0,)."""
-    B = users.shape[0]
-    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
-    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
-    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(grad_out.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+embedding_dot_bias_backward_op.register_fake(op_shapes.embedding_dot_bias_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -313,6 +291,9 @@ def _torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi,
     return torch.where(valid, out, float("nan"))
 
 
+# The same parameters as reference.embedding_dot_bias, written again on purpose (a duplicate pair
+# that stays): the public op is a drop-in for the spec, so its signature is the spec's, spelled out
+# for readers and tools, plus sparse and validate; tests/test_reference.py checks that they agree.
 def embedding_dot_bias(
     users: Tensor,
     items: Tensor,
@@ -353,6 +334,8 @@ def embedding_dot_bias(
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
     twice.
     """
+    # The same prologue as linear_relu's, written out on purpose (a duplicate pair that stays): a
+    # shared helper would cost a Python call on every op call, which the host-time rule counts.
     if index_errors.watching:
         index_errors.raise_pending()
     try:

@@ -12,14 +12,9 @@ no_grad and only mutates):
     argument (errors name it), groups the tensors by device, dtype and first-step-ness, and
     returns the momentum buffers.
 
-Launcher contract (``fastcore5.kernels.sgd.sgd_step``; the CUDA backend's
-``torch.ops.fastcore5_cuda.sgd_step`` takes the same arguments, in this order):
-
-    sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
-             Tensor? lr_tensor, float lr, float momentum, float dampening,
-             float weight_decay, bool nesterov, bool maximize,
-             bool decoupled_weight_decay, bool first_step,
-             Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()
+Launcher contract: ``LAUNCHER_SCHEMA`` below, which the Triton launcher
+``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` both follow
+(tests/test_sgd_op.py and tests/test_cuda_compile.py check them against it).
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
 params[i], grads[i] and momentum_buffers[i] share shape and strides and are dense. Math in fp32
@@ -135,36 +130,29 @@ def _cuda_kernels():
 KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
 
 
-@torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
-def sgd_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    lr_tensor: Tensor | None,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skip_flag: Tensor | None,
-    backend: str,
-) -> None:
-    """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton" or "cuda".
-    Arguments as the launcher contract in the module docstring."""
-    KERNELS[backend].sgd_step(
-        params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag,
-    )
+# The launchers' arguments, in order, as a torch schema: written once, here; the custom op takes
+# them and the backend's name.
+LAUNCHER_SCHEMA = (
+    "sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor? lr_tensor, "
+    "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+    "bool decoupled_weight_decay, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()"
+)
+
+
+@torch.library.custom_op(
+    "fastcore5::sgd_step",
+    mutates_args=("params", "grads", "momentum_buffers"),
+    schema=LAUNCHER_SCHEMA.removeprefix("sgd_step").replace(") -> ()", ", str backend) -> ()"),
+)
+def sgd_step_op(*launcher_args_and_backend) -> None:
+    """One SGD step in place over tensors of one device and dtype: the launcher's arguments
+    (``LAUNCHER_SCHEMA``), then the backend, "triton" or "cuda"."""
+    *launcher_args, backend = launcher_args_and_backend
+    KERNELS[backend].sgd_step(*launcher_args)
 
 
 @sgd_step_op.register_fake
-def _(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-      nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag, backend):
+def _(*launcher_args_and_backend) -> None:
     return None
 
 
@@ -325,6 +313,9 @@ def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
             raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
 
 
+# The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
+# the fused form is a drop-in for the spec, so its signature is the spec's, spelled out for
+# readers and tools, plus the skip protocol; tests/test_reference.py checks that they agree.
 def sgd_step(
     params: list[Tensor],
     grads: list[Tensor],
