@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import fastcore5
@@ -265,7 +265,7 @@ BAD_HYPER = st.sampled_from([
 ])
 OPERATIONS = st.sampled_from([
     "step", "step", "step", "zero_grad", "add_param_group", "bad add_param_group", "bad grad", "bad state_dict",
-    "state_dict round trip", "bad hyper in group", "sparse grad",
+    "state_dict round trip", "bad hyper in group", "sparse grad", "freeze_to",
 ])
 
 
@@ -299,6 +299,9 @@ def test_fuzz_sgd_against_torch(backend, data):
 
     def set_grads():
         for p, t in pairs:
+            if not p.requires_grad:  # frozen: torch's twin skips it (grad None), as ours does
+                t.grad = None
+                continue
             g = torch.randn_like(p)
             t.grad = g.clone()
             if contiguous:
@@ -311,6 +314,7 @@ def test_fuzz_sgd_against_torch(backend, data):
 
     with fastcore5.use_backend(backend):
         for operation in data.draw(st.lists(OPERATIONS, min_size=1, max_size=6), "operations"):
+            event(operation)  # --hypothesis-show-statistics counts what a run exercised
             if operation == "step":
                 set_grads()
                 ours.step()
@@ -331,7 +335,7 @@ def test_fuzz_sgd_against_torch(backend, data):
                 set_grads()
                 victim = data.draw(st.integers(0, len(pairs) - 1), "victim")
                 p = pairs[victim][0]
-                if contiguous or backend == "torch" or p.dim() < 2 or min(p.shape) < 2:
+                if contiguous or backend == "torch" or p.dim() < 2 or min(p.shape) < 2 or not p.requires_grad:
                     continue  # only the Triton launch in normal mode needs gradients laid out like params
                 p.grad = torch.randn(tuple(reversed(p.shape)), dtype=F64).T
                 _expect_refusal(ours.step, ("the .grad of param",), all_ours(), ours)
@@ -349,14 +353,31 @@ def test_fuzz_sgd_against_torch(backend, data):
                 set_grads()
                 _expect_refusal(ours.step, ("lr",), all_ours(), ours)
                 group["lr"] = kept
+            elif operation == "freeze_to":
+                count = len(ours.param_groups)
+                n = data.draw(st.one_of(st.integers(-count - 2, count + 2), st.sampled_from([0.5, None])), "n")
+                if not (type(n) is int and -count <= n <= count):
+                    _expect_refusal(lambda: ours.freeze_to(n), ("n must be an int",), all_ours(), ours)
+                    continue
+                if n == count:
+                    continue  # freezing everything warns; nothing to compare
+                ours.freeze_to(n)
+                frozen = n if n >= 0 else count + n
+                for g, (our_group, their_group) in enumerate(zip(ours.param_groups, theirs.param_groups)):
+                    for t in their_group["params"]:
+                        t.requires_grad_(g >= frozen)
+                        if g < frozen:
+                            t.grad = None
             elif operation == "sparse grad" and not contiguous:
                 set_grads()
                 for p, t in pairs:
-                    p.grad = t.grad.to_sparse()
+                    if t.grad is not None:
+                        p.grad = t.grad.to_sparse()
                 if any(g["weight_decay"] != 0 for g in ours.param_groups):
                     _expect_refusal(ours.step, ("weight_decay",), all_ours(), ours)
                     for p, t in pairs:
-                        p.grad = t.grad.clone()
+                        if t.grad is not None:
+                            p.grad = t.grad.clone()
                 ours.step()
                 theirs.step()
     for p, t in pairs:
