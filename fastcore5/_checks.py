@@ -1,7 +1,10 @@
 """Argument checks shared by every op: each failure names the offending argument."""
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Iterable
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -51,3 +54,30 @@ def _shared(attribute: str, tensors: dict, error: type[Exception], expected: str
         listed = ", ".join(f"{name} {verb} {getattr(t, attribute)}" for name, t in present.items())
         raise error(f"expected {expected}, got {listed}")
     return next(iter(values))
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """An int (operator.index: NumPy ints too, never a bool or a float) in [low, high]; TypeError or
+    ValueError naming ``name`` and the range otherwise."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if number < low or (high is not None and number > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {number}")
+    return number
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (Python or NumPy scalar, not a bool), > 0 with ``positive`` else >= 0;
+    TypeError or ValueError naming ``name`` and the range otherwise."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        allowed = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {allowed}, got {value!r}")
+    return number

@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_int
+
 
 class EmbeddingDotBias(Protocol):
     """What these tools read of a model: its four tables, as fastcore5.nn.EmbeddingDotBias (and
@@ -80,6 +82,7 @@ def top_by_bias(
     """The ``k`` items (or users) with the largest (``largest=False``: smallest) bias, as
     (label or index, bias) pairs, most extreme first. The lesson reads these as the movies
     people like (or dislike) more than their factors alone predict."""
+    k = check_int("k", k, 1)
     biases = (model.i_bias if is_item else model.u_bias).weight.detach().reshape(-1).float().cpu()
     values, rows = torch.topk(biases, min(k, biases.numel()), largest=largest)
     return list(zip(row_labels(model, rows, is_item), values.tolist()))
@@ -100,10 +103,7 @@ def pca(model: EmbeddingDotBias, k: int = 3, ids=None, is_item: bool = True) -> 
     else:
         factors = weight(model, ids, is_item=is_item)
     factors = factors.double()
-    if not 0 < k <= min(factors.shape):
-        raise ValueError(
-            f"k must lie in [1, {min(factors.shape)}] for factors of shape {tuple(factors.shape)}, got {k}"
-        )
+    k = check_int("k", k, 1, min(factors.shape))
     centred = factors - factors.mean(0)
     _, _, components = torch.linalg.svd(centred, full_matrices=False)
     return (centred @ components[:k].T).float()

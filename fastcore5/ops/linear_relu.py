@@ -19,11 +19,11 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._once import not_twice_differentiable, once_only
 from ..kernels._common import fp32_matmul_allows_tf32
 from ._library import fused_op, launch, register_fake
 
@@ -88,7 +88,7 @@ class _LinearReLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @not_twice_differentiable("linear_relu")
     def backward(ctx, grad_out):
         return _input_gradients(ctx, grad_out, ctx.kernels.backward)
 
@@ -218,7 +218,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     compiling = torch.compiler.is_compiling()
     backend = (backends.select if compiling else backends.select_eager)(OP, device, dtype)
     if backend == "torch":
-        return reference.linear_relu(x, weight, bias)
+        return once_only(reference.linear_relu(x, weight, bias), OP)
     flat = x.dim() != 2
     x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]) if flat else x
     if compiling:
