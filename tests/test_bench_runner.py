@@ -292,3 +292,19 @@ def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, m
     assert all(row["fastcore5_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])
     if not torch.cuda.is_available():
         assert report["backend"] == "triton"  # the interpreter, its launch stubbed: the hot path measured
+
+
+def test_host_table_says_which_way_its_ratio_points_and_marks_misses_and_noise():
+    def case(entry, ratio, quartiles, target):
+        return {"op": "linear_relu", "entry": entry, "fastcore5_us": 6.0, "eager_us": 4.0, "eager": "F.relu(F.linear)",
+                "ratio": ratio, "ratio_quartiles": quartiles, "target_ratio": target,
+                "meets_target": None if target is None else ratio <= target}
+
+    report = {"device": "cpu", "backend": "triton", "launches": "stubbed",
+              "cases": [case("forward", 1.6, [1.58, 1.6, 1.62], 1.5), case("fwd+bwd", 1.0, [0.5, 1.0, 1.5], None)]}
+    text = table.host_table(report)
+    assert "below 1 = fastcore5 costs the host less" in text
+    forward, noisy = [line for line in text.splitlines() if line.startswith("linear_relu")]
+    assert forward.split()[2:7] == ["6.0", "4.0", "1.6", "1.58-1.62", "<=1.5"] and " MISS " in forward
+    assert "noisy ~" in noisy and "MISS" not in noisy
+    assert "MISS: above it" in text and "noisy ~: a ratio IQR wider" in text

@@ -156,22 +156,25 @@ def host_table(report: dict) -> str:
     """``--host``'s rows: fastcore5's and eager's host time per call, their ratio (here the other
     way round: fastcore5 / eager, lower is better) with its range, the target and whether it is met."""
     headers = ["op", "entry", "fastcore5 us", "eager us", "ratio", "ratio IQR", "target", "result", "eager is"]
-    lines = []
+    lines, any_noisy = [], False
     for row in report["cases"]:
         target = row["target_ratio"]
+        noisy = "ratio_quartiles" in row and spread(row["ratio_quartiles"]) > NOISY_SPREAD
+        any_noisy |= noisy
+        result = "" if target is None else ("ok" if row["meets_target"] else MISS_MARK)
         lines.append([
-            row["op"], row["entry"], f"{row['fastcore5_us']:.1f}", f"{row['eager_us']:.1f}", f"{row['ratio']:.2f}",
+            row["op"], row["entry"], f"{row['fastcore5_us']:.1f}", f"{row['eager_us']:.1f}", f"{row['ratio']:.3g}",
             _range_text(row.get("ratio_quartiles")), "" if target is None else f"<={target:g}",
-            "" if target is None else ("ok" if row["meets_target"] else MISS_MARK), row["eager"],
+            " ".join(filter(None, [result, f"noisy {NOISY_MARK}" if noisy else ""])), row["eager"],
         ])
-    noisy = any(spread(row["ratio_quartiles"]) > NOISY_SPREAD for row in report["cases"] if "ratio_quartiles" in row)
     legend_lines = [
         "us: host microseconds per call, the best round; ratio IQR: the middle half of the per-round ratios",
         f"target: the most the ratio may be (issue 'hot path'); ok: within it; {MISS_MARK}: above it "
         "(`--check` then exits 1)",
     ]
-    if noisy:
-        legend_lines.append(f"a ratio IQR wider than {NOISY_SPREAD:.0%} of the ratio: the machine was busy; rerun")
+    if any_noisy:
+        legend_lines.append(f"noisy {NOISY_MARK}: a ratio IQR wider than {NOISY_SPREAD:.0%} of the ratio: the machine "
+                            "was busy; do not trust the row, rerun")
     return "\n".join([
         f"host time per call on {report['device']} (fastcore5 backend: {report['backend']}; launches: {report['launches']})",
         "ratio = fastcore5's host time / eager PyTorch's: below 1 = fastcore5 costs the host less",

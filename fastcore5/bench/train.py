@@ -280,7 +280,7 @@ def plot(rows: list[dict], path: Path, card: str) -> Path | None:
         ax.bar(range(len(labels)), values, color=[f"C{VARIANTS.index(v)}" for v in labels])
         ax.set_xticks(range(len(labels)), [v.replace(" ", "\n") for v in labels], fontsize=8)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("training speed relative to eager" if eager else "1 / seconds")
+        ax.set_ylabel("training speed relative to eager (x)" if eager else "1 / seconds (1/s)")
         ax.set_title(f"{task}: {'one epoch' if task == 'collab' else 'MLP steps'} on {card}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
