@@ -206,7 +206,10 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
             "target_ratio": target,
             "meets_target": None if target is None else ratio <= target,
         })
+    from .run_info import environment
+
     return {
+        **environment(device),
         "device": device,
         "backend": backend,
         "launches": "real, tiny tensors" if device == "cuda" else "Triton interpreter launch stubbed out (no-op)",
@@ -214,7 +217,6 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
         "torch": torch.__version__,
         "calls_per_round": calls,
         "rounds": rounds,
-        "date": time.strftime("%Y-%m-%d"),
         "cases": rows,
     }
 
