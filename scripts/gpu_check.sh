@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call (see README "Running on a GPU").
+# The whole GPU check in one device call (see docs/testing.md, "Running on a GPU").
 #
 # Installs fastcore5 from this working tree without network, builds the CUDA extension, runs the
 # GPU tests, a one-epoch demo, the quick benchmark and the host-time benchmark, and writes every log and JSON under $OUT
