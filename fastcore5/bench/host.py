@@ -206,7 +206,7 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
             "target_ratio": target,
             "meets_target": None if target is None else ratio <= target,
         })
-    from .run_info import environment
+    from .run_record import environment
 
     return {
         **environment(device),

@@ -33,7 +33,7 @@ from fastcore5._output_paths import OutputPathError, writable_file, writable_fol
 
 from .common import Case, measure_ceilings, run_case
 from .plots import plot
-from .run_info import DEFAULT_OUT, describe, environment, result_stem
+from .run_record import DEFAULT_OUT, describe, environment, result_stem
 from .table import ceiling_note, format_table, is_noisy, missed_targets
 
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")

@@ -43,7 +43,7 @@ from fastcore5 import backends
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
-from .run_info import describe, environment, result_stem
+from .run_record import describe, environment, result_stem
 from .table import render
 from .train_data import (
     ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,

@@ -1,4 +1,6 @@
-"""What every benchmark run records about itself (card, versions, commit, date) and where it writes.
+"""Where a benchmark run happened, for its JSON (card, versions, commit, date, and the checkout, if
+any, it ran from), and where it writes. Shared by the kernel, host and training benchmarks
+(runner.py, host.py, train.py), below them all.
 
 Results go under the folder the command runs from (``bench-results/``) or to ``--out``: never
 into the package or the checkout it was installed from, and the command prints the path.
