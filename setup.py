@@ -1,4 +1,5 @@
-"""Packaging: maps kernels/ to fastcore5.kernels and, when it can, builds fastcore5._C from csrc/.
+"""Packaging: the package fastcore5 (fastcore5/kernels is the link to the top-level kernels/ folder,
+see ARCHITECTURE.md) and, when it can, the extension fastcore5._C built from csrc/.
 
 Whether the CUDA extension is built is decided here and only here:
   FASTCORE5_BUILD_CUDA=1   build it (fail loudly if torch has no CUDA or nvcc is missing)
@@ -17,7 +18,6 @@ PACKAGES = [
     "fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.optim", "fastcore5.demo", "fastcore5.bench",
     "fastcore5.kernels",
 ]
-PACKAGE_DIR = {"fastcore5": "fastcore5", "fastcore5.kernels": "kernels"}
 # The benchmark runner reads its H200 anchors from the package (fastcore5 bench from a wheel).
 PACKAGE_DATA = {"fastcore5.bench": ["anchors/*.json"]}
 
@@ -95,7 +95,6 @@ def _cuda_extension_kwargs():
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     package_data=PACKAGE_DATA,
     **(_cuda_extension_kwargs() if _want_cuda_extension() else {}),
 )
