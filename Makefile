@@ -1,5 +1,7 @@
 # Quick start: `make demo` runs the main job, `make test` runs the whole test suite.
-# Each target creates a virtual environment in $(VENV) and installs only what it needs there:
+# Each target creates a virtual environment in $(VENV) and installs only what it needs there
+# (the package's install compiles its C++ CPU kernels, fastcore5._C, with the system's C++
+# compiler and ninja, pip-installed here; FASTCORE5_BUILD_CPU=0 make ... skips that):
 # `make demo` the package and its `demo` extra, `make test` the package and its `test` extra
 # (plus `nvcc-check` when nvcc is installed), `make bench` the `bench` extra.
 #
@@ -29,7 +31,7 @@ TEST_EXTRAS := test,fastai$(if $(HAVE_NVCC),$(comma)nvcc-check)
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
-	$(PIP) setuptools wheel
+	$(PIP) setuptools wheel ninja
 	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
 	touch $@
 

@@ -1,6 +1,6 @@
-// Argument checks of the op layer (csrc/*_op.cpp). Every check reads only defined tensors
-// (optional arguments are unwrapped after has_value()) and builds its message only when it
-// fails; errors.h says how the error is raised.
+// Argument checks of the op layer (csrc/*_op.cpp, csrc/cpu/*.cpp). Every check reads only
+// defined tensors (optional arguments are unwrapped after has_value()) and builds its message
+// only when it fails; errors.h says how the error is raised.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +16,10 @@ namespace fastcore5 {
 
 inline void check_cuda(const char* op, const std::string& name, const at::Tensor& t) {
   if (!t.is_cuda()) fail(ArgError::kRuntime, op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(), " tensor");
+}
+
+inline void check_cpu(const char* op, const std::string& name, const at::Tensor& t) {
+  if (!t.is_cpu()) fail(ArgError::kRuntime, op, ": ", name, " must be a CPU tensor, got a ", t.device().type(), " tensor");
 }
 
 inline bool is_floating(c10::ScalarType dtype) {
@@ -53,7 +57,7 @@ inline void check_index(const char* op, const char* name, const at::Tensor& t) {
   }
 }
 
-// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (linear_relu_op.cpp).
+// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (registration.cpp).
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {

@@ -68,7 +68,7 @@ def deterministic_algorithms(enabled=True):
 def cuda_ops():
     """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension is not built:
     a GPU run is only complete with it."""
-    assert fastcore5.backends.cuda_extension() is not None, (
+    assert fastcore5.backends.native_extension() is not None, (
         "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
     )
     return torch.ops.fastcore5_cuda

@@ -85,7 +85,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, torch
     from fastcore5 import backends
-    backends.cuda_extension()
+    backends.native_extension()
     ops = torch.ops.fastcore5_cuda
     cases = json.loads(sys.argv[1])
     torch.manual_seed(0)

@@ -47,17 +47,22 @@ def _triton_kernels():
     )
 
 
-def _cuda_kernels():
-    backends.cuda_extension()
+def _native_kernels(with_cpp_autograd: bool):
+    """The C++ ops, which dispatch to their CUDA or CPU kernels by device. The op with autograd in
+    C++ is registered in CUDA builds only: the cpu backend crosses autograd through
+    ``_EmbeddingDotBias``."""
+    backends.native_extension()
     ops = torch.ops.fastcore5_cuda
     return SimpleNamespace(
         forward=ops.embedding_dot_bias_forward,
         backward=ops.embedding_dot_bias_backward,
-        with_autograd=ops.embedding_dot_bias,
+        with_autograd=ops.embedding_dot_bias if with_cpp_autograd else None,
     )
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+KERNELS = backends.KernelTable(
+    triton=_triton_kernels, cuda=lambda: _native_kernels(True), cpu=lambda: _native_kernels(False)
+)
 
 
 def _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate):

@@ -12,8 +12,8 @@ no_grad and only mutates):
     argument (errors name it), groups the tensors by device, dtype and first-step-ness, and
     returns the momentum buffers.
 
-Launcher contract (``fastcore5.kernels.sgd.sgd_step``; the CUDA backend's
-``torch.ops.fastcore5_cuda.sgd_step`` takes the same arguments, in this order):
+Launcher contract (``fastcore5.kernels.sgd.sgd_step``; the C++ op of the cuda and cpu backends,
+``torch.ops.fastcore5_cuda.sgd_step``, takes the same arguments, in this order):
 
     sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
              Tensor? lr_tensor, float lr, float momentum, float dampening,
@@ -119,12 +119,13 @@ def _triton_kernels():
     return SimpleNamespace(sgd_step=sgd.sgd_step)
 
 
-def _cuda_kernels():
-    backends.cuda_extension()
+def _native_kernels():
+    """The C++ op, which dispatches to its CUDA or CPU kernel by device (the cuda and cpu backends)."""
+    backends.native_extension()
     return SimpleNamespace(sgd_step=torch.ops.fastcore5_cuda.sgd_step)
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)
 
 
 @torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
@@ -146,7 +147,7 @@ def sgd_step_op(
     skip_flag: Tensor | None,
     backend: str,
 ) -> None:
-    """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton" or "cuda".
+    """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton", "cuda" or "cpu".
     Arguments as the launcher contract in the module docstring."""
     KERNELS[backend].sgd_step(
         params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
@@ -213,7 +214,7 @@ class PreparedStep:
         if self.triton is not None:
             self.triton.launch(params[0], grads, *args, first_step, grad_scale, found_inf, skip_flag)
         else:
-            KERNELS["cuda"].sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
+            KERNELS[self.backend].sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
         torch.autograd.graph.increment_version(params)
 
 
