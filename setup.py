@@ -176,7 +176,10 @@ def _native_extension_kwargs(want_cpu, want_cuda):
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     vector_flags, macros = _cpu_vector_flags() if want_cpu else ([], [])
-    cxx_flags = ["-O3", *OPENMP_FLAGS, *vector_flags]
+    # -ffp-contract=off: the compiler never fuses a*b+c into one rounding on its own, so a CPU
+    # kernel rounds as its source says (the SGD kernel matches its fp32 contract bit for bit); a
+    # kernel that wants a fused multiply-add asks for it (at::vec::fmadd).
+    cxx_flags = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS, *vector_flags]
     sources = ["csrc/registration.cpp"] + (sorted(glob.glob("csrc/cpu/*.cpp")) if want_cpu else [])
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
     if want_cuda:

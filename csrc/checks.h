@@ -14,12 +14,16 @@ namespace fastcore5 {
 
 // ---- the checks shared by the ops ----
 
-inline void check_cuda(const char* op, const std::string& name, const at::Tensor& t) {
-  if (!t.is_cuda()) fail(ArgError::kRuntime, op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(), " tensor");
+// ``t`` lives on a device of ``type`` (the kernel's: CUDA in csrc/*_op.cpp, CPU in csrc/cpu/).
+inline void check_device_type(const char* op, const std::string& name, const at::Tensor& t, c10::DeviceType type) {
+  if (t.device().type() != type) {
+    fail(ArgError::kRuntime, op, ": ", name, " must be a ", c10::DeviceTypeName(type), " tensor, got a ",
+         t.device().type(), " tensor");
+  }
 }
 
-inline void check_cpu(const char* op, const std::string& name, const at::Tensor& t) {
-  if (!t.is_cpu()) fail(ArgError::kRuntime, op, ": ", name, " must be a CPU tensor, got a ", t.device().type(), " tensor");
+inline void check_cuda(const char* op, const std::string& name, const at::Tensor& t) {
+  check_device_type(op, name, t, c10::DeviceType::CUDA);
 }
 
 inline bool is_floating(c10::ScalarType dtype) {
