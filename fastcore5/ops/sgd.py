@@ -50,6 +50,7 @@ from .sgd_checks import check_flag, check_param_and_grad
 
 OP = "sgd"
 _LAYOUT = operator.attrgetter("layout")
+_PLAIN_NUMBERS = frozenset((float, int))
 
 
 class SGDHyper(NamedTuple):
@@ -73,6 +74,9 @@ class SGDHyper(NamedTuple):
     def check_types(self) -> None:
         """The types a step needs (torch itself fails on these only inside its step, halfway)."""
         lr = self.lr
+        if (type(lr) in _PLAIN_NUMBERS and type(self.momentum) in _PLAIN_NUMBERS
+                and type(self.dampening) in _PLAIN_NUMBERS and type(self.weight_decay) in _PLAIN_NUMBERS):
+            return  # the common case, at every step: four type lookups
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -196,11 +200,13 @@ class PreparedStep:
 
     def check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The Triton kernel walks memory: gradients must be laid out like their params. (The CUDA
-        op checks its arguments itself; the reference takes any layout.) Every backend: a sparse
-        gradient (stepped by ``SparseGradStep``) is a TypeError, on which the optimizer plans again."""
+        op checks its arguments itself; the reference takes any layout.) A sparse gradient (stepped
+        by ``SparseGradStep``) on a dense launch is a TypeError, on which the optimizer plans again:
+        Triton's check finds it; the reference looks for it (a pass over the gradients that the
+        CUDA backend's host path does not pay: its op refuses a sparse gradient itself)."""
         if self.triton is not None:
             self.triton.check_grads(params, grads)
-        elif set(map(_LAYOUT, grads)) - {torch.strided}:
+        elif self.backend == "torch" and set(map(_LAYOUT, grads)) - {torch.strided}:
             raise TypeError("a sparse gradient on a dense launch: the step is planned again")
 
     def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
