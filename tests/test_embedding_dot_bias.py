@@ -27,6 +27,14 @@ from helpers import (  # noqa: F401 (tensors_on_test_device is an autouse fixtur
 pytestmark = pytest.mark.any_device
 
 
+@pytest.fixture(autouse=True)
+def triton_backend():
+    """The Triton kernels (on CPU the cpu backend would run first): the tests that hold for every
+    backend run on the C++ CPU kernels too, from tests/test_cpu_embedding_dot_bias.py."""
+    with fastcore5.use_backend("triton"):
+        yield
+
+
 def zipf_indices(n, batch, exponent=1.2):
     """Indices with P(row k) proportional to 1 / (k + 1)^exponent: a few rows take most samples."""
     weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** exponent
