@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastcore5 import backends
 from fastcore5.bench import runner
 from fastcore5.bench.common import Case
 
@@ -56,7 +57,9 @@ def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, 
         assert row["ms"]["fastcore5"] > 0 and {"eager", "torch.compile"} <= row["speedup"].keys()
         assert 0 < row["fraction_of_matmul_ceiling"]
     if not torch.cuda.is_available():
-        assert report["fastcore5_backend"] == {"linear_relu": "torch"}  # never the interpreter
+        # the C++ CPU kernel where there is one, else the reference: never the interpreter
+        native = backends.unavailable_reason("cpu", "linear_relu", torch.device("cpu")) is None
+        assert report["fastcore5_backend"] == {"linear_relu": "cpu" if native else "torch"}
         assert any("need a GPU" in note for note in report["notes"])
     assert "ours ms" in printed and "torch.compile" in printed
     plots = sorted(tmp_path.glob("*.png"))
@@ -115,6 +118,21 @@ def test_table_has_one_line_per_comparison():
     assert "anchor" not in runner.format_table([row])
 
 
+def test_cpu_rows_show_the_range_of_the_paired_ratios():
+    row = {
+        "op": "sgd", "shape": "16M", "dtype": "fp32", "mode": "step", "ours": "fastcore5",
+        "ms": {"fastcore5": 8.0, "fused": 8.4}, "speedup": {"fused": 1.05}, "speedup_range": {"fused": [0.97, 1.2]},
+    }
+    assert runner.format_table([row]).splitlines()[2].split()[-2:] == ["1.05x", "(0.97-1.20)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("started measuring"))
+    assert runner.main(["--device", "cuda"]) == 2
+    assert_one_error_line(capsys, "python -m bench: error: --device cuda: no CUDA device here")
+
+
 def test_the_shipped_anchors_file_is_found_and_matches_the_cases():
     anchors, path = runner.load_anchors()
     assert path is not None and path.is_relative_to(REPO_ROOT / "fastcore5" / "bench")
@@ -161,6 +179,7 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
         (["--train", "--json", "x.json"], "--json is for --host"),
         (["--host", "--op", "sgd"], "--op picks kernel benchmarks; --host"),
         (["--train", "--op", "sgd"], "--op picks kernel benchmarks; --train"),
+        (["--host", "--device", "cpu"], "--device picks where the kernel benchmarks run; --host"),
     ],
 )
 def test_options_a_run_would_ignore_are_refused_in_one_line(argv, named, capsys, monkeypatch):
@@ -190,6 +209,7 @@ def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
 
 _COMPILING_BENCH_RUN = """
 import sys, types, torch
+from fastcore5 import backends
 from fastcore5.bench import runner
 from fastcore5.bench.common import Case
 

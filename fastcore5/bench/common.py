@@ -1,8 +1,10 @@
 """What every benchmark shares: timing, the card's ceilings, and the Case record.
 
 Timing: on CUDA, triton.testing.do_bench (CUDA events, L2 flushed between repetitions, median);
-on CPU, the median of wall-clock repetitions. Inputs that should not sit in L2 are rotated by
-the case itself (see ``Rotating``).
+on CPU, wall-clock repetitions with a case's contenders interleaved (one call of each per
+round), so that the load of a shared machine hits all of them alike: each time is the median
+over rounds and each speedup the median of the per-round ratios, with their range. Inputs that
+should not sit in L2 are rotated by the case itself (see ``Rotating``).
 """
 from __future__ import annotations
 
@@ -104,9 +106,35 @@ def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
     return ceilings
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall-clock milliseconds of each callable in each of ``rounds`` rounds (after one warm-up
+    call each), the callables taking turns within a round."""
+    for fn in fns.values():
+        fn()
+    samples = {label: [] for label in fns}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
 def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = False) -> dict:
     """Time every callable of ``case`` and return one result row (all numbers, no formatting)."""
-    times = {label: time_ms(fn, device, quick) for label, fn in case.fns.items()}
+    spread = {}
+    if device == "cuda":
+        times = {label: time_ms(fn, device, quick) for label, fn in case.fns.items()}
+        speedup = {label: t / times[case.ours] for label, t in times.items() if label != case.ours}
+    else:
+        samples = interleaved_ms(case.fns, 5 if quick else 15)
+        times = {label: statistics.median(ts) for label, ts in samples.items()}
+        speedup = {}
+        for label, ts in samples.items():
+            if label != case.ours:
+                ratios = [theirs / ours for theirs, ours in zip(ts, samples[case.ours])]
+                speedup[label] = statistics.median(ratios)
+                spread[label] = [min(ratios), max(ratios)]
     ours = times[case.ours]
     row = {
         "op": case.op,
@@ -114,8 +142,10 @@ def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = 
         "dtype": case.dtype,
         "mode": case.mode,
         "ms": times,
-        "speedup": {label: t / ours for label, t in times.items() if label != case.ours},
+        "speedup": speedup,
     }
+    if spread:
+        row["speedup_range"] = spread
     if case.bytes_moved is not None:
         row["GBps"] = case.bytes_moved / ours / 1e6
         row["fraction_of_copy_ceiling"] = row["GBps"] / ceilings["copy_GBps"]
