@@ -56,36 +56,61 @@ constexpr int64_t kSampleGrain = 512;  // samples: smaller batches run on one th
 constexpr int64_t kRowGrain = 1024;    // gradient rows per thread at least
 constexpr int64_t kPrefetchAhead = 8;  // samples between a row's prefetch and its use
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kBlockRows = 2048;  // rows per block of the backward's sort: an L1-sized histogram
+
+// A sample of the backward's row pass: its row (relative to the thread's first row), its index
+// in the batch and its partner row.
+struct Entry {
+  int64_t row, sample, partner;
+};
+
+void exclusive_prefix_sum(std::vector<int64_t>& counts) {
+  int64_t total = 0;
+  for (int64_t& count : counts) {
+    const int64_t here = count;
+    count = total;
+    total += here;
+  }
+}
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// ``count`` (1 to Vec::size()) elements from ``src`` as acc_t lanes; lanes past ``count`` are 0.
+// Vec::size() elements from ``src`` as acc_t lanes. The hot loops run whole vectors and finish a
+// row's last D % Vec::size() columns in scalar code: a partial at::vec load or store goes through
+// a memcpy, which cost more than the few scalar columns.
 template <typename scalar_t, typename Vec = at::vec::Vectorized<acc_type<scalar_t>>>
-inline Vec load_lanes(const scalar_t* src, int64_t count) {
+inline Vec load_lanes(const scalar_t* src) {
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return count == Vec::size() ? Vec::loadu(src) : Vec::loadu(src, count);
+    return Vec::loadu(src);
   } else {
     Vec lanes;
-    if (count == Vec::size()) {
-      at::vec::load_to_float(src, lanes);
-    } else {
-      scalar_t padded[Vec::size()] = {};
-      std::copy(src, src + count, padded);
-      at::vec::load_to_float(padded, lanes);
-    }
+    at::vec::load_to_float(src, lanes);
     return lanes;
   }
 }
 
-// The first ``count`` lanes of ``lanes``, rounded to scalar_t, stored at ``dst``.
+// ``lanes`` rounded to scalar_t, stored at ``dst`` (Vec::size() elements).
 template <typename scalar_t, typename Vec = at::vec::Vectorized<acc_type<scalar_t>>>
-inline void store_lanes(scalar_t* dst, const Vec& lanes, int64_t count) {
+inline void store_lanes(scalar_t* dst, const Vec& lanes) {
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    lanes.store(dst, count);
+    lanes.store(dst);
   } else {
-    at::vec::convert_from_float<scalar_t>(lanes, lanes).store(dst, count);
+    at::vec::convert_from_float<scalar_t>(lanes, lanes).store(dst, Vec::size());
   }
+}
+
+// dst[0:D] = scale * src[0:D] (rounded to scalar_t), or zeros when src is null.
+template <typename scalar_t>
+void write_scaled(scalar_t* dst, const scalar_t* src, acc_type<scalar_t> scale, int64_t D) {
+  using Vec = at::vec::Vectorized<acc_type<scalar_t>>;
+  if (src == nullptr) {
+    std::memset(dst, 0, D * sizeof(scalar_t));
+    return;
+  }
+  int64_t d = 0;
+  for (; d + Vec::size() <= D; d += Vec::size()) store_lanes(dst + d, Vec(scale) * load_lanes(src + d));
+  for (; d < D; ++d) dst[d] = static_cast<scalar_t>(scale * static_cast<acc_type<scalar_t>>(src[d]));
 }
 
 // An index tensor (int32 or int64, any stride) read as int64.
@@ -136,14 +161,14 @@ struct Table {
 
 template <typename scalar_t>
 acc_type<scalar_t> dot(const scalar_t* a, const scalar_t* b, int64_t D) {
-  using Vec = at::vec::Vectorized<acc_type<scalar_t>>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
   Vec sum(0);
   int64_t d = 0;
-  for (; d + Vec::size() <= D; d += Vec::size()) {
-    sum = at::vec::fmadd(load_lanes(a + d, Vec::size()), load_lanes(b + d, Vec::size()), sum);
-  }
-  if (d < D) sum = at::vec::fmadd(load_lanes(a + d, D - d), load_lanes(b + d, D - d), sum);
-  return at::vec::vec_reduce_all([](Vec& x, Vec& y) { return x + y; }, sum);
+  for (; d + Vec::size() <= D; d += Vec::size()) sum = at::vec::fmadd(load_lanes(a + d), load_lanes(b + d), sum);
+  acc_t total = at::vec::vec_reduce_all([](Vec& x, Vec& y) { return x + y; }, sum);
+  for (; d < D; ++d) total += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  return total;
 }
 
 // The four tables of one call and what is done with the score.
@@ -162,11 +187,15 @@ struct Model {
 
   static acc_t sigmoid(acc_t res) { return acc_t(1) / (acc_t(1) + std::exp(-res)); }
 
-  // d out / d res times grad, with res recomputed (y_range only).
-  acc_t coefficient(acc_t grad, int64_t u, int64_t i, scalar_t* scratch) const {
-    if (!has_range) return grad;
-    const acc_t squashed = sigmoid(score(u, i, scratch));
+  // grad * d out / d res at the score res (y_range only).
+  acc_t coefficient_from_score(acc_t grad, acc_t res) const {
+    const acc_t squashed = sigmoid(res);
     return grad * (hi - lo) * (squashed * (acc_t(1) - squashed));
+  }
+
+  // grad * d out / d res, with res recomputed when there is a y_range.
+  acc_t coefficient(acc_t grad, int64_t u, int64_t i, scalar_t* scratch) const {
+    return has_range ? coefficient_from_score(grad, score(u, i, scratch)) : grad;
   }
 
   void prefetch_sample(int64_t u, int64_t i) const {
@@ -238,32 +267,17 @@ void forward_kernel(const Model<scalar_t>& model, const Indices& users, const In
   });
 }
 
-// The per-sample pass of the backward: for each sample its user and item row (-1 for both when
-// either index is bad) and coef; with ``sparse`` it also writes the per-sample COO values
-// (contiguous (B, D) / (B,), zeros for a bad sample) for each output that is defined.
+// The sparse backward: nn.Embedding(sparse=True)'s per-sample COO values, written for each output
+// that is given (contiguous (B, D) / (B,); zeros for a sample with a bad index).
 template <typename scalar_t>
 void per_sample_kernel(const Model<scalar_t>& model, const Tensor& grad_out, const Indices& users,
-                       const Indices& items, int64_t B, int64_t* user_rows, int64_t* item_rows,
-                       acc_type<scalar_t>* coef, scalar_t* values_uw, scalar_t* values_iw, scalar_t* values_ub,
+                       const Indices& items, int64_t B, scalar_t* values_uw, scalar_t* values_iw, scalar_t* values_ub,
                        scalar_t* values_ib) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
   const int64_t grad_stride = grad_out.stride(0), D = model.D;
   const bool reads_rows = model.has_range || values_uw != nullptr || values_iw != nullptr;
   const bool strided = model.users_table.col_stride != 1 || model.items_table.col_stride != 1;
-  // scale * row, or zeros without a row, into the (B, D) values at sample b.
-  const auto write_values = [D](scalar_t* values, int64_t b, const scalar_t* row, acc_t scale) {
-    scalar_t* dst = values + b * D;
-    if (row == nullptr) {
-      std::memset(dst, 0, D * sizeof(scalar_t));
-      return;
-    }
-    for (int64_t d = 0; d < D; d += Vec::size()) {
-      const int64_t count = std::min<int64_t>(Vec::size(), D - d);
-      store_lanes(dst + d, Vec(scale) * load_lanes(row + d, count), count);
-    }
-  };
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scratch(strided ? 4 * D : 0);
     for (int64_t b = begin; b < end; ++b) {
@@ -273,54 +287,47 @@ void per_sample_kernel(const Model<scalar_t>& model, const Tensor& grad_out, con
       const int64_t u = users[b], i = items[b];
       const bool ok = model.users_table.contains(u) && model.items_table.contains(i);
       const acc_t c = ok ? model.coefficient(static_cast<acc_t>(grad[b * grad_stride]), u, i, scratch.data()) : acc_t(0);
-      user_rows[b] = ok ? u : -1;
-      item_rows[b] = ok ? i : -1;
-      coef[b] = c;
       if (values_ub != nullptr) values_ub[b] = static_cast<scalar_t>(c);
       if (values_ib != nullptr) values_ib[b] = static_cast<scalar_t>(c);
-      if (values_uw != nullptr) write_values(values_uw, b, ok ? model.items_table.row(i, D, scratch.data() + 2 * D) : nullptr, c);
-      if (values_iw != nullptr) write_values(values_iw, b, ok ? model.users_table.row(u, D, scratch.data() + 3 * D) : nullptr, c);
+      if (values_uw != nullptr) {
+        write_scaled(values_uw + b * D, ok ? model.items_table.row(i, D, scratch.data() + 2 * D) : nullptr, c, D);
+      }
+      if (values_iw != nullptr) {
+        write_scaled(values_iw + b * D, ok ? model.users_table.row(u, D, scratch.data() + 3 * D) : nullptr, c, D);
+      }
     }
   });
 }
 
-// One table's dense gradients (grad_w (n, D) and grad_b (n,), contiguous; either may be null):
-// row r gets the sum over the samples b with keys[b] == r, in batch order, of coef[b] *
-// partners_table[partners[b]] (and of coef[b]); a row without samples gets zeros. See the file
-// comment for why this is bitwise reproducible.
+// One table's dense gradients (grad_w (n, D) and grad_b (n,), contiguous; either may be null), n
+// the rows of the table that ``keys`` index (the users' or the items'): row r gets the sum over the
+// samples b with keys[b] == r, in batch order, of coef[b] * partner_table[partners[b]] (and of
+// coef[b]); a row without samples gets zeros; samples with a bad key or partner are left out. See
+// the file comment for why this is bitwise reproducible. With ``compute_coef`` the pass forms
+// coef[b] itself (from grad_out and, with a y_range, the score: the own row is read once per
+// row, the partner row is read anyway) and writes it to ``coef`` for the other table's pass;
+// else it reads ``coef``.
 template <typename scalar_t>
-void row_sums_kernel(int64_t n, int64_t D, int64_t B, const int64_t* keys, const int64_t* partners,
-                     const acc_type<scalar_t>* coef, const Table<scalar_t>& partner_table, scalar_t* grad_w,
-                     scalar_t* grad_b) {
+void row_sums_kernel(const Model<scalar_t>& model, bool keys_are_users, const Indices& keys, const Indices& partners,
+                     int64_t B, const Tensor& grad_out, bool compute_coef, acc_type<scalar_t>* coef,
+                     scalar_t* grad_w, scalar_t* grad_b) {
   using acc_t = acc_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  at::parallel_for(0, n, kRowGrain, [&](int64_t first, int64_t last) {
-    // Counting sort of this range's samples by row: ends[k] ends up as the end of row first+k's
-    // samples in ``order`` (and the start of the next row's).
-    const int64_t range_rows = last - first;
-    std::vector<int64_t> ends(range_rows, 0);
-    int64_t in_range = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t k = keys[b] - first;
-      if (0 <= k && k < range_rows) {
-        ++ends[k];
-        ++in_range;
-      }
-    }
-    int64_t start = 0;
-    for (int64_t k = 0; k < range_rows; ++k) {
-      const int64_t count = ends[k];
-      ends[k] = start;
-      start += count;
-    }
-    std::vector<int64_t> order(in_range);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t k = keys[b] - first;
-      if (0 <= k && k < range_rows) order[ends[k]++] = b;
-    }
-
+  const Table<scalar_t>& own_table = keys_are_users ? model.users_table : model.items_table;
+  const Table<scalar_t>& partner_table = keys_are_users ? model.items_table : model.users_table;
+  const int64_t n = own_table.rows, D = model.D;
+  const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
+  const int64_t grad_stride = grad_out.stride(0);
+  const bool reads_partner_rows = grad_w != nullptr || (compute_coef && model.has_range);
+  // Rows first .. first + range_rows - 1, their samples in ``order`` (by row, batch order within a
+  // row), ends[k] the end of row first + k's samples in it: each row written once.
+  const auto write_rows = [&](int64_t first, int64_t range_rows, const std::vector<int64_t>& ends,
+                              const std::vector<Entry>& order) {
+    const int64_t in_range = static_cast<int64_t>(order.size());
+    // The row's running sum, padded to whole vectors (the padding lanes are never stored).
+    const int64_t full = D - D % Vec::size();
     std::vector<acc_t> sum(grad_w != nullptr ? D : 0);
-    std::vector<scalar_t> scratch(partner_table.col_stride != 1 ? D : 0);
+    std::vector<scalar_t> scratch(partner_table.col_stride != 1 || own_table.col_stride != 1 ? 2 * D : 0);
     int64_t k = 0;
     while (k < range_rows) {
       const int64_t begin = k == 0 ? 0 : ends[k - 1], end = ends[k];
@@ -332,29 +339,78 @@ void row_sums_kernel(int64_t n, int64_t D, int64_t B, const int64_t* keys, const
         k = run_end;
         continue;
       }
+      const int64_t r = first + k;
+      const scalar_t* own_row = compute_coef && model.has_range ? own_table.row(r, D, scratch.data() + D) : nullptr;
       acc_t bias_sum = 0;
       std::fill(sum.begin(), sum.end(), acc_t(0));
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = order[p];
-        const acc_t c = coef[b];
+        const int64_t b = order[p].sample, partner = order[p].partner;
+        // Ahead in the whole block, not only this row: most rows hold one or two samples.
+        if (reads_partner_rows && p + kPrefetchAhead < in_range) {
+          partner_table.prefetch_row(order[p + kPrefetchAhead].partner, D);
+        }
+        const scalar_t* row = reads_partner_rows ? partner_table.row(partner, D, scratch.data()) : nullptr;
+        acc_t c;
+        if (compute_coef) {
+          c = static_cast<acc_t>(grad[b * grad_stride]);
+          if (model.has_range) {
+            const acc_t bias = keys_are_users ? model.users_bias.bias(r) + model.items_bias.bias(partner)
+                                              : model.users_bias.bias(partner) + model.items_bias.bias(r);
+            c = model.coefficient_from_score(c, dot(own_row, row, D) + bias);
+          }
+          if (coef != nullptr) coef[b] = c;
+        } else {
+          c = coef[b];
+        }
         bias_sum += c;
         if (grad_w == nullptr) continue;
-        if (p + kPrefetchAhead < end) partner_table.prefetch_row(partners[order[p + kPrefetchAhead]], D);
-        const scalar_t* row = partner_table.row(partners[b], D, scratch.data());
-        for (int64_t d = 0; d < D; d += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), D - d);
-          at::vec::fmadd(Vec(c), load_lanes(row + d, count), Vec::loadu(sum.data() + d, count)).store(sum.data() + d, count);
+        int64_t d = 0;
+        for (; d < full; d += Vec::size()) {
+          at::vec::fmadd(Vec(c), load_lanes(row + d), Vec::loadu(sum.data() + d)).store(sum.data() + d);
         }
+        for (; d < D; ++d) sum[d] += c * static_cast<acc_t>(row[d]);
       }
-      const int64_t r = first + k;
       if (grad_b != nullptr) grad_b[r] = static_cast<scalar_t>(bias_sum);
       if (grad_w != nullptr) {
-        for (int64_t d = 0; d < D; d += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), D - d);
-          store_lanes(grad_w + r * D + d, Vec::loadu(sum.data() + d, count), count);
-        }
+        scalar_t* out = grad_w + r * D;
+        int64_t d = 0;
+        for (; d < full; d += Vec::size()) store_lanes(out + d, Vec::loadu(sum.data() + d));
+        for (; d < D; ++d) out[d] = static_cast<scalar_t>(sum[d]);
       }
       ++k;
+    }
+  };
+  at::parallel_for(0, n, kRowGrain, [&](int64_t first, int64_t last) {
+    // This range's samples grouped by row, keeping batch order within a row, by a two-level
+    // stable counting sort: into blocks of kBlockRows rows, then each block by row. One
+    // histogram over the whole range would be too large for the cache (162k rows: 1.3 MB),
+    // and its random increments cost more than the rest of the pass.
+    const int64_t range_rows = last - first;
+    std::vector<Entry> entries;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t k = keys[b] - first;
+      if (0 <= k && k < range_rows) {
+        const int64_t partner = partners[b];
+        if (partner_table.contains(partner)) entries.push_back({k, b, partner});
+      }
+    }
+    const int64_t blocks = (range_rows + kBlockRows - 1) / kBlockRows;
+    std::vector<int64_t> block_ends(blocks, 0);
+    for (const Entry& e : entries) ++block_ends[e.row / kBlockRows];
+    exclusive_prefix_sum(block_ends);
+    std::vector<Entry> by_block(entries.size());
+    for (const Entry& e : entries) by_block[block_ends[e.row / kBlockRows]++] = e;
+    std::vector<Entry> order;
+    std::vector<int64_t> ends;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t block_first = block * kBlockRows, block_rows = std::min(kBlockRows, range_rows - block_first);
+      const int64_t begin = block == 0 ? 0 : block_ends[block - 1], end = block_ends[block];
+      ends.assign(block_rows, 0);
+      for (int64_t p = begin; p < end; ++p) ++ends[by_block[p].row - block_first];
+      exclusive_prefix_sum(ends);
+      order.resize(end - begin);
+      for (int64_t p = begin; p < end; ++p) order[ends[by_block[p].row - block_first]++] = by_block[p];
+      write_rows(first + block_first, block_rows, ends, order);
     }
   });
 }
@@ -414,22 +470,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     model.users_table.rows = num_users;
     model.items_table.rows = num_items;
     const auto data = [](bool needed, Tensor& t) { return needed ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-    std::unique_ptr<int64_t[]> user_rows(new int64_t[B]), item_rows(new int64_t[B]);
-    std::unique_ptr<acc_t[]> coef(new acc_t[B]);
     const Indices user_indices(users), item_indices(items);
     if (sparse) {
-      per_sample_kernel(model, grad_out, user_indices, item_indices, B, user_rows.get(), item_rows.get(), coef.get(),
-                        data(need_u_weight, uw), data(need_i_weight, iw), data(need_u_bias, ub), data(need_i_bias, ib));
+      per_sample_kernel(model, grad_out, user_indices, item_indices, B, data(need_u_weight, uw),
+                        data(need_i_weight, iw), data(need_u_bias, ub), data(need_i_bias, ib));
       return;
     }
-    per_sample_kernel<scalar_t>(model, grad_out, user_indices, item_indices, B, user_rows.get(), item_rows.get(),
-                                coef.get(), nullptr, nullptr, nullptr, nullptr);
-    if (need_u_weight || need_u_bias) {
-      row_sums_kernel(num_users, D, B, user_rows.get(), item_rows.get(), coef.get(), model.items_table,
-                      data(need_u_weight, uw), data(need_u_bias, ub));
+    // The first table's pass forms coef; the second reads it.
+    const bool users_pass = need_u_weight || need_u_bias, items_pass = need_i_weight || need_i_bias;
+    std::unique_ptr<acc_t[]> coef(users_pass && items_pass ? new acc_t[B] : nullptr);
+    if (users_pass) {
+      row_sums_kernel(model, true, user_indices, item_indices, B, grad_out, true, coef.get(), data(need_u_weight, uw),
+                      data(need_u_bias, ub));
     }
-    if (need_i_weight || need_i_bias) {
-      row_sums_kernel(num_items, D, B, item_rows.get(), user_rows.get(), coef.get(), model.users_table,
+    if (items_pass) {
+      row_sums_kernel(model, false, item_indices, user_indices, B, grad_out, !users_pass, coef.get(),
                       data(need_i_weight, iw), data(need_i_bias, ib));
     }
   });
