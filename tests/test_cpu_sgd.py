@@ -5,6 +5,7 @@ torch.compile, and the argument checks' named exceptions."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 
@@ -263,6 +264,26 @@ BAD_CALLS = {
 }
 
 
+def _good_call(dtype, sizes, momentum, **flags):
+    def call(ops):
+        params = [torch.randn(s).to(dtype) for s in sizes]
+        buffers = [torch.randn_like(p) for p in params] if momentum else []
+        _call(ops, params, [torch.randn_like(p) for p in params], buffers, momentum=momentum, **flags)
+    return call
+
+
+# What tests/test_cpu_asan.py runs against the AddressSanitizer build: every bad call, and good
+# calls whose tails, empty tensors and channels-last layouts reach every load and store path.
+ASAN_CALLS = [
+    (f"bad: {case}", error, lambda ops, make=make, extra=extra: _call(ops, *make(), **extra))
+    for case, (error, _, make, extra) in BAD_CALLS.items()
+] + [
+    (f"good: {dtype} momentum={momentum}", None,
+     _good_call(dtype, SIZES + [(2, 3, 5, 7)], momentum, grad_scale=torch.tensor(2.0), lr_tensor=torch.tensor(0.1)))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for momentum in (0.0, 0.9)
+]
+
+
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_the_named_exception(case, cpu_kernel):
     """The checks are those of the CUDA kernel (csrc/sgd_checks.h): same exception types and messages."""
@@ -289,3 +310,26 @@ def test_extension_is_built_with_openmp():
 
     symbols = subprocess.run(["nm", "-D", extension.__file__], capture_output=True, text=True, check=True).stdout
     assert "GOMP_parallel" in symbols
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread CPU times come from Linux's /proc")
+def test_two_threads_share_the_work(cpu_kernel):
+    """With torch.set_num_threads(2) two OS threads each spend CPU time in the steps: the OpenMP
+    loop really forks (a build without -fopenmp would run everything on the calling thread)."""
+    def cpu_ticks():
+        ticks = {}
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(FileNotFoundError):
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks
+
+    p, g, b = (torch.randn(1 << 23) for _ in range(3))
+    with threads(2):
+        _call(cpu_kernel, [p], [g], [b])
+        before = cpu_ticks()
+        for _ in range(40):
+            _call(cpu_kernel, [p], [g], [b])
+        after = cpu_ticks()
+    busy = [tid for tid, t in after.items() if t - before.get(tid, 0) > 0]
+    assert len(busy) >= 2, (before, after)
