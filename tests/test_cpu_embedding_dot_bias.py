@@ -14,13 +14,17 @@ import torch
 import fastcore5
 from fastcore5 import index_errors, reference
 
-from helpers import FASTAI_KEYS, deterministic_algorithms, fused_fwd_bwd, random_indices, random_tables, reference_fwd_bwd
+from helpers import (
+    FASTAI_KEYS, deterministic_algorithms, fused_fwd_bwd, opcheck_embedding_dot_bias_ops, random_indices, random_tables,
+    reference_fwd_bwd,
+)
 from native_cpu import require_cpu_kernel
 from test_embedding_dot_bias import (  # noqa: F401 (pytest collects the imported tests and fixture here)
-    BAD_INPUTS, backward_path, test_bad_index_on_torch_backend_and_module, test_bad_input_names_the_argument,
-    test_compiles_fullgraph, test_gradcheck, test_heavy_duplicates, test_int32_and_int64_indices_agree,
-    test_matches_reference, test_sparse_gradients_match_nn_embedding, test_sparse_torch_backend_and_sparse_adam,
-    test_strided_tables_indices_and_grad_out, test_tiny_batches, zipf_indices,
+    backward_path, check_compiles_fullgraph, test_bad_index_on_torch_backend_and_module,
+    test_bad_input_names_the_argument, test_compiles_fullgraph, test_gradcheck, test_heavy_duplicates,
+    test_int32_and_int64_indices_agree, test_matches_reference, test_sparse_gradients_match_nn_embedding,
+    test_sparse_torch_backend_and_sparse_adam, test_strided_tables_indices_and_grad_out, test_tiny_batches,
+    zipf_indices,
 )
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernels' tests make CPU tensors only")
@@ -159,40 +163,13 @@ def test_empty_tables_and_batches(ops):
 
 
 def test_opcheck(ops):
-    users, items = random_indices(40, 50), random_indices(30, 50, torch.int32)
-    tables = random_tables(40, 30, 8)
-    errors = torch.zeros(index_errors.SLOTS, dtype=torch.long)
-    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users, items, *tables, None, None, None))
-    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users, items, *tables, 0.5, 4.5, errors))
-    grad_out = torch.randn(50)
-    for deterministic, sparse in [(False, False), (True, False), (False, True)]:
-        torch.library.opcheck(
-            ops.embedding_dot_bias_backward.default,
-            (grad_out, users, items, *tables, 40, 30, 1.0, 5.0, True, True, True, True, deterministic, sparse),
-        )
-    torch.library.opcheck(
-        ops.embedding_dot_bias_backward.default,
-        (grad_out, users, items, None, tables[1], None, None, 40, 30, None, None, True, False, False, False, False, False),
-    )
+    users, items = random_indices(40, 50), random_indices(30, 50)
+    opcheck_embedding_dot_bias_ops(ops, users, items, random_tables(40, 30, 8), torch.zeros(index_errors.SLOTS, dtype=torch.long))
 
 
 def test_compiles_fullgraph_with_inductor():
-    torch._dynamo.reset()
-    users, items = random_indices(8, 50), random_indices(9, 50)
-    tables = random_tables(8, 9, 5)
-    grad_out = torch.randn(50)
-
-    @torch.compile(fullgraph=True, backend="inductor")
-    def compiled(users, items, *tables):
-        return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5))
-
-    compiled_tables = [t.clone().requires_grad_() for t in tables]
-    out = compiled(users, items, *compiled_tables)
-    out.backward(grad_out)
-    eager_out, eager_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
-    assert torch.equal(out, eager_out)
-    for table, eager in zip(compiled_tables, eager_grads):
-        assert torch.equal(table.grad, eager)
+    """Inductor on CPU around the C++ ops: the compiled step gives the eager step's bits."""
+    check_compiles_fullgraph("inductor", exact=True)
 
 
 # (expected exception, message, call) on the raw ops with CPU tensors: U/V tables of 10 and 8 rows,

@@ -252,13 +252,15 @@ def test_opcheck():
         )
 
 
-def test_compiles_fullgraph():
+def check_compiles_fullgraph(compile_backend="aot_eager", exact=False):
+    """torch.compile(fullgraph=True) of a y_range call, forward and backward, against eager: close,
+    or with ``exact`` bitwise equal."""
     torch._dynamo.reset()
     users, items = random_indices(8, 50), random_indices(9, 50)
     tables = random_tables(8, 9, 5)
     grad_out = torch.randn(50)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compile_backend)
     def compiled(users, items, *tables):
         return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5))
 
@@ -266,9 +268,14 @@ def test_compiles_fullgraph():
     out = compiled(users, items, *compiled_tables)
     out.backward(grad_out)
     eager_out, eager_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
-    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
+    tolerance = dict(atol=0.0, rtol=0.0) if exact else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, eager_out, **tolerance)
     for table, eager in zip(compiled_tables, eager_grads):
-        torch.testing.assert_close(table.grad, eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(table.grad, eager, **tolerance)
+
+
+def test_compiles_fullgraph():
+    check_compiles_fullgraph()
 
 
 # --- sparse gradients --------------------------------------------------------------------------
