@@ -7,14 +7,22 @@
 #
 # Where torch comes from (the first thing installed, so nothing else can pull another build):
 #   TORCH_SPEC   which torch to install (default torch==2.13.0, the version CI runs)
-#   TORCH_INDEX  the package index to take it from; empty (the default) means pip's own index.
-#                From PyPI on Linux x86_64 that is the CUDA build, which downloads several GB of
-#                CUDA libraries. On a machine without a GPU use PyTorch's CPU wheel index:
-#                  make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   TORCH_INDEX  the package index to take it from. Default: PyTorch's CPU wheel index when this
+#                machine has no NVIDIA GPU (no nvidia-smi, no /dev/nvidia0), so that a CPU machine
+#                does not download several GB of CUDA libraries; pip's own index otherwise (on
+#                Linux x86_64 PyPI's torch is the CUDA build). Override either way:
+#                  make demo TORCH_INDEX=                                        # pip's own index
+#                  make demo TORCH_INDEX=https://download.pytorch.org/whl/cu130  # a CUDA index
+#                When the index cannot be reached, torch comes from pip's own index and
+#                configured mirrors instead, with a line saying so.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
+HAVE_NVIDIA_GPU := $(shell command -v nvidia-smi 2>/dev/null || ls /dev/nvidia0 2>/dev/null)
+TORCH_INDEX ?= $(if $(HAVE_NVIDIA_GPU),,$(CPU_TORCH_INDEX))
+# numpy comes with torch: `import torch` without it prints "Failed to initialize NumPy".
+NUMPY_SPEC := numpy>=1.26
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet
 
@@ -30,7 +38,11 @@ TEST_EXTRAS := test,fastai$(if $(HAVE_NVCC),$(comma)nvcc-check)
 # One stamp per set of extras: `make demo` then `make test` adds the test extras to the same venv.
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
+	index="$(TORCH_INDEX)"; \
+	if [ -n "$$index" ] && ! $(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' "$$index" 2>/dev/null; then \
+	  echo "fastcore5: cannot reach $$index; installing $(TORCH_SPEC) from pip's own index instead"; index=""; \
+	fi; \
+	$(PIP) $${index:+--index-url "$$index"} "$(TORCH_SPEC)" "$(NUMPY_SPEC)"
 	$(PIP) setuptools wheel ninja
 	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
 	touch $@

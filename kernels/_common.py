@@ -94,6 +94,17 @@ def in_signature_order(kernel, runtime_count: int, constexprs: dict) -> tuple:
     return tuple(constexprs[name] for name in kernel.arg_names[runtime_count:])
 
 
+def launch(kernel, wrap, grid: tuple, runtime_args: tuple, constexprs: tuple, num_warps: int) -> None:
+    """``kernel[grid](*runtime_args, *constexprs)`` without Triton's keyword binding: constexprs
+    in signature order, through ``kernel.run``. ``wrap`` (torch.library.wrap_triton, when traced)
+    gets them by name, as traced launches expect."""
+    if wrap is None:
+        kernel.run(*runtime_args, *constexprs, grid=grid, warmup=False, num_warps=num_warps)
+    else:
+        names = kernel.arg_names[len(runtime_args):]
+        wrap(kernel)[grid](*runtime_args, **dict(zip(names, constexprs)), num_warps=num_warps)
+
+
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised output on ``like``'s device, of ``dtype`` (default: ``like``'s); filled
     with NaN (or -1 for integers) when FASTCORE5_POISON=1.

@@ -21,8 +21,8 @@ kernel does the work of each sample, its MODE saying what it writes:
   order of the additions varies from run to run, so the result is nondeterministic in the last
   bits. bf16/fp16 tables accumulate in an fp32 workspace that is rounded once at the end.
 * deterministic (used when torch.are_deterministic_algorithms_enabled()): coef is formed first
-  (MODE_COEF; without y_range it is grad_out itself), then each table's indices are sorted and
-  segment_reduce.py sums every row's samples in an order fixed by B alone: bitwise identical
+  (MODE_COEF; without y_range it is grad_out itself, 0 for a sample with a bad index), then each
+  table's indices are sorted and segment_reduce.py sums every row's samples in an order fixed by B alone: bitwise identical
   across runs, and bf16/fp16 gradients are rounded once, from fp32, without a workspace.
 * sparse (MODE_SPARSE): per-sample values coef * partner-row (B, D) and coef (B,), exactly what
   nn.Embedding(sparse=True) puts in its COO gradient; no reduction, so deterministic.
@@ -31,7 +31,7 @@ All sample offsets are int64 (tl.program_id(0).to(tl.int64)), so B * D and n * D
 """
 import torch
 
-from ._common import cdiv, new_output, next_power_of_2, on_device_of
+from ._common import cdiv, launch, new_output, next_power_of_2, on_device_of
 from ._embedding_common import INTERPRETING, acc_dtype, tl_acc_dtype
 from .embedding_dot_bias_kernels import (
     MODE_ATOMIC, MODE_COEF, MODE_SPARSE, _embedding_dot_bias_bwd_per_sample_kernel, _embedding_dot_bias_fwd_kernel,
@@ -110,16 +110,16 @@ def embedding_dot_bias_forward(
         return out
     block_b, block_d = _blocks(B, D)
     has_y_range = y_lo is not None
-    kernel = _embedding_dot_bias_fwd_kernel if wrap is None else wrap(_embedding_dot_bias_fwd_kernel)
-    kernel[(cdiv(B, block_b),)](
-        users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
-        B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
-        users.stride(0), items.stride(0),
-        u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
-        u_bias.stride(0), i_bias.stride(0),
-        HAS_Y_RANGE=has_y_range, RECORD_ERRORS=index_errors is not None,
-        ACC_DTYPE=tl_acc_dtype(u_weight.dtype),
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+    launch(
+        _embedding_dot_bias_fwd_kernel, wrap, (cdiv(B, block_b),),
+        (users, items, u_weight, i_weight, u_bias, i_bias, out, out if index_errors is None else index_errors,
+         B, D, n_users, i_weight.shape[0], float(y_lo) if has_y_range else 0.0, float(y_hi) if has_y_range else 0.0,
+         users.stride(0), items.stride(0),
+         u_weight.stride(0), u_weight.stride(1), i_weight.stride(0), i_weight.stride(1),
+         u_bias.stride(0), i_bias.stride(0)),
+        # HAS_Y_RANGE, RECORD_ERRORS, ACC_DTYPE, BLOCK_B, BLOCK_D
+        (has_y_range, index_errors is not None, tl_acc_dtype(u_weight.dtype), block_b, block_d),
+        SAMPLE_WARPS,
     )
     return out
 
@@ -162,7 +162,6 @@ def embedding_dot_bias_backward(
       (B, D), (B, D), (B,), (B,); the caller pairs them with users/items as indices.
     wrap: None, or a function applied to each kernel before launching it (torch.library.wrap_triton).
     """
-    launch = (lambda kernel: kernel) if wrap is None else wrap
     B = users.shape[0]
     dtype, device = grad_out.dtype, grad_out.device
     D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
@@ -177,13 +176,13 @@ def embedding_dot_bias_backward(
         (grad or values of u_weight, i_weight, u_bias, i_bias; None: not wanted)."""
         block_b, block_d = _blocks(B, D)
         need_uw, need_iw, need_ub, need_ib = (out is not None for out in outputs)
-        launch(_embedding_dot_bias_bwd_per_sample_kernel)[(cdiv(B, block_b),)](
-            grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
-            B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides,
-            MODE=mode.value, HAS_Y_RANGE=has_y_range,
-            NEED_UW=need_uw, NEED_IW=need_iw, NEED_UB=need_ub, NEED_IB=need_ib,
-            ACC_DTYPE=tl_acc_dtype(dtype),
-            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=SAMPLE_WARPS,
+        launch(
+            _embedding_dot_bias_bwd_per_sample_kernel, wrap, (cdiv(B, block_b),),
+            (grad_out, users, items, *tables, coef, *[out if out is not None else grad_out for out in outputs],
+             B, D, num_users, num_items, lo, hi, grad_out.stride(0), users.stride(0), items.stride(0), *table_strides),
+            # MODE, HAS_Y_RANGE, NEED_UW, NEED_IW, NEED_UB, NEED_IB, ACC_DTYPE, BLOCK_B, BLOCK_D
+            (mode.value, has_y_range, need_uw, need_iw, need_ub, need_ib, tl_acc_dtype(dtype), block_b, block_d),
+            SAMPLE_WARPS,
         )
 
     if sparse:
@@ -199,11 +198,10 @@ def embedding_dot_bias_backward(
         grads = [torch.zeros(shape, dtype=dtype, device=device) if need else None for shape, need in zip(shapes, needs)]
         if B == 0 or not any(needs):
             return tuple(grads)
-        if has_y_range:
-            coef = new_output((B,), grad_out, accumulate_in)
-            per_sample(MODE_COEF, coef, (None,) * 4)
-        else:
-            coef = grad_out.to(accumulate_in).contiguous()
+        # coef by the kernel even without y_range (where it is grad_out itself): it writes 0 for a
+        # sample with an index outside its table, which the segment reduction relies on.
+        coef = new_output((B,), grad_out, accumulate_in)
+        per_sample(MODE_COEF, coef, (None,) * 4)
         grad_uw, grad_iw, grad_ub, grad_ib = grads
         if need_u_weight or need_u_bias:
             sorted_users, order = torch.sort(users, stable=True)

@@ -83,7 +83,11 @@ def _embedding_dot_bias_bwd_segment_kernel(
         partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
         entry_ok = valid & (keys >= 0) & (keys < n_rows) & (partners >= 0) & (partners < n_partner_rows)
         partners = clamped_rows(partners, n_partner_rows)
-        coef = tl.load(coef_ptr + samples, mask=entry_ok, other=0.0).to(ACC_DTYPE)
+        # coef is 0 for samples with an index outside its table (the launcher's coefficient kernel
+        # zeroes them), so it is loaded by ``valid`` alone: triton 3.6 cannot compile this load
+        # masked by entry_ok with fp64 values and int32 indices ("'tt.load' op failed to verify
+        # that mask type matches ptr type", found by scripts/compile_check.py).
+        coef = tl.load(coef_ptr + samples, mask=valid, other=0.0).to(ACC_DTYPE)
     if EMIT_CARRY:
         tl.store(carry_out_keys_ptr + 2 * tile, first_key)
         tl.store(carry_out_keys_ptr + 2 * tile + 1, last_key)
@@ -145,7 +149,8 @@ def add_segment_sums(
     """Deterministically add, for every row r of the sorted ``keys``, the sum over its samples b
     of coef[b] * partner_table[partners[b]] into grad_w[r] and of coef[b] into grad_b[r]
     (either may be None). ``order`` maps sorted positions to samples; samples whose row (of
-    n_rows) or partner row (of n_partner_rows) is out of range are left out. ``wrap``: None, or
+    n_rows) or partner row (of n_partner_rows) is out of range are left out of grad_w, and must
+    have coef[b] = 0 (the coefficient kernel writes 0 for them) to be left out of grad_b. ``wrap``: None, or
     a function applied to the kernel before launching it (torch.library.wrap_triton)."""
     kernel = _embedding_dot_bias_bwd_segment_kernel
     launch = kernel if wrap is None else wrap(kernel)

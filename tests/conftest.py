@@ -31,6 +31,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+class _GpuSkipsInOneLine:
+    """Without CUDA, one line for all the skipped GPU tests instead of -ra's `SKIPPED` line per
+    file (they look like failures to a newcomer). The reports leave the stats while pytest writes
+    its short summary (this wrapper runs outside pytest's own) and come back for the final count."""
+
+    hidden: list = []
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_terminal_summary(self, terminalreporter):
+        skipped = terminalreporter.stats.get("skipped", [])
+        self.hidden = [report for report in skipped if "gpu" in report.keywords]
+        terminalreporter.stats["skipped"] = [report for report in skipped if "gpu" not in report.keywords]
+        try:
+            return (yield)
+        finally:
+            terminalreporter.stats["skipped"] += self.hidden
+
+
+_gpu_skips = _GpuSkipsInOneLine()
+
+
+def pytest_configure(config):
+    if not HAS_CUDA:
+        config.pluginmanager.register(_gpu_skips, "fastcore5-gpu-skips")
+
+
+def pytest_terminal_summary(terminalreporter):
+    # runs inside the wrapper above, after pytest's warnings and failures, before its short summary
+    if _gpu_skips.hidden:
+        terminalreporter.write_line(f"{len(_gpu_skips.hidden)} GPU tests skipped: no CUDA device "
+                                    "(scripts/gpu_check.sh runs them on a GPU machine)")
+
+
 def seed_for(test_id: str) -> int:
     """The torch seed of the test ``test_id`` (its pytest node id): 31 bits of its SHA-256."""
     return int.from_bytes(hashlib.sha256(test_id.encode()).digest()[:4], "little") & 0x7FFFFFFF

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastcore5 import backends
-from fastcore5.bench import runner
+from fastcore5.bench import runner, table
 from fastcore5.bench.common import Case
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +22,11 @@ RUN_FIELDS = {"card", "torch", "triton", "commit", "date", "device", "quick", "c
 
 
 def assert_git_ignores_as_results(written: list[Path]) -> None:
-    """Files a run wrote (to a scratch --out) would be ignored by git under bench/results, the
-    default --out of a checkout, so a benchmark run leaves `git status` clean."""
+    """Files a run wrote (to a scratch --out) would be ignored by git under bench-results/, the
+    default --out, so a benchmark run from the checkout's root leaves `git status` clean."""
     if not (REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout: nothing for .gitignore to keep clean")
-    names = sorted(f"bench/results/{path.name}" for path in written)
+    names = sorted(f"bench-results/{path.name}" for path in written)
     assert names
     done = subprocess.run(["git", "check-ignore", *names], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert done.stdout.split() == names, f"not ignored by git: {sorted(set(names) - set(done.stdout.split()))}"
@@ -100,30 +100,68 @@ def test_anchors_missing_ops_and_failing_cases_are_reported(tmp_path, capsys, mo
     assert not list((tmp_path / "out").glob("*.png"))
 
 
-def test_table_has_one_line_per_comparison():
-    row = {
+def _sgd_row(**extra) -> dict:
+    return {
         "op": "sgd", "shape": "64M", "dtype": "fp32", "mode": "step", "ours": "fastcore5",
         "ms": {"fastcore5": 0.5, "foreach": 1.0, "fused": 0.25},
+        "ms_quartiles": {"fastcore5": [0.45, 0.5, 0.55], "foreach": [0.9, 1.0, 1.1], "fused": [0.24, 0.25, 0.26]},
         "speedup": {"foreach": 2.0, "fused": 0.5},
+        "speedup_quartiles": {"foreach": [1.9, 2.0, 2.1], "fused": [0.48, 0.5, 0.52]},
+        "spread": 0.1,
         "fraction_of_copy_ceiling": 0.8,
-        "h200_anchor_ms": {"fused": 0.409},
+        **extra,
     }
-    lines = runner.format_table([row]).splitlines()
-    assert len(lines) == 4  # header, rule, one line per comparison
-    assert lines[0].split()[-3:] == ["H200", "anchor", "ms"]
-    assert lines[2].split() == ["sgd", "64M", "fp32", "step", "0.5", "foreach", "1", "2.00x", "80%", "copy"]
-    assert lines[3].split() == ["fused", "0.25", "0.50x", "0.409"]
-
-    del row["h200_anchor_ms"]
-    assert "anchor" not in runner.format_table([row])
 
 
-def test_cpu_rows_show_the_range_of_the_paired_ratios():
-    row = {
-        "op": "sgd", "shape": "16M", "dtype": "fp32", "mode": "step", "ours": "fastcore5",
-        "ms": {"fastcore5": 8.0, "fused": 8.4}, "speedup": {"fused": 1.05}, "speedup_range": {"fused": [0.97, 1.2]},
-    }
-    assert runner.format_table([row]).splitlines()[2].split()[-2:] == ["1.05x", "(0.97-1.20)"]
+def test_table_has_one_line_per_comparison_with_its_spread_and_says_which_way_a_ratio_points():
+    lines = table.format_table([_sgd_row(h200_anchor_ms={"fused": 0.409})]).splitlines()
+    assert "above 1 = fastcore5 faster" in lines[0]
+    assert lines[1].split()[-4:] == ["H200", "anchor", "ms", "note"]
+    assert lines[3].split() == ["sgd", "64M", "fp32", "step", "0.5", "0.45-0.55", "foreach", "1", "2.00x", "1.9-2.1x",
+                                "80%", "copy"]
+    assert lines[4].split() == ["fused", "0.25", "0.50x", "0.48-0.52x", "0.409"]
+    assert lines[5].startswith("ms: median of the repeats")  # the legend follows the rows
+    header, rule = lines[1], lines[2]
+    # aligned: every column starts where its header does
+    starts = [i for i, c in enumerate(rule) if c == "-" and (i == 0 or rule[i - 1] == " ")]
+    assert lines[3][starts[4]:].lstrip().startswith("0.5") and header[starts[4]:].startswith("ours ms")
+    assert "anchor" not in table.format_table([_sgd_row()])
+    assert "noisy" not in table.format_table([_sgd_row()])
+
+
+def test_a_row_too_noisy_to_trust_is_marked_and_the_legend_says_why():
+    text = table.format_table([_sgd_row(spread=0.9)])
+    [row_line] = [line for line in text.splitlines() if line.startswith("sgd")]
+    assert row_line.endswith("noisy ~")
+    assert "noisy ~: a ratio IQR wider than 20%" in text
+
+
+def test_a_missed_target_is_marked_and_fails_the_run_only_with_check(tmp_path, capsys, monkeypatch):
+    def cases(device, quick):
+        slow = lambda: sum(range(20000))  # noqa: E731 - much slower than an empty call: ratio far below 1
+        return [Case("sgd", "tiny", "fp32", "step", {"fastcore5": slow, "eager": lambda: None}, targets={"eager": 1.0})]
+
+    monkeypatch.setattr(runner, "load_cases_module", lambda op: types.SimpleNamespace(cases=cases))
+    argv = ["--quick", "--op", "sgd", "--out", str(tmp_path), "--no-plots"]
+    assert runner.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ">=1x" in printed and "MISS" in printed and "--check would exit 1" in printed
+    assert "target: the least ratio" in printed
+    assert runner.main(argv + ["--check"]) == 1
+    assert "1 case(s) missed a target" in capsys.readouterr().err
+
+
+def test_results_go_to_the_current_folder_and_the_run_says_where(tmp_path, capsys, monkeypatch):
+    def cases(device, quick):
+        return [Case("sgd", "tiny", "fp32", "step", {"fastcore5": lambda: None, "eager": lambda: None})]
+
+    monkeypatch.setattr(runner, "load_cases_module", lambda op: types.SimpleNamespace(cases=cases))
+    monkeypatch.chdir(tmp_path)
+    assert runner.main(["--quick", "--op", "sgd", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert f"results will be written to {tmp_path / 'bench-results'}" in printed
+    [written] = (tmp_path / "bench-results").glob("bench-*.json")
+    assert f"JSON: {written}" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -266,3 +304,19 @@ def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, m
     assert all(row["fastcore5_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])
     if not torch.cuda.is_available():
         assert report["backend"] == "triton"  # the interpreter, its launch stubbed: the hot path measured
+
+
+def test_host_table_says_which_way_its_ratio_points_and_marks_misses_and_noise():
+    def case(entry, ratio, quartiles, target):
+        return {"op": "linear_relu", "entry": entry, "fastcore5_us": 6.0, "eager_us": 4.0, "eager": "F.relu(F.linear)",
+                "ratio": ratio, "ratio_quartiles": quartiles, "target_ratio": target,
+                "meets_target": None if target is None else ratio <= target}
+
+    report = {"device": "cpu", "backend": "triton", "launches": "stubbed",
+              "cases": [case("forward", 1.6, [1.58, 1.6, 1.62], 1.5), case("fwd+bwd", 1.0, [0.5, 1.0, 1.5], None)]}
+    text = table.host_table(report)
+    assert "below 1 = fastcore5 costs the host less" in text
+    forward, noisy = [line for line in text.splitlines() if line.startswith("linear_relu")]
+    assert forward.split()[2:7] == ["6.0", "4.0", "1.6", "1.58-1.62", "<=1.5"] and " MISS " in forward
+    assert "noisy ~" in noisy and "MISS" not in noisy
+    assert "MISS: above it" in text and "noisy ~: a ratio IQR wider" in text

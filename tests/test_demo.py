@@ -268,3 +268,23 @@ def test_progress_bar_draws_on_a_terminal_only():
     drawn = terminal.getvalue()
     assert "epoch 1/1 [##------] 1/4 MSE 0" in drawn and "[########] 4/4 MSE 3" in drawn
     assert drawn.endswith("\r\x1b[K")  # erased, so the epoch line that follows starts clean
+
+
+def test_pca_plot_labels_only_the_extremes_and_no_two_labels_overlap():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastcore5.demo.plots import PCA_EXTREMES, _label_extremes
+
+    points = np.random.default_rng(0).normal(size=(500, 2))
+    fig, ax = plt.subplots(figsize=(9, 7))
+    ax.scatter(points[:, 0], points[:, 1])
+    labelled = _label_extremes(ax, fig, points, [f"a long movie title number {i}" for i in range(len(points))])
+    extremes = {int(i) for axis in (0, 1) for i in (*np.argsort(points[:, axis])[:PCA_EXTREMES], *np.argsort(points[:, axis])[-PCA_EXTREMES:])}
+    assert 0 < len(labelled) and set(labelled) <= extremes
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    assert len(boxes) == len(labelled)
+    assert not any(a.overlaps(b) for k, a in enumerate(boxes) for b in boxes[k + 1:])
+    plt.close(fig)

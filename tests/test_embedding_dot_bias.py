@@ -194,6 +194,15 @@ class LaunchSpy:
 
         return launch
 
+    @property
+    def arg_names(self):
+        return self.kernel.arg_names
+
+    def run(self, *args, **kwargs):
+        """The launchers' direct launch: constexprs positional, after the runtime arguments."""
+        self.log.append((self.name, dict(zip(self.kernel.arg_names, args)).get("MODE")))
+        return self.kernel.run(*args, **kwargs)
+
 
 def test_deterministic_path_is_bitwise_reproducible(monkeypatch):
     """Under use_deterministic_algorithms the sorted segment reduction runs (and no atomics),

@@ -1,19 +1,21 @@
 """What every benchmark shares: timing, the card's ceilings, and the Case record.
 
-Timing: on CUDA, triton.testing.do_bench (CUDA events, L2 flushed between repetitions, median);
-on CPU, wall-clock repetitions with a case's contenders interleaved (one call of each per
-round), so that the load of a shared machine hits all of them alike: each time is the median
-over rounds and each speedup the median of the per-round ratios, with their range. Inputs that
-should not sit in L2 are rotated by the case itself (see ``Rotating``).
+Timing: on CUDA, triton.testing.do_bench (CUDA events, L2 flushed between repetitions) for each
+callable, reported as its quartiles; on CPU, wall-clock repetitions in which the callables of a
+case take turns (so a burst of load from other processes hits them all), each ratio being the
+median of the per-repetition ratios. Every time and ratio keeps its interquartile range, so a
+reader can see how far to trust it. Inputs that should not sit in L2 are rotated by the case
+itself (see ``Rotating``).
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from .table import quartiles, spread
 
 # bytes for the copy ceiling; sized far past the H100/H200 L2 (50/60 MB) on CUDA
 _COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 26}
@@ -40,6 +42,8 @@ class Case:
     flops: float | None = None
     anchor_keys: dict[str, str] = field(default_factory=dict)
     details: Callable[[], dict] | None = None  # facts to record in the row, asked after timing
+    # label -> the least ratio (their time / ours) that counts as met; `--check` fails on a miss
+    targets: dict[str, float] = field(default_factory=dict)
 
 
 class Rotating:
@@ -66,33 +70,46 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> float:
-    """Median milliseconds per call of ``fn`` on ``device``."""
+def _cpu_repetitions(quick: bool) -> int:
+    return 5 if quick else 11
+
+
+def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> list[float]:
+    """Quartiles of the milliseconds per call of ``fn`` on ``device``."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100))
-    fn()
-    samples = []
-    for _ in range(3 if quick else 7):
-        start = time.perf_counter()
+        return [float(t) for t in triton.testing.do_bench(
+            fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.25, 0.5, 0.75]
+        )]
+    return quartiles(_cpu_samples_ms({"fn": fn}, quick)["fn"])
+
+
+def _cpu_samples_ms(fns: dict[str, Callable[[], object]], quick: bool) -> dict[str, list[float]]:
+    """Wall-clock ms of each callable, repetition by repetition, the callables taking turns."""
+    for fn in fns.values():
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(_cpu_repetitions(quick)):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def _copy_GBps(device: str, quick: bool) -> float:
     numel = _COPY_BYTES[device] // 4 // (4 if quick else 1)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    return 2 * numel * 4 / time_ms(lambda: dst.copy_(src), device, quick) / 1e6
+    return 2 * numel * 4 / time_ms(lambda: dst.copy_(src), device, quick)[1] / 1e6
 
 
 def _matmul_TFLOPs(device: str, dtype: torch.dtype, quick: bool) -> float:
     size = _MATMUL_SIZE[device]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / time_ms(lambda: a @ b, device, quick) / 1e9
+    return 2 * size**3 / time_ms(lambda: a @ b, device, quick)[1] / 1e9
 
 
 def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
@@ -106,35 +123,26 @@ def measure_ceilings(device: str, quick: bool = False) -> dict[str, float]:
     return ceilings
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Wall-clock milliseconds of each callable in each of ``rounds`` rounds (after one warm-up
-    call each), the callables taking turns within a round."""
-    for fn in fns.values():
-        fn()
-    samples = {label: [] for label in fns}
-    for _ in range(rounds):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[label].append((time.perf_counter() - start) * 1e3)
-    return samples
+def _timings(case: Case, device: str, quick: bool) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(quartiles of each callable's ms, quartiles of each ratio their ms / ours)."""
+    if device == "cuda":
+        times = {label: time_ms(fn, device, quick) for label, fn in case.fns.items()}
+        ours_low, ours_median, ours_high = times[case.ours]
+        # the ratio's range from the two ranges, at their far ends: wide rather than flattering
+        ratios = {label: [low / ours_high, median / ours_median, high / ours_low]
+                  for label, (low, median, high) in times.items() if label != case.ours}
+        return times, ratios
+    samples = _cpu_samples_ms(case.fns, quick)
+    ours = samples[case.ours]
+    ratios = {label: quartiles([t / o for t, o in zip(times, ours)]) for label, times in samples.items() if label != case.ours}
+    return {label: quartiles(times) for label, times in samples.items()}, ratios
 
 
 def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = False) -> dict:
-    """Time every callable of ``case`` and return one result row (all numbers, no formatting)."""
-    spread = {}
-    if device == "cuda":
-        times = {label: time_ms(fn, device, quick) for label, fn in case.fns.items()}
-        speedup = {label: t / times[case.ours] for label, t in times.items() if label != case.ours}
-    else:
-        samples = interleaved_ms(case.fns, 5 if quick else 15)
-        times = {label: statistics.median(ts) for label, ts in samples.items()}
-        speedup = {}
-        for label, ts in samples.items():
-            if label != case.ours:
-                ratios = [theirs / ours for theirs, ours in zip(ts, samples[case.ours])]
-                speedup[label] = statistics.median(ratios)
-                spread[label] = [min(ratios), max(ratios)]
+    """Time every callable of ``case`` and return one result row (all numbers, no formatting):
+    medians in "ms" and "speedup", quartiles in "ms_quartiles" and "speedup_quartiles"."""
+    quartile_times, quartile_ratios = _timings(case, device, quick)
+    times = {label: q[1] for label, q in quartile_times.items()}
     ours = times[case.ours]
     row = {
         "op": case.op,
@@ -142,10 +150,14 @@ def run_case(case: Case, device: str, ceilings: dict[str, float], quick: bool = 
         "dtype": case.dtype,
         "mode": case.mode,
         "ms": times,
-        "speedup": speedup,
+        "speedup": {label: q[1] for label, q in quartile_ratios.items()},
+        "ms_quartiles": quartile_times,
+        "speedup_quartiles": quartile_ratios,
+        # the paired ratios are what the table is read for, and pairing cancels load that hits both
+        "spread": max(spread(q) for q in quartile_ratios.values()) if quartile_ratios else spread(quartile_times[case.ours]),
     }
-    if spread:
-        row["speedup_range"] = spread
+    if case.targets:
+        row["targets"] = case.targets
     if case.bytes_moved is not None:
         row["GBps"] = case.bytes_moved / ours / 1e6
         row["fraction_of_copy_ceiling"] = row["GBps"] / ceilings["copy_GBps"]

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from .._output_paths import OutputPathError, writable_file
+from .table import host_table, quartiles
 
 FORWARD_TARGET = 1.5
 SGD_TARGETS = {161: 1.0, 2000: 0.3}
@@ -64,9 +64,10 @@ def _timer(device: str):
     return time.process_time
 
 
-def paired_us(ours, eager, clock, calls: int, rounds: int) -> tuple[float, float, float]:
-    """(ours us per call, eager us per call, ratio): the best round of each, and the median of
-    the per-round ratios, from alternating rounds (module docstring)."""
+def paired_us(ours, eager, clock, calls: int, rounds: int) -> tuple[float, float, list[float]]:
+    """(ours us per call, eager us per call, ratio quartiles): the best round of each, and the
+    quartiles of the per-round ratios (the median is the ratio), from alternating rounds (module
+    docstring)."""
     for fn in (ours, eager):
         for _ in range(max(calls // 10, 5)):
             fn()
@@ -78,7 +79,7 @@ def paired_us(ours, eager, clock, calls: int, rounds: int) -> tuple[float, float
                 fn()
             results.append((clock() - start) / calls * 1e6)
         ratios.append(ours_us[-1] / eager_us[-1])
-    return min(ours_us), min(eager_us), statistics.median(ratios)
+    return min(ours_us), min(eager_us), quartiles(ratios)
 
 
 def _forward_backward(fn, inputs, grad):
@@ -196,14 +197,19 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
         + _sgd_cases(device, torch, fastcore5)
     ):
         n = calls if op != "sgd" else max(calls // 20, 20)
-        fastcore5_us, eager_us, ratio = paired_us(ours, eager, clock, n, rounds)
+        fastcore5_us, eager_us, ratio_quartiles = paired_us(ours, eager, clock, n, rounds)
+        ratio = ratio_quartiles[1]
         target = _target(op, entry, eager_text)
         rows.append({
             "op": op, "entry": entry, "fastcore5_us": round(fastcore5_us, 2), "eager_us": round(eager_us, 2),
-            "eager": eager_text, "ratio": round(ratio, 3), "target_ratio": target,
+            "eager": eager_text, "ratio": round(ratio, 3), "ratio_quartiles": [round(q, 3) for q in ratio_quartiles],
+            "target_ratio": target,
             "meets_target": None if target is None else ratio <= target,
         })
+    from .run_record import environment
+
     return {
+        **environment(device),
         "device": device,
         "backend": backend,
         "launches": "real, tiny tensors" if device == "cuda" else "Triton interpreter launch stubbed out (no-op)",
@@ -211,23 +217,8 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
         "torch": torch.__version__,
         "calls_per_round": calls,
         "rounds": rounds,
-        "date": time.strftime("%Y-%m-%d"),
         "cases": rows,
     }
-
-
-def format_table(report: dict) -> str:
-    lines = [
-        f"host time per call on {report['device']} (fastcore5 backend: {report['backend']}; launches: {report['launches']})",
-        f"{'op':<20}{'entry':<30}{'fastcore5 us':>13}{'eager us':>10}{'ratio':>8}{'target':>8}  eager",
-    ]
-    for row in report["cases"]:
-        target = "" if row["target_ratio"] is None else f"<={row['target_ratio']:g}" + (" ok" if row["meets_target"] else " MISS")
-        lines.append(
-            f"{row['op']:<20}{row['entry']:<30}{row['fastcore5_us']:>13.1f}{row['eager_us']:>10.1f}"
-            f"{row['ratio']:>8.2f}{target:>8}  {row['eager']}"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--calls", type=int, default=500, help="calls per round (SGD: a twentieth of it, at least 20)")
     parser.add_argument("--rounds", type=int, default=21, help="alternating rounds per pair of callables")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a row misses its target")
     args = parser.parse_args(argv)
     try:
         json_path = writable_file(args.json, "--json") if args.json is not None else None
@@ -242,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     report = measure(args.calls, args.rounds)
-    print(format_table(report))
+    print(host_table(report))
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=1))
-        print(f"JSON: {json_path}")
-    return 0
+        print(f"JSON: {json_path.resolve()}")
+    missed = [row for row in report["cases"] if row["meets_target"] is False]
+    if missed:
+        print(f"{len(missed)} row(s) missed a target (MISS)" + ("" if args.check else "; --check would exit 1"),
+              file=sys.stderr if args.check else sys.stdout)
+    return 1 if missed and args.check else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Where a benchmark run happened, for its JSON: card, versions, commit and date, and the
-checkout (if any) it ran from. Shared by the kernel benchmarks (runner.py) and the training
-benchmark (train.py), below both."""
+"""Where a benchmark run happened, for its JSON (card, versions, commit, date, and the checkout, if
+any, it ran from), and where it writes. Shared by the kernel, host and training benchmarks
+(runner.py, host.py, train.py), below them all.
+
+Results go under the folder the command runs from (``bench-results/``) or to ``--out``: never
+into the package or the checkout it was installed from, and the command prints the path.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,20 +17,20 @@ import torch
 
 import fastcore5
 
-BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = Path("bench-results")
 
 
 def source_checkout() -> Path | None:
     """The repository checkout the package runs from (a source tree or an editable install), or
-    None for an installed wheel."""
-    root = BENCH_DIR.parent.parent
+    None for an installed wheel: only to name the commit the numbers belong to."""
+    root = Path(__file__).resolve().parent.parent.parent
     return root if (root / "setup.py").is_file() and (root / "bench").is_dir() else None
 
 
 CHECKOUT = source_checkout()
 
 
-def environment(device: str, quick: bool) -> dict:
+def environment(device: str) -> dict:
     """Card, versions, commit and date for the JSON."""
     try:
         import triton
@@ -34,10 +38,7 @@ def environment(device: str, quick: bool) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    if device == "cuda":
-        card = torch.cuda.get_device_name()
-    else:
-        card = _cpu_name()
+    card = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     commit, dirty = _git_commit()
     return {
         "card": card,
@@ -49,6 +50,18 @@ def environment(device: str, quick: bool) -> dict:
         "dirty": dirty,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def describe(run: dict, device: str) -> str:
+    """The run's first line: what ran where, at which commit."""
+    dirty = " (with uncommitted changes)" if run["dirty"] else ""
+    return (f"on {run['card']} ({device}); torch {run['torch']}, triton {run['triton']}, "
+            f"commit {run['commit'] or 'unknown'}{dirty}, {run['date']}")
+
+
+def result_stem(kind: str, run: dict) -> str:
+    """File name stem of a run's results: kind, card and UTC time, e.g. bench-nvidia-h200-20261126T101500Z."""
+    return f"{kind}-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
 
 
 def _cpu_name() -> str:

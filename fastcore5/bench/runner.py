@@ -33,17 +33,17 @@ from fastcore5 import backends
 from fastcore5._output_paths import OutputPathError, writable_file, writable_folder
 
 from .common import Case, measure_ceilings, run_case
-from .run_record import BENCH_DIR, CHECKOUT, environment, slug
+from .plots import plot
+from .run_record import DEFAULT_OUT, describe, environment, result_stem
+from .table import ceiling_note, format_table, is_noisy, missed_targets
 
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
+BENCH_DIR = Path(__file__).resolve().parent
 # Eager / torch.compile / cuBLASLt / torch.optim.SGD times measured on one H200 (torch 2.11,
 # triton 3.6) by the project's anchors/measure_anchors.py, which lives with the design notes outside
 # this repository (the file records device and versions); shown beside a CUDA run's own numbers.
 # Shipped as package data (setup.py), so an installed wheel has it too.
 ANCHORS_FILE = BENCH_DIR / "anchors" / "h200-2026-11-26.json"
-# A checkout keeps its results in bench/results (beside bench/NOTES.md, which logs them); an
-# installed wheel writes under the current directory.
-DEFAULT_OUT = CHECKOUT / "bench" / "results" if CHECKOUT else Path("bench-results")
 
 
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
@@ -62,8 +62,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-        help="where to write the JSON and the plots (default: "
-        + ("bench/results of the checkout)" if CHECKOUT else "bench-results in the current folder)"),
+        help="where to write the JSON and the plots (default: results in the current folder, under bench-results/)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
     parser.add_argument(
@@ -76,6 +75,10 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="with --host: also write its results as JSON to PATH")
     parser.add_argument("--train", action="store_true", help="end-to-end training speed instead (fastcore5/bench/train.py)")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="exit 1 when a row misses its target (the --host and --train targets; kernel cases that set one)",
+    )
     return parser
 
 
@@ -123,17 +126,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         command = [sys.executable, *warning_options, "-m", f"{__package__}.host"]
         if host_json:
             command += ["--json", str(host_json)]
+        if args.check:
+            command += ["--check"]
         env = os.environ if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.call(command, env=env)
     if args.train:
         from . import train
 
-        return train.main(args)
+        return train.main(args, out)
+    return kernel_benchmarks(args, out)
+
+
+def kernel_benchmarks(args: argparse.Namespace, out: Path) -> int:
+    """Every case of the chosen ops: table, JSON, plots; the exit status."""
     ops = list(dict.fromkeys(args.ops or OPS))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = environment(device, args.quick)
-    print(f"fastcore5 benchmarks on {run['card']} ({device}); torch {run['torch']}, triton {run['triton']}, "
-          f"commit {run['commit'] or 'unknown'}{' (with uncommitted changes)' if run['dirty'] else ''}, {run['date']}")
+    run = environment(device)
+    print(f"fastcore5 benchmarks {describe(run, device)}")
+    print(f"results will be written to {out.resolve()}")
     notes = []
     if device == "cpu":
         notes.append(
@@ -192,17 +202,30 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         "seconds": time.perf_counter() - started,
         "results": results,
     }
-    stem = f"bench-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
-    json_path = out / f"{stem}.json"
+    stem = result_stem("bench", run)
+    json_path = out.resolve() / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {json_path}")
     if not args.no_plots:
-        for path in plot(results, out, stem, run["card"]):
+        for path in plot(results, out.resolve(), stem, run["card"]):
             print(f"plot: {path}")
+    return exit_status(results, args.check)
+
+
+def exit_status(results: list[dict], check: bool) -> int:
+    """1 when a case failed, or (with --check) when a row missed its target; 0 otherwise. Rows too
+    noisy to trust are counted in a line but fail nothing: the machine, not the code, moved them."""
+    errors = [row for row in results if "error" in row]
+    missed = [row for row in results if "error" not in row and missed_targets(row)]
+    noisy = [row for row in results if "error" not in row and is_noisy(row)]
+    if noisy:
+        print(f"{len(noisy)} of {len(results)} row(s) too noisy to trust (marked ~): rerun on an idle machine")
     if errors:
         print(f"{len(errors)} case(s) failed: see 'error' in the table and the JSON", file=sys.stderr)
-        return 1
-    return 0
+    if missed:
+        print(f"{len(missed)} case(s) missed a target (marked MISS)" + ("" if check else "; --check would exit 1"),
+              file=sys.stderr if check else sys.stdout)
+    return 1 if errors or (check and missed) else 0
 
 
 def ignore_torch_deprecations() -> None:
@@ -246,134 +269,3 @@ def run_one(case: Case, device: str, ceilings: dict, quick: bool, anchors: dict)
     if found:
         row["h200_anchor_ms"] = found
     return row
-
-
-def format_table(results: list[dict]) -> str:
-    """One line per (case, comparison): ours, the other callable, their ratio (above 1: ours is
-    faster), the fraction of the ceiling ours reached and, when the anchors file has one, the H200
-    anchor for that comparison (the column is left out when no row has one)."""
-    with_anchors = any(row.get("h200_anchor_ms") for row in results)
-    headers = ["op", "shape", "dtype", "mode", "ours ms", "vs", "their ms", "ratio", "of ceiling"]
-    headers += ["H200 anchor ms"] if with_anchors else []
-    lines = []
-    for row in results:
-        ids = [row["op"], row["shape"], row["dtype"], row["mode"]]
-        if "error" in row:
-            lines.append(ids + ["error", row["error"][:60]] + [""] * (len(headers) - 6))
-            continue
-        ours_ms = row["ms"][row["ours"]]
-        ceiling = _ceiling_text(row)
-        others = [label for label in row["ms"] if label != row["ours"]] or [""]
-        for position, label in enumerate(others):
-            first = position == 0
-            line = (ids + [f"{ours_ms:.4g}"] if first else [""] * 5) + [
-                label,
-                f"{row['ms'][label]:.4g}" if label else "",
-                _ratio_text(row, label) if label else "",
-                ceiling if first else "",
-            ]
-            if with_anchors:
-                anchor = row.get("h200_anchor_ms", {}).get(label)
-                line.append(f"{anchor:.4g}" if anchor is not None else "")
-            lines.append(line)
-    if not lines:
-        return "(no results)"
-    widths = [max(len(str(line[c])) for line in lines + [headers]) for c in range(len(headers))]
-    numeric = {4, 6, 7, 8, 9}
-    render = lambda line: "  ".join(  # noqa: E731
-        str(cell).rjust(width) if c in numeric else str(cell).ljust(width) for c, (cell, width) in enumerate(zip(line, widths))
-    ).rstrip()
-    return "\n".join([render(headers), render(["-" * w for w in widths])] + [render(line) for line in lines])
-
-
-def _ratio_text(row: dict, label: str) -> str:
-    """The speedup over ``label``, with the range of the per-round ratios when the run has them (CPU)."""
-    text = f"{row['speedup'][label]:.2f}x"
-    low_high = row.get("speedup_range", {}).get(label)
-    return text + (f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else "")
-
-
-def _ceiling_fraction(row: dict) -> tuple[float, str] | None:
-    if "fraction_of_copy_ceiling" in row:
-        return row["fraction_of_copy_ceiling"], "copy"
-    if "fraction_of_matmul_ceiling" in row:
-        return row["fraction_of_matmul_ceiling"], "matmul"
-    return None
-
-
-def _ceiling_text(row: dict) -> str:
-    found = _ceiling_fraction(row)
-    if found is None:
-        return ""
-    fraction, kind = found
-    return f"{fraction:.0%} {kind}" + ("*" if fraction > 1 else "")
-
-
-def ceiling_note(results: list[dict], ceilings: dict[str, float]) -> str | None:
-    """Why a row reads above 100 % of its ceiling, or None when none does."""
-    above = [row for row in results if "error" not in row and (_ceiling_fraction(row) or (0.0,))[0] > 1]
-    if not above:
-        return None
-    return (
-        f"* {len(above)} case(s) ran faster than the ceiling measured at the start of this run "
-        f"({', '.join(f'{name} {value:.4g}' for name, value in ceilings.items())}). The ceilings are measurements "
-        "(one large copy, one square matmul), not hardware limits: a case whose inputs stay in cache, or a "
-        "matmul shape the library runs better, can beat them. Read such a fraction as 'at the ceiling'."
-    )
-
-
-def plot(results: list[dict], out: Path, stem: str, card: str) -> list[Path]:
-    """speedup per op and shape (one panel per op, a bar per comparison), and fraction of the ceiling."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install 'fastcore5[bench]')")
-        return []
-    matplotlib.use("Agg")  # off-screen; must precede the pyplot import
-    import matplotlib.pyplot as plt
-
-    ok = [row for row in results if "error" not in row]
-    ops = list(dict.fromkeys(row["op"] for row in ok))
-    if not ops:
-        return []
-    paths = []
-
-    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.6 * len(ops)), squeeze=False)
-    for ax, op in zip(axes[:, 0], ops):
-        rows = [row for row in ok if row["op"] == op]
-        labels = list(dict.fromkeys(label for row in rows for label in row["speedup"]))
-        width = 0.8 / max(len(labels), 1)
-        for k, label in enumerate(labels):
-            xs = [i + (k - (len(labels) - 1) / 2) * width for i, row in enumerate(rows) if label in row["speedup"]]
-            ys = [row["speedup"][label] for row in rows if label in row["speedup"]]
-            ax.bar(xs, ys, width, label=f"vs {label}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(rows)), [f"{r['shape']}\n{r['dtype']} {r['mode']}" for r in rows], fontsize=7)
-        ax.set_ylabel("speedup (their ms / ours)")
-        ax.set_title(f"{op} on {card}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / f"{stem}-speedup.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    with_ceiling = [row for row in ok if _ceiling_text(row)]
-    if with_ceiling:
-        fig, ax = plt.subplots(figsize=(11, 4))
-        fractions = [row.get("fraction_of_copy_ceiling", row.get("fraction_of_matmul_ceiling")) for row in with_ceiling]
-        colors = [f"C{ops.index(row['op'])}" for row in with_ceiling]
-        ax.bar(range(len(with_ceiling)), fractions, color=colors)
-        ax.set_xticks(
-            range(len(with_ceiling)),
-            [f"{r['op']}\n{r['shape']}\n{r['dtype']} {r['mode']}" for r in with_ceiling],
-            fontsize=6,
-        )
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("fraction of the measured ceiling")
-        ax.set_title(f"fastcore5: fraction of {card}'s copy bandwidth (memory-bound ops) or matmul rate (GEMMs)")
-        fig.tight_layout()
-        paths.append(out / f"{stem}-ceiling.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths

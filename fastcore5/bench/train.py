@@ -43,7 +43,8 @@ from fastcore5 import backends
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
-from .run_record import environment, slug
+from .run_record import describe, environment, result_stem
+from .table import render
 from .train_data import (
     ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,
 )
@@ -251,9 +252,10 @@ def format_table(rows: list[dict]) -> str:
             f"{speedup:.2f}x" if speedup is not None else ("(ours)" if row["variant"] == OURS else ""),
             f"{row['peak_mem_MiB']:.0f}" if "peak_mem_MiB" in row else "-", quality, f"{row['warmup_s']:.3g}",
         ])
-    widths = [max(len(str(line[c])) for line in lines + [headers]) for c in range(len(headers))]
-    render = lambda line: "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()  # noqa: E731
-    return "\n".join([render(headers), render(["-" * w for w in widths])] + [render(line) for line in lines])
+    return "\n".join([
+        "fastcore5 speedup = that way's seconds / fastcore5's: above 1 = fastcore5 faster",
+        render(headers, lines, {"seconds", "throughput", "fastcore5 speedup", "peak MiB", "warm-up s"}),
+    ])
 
 
 def plot(rows: list[dict], path: Path, card: str) -> Path | None:
@@ -278,7 +280,7 @@ def plot(rows: list[dict], path: Path, card: str) -> Path | None:
         ax.bar(range(len(labels)), values, color=[f"C{VARIANTS.index(v)}" for v in labels])
         ax.set_xticks(range(len(labels)), [v.replace(" ", "\n") for v in labels], fontsize=8)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel("training speed relative to eager" if eager else "1 / seconds")
+        ax.set_ylabel("training speed relative to eager (x)" if eager else "1 / seconds (1/s)")
         ax.set_title(f"{task}: {'one epoch' if task == 'collab' else 'MLP steps'} on {card}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -319,14 +321,16 @@ def mlp_task(size: MLPSize, device: str) -> list[dict]:
     return run_task("mlp", lambda variant: mlp_run(variant, size, data, initial, device), device)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, out: Path) -> int:
+    """The training benchmark into ``out`` (checked writable by the runner); the exit status:
+    1 when a way failed or the MSEs disagree, or (with --check) a target was missed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = environment(device, args.quick)
+    run = environment(device)
     collab_size, mlp_size = COLLAB[device], MLP[device]
     if args.quick and device == "cuda":
         mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
-    print(f"fastcore5 training benchmark on {run['card']} ({device}); torch {run['torch']}, triton {run['triton']}, "
-          f"commit {run['commit'] or 'unknown'}, {run['date']}")
+    print(f"fastcore5 training benchmark {describe(run, device)}")
+    print(f"results will be written to {out.resolve()}")
     notes = []
     if device == "cpu":
         notes.append(
@@ -362,18 +366,20 @@ def main(args: argparse.Namespace) -> int:
         "target_results": targets, "notes": notes, "problems": problems,
         "seconds": time.perf_counter() - started, "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
-    json_path = args.out / f"{stem}.json"
+    stem = result_stem("train", run)
+    json_path = out.resolve() / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {json_path}")
     if not args.no_plots:
-        path = plot(rows, args.out / f"{stem}.png", run["card"])
+        path = plot(rows, out.resolve() / f"{stem}.png", run["card"])
         if path is not None:
             print(f"plot: {path}")
     for note in notes:
         print(note)
     for problem in problems:
         print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    missed = [line for line in targets if line.endswith("MISSED")]
+    if missed and args.check:
+        print(f"{len(missed)} target(s) missed", file=sys.stderr)
+    return 1 if problems or (missed and args.check) else 0
 

@@ -46,9 +46,11 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._checks import FLOAT_DTYPES, check_tensor
+from .sgd_checks import check_flag, check_param_and_grad
 
 OP = "sgd"
 _LAYOUT = operator.attrgetter("layout")
+_PLAIN_NUMBERS = frozenset((float, int))
 
 
 class SGDHyper(NamedTuple):
@@ -72,6 +74,9 @@ class SGDHyper(NamedTuple):
     def check_types(self) -> None:
         """The types a step needs (torch itself fails on these only inside its step, halfway)."""
         lr = self.lr
+        if (type(lr) in _PLAIN_NUMBERS and type(self.momentum) in _PLAIN_NUMBERS
+                and type(self.dampening) in _PLAIN_NUMBERS and type(self.weight_decay) in _PLAIN_NUMBERS):
+            return  # the common case, at every step: four type lookups
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -196,11 +201,13 @@ class PreparedStep:
 
     def check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The Triton kernel walks memory: gradients must be laid out like their params. (The CUDA
-        op checks its arguments itself; the reference takes any layout.) Every backend: a sparse
-        gradient (stepped by ``SparseGradStep``) is a TypeError, on which the optimizer plans again."""
+        op checks its arguments itself; the reference takes any layout.) A sparse gradient (stepped
+        by ``SparseGradStep``) on a dense launch is a TypeError, on which the optimizer plans again:
+        Triton's check finds it; the reference looks for it (a pass over the gradients that the
+        CUDA backend's host path does not pay: its op refuses a sparse gradient itself)."""
         if self.triton is not None:
             self.triton.check_grads(params, grads)
-        elif set(map(_LAYOUT, grads)) - {torch.strided}:
+        elif self.backend == "torch" and set(map(_LAYOUT, grads)) - {torch.strided}:
             raise TypeError("a sparse gradient on a dense launch: the step is planned again")
 
     def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
@@ -288,32 +295,6 @@ class SparseGradStep:
         _reference_step(params, grads, buffers, first_step, hyper, _on(device, grad_scale), _on(device, found_inf), skip_flag)
 
 
-def check_sparse_grad(p, g, p_name: str, g_name: str, hyper: SGDHyper) -> None:
-    """A sparse gradient that ``SparseGradStep`` can apply; errors name it (and weight_decay)."""
-    if g.layout is not torch.sparse_coo:
-        raise TypeError(f"{g_name} must be a dense (strided) or sparse COO tensor, got layout {g.layout}")
-    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        raise ValueError(
-            f"{g_name} must match {p_name} in shape, dtype and device: got {tuple(g.shape)} {g.dtype} {g.device} "
-            f"for {tuple(p.shape)} {p.dtype} {p.device}"
-        )
-    if hyper.weight_decay != 0 and not hyper.decoupled_weight_decay:
-        raise ValueError(
-            f"{g_name} is sparse, and weight_decay={hyper.weight_decay} (L2, added to the gradient) needs the "
-            "dense param in it; torch.optim.SGD refuses this too. Use weight_decay=0 or decoupled_weight_decay=True "
-            "for this param group"
-        )
-
-
-def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
-    if t is not None:
-        check_tensor(name, t, dtypes=dtypes)
-        if one_element and t.numel() != 1:
-            raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
-        if t.numel() < 1:
-            raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
-
-
 # The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
 # the fused form is a drop-in for the spec, so its signature is the spec's, spelled out for
 # readers and tools, plus the skip protocol; tests/test_reference.py checks that they agree.
@@ -357,9 +338,9 @@ def sgd_step(
             f"params, grads and momentum_buffers must have the same length, got {len(params)}, {len(grads)} "
             f"and {len(momentum_buffers)}"
         )
-    _check_flag("grad_scale", grad_scale, FLOAT_DTYPES, one_element=True)
-    _check_flag("found_inf", found_inf, FLOAT_DTYPES, one_element=True)
-    _check_flag("skip_flag", skip_flag, (torch.int64,), one_element=False)
+    check_flag("grad_scale", grad_scale, FLOAT_DTYPES, one_element=True)
+    check_flag("found_inf", found_inf, FLOAT_DTYPES, one_element=True)
+    check_flag("skip_flag", skip_flag, (torch.int64,), one_element=False)
     with_momentum = momentum != 0
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
@@ -392,19 +373,3 @@ def sgd_step(
             else:
                 sgd_step_op(ps, gs, bs, *hyper.launcher_args(device), first, *flags, backend)
     return buffers
-
-
-def check_param_and_grad(p, g, p_name: str, g_name: str) -> None:
-    """A param and its gradient as the kernels need them; errors name the argument."""
-    check_tensor(p_name, p)
-    check_tensor(g_name, g)
-    if p.is_complex():
-        raise TypeError(f"{p_name} is complex ({p.dtype}); fastcore5 SGD supports real floating dtypes only")
-    if p.dtype not in FLOAT_DTYPES:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-        raise TypeError(f"{p_name} has dtype {p.dtype}; expected one of: {allowed}")
-    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        raise ValueError(
-            f"{g_name} must match {p_name} in shape, dtype and device: got {tuple(g.shape)} {g.dtype} {g.device} "
-            f"for {tuple(p.shape)} {p.dtype} {p.device}"
-        )

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops.sgd import OP, PreparedStep, SGDHyper, check_sparse_grad
+from ..ops.sgd import OP, PreparedStep, SGDHyper
+from ..ops.sgd_checks import check_sparse_grad
 from .plan import backend_request
 
 __all__ = ["FlatBuffers"]

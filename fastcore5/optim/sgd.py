@@ -14,10 +14,8 @@ from torch.optim import Optimizer
 
 from .. import backends, index_errors
 from .._checks import check_int
-from ..ops.sgd import (
-    OP, PreparedStep, SGDHyper, SparseGradStep, check_param_and_grad, check_sparse_grad, new_momentum_buffers,
-    run_traced_step, sgd_step,
-)
+from ..ops.sgd import OP, PreparedStep, SGDHyper, SparseGradStep, new_momentum_buffers, run_traced_step, sgd_step
+from ..ops.sgd_checks import check_param_and_grad, check_sparse_grad
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
 from .plan import Launch, Plan, backend_request
