@@ -47,7 +47,7 @@ OP_MODULES = {
     "linear_relu": ("linear_relu",),
     "mlp": ("mlp",),
     "linear_relu_hopper": ("linear_relu_hopper",),
-    "embedding_dot_bias": ("embedding_dot_bias", "segment_reduce"),
+    "embedding_dot_bias": ("embedding_dot_bias_kernels", "segment_reduce"),
     "sgd": ("sgd_kernel",),
 }
 HOPPER_ONLY = {"linear_relu_hopper"}  # TMA and wgmma: launched on sm_90 and newer only
