@@ -275,3 +275,119 @@ def test_bad_input_names_the_argument(args, error, match):
 def test_kernel_ops_raise_named_exceptions(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.ops.fastcore5_cuda)
+
+
+# ---- fastcore5.mlp / nn.MLP on the cpu backend ----
+
+MLP_SIZES = [(7, 5), (13, 17, 6), (11, 19, 9, 3), (64, 131, 257, 16)]
+
+
+def mlp_params(sizes, dtype, bias=True):
+    weights = [torch.randn(o, i, dtype=dtype) / i**0.5 for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.randn(o, dtype=dtype) / i**0.5 if bias else None for i, o in zip(sizes[:-1], sizes[1:])]
+    return weights, biases
+
+
+def mlp_fwd_bwd(fn, x, weights, biases, grad_out):
+    """(out, grad_x, the weights' grads, the biases' grads) on fresh leaves."""
+    x, *params = leaves(x, *weights, *biases)
+    out = fn(x, params[: len(weights)], params[len(weights):])
+    wrt = [t for t in (x, *params) if t is not None]
+    return [out, *torch.autograd.grad(out, wrt, grad_out)]
+
+
+def unfused_mlp(x, weights, biases):
+    for w, b in zip(weights[:-1], biases[:-1]):
+        x = F.relu(F.linear(x, w, b))
+    return F.linear(x, weights[-1], biases[-1])
+
+
+def mlp_on_cpu_backend(x, weights, biases):
+    with use_backend("cpu"):
+        return fastcore5.mlp(x, weights, biases)
+
+
+@pytest.mark.parametrize("dtype, atol", DTYPES[:3], ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("sizes", MLP_SIZES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_mlp_parity_with_float64(dtype, atol, sizes, bias):
+    weights, biases = mlp_params(sizes, dtype, bias)
+    x = torch.randn(3, 37, sizes[0], dtype=dtype)  # leading batch dims
+    grad_out = torch.randn(3, 37, sizes[-1], dtype=dtype)
+    ours = mlp_fwd_bwd(mlp_on_cpu_backend, x, weights, biases, grad_out)
+    theirs = mlp_fwd_bwd(unfused_mlp, x, weights, biases, grad_out)
+    up = lambda ts: [None if t is None else t.double() for t in ts]  # noqa: E731
+    exact = mlp_fwd_bwd(unfused_mlp, x.double(), up(weights), up(biases), grad_out.double())
+    assert len(ours) == len(exact)
+    for k, (o, t, e) in enumerate(zip(ours, theirs, exact)):
+        assert o.dtype == dtype and o.shape == e.shape
+        assert_parity(o, t, e, atol, what=f"output {k}")
+
+
+def test_mlp_is_one_autograd_boundary_on_cpu():
+    weights, biases = mlp_params((6, 8, 8, 4), F64)
+    params = [p.requires_grad_() for p in (*weights, *biases)]
+    out = mlp_on_cpu_backend(torch.randn(5, 6, dtype=F64, requires_grad=True), weights, biases)
+    assert type(out.grad_fn).__name__ == "_MLPBackward"
+    inputs = [fn for fn, _ in out.grad_fn.next_functions if fn is not None]
+    assert [type(fn).__name__ for fn in inputs] == ["AccumulateGrad"] * (1 + len(params))
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        {"x"},  # the input only
+        {"w0", "b0"},  # the first layer only
+        {"b1"},  # only a middle bias
+        {"w2", "b2"},  # only the output layer
+        {"x", "w0", "b1", "w2"},
+    ],
+    ids=str,
+)
+def test_mlp_only_requested_gradients(trainable):
+    weights, biases = mlp_params((5, 7, 6, 3), F64)
+    x = torch.randn(9, 5, dtype=F64)
+    grad_out = torch.randn(9, 3, dtype=F64)
+    results = []
+    for fn in (mlp_on_cpu_backend, unfused_mlp):
+        named = {"x": x.clone(), **{f"w{l}": w.clone() for l, w in enumerate(weights)},
+                 **{f"b{l}": b.clone() for l, b in enumerate(biases)}}
+        for name, t in named.items():
+            t.requires_grad_(name in trainable)
+        fn(named["x"], [named[f"w{l}"] for l in range(3)], [named[f"b{l}"] for l in range(3)]).backward(grad_out)
+        results.append({name: t.grad for name, t in named.items()})
+    for name, ours in results[0].items():
+        if name in trainable:
+            torch.testing.assert_close(ours, results[1][name], rtol=0, atol=1e-12, msg=name)
+        else:
+            assert ours is None, name
+
+
+def test_mlp_gradcheck_float64():
+    weights, biases = mlp_params((4, 6, 5, 3), F64)
+    x = torch.randn(7, 4, dtype=F64)
+    inputs = [t.requires_grad_() for t in (x, *weights, *biases)]
+    assert torch.autograd.gradcheck(lambda x, *p: mlp_on_cpu_backend(x, p[:3], p[3:]), inputs)
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_mlp_tiny_batches(batch):
+    weights, biases = mlp_params((5, 7, 3), F64)
+    x = torch.randn(batch, 5, dtype=F64)
+    grad_out = torch.randn(batch, 3, dtype=F64)
+    ours = mlp_fwd_bwd(mlp_on_cpu_backend, x, weights, biases, grad_out)
+    theirs = mlp_fwd_bwd(unfused_mlp, x, weights, biases, grad_out)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=0, atol=1e-12)
+
+
+def test_mlp_torch_compile_fullgraph():
+    module = fastcore5.nn.MLP((9, 12, 5), dtype=F64)
+    x = torch.randn(2, 4, 9, dtype=F64, requires_grad=True)
+    with use_backend("cpu"):
+        out = torch.compile(module, backend="aot_eager", fullgraph=True)(x)
+    weights = [module[0].weight, module[2].weight]
+    biases = [module[0].bias, module[2].bias]
+    torch.testing.assert_close(out, unfused_mlp(x, weights, biases))
+    (grad_x,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(unfused_mlp(x, weights, biases).sum(), x)[0])
