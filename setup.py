@@ -1,4 +1,5 @@
-"""Packaging: maps kernels/ to fastcore5.kernels and, when it can, builds fastcore5._C from csrc/.
+"""Packaging: the package fastcore5 (fastcore5/kernels is the link to the top-level kernels/ folder,
+see ARCHITECTURE.md) and, when it can, the extension fastcore5._C built from csrc/.
 
 fastcore5._C holds the native ops torch.ops.fastcore5_cuda.* (schemas: csrc/registration.cpp)
 with their CPU kernels (csrc/cpu/*.cpp) and, on a CUDA build, their CUDA kernels (csrc/*.cu,
@@ -30,7 +31,6 @@ PACKAGES = [
     "fastcore5", "fastcore5.ops", "fastcore5.nn", "fastcore5.optim", "fastcore5.demo", "fastcore5.bench",
     "fastcore5.kernels",
 ]
-PACKAGE_DIR = {"fastcore5": "fastcore5", "fastcore5.kernels": "kernels"}
 # The benchmark runner reads its H200 anchors from the package (fastcore5 bench from a wheel).
 PACKAGE_DATA = {"fastcore5.bench": ["anchors/*.json"]}
 
@@ -258,7 +258,6 @@ def _extension_kwargs():
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     package_data=PACKAGE_DATA,
     **_extension_kwargs(),
 )

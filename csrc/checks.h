@@ -53,8 +53,10 @@ inline void check_like(const char* op, const std::string& name, const at::Tensor
   }
 }
 
-inline void check_index(const char* op, const char* name, const at::Tensor& t) {
-  check_cuda(op, name, t);
+// A 1-D int32/int64 index tensor on a device of ``device_type`` (CUDA for csrc/*_op.cpp).
+inline void check_index(const char* op, const char* name, const at::Tensor& t,
+                        c10::DeviceType device_type = c10::DeviceType::CUDA) {
+  check_device_type(op, name, t, device_type);
   check_dim(op, name, t, 1);
   if (t.scalar_type() != at::kInt && t.scalar_type() != at::kLong) {
     fail(ArgError::kType, op, ": ", name, " has dtype ", t.scalar_type(), "; expected int32 or int64");

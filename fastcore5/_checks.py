@@ -1,7 +1,10 @@
 """Argument checks shared by every op: each failure names the offending argument."""
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Iterable
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -34,18 +37,47 @@ def check_tensor(
 
 def check_same_device(**tensors: Tensor | None) -> torch.device:
     """All given tensors live on one device; the error names each argument's device."""
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"expected all tensors on one device, got {where}")
-    return next(iter(devices))
+    return _shared("device", tensors, ValueError, "all tensors on one device", "on")
 
 
 def check_same_dtype(**tensors: Tensor | None) -> torch.dtype:
+    """All given tensors have one dtype; the error names each argument's dtype."""
+    return _shared("dtype", tensors, TypeError, "one dtype for all tensors", "is")
+
+
+def _shared(attribute: str, tensors: dict, error: type[Exception], expected: str, verb: str):
+    """The one value of ``attribute`` among the tensors that are not None, else ``error`` saying
+    ``expected`` and listing each argument as "name <verb> value"."""
     present = {name: t for name, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
-        what = ", ".join(f"{name} is {t.dtype}" for name, t in present.items())
-        raise TypeError(f"expected one dtype for all tensors, got {what}")
-    return next(iter(dtypes))
+    values = {getattr(t, attribute) for t in present.values()}
+    if len(values) > 1:
+        listed = ", ".join(f"{name} {verb} {getattr(t, attribute)}" for name, t in present.items())
+        raise error(f"expected {expected}, got {listed}")
+    return next(iter(values))
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """An int (operator.index: NumPy ints too, never a bool or a float) in [low, high]; TypeError or
+    ValueError naming ``name`` and the range otherwise."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if number < low or (high is not None and number > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {number}")
+    return number
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (Python or NumPy scalar, not a bool), > 0 with ``positive`` else >= 0;
+    TypeError or ValueError naming ``name`` and the range otherwise."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        allowed = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {allowed}, got {value!r}")
+    return number

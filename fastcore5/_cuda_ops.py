@@ -16,38 +16,39 @@ from __future__ import annotations
 
 import torch
 
-from .ops import embedding_dot_bias as embedding_dot_bias_ops
-from .ops import linear_relu as linear_relu_ops
+from . import _op_shapes as op_shapes
 
 
 # Each fake takes its schema's arguments by name (tests/test_cuda_compile.py checks that) and
-# gets its shapes from the op layer's fake, so each op's shape contract is written once.
+# gets its shapes from fastcore5/_op_shapes.py, as the Python custom ops do, so each op's shape
+# contract is written once. This module imports nothing else of fastcore5: fastcore5.backends
+# imports it, below the ops.
 
 
 def _linear_relu_forward(x, weight, bias, allow_tf32):
-    return linear_relu_ops.forward_fake(x, weight, bias)
+    return op_shapes.linear_relu_forward(x, weight, bias)
 
 
 def _linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, allow_tf32):
-    return linear_relu_ops.backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
+    return op_shapes.linear_relu_backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
 
 
 def _embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors):
-    return embedding_dot_bias_ops.forward_fake(users, items, u_weight)
+    return op_shapes.embedding_dot_bias_forward(users, items, u_weight)
 
 
 def _embedding_dot_bias_backward(
     grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
     need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
 ):
-    return embedding_dot_bias_ops.backward_fake(
+    return op_shapes.embedding_dot_bias_backward(
         grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
         need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
     )
 
 
 def _embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, index_errors):
-    return embedding_dot_bias_ops.forward_fake(users, items, u_weight)
+    return op_shapes.embedding_dot_bias_forward(users, items, u_weight)
 
 
 def _sgd_step(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay, nesterov,

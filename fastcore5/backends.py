@@ -209,7 +209,7 @@ _BACKEND_KEY = os.environ.encodekey(ENV_VAR)
 _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
 
 
-# (op, device type, dtype, request, FASTCORE5_BACKEND, TRITON_INTERPRET) -> backend. Everything
+# (op, device or device type, dtype, request, FASTCORE5_BACKEND, TRITON_INTERPRET) -> backend. Everything
 # the choice depends on is in the key, so use_backend() and the environment are seen at once.
 _selected: dict[tuple, str] = {}
 
@@ -222,14 +222,23 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     device_type = device if isinstance(device, str) else device.type
     if torch.compiler.is_compiling():
         return _choose(op, torch.device(device_type), dtype)
+    return select_eager(op, device_type, dtype)
+
+
+def select_eager(op: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """``select`` for a caller that has already asked torch.compiler.is_compiling() and got False
+    (an op's eager path asks once for both its own branch and this). ``device`` may be the
+    torch.device the caller already holds: remembered per device then, which spares finding its
+    type on every call."""
     key = (
-        op, device_type, dtype, _requests[-1] if _requests else None,
+        op, device, dtype, _requests[-1] if _requests else None,
         _RAW_ENVIRONMENT.get(_BACKEND_KEY), _RAW_ENVIRONMENT.get(_INTERPRET_KEY),
     )
     name = _selected.get(key)
     if name is None:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known ops: {OPS}")
+        device_type = device if isinstance(device, str) else device.type
         name = _selected[key] = _choose(op, torch.device(device_type), dtype)
     return name
 

@@ -55,6 +55,8 @@ def SGD(params, lr=1e-3, mom: float = 0.0, wd: float = 0.0, decouple_wd: bool = 
     """
     fastai = _fastai()
     spread = isinstance(lr, slice)
+    if spread:
+        optim.lr_range(lr, 2)  # checks both bounds before anything is built
     wrapper = fastai.optimizer.OptimWrapper(
         params, optim.SGD, lr=lr.stop if spread else lr, momentum=mom, weight_decay=wd,
         decoupled_weight_decay=decouple_wd, **kwargs,
@@ -94,26 +96,32 @@ def patch_model(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
     EmbeddingDotBias) and how many of each were swapped."""
     fastai = _fastai()
     counts = {"EmbeddingDotBias": 0, "LinearReLU": 0}
+    # Every replacement is built first and applied only when all were built, so a module that
+    # fastcore5 refuses (e.g. a y_range it cannot take) leaves the model as it was.
+    edits: list[tuple[nn.Module, str, nn.Module]] = []
 
-    def swap(module: nn.Module) -> nn.Module:
+    def plan(module: nn.Module) -> nn.Module:
         if isinstance(module, fastai.collab.EmbeddingDotBias):
             counts["EmbeddingDotBias"] += 1
             return _fused_embedding_dot_bias(module)
         for name, child in module.named_children():
-            replacement = swap(child)
+            replacement = plan(child)
             if replacement is not child:
-                setattr(module, name, replacement)
+                edits.append((module, name, replacement))
         if isinstance(module, nn.Sequential):
             names = list(module._modules)
             for first, second in zip(names, names[1:]):
                 linear, act = module._modules[first], module._modules[second]
                 if type(linear) is nn.Linear and isinstance(act, nn.ReLU):
-                    module._modules[first] = _fused_linear_relu(linear)
-                    module._modules[second] = nn.Identity()
+                    edits.append((module, first, _fused_linear_relu(linear)))
+                    edits.append((module, second, nn.Identity()))
                     counts["LinearReLU"] += 1
         return module
 
-    return swap(model), counts
+    patched = plan(model)
+    for parent, name, replacement in edits:
+        parent._modules[name] = replacement
+    return patched, counts
 
 
 def patch_learner(learn):

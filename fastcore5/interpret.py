@@ -8,13 +8,23 @@ ids are class labels, as in fastai; otherwise they are integer row indices.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .nn.embedding_dot_bias import EmbeddingDotBias
+from ._checks import check_int
+
+
+class EmbeddingDotBias(Protocol):
+    """What these tools read of a model: its four tables, as fastcore5.nn.EmbeddingDotBias (and
+    fastai's) has them. A protocol rather than an import of the class: the module's methods call
+    these functions, so this module sits below fastcore5.nn and must not import it."""
+
+    u_weight: nn.Embedding
+    i_weight: nn.Embedding
+    u_bias: nn.Embedding
+    i_bias: nn.Embedding
 
 
 def _vocabulary(model: EmbeddingDotBias, is_item: bool):
@@ -72,6 +82,7 @@ def top_by_bias(
     """The ``k`` items (or users) with the largest (``largest=False``: smallest) bias, as
     (label or index, bias) pairs, most extreme first. The lesson reads these as the movies
     people like (or dislike) more than their factors alone predict."""
+    k = check_int("k", k, 1)
     biases = (model.i_bias if is_item else model.u_bias).weight.detach().reshape(-1).float().cpu()
     values, rows = torch.topk(biases, min(k, biases.numel()), largest=largest)
     return list(zip(row_labels(model, rows, is_item), values.tolist()))
@@ -92,10 +103,7 @@ def pca(model: EmbeddingDotBias, k: int = 3, ids=None, is_item: bool = True) -> 
     else:
         factors = weight(model, ids, is_item=is_item)
     factors = factors.double()
-    if not 0 < k <= min(factors.shape):
-        raise ValueError(
-            f"k must lie in [1, {min(factors.shape)}] for factors of shape {tuple(factors.shape)}, got {k}"
-        )
+    k = check_int("k", k, 1, min(factors.shape))
     centred = factors - factors.mean(0)
     _, _, components = torch.linalg.svd(centred, full_matrices=False)
     return (centred @ components[:k].T).float()

@@ -65,6 +65,8 @@ def sgd_step(
     new_buffers: list[Tensor | None] = []
     for p, grad, buf in zip(params, grads, momentum_buffers):
         g = -grad if maximize else grad
+        if momentum != 0 and g.layout is not torch.strided:
+            g = g.to_dense()  # a sparse gradient (nn.Embedding(sparse=True)): momentum touches every row anyway
         if weight_decay != 0:
             if decoupled_weight_decay:
                 p.mul_(1 - lr * weight_decay)

@@ -263,6 +263,26 @@ BAD_CALLS = {
 }
 
 
+def _good_call(dtype, sizes, momentum, **flags):
+    def call(ops):
+        params = [torch.randn(s).to(dtype) for s in sizes]
+        buffers = [torch.randn_like(p) for p in params] if momentum else []
+        _call(ops, params, [torch.randn_like(p) for p in params], buffers, momentum=momentum, **flags)
+    return call
+
+
+# What tests/test_cpu_asan.py runs against the AddressSanitizer build: every bad call, and good
+# calls whose tails, empty tensors and channels-last layouts reach every load and store path.
+ASAN_CALLS = [
+    (f"bad: {case}", error, lambda ops, make=make, extra=extra: _call(ops, *make(), **extra))
+    for case, (error, _, make, extra) in BAD_CALLS.items()
+] + [
+    (f"good: {dtype} momentum={momentum}", None,
+     _good_call(dtype, SIZES + [(2, 3, 5, 7)], momentum, grad_scale=torch.tensor(2.0), lr_tensor=torch.tensor(0.1)))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for momentum in (0.0, 0.9)
+]
+
+
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_arguments_raise_the_named_exception(case, cpu_kernel):
     """The checks are those of the CUDA kernel (csrc/sgd_checks.h): same exception types and messages."""

@@ -182,9 +182,34 @@ def test_every_fake_takes_the_schema_arguments():
 
     from fastcore5 import _cuda_ops
 
+    for name, schema in _registered_schemas().items():
+        assert list(inspect.signature(_cuda_ops.FAKES[name]).parameters) == _argument_names(schema), name
+
+
+def _registered_schemas() -> dict[str, str]:
+    """Each op's schema in registration.cpp, by op name."""
     text = (CSRC / "registration.cpp").read_text()
-    for literal in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text):
-        schema = "".join(re.findall(r'"([^"]*)"', literal))
-        name, arguments = re.match(r"(\w+)\((.*)\) ->", schema).groups()
-        names = [argument.split()[-1] for argument in arguments.split(",")]
-        assert list(inspect.signature(_cuda_ops.FAKES[name]).parameters) == names, name
+    schemas = ("".join(re.findall(r'"([^"]*)"', literal)) for literal in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text))
+    return {schema.partition("(")[0]: schema for schema in schemas}
+
+
+def _argument_names(schema: str) -> list[str]:
+    arguments = re.match(r"\w+\((.*)\) ->", schema).group(1)
+    return [argument.split()[-1] for argument in arguments.split(",")]
+
+
+@pytest.mark.parametrize("op, contract", [("sgd", "LAUNCHER_SCHEMA"), ("embedding_dot_bias", "BACKWARD_LAUNCHER_SCHEMA")])
+def test_both_backends_follow_the_launcher_schema_of_the_op_layer(op, contract):
+    """The launcher contract is written once, in the op layer (LAUNCHER_SCHEMA): the C++ op declares
+    exactly that schema and the Triton launcher takes exactly its arguments."""
+    import importlib
+    import inspect
+
+    schema = getattr(importlib.import_module(f"fastcore5.ops.{op}"), contract)
+    name = schema.partition("(")[0]
+    assert _registered_schemas()[name] == schema
+    triton_launcher = getattr(importlib.import_module(f"fastcore5.kernels.{op}"), name)
+    parameters = [
+        name for name, p in inspect.signature(triton_launcher).parameters.items() if p.kind is not p.KEYWORD_ONLY
+    ]
+    assert parameters == _argument_names(schema)

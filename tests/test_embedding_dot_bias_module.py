@@ -109,7 +109,9 @@ def test_training_beats_predicting_the_mean():
     mean = train_y.mean()
     model = EmbeddingDotBias(4, n_users, n_items)
     optimizer = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)
-    for _ in range(200):
+    # 400 steps: after 200, about one draw in 30 was still short of 10x (found when the per-test
+    # seed became stable: the seed of this test id was one of them)
+    for _ in range(400):
         loss = F.mse_loss(model(train_x) + mean, train_y)
         optimizer.zero_grad()
         loss.backward()

@@ -48,6 +48,13 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
+def test_the_wheel_carries_the_kernels_as_files(installed):
+    """fastcore5/kernels is a link in the checkout; the wheel holds the files themselves."""
+    kernels = installed / "fastcore5" / "kernels"
+    assert not kernels.is_symlink()
+    assert {"__init__.py", "sgd.py", "linear_relu.py", "embedding_dot_bias.py"} <= {p.name for p in kernels.iterdir()}
+
+
 def _run_outside(installed: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(exist_ok=True)

@@ -74,3 +74,18 @@ def test_sgd_decoupled_weight_decay_is_the_lesson_formula():
     expected = p - lr * wd * p - lr * grad
     reference.sgd_step([p], [grad], [None], lr=lr, weight_decay=wd, decoupled_weight_decay=True)
     torch.testing.assert_close(p, expected)
+
+
+
+@pytest.mark.parametrize("module, name", [
+    ("fastcore5", "embedding_dot_bias"), ("fastcore5", "linear_relu"), ("fastcore5.ops.sgd", "sgd_step"),
+])
+def test_the_fused_ops_take_the_spec_parameters_first(module, name):
+    """Each fused op is a drop-in for its spec: the same parameters, in order, with the same
+    defaults; options of its own come after them."""
+    import importlib
+    import inspect
+
+    spec = list(inspect.signature(getattr(reference, name)).parameters.values())
+    ours = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(spec)]] == [(p.name, p.kind, p.default) for p in spec]

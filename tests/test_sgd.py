@@ -337,7 +337,8 @@ def test_other_bad_input_is_refused_clearly():
         sgd_ops.sgd_step([p.detach()], [torch.randn(3)], [None], lr=0.1, found_inf=torch.zeros(2))
 
 
-def _sparse_grad(opt, p):
+def _sparse_grad_with_l2_weight_decay(opt, p):
+    opt.param_groups[0]["weight_decay"] = 0.1  # torch refuses this too (add(sparse, dense))
     p.grad = torch.ones_like(p).to_sparse()
 
 
@@ -352,10 +353,10 @@ def _one_element_momentum_buffer(opt, p):
 @pytest.mark.parametrize(
     "spoil, error, match",
     [
-        (_sparse_grad, TypeError, r"the \.grad of param 0 of param group 0 must be a dense \(strided\) tensor"),
+        (_sparse_grad_with_l2_weight_decay, ValueError, r"the \.grad of param 0 of param group 0 is sparse, and weight_decay"),
         (_one_element_momentum_buffer, ValueError, r"momentum_buffer of param 0 of param group 0 must match it in shape"),
     ],
-    ids=["sparse grad", "momentum buffer of another shape"],
+    ids=["sparse grad with L2 weight decay", "momentum buffer of another shape"],
 )
 def test_bad_state_is_refused_naming_the_param_in_both_modes(contiguous, spoil, error, match):
     p = torch.randn(3, requires_grad=True)
@@ -376,8 +377,9 @@ def test_layout_errors_name_the_param_in_its_group():
         stepped.grad = torch.randn(3, 4, device=DEVICE).T
         with pytest.raises(ValueError, match=r"the \.grad of param 1 of param group 0 must be a dense tensor"):
             opt.step()
-        stepped.grad = torch.randn(4, 3, device=DEVICE).to_sparse()
-        with pytest.raises(TypeError, match=r"the \.grad of param 1 of param group 0 must be a dense \(strided\)"):
+        opt.param_groups[0]["weight_decay"] = 0.1
+        stepped.grad = torch.randn(4, 3, device=DEVICE).to_sparse()  # a new plan, refused by name
+        with pytest.raises(ValueError, match=r"the \.grad of param 1 of param group 0 is sparse, and weight_decay"):
             opt.step()
 
 

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -32,29 +29,18 @@ from pathlib import Path
 
 import torch
 
-import fastcore5
 from fastcore5 import backends
 from fastcore5._output_paths import OutputPathError, writable_file, writable_folder
 
 from .common import Case, measure_ceilings, run_case
+from .run_record import BENCH_DIR, CHECKOUT, environment, slug
 
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
-BENCH_DIR = Path(__file__).resolve().parent
 # Eager / torch.compile / cuBLASLt / torch.optim.SGD times measured on one H200 (torch 2.11,
 # triton 3.6) by the project's anchors/measure_anchors.py, which lives with the design notes outside
 # this repository (the file records device and versions); shown beside a CUDA run's own numbers.
 # Shipped as package data (setup.py), so an installed wheel has it too.
 ANCHORS_FILE = BENCH_DIR / "anchors" / "h200-2026-11-26.json"
-
-
-def source_checkout() -> Path | None:
-    """The repository checkout the package runs from (a source tree or an editable install), or
-    None for an installed wheel."""
-    root = BENCH_DIR.parent.parent
-    return root if (root / "setup.py").is_file() and (root / "bench").is_dir() else None
-
-
-CHECKOUT = source_checkout()
 # A checkout keeps its results in bench/results (beside bench/NOTES.md, which logs them); an
 # installed wheel writes under the current directory.
 DEFAULT_OUT = CHECKOUT / "bench" / "results" if CHECKOUT else Path("bench-results")
@@ -228,54 +214,6 @@ def ignore_torch_deprecations() -> None:
     )
 
 
-def environment(device: str, quick: bool) -> dict:
-    """Card, versions, commit and date for the JSON."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device == "cuda":
-        card = torch.cuda.get_device_name()
-    else:
-        card = _cpu_name()
-    commit, dirty = _git_commit()
-    return {
-        "card": card,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fastcore5": fastcore5.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "dirty": dirty,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return (platform.processor() or platform.machine()) + " (CPU)"
-
-
-def _git_commit() -> tuple[str | None, bool | None]:
-    if CHECKOUT is None:
-        return None, None  # an installed wheel: no commit to name
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=10, check=True).stdout
-
-    try:
-        return git("rev-parse", "HEAD").strip(), bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None  # a copy of the tree without .git, or no git installed
-
-
 def load_anchors() -> tuple[dict[str, float], Path | None]:
     """The H200 anchor times by key, and the file they came from; ({}, None) without the file
     (a trimmed copy of the tree): the table then has no anchor column."""
@@ -382,10 +320,6 @@ def ceiling_note(results: list[dict], ceilings: dict[str, float]) -> str | None:
         "(one large copy, one square matmul), not hardware limits: a case whose inputs stay in cache, or a "
         "matmul shape the library runs better, can beat them. Read such a fraction as 'at the ceiling'."
     )
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def plot(results: list[dict], out: Path, stem: str, card: str) -> list[Path]:

@@ -43,7 +43,7 @@ from fastcore5 import backends
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
-from . import runner
+from .run_record import environment, slug
 from .train_data import (
     ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,
 )
@@ -321,7 +321,7 @@ def mlp_task(size: MLPSize, device: str) -> list[dict]:
 
 def main(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = runner.environment(device, args.quick)
+    run = environment(device, args.quick)
     collab_size, mlp_size = COLLAB[device], MLP[device]
     if args.quick and device == "cuda":
         mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
@@ -363,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - started, "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train-{runner.slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
+    stem = f"train-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"
     json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {json_path}")

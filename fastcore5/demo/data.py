@@ -227,6 +227,18 @@ def _delimited_lines(path: Path, separator: str, min_fields: int, expected: str)
             yield where, fields
 
 
+def _csv_rows(path: Path, reader, width: int):
+    """(where, row) for each non-blank row that ``reader`` (a csv.reader past the header) yields;
+    a row of another width than ``width`` raises, naming the file and line."""
+    for row in reader:
+        if not any(field.strip() for field in row):
+            continue
+        where = f"{path}, line {reader.line_num}"
+        if len(row) != width:
+            raise RatingsFileError(f"{where}: expected {width} comma-separated fields, got {len(row)}: {row}")
+        yield where, row
+
+
 def _read_u_data(path: Path) -> tuple[list[int], list[int], list[float]]:
     users, items, ratings = [], [], []
     for where, fields in _delimited_lines(path, "\t", 3, "tab-separated user, item, rating[, timestamp]"):
@@ -252,12 +264,7 @@ def _read_ratings_csv(path: Path) -> tuple[list[int], list[int], list[float]]:
                 f"{path}, line 1: expected a header naming the columns {', '.join(required)}, got {','.join(header)!r}"
             )
         user_col, item_col, rating_col = (columns.index(name) for name in required)
-        for row in reader:
-            if not any(field.strip() for field in row):
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(row) != len(columns):
-                raise RatingsFileError(f"{where}: expected {len(columns)} comma-separated fields, got {len(row)}: {row}")
+        for where, row in _csv_rows(path, reader, len(columns)):
             users.append(_parse_id(row[user_col], "userId", where))
             items.append(_parse_id(row[item_col], "movieId", where))
             ratings.append(_parse_rating(row[rating_col], where))
@@ -281,11 +288,6 @@ def _read_movies_csv(path: Path) -> dict[int, str]:
         if "movieId" not in header or "title" not in header:
             raise RatingsFileError(f"{path}, line 1: expected a header naming the columns movieId, title, got {header}")
         id_col, title_col = header.index("movieId"), header.index("title")
-        for row in reader:
-            if not any(field.strip() for field in row):
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(row) != len(header):
-                raise RatingsFileError(f"{where}: expected {len(header)} comma-separated fields, got {len(row)}: {row}")
+        for where, row in _csv_rows(path, reader, len(header)):
             titles[_parse_id(row[id_col], "movieId", where)] = row[title_col]
     return titles

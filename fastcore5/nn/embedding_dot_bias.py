@@ -42,9 +42,7 @@ class EmbeddingDotBias(nn.Module):
 
     def __init__(
         self,
-        n_factors: int,
-        n_users: int,
-        n_items: int,
+        n_factors: int, n_users: int, n_items: int,  # fastai's order
         y_range: tuple[float, float] | None = None,
         *,
         sparse: bool = False,
@@ -55,7 +53,7 @@ class EmbeddingDotBias(nn.Module):
         super().__init__()
         for name, value in (("n_factors", n_factors), ("n_users", n_users), ("n_items", n_items)):
             _check_positive_count(name, value)
-        check_y_range(y_range)
+        check_y_range(y_range, dtype)
         check_modes(sparse, validate)
         self.y_range = y_range
         self.sparse = sparse

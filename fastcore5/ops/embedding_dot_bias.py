@@ -16,7 +16,8 @@ Index validation (``validate``):
             runs, and an immediate IndexError: one device-to-host sync per forward on a GPU.
   "off"     no report at all. The kernels still never read or write outside a table (a bad
             sample scores NaN and gets no gradient); use it for indices validated elsewhere.
-The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync".
+The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync";
+its "off" masks bad samples to NaN with no gradient, as the kernels do (``_torch_backend``).
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES
+from ._once import not_twice_differentiable, once_only
 from .embedding_dot_bias_checks import (
     VALIDATE_MODES, bias_fits, check_index_range, check_y_range, raise_bad_arguments,
 )
@@ -60,8 +62,57 @@ def _native_kernels(with_cpp_autograd: bool):
     )
 
 
+def _valid_rows(users, items, num_users, num_items):
+    """(valid, users, items): which samples have both indices in range, and the indices with the
+    bad ones replaced by row 0 (read, then masked out)."""
+    valid = (users >= 0) & (users < num_users) & (items >= 0) & (items < num_items)
+    return valid, torch.where(valid, users, 0).long(), torch.where(valid, items, 0).long()
+
+
+def _torch_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_error_flag):
+    """The reference as a forward launcher (the kernels' contract: a bad sample scores NaN)."""
+    if u_weight.shape[0] == 0 or i_weight.shape[0] == 0:
+        return u_weight.new_full(users.shape, float("nan"))
+    valid, users, items = _valid_rows(users, items, u_weight.shape[0], i_weight.shape[0])
+    bounds = None if y_lo is None else (y_lo, y_hi)
+    out = reference.embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+    return torch.where(valid, out, float("nan"))
+
+
+def _torch_backward(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+                    need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse):
+    """The reference's gradients as a backward launcher (contract: ``embedding_dot_bias_backward_op``)."""
+    valid, users, items = _valid_rows(users, items, num_users, num_items)
+    grad = torch.where(valid, grad_out, 0)
+    if y_lo is not None:
+        res = (u_weight[users] * i_weight[items]).sum(-1) + u_bias.reshape(-1)[users] + i_bias.reshape(-1)[items]
+        squashed = torch.sigmoid(res)
+        grad = grad * squashed * (1 - squashed) * (y_hi - y_lo)
+    per_sample = (
+        grad[:, None] * i_weight[items] if need_u_weight else None,
+        grad[:, None] * u_weight[users] if need_i_weight else None,
+        grad if need_u_bias else None,
+        grad.clone() if need_i_bias else None,  # outputs of a custom op may not alias each other
+    )
+    if sparse:
+        return tuple(g if g is not None else grad_out.new_empty(0) for g in per_sample)
+    factors = (u_weight if u_weight is not None else i_weight).shape[1]
+    shapes = ((num_users, factors), (num_items, factors), (num_users,), (num_items,))
+    rows = (users, items, users, items)
+    return tuple(
+        grad_out.new_empty(0) if g is None else grad_out.new_zeros(shape).index_add_(0, index, g)
+        for g, shape, index in zip(per_sample, shapes, rows)
+    )
+
+
+def _torch_kernels():
+    return SimpleNamespace(forward=_torch_forward, backward=_torch_backward, with_autograd=None)
+
+
+# "torch": the reference as launchers, for torch.compile only (the custom-op path compiles where
+# the eager reference's sparse gradients cannot; eager calls run the reference directly).
 KERNELS = backends.KernelTable(
-    triton=_triton_kernels, cuda=lambda: _native_kernels(True), cpu=lambda: _native_kernels(False)
+    triton=_triton_kernels, cuda=lambda: _native_kernels(True), cpu=lambda: _native_kernels(False), torch=_torch_kernels
 )
 
 
@@ -137,81 +188,58 @@ class _EmbeddingDotBias(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @not_twice_differentiable("embedding_dot_bias")
     def backward(ctx, grad_out):
         return (None, None) + _table_gradients(ctx, grad_out, ctx.kernels.backward) + (None,) * 5
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias", mutates_args=())
-def embedding_dot_bias_op(
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor,
-    i_weight: Tensor,
-    u_bias: Tensor,
-    i_bias: Tensor,
-    y_lo: float | None,
-    y_hi: float | None,
-    sparse: bool,
-    validate: str,
-    backend: str,
-) -> Tensor:
+# Every EmbeddingDotBias op declares its schema as a string, as the backward's comes from the
+# launcher contract: the types are torch's, and the signature is not written again in Python.
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias",
+    mutates_args=(),
+    schema="(Tensor users, Tensor items, Tensor u_weight, Tensor i_weight, Tensor u_bias, Tensor i_bias, "
+    "float? y_lo, float? y_hi, bool sparse, str validate, str backend) -> Tensor",
+)
+def embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend):
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
     because setup_context sees only the op's inputs). The index-error flag that "device"
     validation writes is fastcore5's own state, not an input: the compiler never sees it."""
     return _forward(KERNELS[backend].forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
 
 
-@embedding_dot_bias_op.register_fake
-def forward_fake(users, items, u_weight, *_):
-    """The (B,) scores, as a fake implementation; fastcore5/_cuda_ops.py gives the same function
-    to the C++ forward ops (their other arguments land in ``_``)."""
-    return u_weight.new_empty((users.shape[0],))
+embedding_dot_bias_op.register_fake(op_shapes.embedding_dot_bias_forward)
 
 
-@torch.library.custom_op("fastcore5::embedding_dot_bias_backward", mutates_args=())
-def embedding_dot_bias_backward_op(
-    grad_out: Tensor,
-    users: Tensor,
-    items: Tensor,
-    u_weight: Tensor | None,
-    i_weight: Tensor | None,
-    u_bias: Tensor | None,
-    i_bias: Tensor | None,
-    num_users: int,
-    num_items: int,
-    y_lo: float | None,
-    y_hi: float | None,
-    need_u_weight: bool,
-    need_i_weight: bool,
-    need_u_bias: bool,
-    need_i_bias: bool,
-    deterministic: bool,
-    sparse: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
+# The backward launchers' arguments, in order, as a torch schema: written once, here; the custom
+# op takes them and the backend's name.
+BACKWARD_LAUNCHER_SCHEMA = (
+    "embedding_dot_bias_backward(Tensor grad_out, Tensor users, Tensor items, Tensor? u_weight, Tensor? i_weight, "
+    "Tensor? u_bias, Tensor? i_bias, int num_users, int num_items, float? y_lo, float? y_hi, bool need_u_weight, "
+    "bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+_NEEDS = slice(11, 15)  # need_u_weight .. need_i_bias in BACKWARD_LAUNCHER_SCHEMA
+
+
+@torch.library.custom_op(
+    "fastcore5::embedding_dot_bias_backward",
+    mutates_args=(),
+    schema=BACKWARD_LAUNCHER_SCHEMA.removeprefix("embedding_dot_bias_backward").replace(") ->", ", str backend) ->", 1),
+)
+def embedding_dot_bias_backward_op(*launcher_args_and_backend) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward launcher's arguments (``BACKWARD_LAUNCHER_SCHEMA``), then the backend; returns
+    (grad_u_weight, grad_i_weight, grad_u_bias, grad_i_bias), bias gradients 1-D: dense
     (num_users, D), (num_items, D), (num_users,), (num_items,), or with ``sparse`` the per-sample
     COO values (B, D), (B, D), (B,), (B,). A gradient not asked for comes back as an empty tensor
     (custom ops cannot return None); the CUDA launcher may return either."""
-    grads = KERNELS[backend].backward(
-        grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-        need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse,
-    )
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, needs))
+    *launcher_args, backend = launcher_args_and_backend
+    grads = KERNELS[backend].backward(*launcher_args)
+    grad_out = launcher_args[0]
+    return tuple(g if need else grad_out.new_empty(0) for g, need in zip(grads, launcher_args[_NEEDS]))
 
 
-@embedding_dot_bias_backward_op.register_fake
-def backward_fake(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
-                  need_u_weight, need_i_weight, need_u_bias, need_i_bias, deterministic, sparse, *_):
-    """The four gradients' shapes (dense or per-sample sparse values); one not asked for is (0,)."""
-    B = users.shape[0]
-    D = u_weight.shape[1] if u_weight is not None else i_weight.shape[1] if i_weight is not None else 0
-    rows = (B, B, B, B) if sparse else (num_users, num_items, num_users, num_items)
-    shapes = ((rows[0], D), (rows[1], D), (rows[2],), (rows[3],))
-    needs = (need_u_weight, need_i_weight, need_u_bias, need_i_bias)
-    return tuple(grad_out.new_empty(shape if need else 0) for shape, need in zip(shapes, needs))
+embedding_dot_bias_backward_op.register_fake(op_shapes.embedding_dot_bias_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -250,6 +278,27 @@ def _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, y_range):
     return torch.sigmoid(res) * (hi - lo) + lo
 
 
+def _torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate):
+    """The "torch" backend, keeping the kernels' promise for bad indices: "sync" (and "device",
+    which it cannot do inside a kernel) raises IndexError before computing; "off", and every mode
+    under torch.compile (which cannot read indices on the host), scores a bad sample NaN and gives
+    it no gradient, as the kernels do."""
+    bounds = None if y_lo is None else (y_lo, y_hi)
+    compute = _torch_sparse if sparse else reference.embedding_dot_bias
+    num_users, num_items = u_weight.shape[0], i_weight.shape[0]
+    if validate != "off" and not torch.compiler.is_compiling():
+        check_index_range(users, items, num_users, num_items)
+        return compute(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+    if num_users == 0 or num_items == 0:  # every sample is bad; there is no row to read
+        return u_weight.new_full(users.shape, float("nan"))
+    valid, safe_users, safe_items = _valid_rows(users, items, num_users, num_items)
+    out = compute(safe_users, safe_items, u_weight, i_weight, u_bias, i_bias, bounds)
+    return torch.where(valid, out, float("nan"))
+
+
+# The same parameters as reference.embedding_dot_bias, written again on purpose (a duplicate pair
+# that stays): the public op is a drop-in for the spec, so its signature is the spec's, spelled out
+# for readers and tools, plus sparse and validate; tests/test_reference.py checks that they agree.
 def embedding_dot_bias(
     users: Tensor,
     items: Tensor,
@@ -290,6 +339,8 @@ def embedding_dot_bias(
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
     twice.
     """
+    # The same prologue as linear_relu's, written out on purpose (a duplicate pair that stays): a
+    # shared helper would cost a Python call on every op call, which the host-time rule counts.
     if index_errors.watching:
         index_errors.raise_pending()
     try:
@@ -321,19 +372,19 @@ def embedding_dot_bias(
         usable = False
     if not usable:
         raise_bad_arguments(users, items, u_weight, i_weight, u_bias, i_bias, sparse, validate)
-    y_lo, y_hi = check_y_range(y_range)
+    y_lo, y_hi = check_y_range(y_range, dtype)
     device_type = backends.device_type(u_weight)
     if validate is None:
         validate = "device" if device_type == "cuda" else "sync"
 
     backend = backends.select(OP, device_type, dtype)
+    if backend == "torch" and sparse and torch.compiler.is_compiling():
+        # Inductor cannot trace F.embedding(sparse=True) ("Cannot access storage of
+        # SparseTensorImpl"); the custom op hides the sparse gradients from it, as for the kernels.
+        mode = "off" if validate == "off" else "sync"
+        return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, mode, backend)
     if backend == "torch":
-        if validate != "off" and not torch.compiler.is_compiling():
-            check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
-        bounds = None if y_lo is None else (y_lo, y_hi)
-        if sparse:
-            return _torch_sparse(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
-        return reference.embedding_dot_bias(users, items, u_weight, i_weight, u_bias, i_bias, bounds)
+        return once_only(_torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate), OP)
     if torch.compiler.is_compiling():
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend)
     kernels = KERNELS[backend]

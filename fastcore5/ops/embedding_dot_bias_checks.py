@@ -33,15 +33,22 @@ def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: i
             raise IndexError(f"{name} contains the index {high}, out of range for {table} with {rows} rows")
 
 
-def check_y_range(y_range) -> tuple[float | None, float | None]:
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def check_y_range(y_range, dtype: torch.dtype | None = None) -> tuple[float | None, float | None]:
     """(low, high) as floats, or (None, None) for no y_range; ValueError or TypeError naming
-    y_range unless it is a pair of finite real numbers with low < high. The one check of both the
-    op (on every call: a tuple of two floats costs two type tests and a comparison) and
-    nn.EmbeddingDotBias (at construction)."""
+    y_range unless it is a pair of real numbers with low < high whose bounds and width
+    ``high - low`` are finite in float32 (the kernels' scalar type; in float16 for float16 tables),
+    so that ``sigmoid(res) * (high - low) + low`` never turns a finite score into inf. The one
+    check of both the op (on every call: a tuple of two floats costs two type tests and a few
+    comparisons) and nn.EmbeddingDotBias (at construction)."""
     if y_range is None:
         return None, None
+    limit = _FLOAT16_MAX if dtype is torch.float16 else _FLOAT32_MAX
     if type(y_range) is tuple and len(y_range) == 2 and type(y_range[0]) is float and type(y_range[1]) is float:
-        if -math.inf < y_range[0] < y_range[1] < math.inf:
+        if -limit <= y_range[0] < y_range[1] <= limit and y_range[1] - y_range[0] <= limit:
             return y_range
     try:
         low, high = y_range
@@ -53,6 +60,12 @@ def check_y_range(y_range) -> tuple[float | None, float | None]:
     low, high = float(low), float(high)
     if not -math.inf < low < high < math.inf:
         raise ValueError(f"y_range must be finite with low < high, got {y_range!r}")
+    if not (-limit <= low and high <= limit and high - low <= limit):
+        where = "float16" if limit == _FLOAT16_MAX else "float32"
+        raise ValueError(
+            f"y_range must have bounds and width (high - low) within the {where} range (+-{limit:.4g}), got "
+            f"{y_range!r}: sigmoid(res) * (high - low) + low would overflow"
+        )
     return low, high
 
 

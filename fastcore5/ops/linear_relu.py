@@ -20,10 +20,11 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .. import _op_shapes as op_shapes
 from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._once import not_twice_differentiable, once_only
 from ..kernels._common import fp32_matmul_allows_tf32
 from ._library import fused_op, launch, register_fake
 
@@ -91,7 +92,7 @@ class _LinearReLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @not_twice_differentiable("linear_relu")
     def backward(ctx, grad_out):
         return _input_gradients(ctx, grad_out, ctx.kernels.backward)
 
@@ -102,11 +103,7 @@ def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str)
     return launch(KERNELS[backend].forward, backend, x, weight, bias)
 
 
-@register_fake(linear_relu_op)
-def forward_fake(x, weight, bias, *_):
-    """The forward's output for 2-D x, as a fake implementation; fastcore5/_cuda_ops.py gives the
-    same function to the C++ ops (their extra trailing arguments land in ``_``)."""
-    return x.new_empty((x.shape[0], weight.shape[0]))
+register_fake(linear_relu_op)(op_shapes.linear_relu_forward)
 
 
 @fused_op("fastcore5::linear_relu_backward")
@@ -128,16 +125,7 @@ def linear_relu_backward_op(
     return tuple(g if g is not None else out.new_empty(0) for g in grads)
 
 
-@register_fake(linear_relu_backward_op)
-def backward_fake(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, *_):
-    """(grad_x, grad_weight, grad_bias) shapes; a gradient not asked for is (0,)."""
-    M, N = out.shape
-    K = x.shape[1] if x is not None else weight.shape[1] if weight is not None else 0
-    return (
-        out.new_empty((M, K) if need_input_grad else 0),
-        out.new_empty((N, K) if need_weight_grad else 0),
-        out.new_empty(N if need_bias_grad else 0),
-    )
+register_fake(linear_relu_backward_op)(op_shapes.linear_relu_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -216,8 +204,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
             and weight.layout is _STRIDED
             and weight.dtype is dtype
             and weight.dim() == 2
-            and x.dim() > 0
-            and x.shape[-1] == weight.shape[1]
+            and x.shape[-1] == weight.shape[1]  # IndexError for a 0-d x
             and weight.device == device
             and (
                 bias is None
@@ -227,19 +214,18 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
                 )
             )
         )
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, IndexError):
         usable = False
-    if usable and not torch._C._is_any_autocast_enabled():
-        device_type = backends.device_type(x)
-    else:
-        x, weight, bias, device_type = _checked_and_autocast(x, weight, bias)
+    if not usable or torch._C._is_any_autocast_enabled():
+        x, weight, bias, device = _checked_and_autocast(x, weight, bias)  # device: now its type
         dtype = x.dtype
-    backend = backends.select(OP, device_type, dtype)
+    compiling = torch.compiler.is_compiling()
+    backend = (backends.select if compiling else backends.select_eager)(OP, device, dtype)
     if backend == "torch":
-        return reference.linear_relu(x, weight, bias)
+        return once_only(reference.linear_relu(x, weight, bias), OP)
     flat = x.dim() != 2
     x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]) if flat else x
-    if torch.compiler.is_compiling():
+    if compiling:
         out = linear_relu_op(x2d, weight, bias, backend)
     elif not (
         torch.is_grad_enabled()

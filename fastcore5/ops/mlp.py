@@ -24,10 +24,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import backends, index_errors
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from ._once import not_twice_differentiable, once_only
 from .linear_relu import OP, linear_relu
 
 _FLOATS = frozenset(FLOAT_DTYPES)
@@ -93,7 +93,7 @@ class _MLP(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @not_twice_differentiable("mlp")
     def backward(ctx, grad_out):
         n, lowest, kernels = ctx.layers, ctx.lowest, ctx.kernels
         saved = ctx.saved_tensors
@@ -249,7 +249,8 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
         check_same_dtype(**_named(x, weights, biases))
     backend = backends.select(OP, device_type, x.dtype)
     if backend not in ("triton", "cpu") or torch.compiler.is_compiling():
-        return _compose(x, weights, biases)
+        out = _compose(x, weights, biases)
+        return once_only(out, "mlp") if backend == "torch" else out
     kernels = KERNELS[backend]
     batch_shape = x.shape[:-1]
     x2d = x if x.dim() == 2 else x.reshape(batch_shape.numel(), x.shape[-1])

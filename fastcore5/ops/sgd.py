@@ -12,14 +12,10 @@ no_grad and only mutates):
     argument (errors name it), groups the tensors by device, dtype and first-step-ness, and
     returns the momentum buffers.
 
-Launcher contract (``fastcore5.kernels.sgd.sgd_step``; the C++ op of the cuda and cpu backends,
-``torch.ops.fastcore5_cuda.sgd_step``, takes the same arguments, in this order):
-
-    sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
-             Tensor? lr_tensor, float lr, float momentum, float dampening,
-             float weight_decay, bool nesterov, bool maximize,
-             bool decoupled_weight_decay, bool first_step,
-             Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()
+Launcher contract: ``LAUNCHER_SCHEMA`` below, which the Triton launcher
+``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` (the cuda
+and cpu backends, by device) follow
+(tests/test_sgd_op.py and tests/test_cuda_compile.py check them against it).
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
 params[i], grads[i] and momentum_buffers[i] share shape and strides and are dense. Math in fp32
@@ -40,6 +36,7 @@ never created the buffer) stores ``g``.
 """
 from __future__ import annotations
 
+import operator
 from numbers import Real
 from typing import NamedTuple
 
@@ -52,6 +49,7 @@ from .. import backends, reference
 from .._checks import FLOAT_DTYPES, check_tensor
 
 OP = "sgd"
+_LAYOUT = operator.attrgetter("layout")
 
 
 class SGDHyper(NamedTuple):
@@ -72,26 +70,32 @@ class SGDHyper(NamedTuple):
             group["maximize"], group["decoupled_weight_decay"],
         )
 
-    def check(self, read_tensor_lr: bool = True) -> None:
-        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
-        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
-        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
+    def check_types(self) -> None:
+        """The types a step needs (torch itself fails on these only inside its step, halfway)."""
         lr = self.lr
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
             if not lr.dtype.is_floating_point:
                 raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
-            if read_tensor_lr and lr < 0.0:
-                raise ValueError(f"Invalid learning rate: {lr}")
         elif not isinstance(lr, Real) or isinstance(lr, bool):  # Real: NumPy scalars too, as torch takes them
             raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
-        elif lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
         for name in ("momentum", "dampening", "weight_decay"):
             value = getattr(self, name)
-            if not isinstance(value, (Real, Tensor)):  # torch fails on these later, or with a bare '<' error
+            if not isinstance(value, (Real, Tensor)) or isinstance(value, Tensor) and value.numel() != 1:
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+    def check(self, read_tensor_lr: bool = True) -> None:
+        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
+        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
+        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
+        self.check_types()
+        lr = self.lr
+        if isinstance(lr, Tensor):
+            if read_tensor_lr and lr < 0.0:
+                raise ValueError(f"Invalid learning rate: {lr}")
+        elif lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
         if self.momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {self.momentum}")
         if self.weight_decay < 0.0:
@@ -128,36 +132,29 @@ def _native_kernels():
 KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)
 
 
-@torch.library.custom_op("fastcore5::sgd_step", mutates_args=("params", "grads", "momentum_buffers"))
-def sgd_step_op(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    lr_tensor: Tensor | None,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skip_flag: Tensor | None,
-    backend: str,
-) -> None:
-    """One SGD step in place over tensors of one device and dtype; ``backend`` is "triton", "cuda" or "cpu".
-    Arguments as the launcher contract in the module docstring."""
-    KERNELS[backend].sgd_step(
-        params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag,
-    )
+# The launchers' arguments, in order, as a torch schema: written once, here; the custom op takes
+# them and the backend's name.
+LAUNCHER_SCHEMA = (
+    "sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor? lr_tensor, "
+    "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+    "bool decoupled_weight_decay, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()"
+)
+
+
+@torch.library.custom_op(
+    "fastcore5::sgd_step",
+    mutates_args=("params", "grads", "momentum_buffers"),
+    schema=LAUNCHER_SCHEMA.removeprefix("sgd_step").replace(") -> ()", ", str backend) -> ()"),
+)
+def sgd_step_op(*launcher_args_and_backend) -> None:
+    """One SGD step in place over tensors of one device and dtype: the launcher's arguments
+    (``LAUNCHER_SCHEMA``), then the backend, "triton", "cuda" or "cpu"."""
+    *launcher_args, backend = launcher_args_and_backend
+    KERNELS[backend].sgd_step(*launcher_args)
 
 
 @sgd_step_op.register_fake
-def _(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
-      nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag, backend):
+def _(*launcher_args_and_backend) -> None:
     return None
 
 
@@ -200,9 +197,12 @@ class PreparedStep:
 
     def check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The Triton kernel walks memory: gradients must be laid out like their params. (The CUDA
-        op checks its arguments itself; the reference takes any layout.)"""
+        op checks its arguments itself; the reference takes any layout.) Every backend: a sparse
+        gradient (stepped by ``SparseGradStep``) is a TypeError, on which the optimizer plans again."""
         if self.triton is not None:
             self.triton.check_grads(params, grads)
+        elif set(map(_LAYOUT, grads)) - {torch.strided}:
+            raise TypeError("a sparse gradient on a dense launch: the step is planned again")
 
     def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
         device = params[0].device
@@ -218,22 +218,36 @@ class PreparedStep:
         torch.autograd.graph.increment_version(params)
 
 
+def run_traced_step(backend, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf) -> None:
+    """One launch group's step as torch.compile traces it: the custom op (or the reference step,
+    plain torch) instead of ``PreparedStep``'s direct launcher call."""
+    device = params[0].device
+    grad_scale, found_inf = _on(device, grad_scale), _on(device, found_inf)
+    if backend == "torch":
+        _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, None)
+    else:
+        sgd_step_op(params, grads, buffers, *hyper.launcher_args(device), first_step, grad_scale, found_inf, None, backend)
+
+
 def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_scale, found_inf, skip_flag) -> None:
     """The "torch" backend: reference.sgd_step plus the skip protocol the kernels follow, without
     a host read: with a flag, the update is computed on copies and written back through
-    ``torch.where(skip, old, new)``, so a skipped step changes nothing, grads included."""
+    ``torch.where(skip, old, new)``, so a skipped step changes nothing, grads included. Sparse
+    gradients (``SparseGradStep``) are unscaled in place and never written back through the flag."""
     skip = None
     for flag in (found_inf, skip_flag):
         if flag is not None:
             raised = flag.reshape(-1)[0] != 0
             skip = raised if skip is None else skip | raised
     lr = hyper.lr.detach().reshape(()).to(params[0].device) if isinstance(hyper.lr, Tensor) else hyper.lr
-    targets = list(params) + list(grads) + list(buffers)
+    dense_grads = [g for g in grads if g.layout is torch.strided]
+    targets = list(params) + dense_grads + list(buffers)
     if skip is not None:
-        params, grads, buffers = ([t.clone() for t in ts] for ts in (params, grads, buffers))
+        params, buffers = ([t.clone() for t in ts] for ts in (params, buffers))
+        grads = [g.clone() if g.layout is torch.strided else g for g in grads]
     if grad_scale is not None:
         for g in grads:
-            g.div_(grad_scale.to(g.device))
+            g.div_(grad_scale.reshape(()).to(g.device))  # 0-d: sparse division takes no other divisor
     with_momentum = hyper.momentum != 0
     new = reference.sgd_step(
         list(params), list(grads), [None] * len(params) if first_step or not with_momentum else list(buffers),
@@ -244,8 +258,52 @@ def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_sc
         for buffer, value in zip(buffers, new):
             buffer.copy_(value)
     if skip is not None:
-        for target, value in zip(targets, list(params) + list(grads) + list(buffers)):
+        updated = list(params) + [g for g in grads if g.layout is torch.strided] + list(buffers)
+        for target, value in zip(targets, updated):
             target.copy_(torch.where(skip, target, value))
+
+
+class SparseGradStep:
+    """The params of one (device, dtype) whose ``.grad`` is sparse (``nn.Embedding(sparse=True)``),
+    on every backend: torch.optim.SGD's update, which without momentum touches only the rows the
+    gradient holds (``p.add_(grad, alpha=-lr)``, the fast path for a big embedding table). With
+    momentum the buffer is dense (torch keeps a sparse one that grows by the gradient's entries
+    every step; the values are the same). L2 weight decay is refused, as torch refuses it
+    (``check_sparse_grad``); decoupled weight decay scales the whole param. Same interface as
+    ``PreparedStep``."""
+
+    __slots__ = ()
+    backend = "torch"
+
+    def addresses_unchanged(self, params) -> bool:
+        return True
+
+    def check_grads(self, params, grads) -> None:
+        if not all(g.layout is torch.sparse_coo for g in grads):
+            raise TypeError("a sparse gradient was replaced by a dense one: the step is planned again")
+
+    def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
+        device = params[0].device
+        if grad_scale is not None:
+            grads = [g.clone() for g in grads]  # unscaled copies: a sparse .grad is not written back
+        _reference_step(params, grads, buffers, first_step, hyper, _on(device, grad_scale), _on(device, found_inf), skip_flag)
+
+
+def check_sparse_grad(p, g, p_name: str, g_name: str, hyper: SGDHyper) -> None:
+    """A sparse gradient that ``SparseGradStep`` can apply; errors name it (and weight_decay)."""
+    if g.layout is not torch.sparse_coo:
+        raise TypeError(f"{g_name} must be a dense (strided) or sparse COO tensor, got layout {g.layout}")
+    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(
+            f"{g_name} must match {p_name} in shape, dtype and device: got {tuple(g.shape)} {g.dtype} {g.device} "
+            f"for {tuple(p.shape)} {p.dtype} {p.device}"
+        )
+    if hyper.weight_decay != 0 and not hyper.decoupled_weight_decay:
+        raise ValueError(
+            f"{g_name} is sparse, and weight_decay={hyper.weight_decay} (L2, added to the gradient) needs the "
+            "dense param in it; torch.optim.SGD refuses this too. Use weight_decay=0 or decoupled_weight_decay=True "
+            "for this param group"
+        )
 
 
 def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
@@ -257,6 +315,9 @@ def _check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
             raise ValueError(f"{name} must have at least one element, got shape {tuple(t.shape)}")
 
 
+# The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
+# the fused form is a drop-in for the spec, so its signature is the spec's, spelled out for
+# readers and tools, plus the skip protocol; tests/test_reference.py checks that they agree.
 def sgd_step(
     params: list[Tensor],
     grads: list[Tensor],

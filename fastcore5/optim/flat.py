@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops.sgd import OP, PreparedStep
+from ..ops.sgd import OP, PreparedStep, SGDHyper, check_sparse_grad
 from .plan import backend_request
 
 __all__ = ["FlatBuffers"]
@@ -123,24 +123,37 @@ class FlatBuffers:
     def grads_maybe_replaced(self) -> bool:
         return self.refs_changed() or self.flat_grad._version == self.grad_version
 
+    def check_grads(self, hyper: SGDHyper | None = None) -> None:
+        """What ``readopt_grads`` will copy: dense gradients, or sparse COO ones (copied dense) that
+        ``hyper`` allows (checked first, so a refused step or zero_grad changes nothing)."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and g.layout is not torch.strided:
+                name = f"the .grad of {self.names[i]}"
+                if hyper is None:
+                    if g.layout is not torch.sparse_coo:
+                        raise TypeError(f"{name} must be a dense (strided) or sparse COO tensor, got layout {g.layout}")
+                else:
+                    check_sparse_grad(p, g, self.names[i], name, hyper)
+
     def readopt_grads(self, copy: bool) -> bool:
         """Make every .grad its flat view again; with ``copy``, first copy into the view any
-        gradient that replaced it (a missing one counts as zero). Returns True if one was replaced."""
+        gradient that replaced it (a missing one counts as zero). Returns True if one was replaced.
+        Call ``check_grads`` first."""
         replaced = False
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 g = p.grad
-                if g is not None and g.layout is not torch.strided:
-                    raise TypeError(f"the .grad of {self.names[i]} must be a dense (strided) tensor, got layout {g.layout}")
                 # same address, shape and dense layout (dtype is enforced by torch): the flat slot itself
-                if g is not None and g.data_ptr() == self.grad_ptrs[i] and g.shape == p.shape and g.is_contiguous():
+                if (g is not None and g.layout is torch.strided and g.data_ptr() == self.grad_ptrs[i]
+                        and g.shape == p.shape and g.is_contiguous()):
                     continue
                 view = self.grad_view(i)
                 if copy:
                     if g is None:
                         view.zero_()
                     else:
-                        view.copy_(g)
+                        view.copy_(g if g.layout is torch.strided else g.to_dense())
                 p.grad = view
                 replaced = True
         return replaced

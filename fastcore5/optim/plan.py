@@ -44,7 +44,7 @@ class Launch:
     torch.distributed.checkpoint see sharded tensors), ``buffers`` the buffers' local shards, and
     the local shards of the params and gradients are read at every step, since FSDP2 owns them."""
 
-    __slots__ = ("members", "pick", "buffers", "first", "device", "prepared", "dtensor")
+    __slots__ = ("members", "pick", "buffers", "first", "device", "prepared", "dtensor", "new_buffers")
 
     def __init__(self, members, index, buffers, first, prepared, dtensor):
         self.members = members
@@ -54,6 +54,7 @@ class Launch:
         self.device = (local_tensor(members[0]) if dtensor else members[0]).device
         self.prepared = prepared
         self.dtensor = dtensor
+        self.new_buffers = None  # a first launch's buffers, for the step to put in the state
 
     def params(self) -> list[Tensor]:
         return list(map(local_tensor, self.members)) if self.dtensor else self.members

@@ -13,7 +13,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, index_errors
-from ..ops.sgd import OP, PreparedStep, SGDHyper, check_param_and_grad, new_momentum_buffers, sgd_step
+from .._checks import check_int
+from ..ops.sgd import (
+    OP, PreparedStep, SGDHyper, SparseGradStep, check_param_and_grad, check_sparse_grad, new_momentum_buffers,
+    run_traced_step, sgd_step,
+)
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
 from .plan import Launch, Plan, backend_request
@@ -31,6 +35,23 @@ def _capturing() -> bool:
 def _param_name(index: int, group_index: int) -> str:
     """How errors name a param: by its place in its group, as the user listed it."""
     return f"param {index} of param group {group_index}"
+
+
+def _first_shared_memory(named: list) -> tuple[str, str] | None:
+    """The names, in listing order, of two of the (tensor, name) pairs whose memory overlaps, or None."""
+    spans = []
+    for order, (p, name) in enumerate(named):
+        if p.numel() == 0 or p.device.type == "meta":
+            continue
+        start = p.storage_offset() * p.element_size()
+        last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) * p.element_size()
+        spans.append((p.untyped_storage().data_ptr(), start, start + last + p.element_size(), order))
+    spans.sort()
+    for (storage, _, end, order), (next_storage, next_start, _, next_order) in zip(spans, spans[1:]):
+        if storage == next_storage and next_start < end:
+            first, second = sorted((order, next_order))
+            return named[first][1], named[second][1]
+    return None
 
 
 class SGD(Optimizer):
@@ -103,7 +124,15 @@ class SGD(Optimizer):
         self.contiguous = bool(contiguous)
         self.capturable = bool(capturable)
         self._warned_regrad = False
+        # Contiguous mode moves params into flat buffers only once every group passed its checks,
+        # so a refused constructor leaves the params (and their .grad) as they were.
+        self._building = True
         super().__init__(params, defaults)
+        self._building = False
+        if self.contiguous:
+            self._check_contiguous_groups(range(len(self.param_groups)))
+            for index in range(len(self.param_groups)):
+                self._build_flats(index)
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
@@ -122,23 +151,40 @@ class SGD(Optimizer):
         self.__dict__.setdefault("contiguous", False)
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_warned_regrad", False)
+        self.__dict__.setdefault("_building", False)
         self._plans.clear()
         self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, plus fastcore5's checks; a refused group is not kept."""
+        index = len(self.param_groups)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(index, self.param_groups[index])
+            if self.contiguous and not self._building:
+                self._check_contiguous_groups([index])
+                self._build_flats(index)
+        except BaseException:
+            del self.param_groups[index:]
+            raise
+
+    def _check_group(self, index: int, group: dict) -> None:
         SGDHyper.from_group(group).check()
         if group.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
         for i, p in enumerate(group["params"]):
             if p.is_sparse or p.is_complex() or not p.dtype.is_floating_point:
                 raise TypeError(
-                    f"{_param_name(i, len(self.param_groups) - 1)} is {p.dtype}"
+                    f"{_param_name(i, index)} is {p.dtype}"
                     f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
                 )
-        if self.contiguous:
-            index, params = len(self.param_groups) - 1, group["params"]
+
+    def _check_contiguous_groups(self, indices) -> None:
+        """What contiguous mode cannot hold, for the groups ``indices``: DTensors, a param listed
+        twice, and params sharing memory (tied weights that are distinct tensors, views of one
+        tensor), which separate flat slots would silently untie."""
+        for index in indices:
+            params = self.param_groups[index]["params"]
             if any(map(is_dtensor, params)):
                 raise ValueError(
                     "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
@@ -149,33 +195,73 @@ class SGD(Optimizer):
                     f"param group {index} holds a param twice; contiguous=True keeps one flat slot per param, "
                     "so list each param once"
                 )
-            by_kind: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                by_kind.setdefault((p.device, p.dtype), []).append(i)
-            self._flats[index] = [
-                FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
-                for members in by_kind.values()
-            ]
+        named = [(p, _param_name(i, g)) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
+        shared = _first_shared_memory(named)
+        if shared is not None:
+            raise ValueError(
+                f"{shared[0]} and {shared[1]} share memory (tied weights or views of one tensor); contiguous=True "
+                "gives each param its own slot in a flat buffer, which would untie them: pass the shared "
+                "tensor once, or use contiguous=False (which keeps the sharing, as torch.optim.SGD does)"
+            )
+
+    def _build_flats(self, index: int) -> None:
+        params = self.param_groups[index]["params"]
+        by_kind: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        self._flats[index] = [
+            FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
+            for members in by_kind.values()
+        ]
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict; a momentum buffer that does not fit its param (shape, or not a
+        tensor) is refused naming the param, and the optimizer keeps its own state."""
+        kept_state, kept_groups = self.state, self.param_groups
         super().load_state_dict(state_dict)
+        try:
+            self._check_loaded_buffers()
+        except BaseException:
+            self.state, self.param_groups = kept_state, kept_groups
+            raise
         self._plans.clear()
         for flats in self._flats.values():
             for flat in flats:
                 flat.adopt_buffers(self.state)
         self.refresh()
 
+    def _check_loaded_buffers(self) -> None:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                entry = self.state.get(p)
+                buf = entry.get("momentum_buffer") if entry else None
+                if buf is None:
+                    continue
+                if not isinstance(buf, Tensor):
+                    raise TypeError(f"the momentum_buffer of {_param_name(i, g)} must be a tensor, got {type(buf).__name__}")
+                if buf.shape != p.shape:
+                    raise ValueError(
+                        f"the momentum_buffer of {_param_name(i, g)} must match it in shape: got "
+                        f"{tuple(buf.shape)} for {tuple(p.shape)}"
+                    )
+                if buf.layout is not torch.strided:  # torch's SGD keeps a sparse one after sparse gradients
+                    entry["momentum_buffer"] = buf.to_dense()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Normal mode: torch's zero_grad. Contiguous mode: one fill per flat gradient buffer
         (``set_to_none`` is ignored: the flat views must stay the gradients)."""
         if not self.contiguous:
             return super().zero_grad(set_to_none)
-        for flats in self._flats.values():
-            for flat in flats:
-                if flat.refs_changed():
-                    flat.readopt_grads(copy=False)
-                flat.flat_grad.zero_()
-                flat.mark_grads_seen()
+        flats = [flat for group_flats in self._flats.values() for flat in group_flats]
+        changed = [flat.refs_changed() for flat in flats]
+        for flat, refs_changed in zip(flats, changed):
+            if refs_changed:
+                flat.check_grads()
+        for flat, refs_changed in zip(flats, changed):
+            if refs_changed:
+                flat.readopt_grads(copy=False)
+            flat.flat_grad.zero_()
+            flat.mark_grads_seen()
 
     # ------------------------------------------------------------------------------------- step
 
@@ -199,25 +285,38 @@ class SGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        skip_flags: dict[torch.device, Tensor | None] = {}
+        # All or nothing: every group is checked (and its launches planned) before the first write,
+        # so a refused step leaves params, grads, buffers and state as they were.
+        ready = []
         for index, group in enumerate(self.param_groups):
             hyper = SGDHyper.from_group(group)
+            hyper.check_types()
             if self.contiguous:
-                self._step_flat(index, hyper, grad_scale, found_inf, skip_flags, capturing)
+                ready.append((self._check_flat(index, hyper, capturing), hyper, None))
             else:
-                self._step_group(index, group, hyper, grad_scale, found_inf, skip_flags, capturing)
+                ready.append(self._prepare_group(index, group, hyper, capturing))
+        skip_flags: dict[torch.device, Tensor | None] = {}
+        for prepared, hyper, grads in ready:
+            if self.contiguous:
+                self._step_flat(prepared, hyper, grad_scale, found_inf, skip_flags)
+            else:
+                self._step_group(prepared, grads, hyper, grad_scale, found_inf, skip_flags)
         return loss
 
     def _traced_step(self, closure):
         """The step as torch.compile traces it: the functional ``sgd_step`` (one custom op per
         device and dtype) over each group's params with gradients, without the eager path's
-        caches, which key on tensor addresses that a trace does not have. Contiguous mode keeps
-        its flat views as the params and gradients, so the same code serves it."""
+        caches, which key on tensor addresses that a trace does not have. Contiguous mode steps
+        views of its flat buffers (``_traced_flat_step``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if self.contiguous:
+                for flat in self._flats.get(index, ()):
+                    self._traced_flat_step(flat, SGDHyper.from_group(group))
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -233,6 +332,33 @@ class SGD(Optimizer):
                 for entry, buffer in zip(state, buffers):
                     entry["momentum_buffer"] = buffer
         return loss
+
+    def _traced_flat_step(self, flat: FlatBuffers, hyper: SGDHyper) -> None:
+        """Contiguous mode under torch.compile: the op over views of the flat buffers themselves.
+        The params cannot be the op's arguments there: they all share the flat buffer's storage,
+        and inductor's functionalisation of a custom op mutating such aliased graph inputs fails
+        (an assertion in its auto_functionalized decomposition)."""
+        momentum_on = hyper.momentum != 0
+        if momentum_on and flat.flat_buffer is None:
+            flat.flat_buffer = torch.zeros(flat.numel, dtype=flat.dtype, device=flat.device)
+        backend = backends.select(OP, flat.device, flat.dtype)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        any_first = False
+        for first in (False, True):
+            members = [
+                i for i, train in enumerate(flat.trainable)
+                if train and (momentum_on and not flat.has_buffer[i]) == first
+            ]
+            if not members:
+                continue
+            any_first = any_first or first
+            ranges = [(flat.starts[i], flat.ends[i]) for i in members]
+            ps = [flat.flat_param[s:e] for s, e in ranges]
+            gs = [flat.flat_grad[s:e] for s, e in ranges]
+            bs = [flat.flat_buffer[s:e] for s, e in ranges] if momentum_on else []
+            run_traced_step(backend, ps, gs, bs, hyper, first, grad_scale, found_inf)
+        if any_first:
+            flat.record_new_buffers(self.state)
 
     @staticmethod
     def _skip_flag(skip_flags: dict, device: torch.device) -> Tensor | None:
@@ -255,12 +381,18 @@ class SGD(Optimizer):
 
     def _plan(self, index: int, group: dict, grads: list, missing: list, momentum_on: bool) -> Plan:
         params = group["params"]
+        hyper = SGDHyper.from_group(group)
         by_launch: dict[tuple, list[int]] = {}
+        sparse_members: set[int] = set()
         for i, p in enumerate(params):
             if missing[i]:
                 continue
             name = _param_name(i, index)
-            check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
+            if grads[i].layout is not torch.strided and not is_dtensor(p):
+                check_sparse_grad(p, grads[i], name, f"the .grad of {name}", hyper)
+                sparse_members.add(i)
+            else:
+                check_param_and_grad(p, grads[i], name, f"the .grad of {name}")
             entry = self.state.get(p)
             buf = entry.get("momentum_buffer") if entry else None
             if momentum_on and buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device):
@@ -273,14 +405,13 @@ class SGD(Optimizer):
                     f"the momentum_buffer of {name} must be a DTensor exactly when the param is one (FSDP2): load "
                     "a sharded optimizer state dict (torch.distributed.checkpoint.state_dict.set_state_dict)"
                 )
-            by_launch.setdefault((p.device, p.dtype, is_dtensor(p), momentum_on and buf is None), []).append(i)
+            key = (p.device, p.dtype, is_dtensor(p), momentum_on and buf is None, i in sparse_members)
+            by_launch.setdefault(key, []).append(i)
         launches = []
-        for (device, dtype, dtensor, first), idx in by_launch.items():
+        for (device, dtype, dtensor, first, sparse), idx in by_launch.items():
             members = [params[i] for i in idx]
-            if first:
+            if first:  # recorded in state by the step that fills them, after every check passed
                 buffers = new_momentum_buffers(members)
-                for p, buf in zip(members, buffers):
-                    self.state[p]["momentum_buffer"] = buf
             elif momentum_on:
                 buffers = [self.state[p]["momentum_buffer"] for p in members]
             else:
@@ -292,8 +423,12 @@ class SGD(Optimizer):
             else:
                 members_local = members
             launch = Launch(members, idx, buffers, first, None, dtensor)
+            launch.new_buffers = buffers if first else None
             names = [_param_name(i, index) for i in idx]
-            launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
+            if sparse:
+                launch.prepared = SparseGradStep()
+            else:
+                launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
         plan = Plan(missing, momentum_on, launches, backend_request())
@@ -314,8 +449,11 @@ class SGD(Optimizer):
             if capturing and momentum_on and self._would_create_buffers(group, missing):
                 self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
             return self._plan(index, group, grads, missing, momentum_on)
-        for launch in plan.launches:
-            launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        try:
+            for launch in plan.launches:
+                launch.prepared.check_grads(launch.params(), launch.grads(grads))
+        except TypeError:  # a gradient changed layout (sparse <-> dense): plan again, which names a bad one
+            return self._plan(index, group, grads, missing, momentum_on)
         return plan
 
     def _would_create_buffers(self, group: dict, missing: list) -> bool:
@@ -324,33 +462,51 @@ class SGD(Optimizer):
             for p, miss in zip(group["params"], missing)
         )
 
-    def _step_group(self, index, group, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+    def _prepare_group(self, index, group, hyper, capturing) -> tuple:
+        """(plan, hyper, grads) for one group in normal mode: every check, no write."""
         grads = list(map(_GRAD, group["params"]))
-        momentum_on = hyper.momentum != 0
-        plan = self._current_plan(index, group, grads, momentum_on, capturing)
-        for launch in plan.launches:
-            if self.capturable:
+        plan = self._current_plan(index, group, grads, hyper.momentum != 0, capturing)
+        if self.capturable:
+            for launch in plan.launches:
                 self._check_capturable(hyper, launch.device, launch.first, capturing)
+        return plan, hyper, grads
+
+    def _step_group(self, plan, grads, hyper, grad_scale, found_inf, skip_flags) -> None:
+        for launch in plan.launches:
+            if launch.new_buffers:
+                for p, buf in zip(launch.members, launch.new_buffers):
+                    self.state[p]["momentum_buffer"] = buf
             launch.prepared.run(
                 launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
                 self._skip_flag(skip_flags, launch.device),
             )
 
-    def _step_flat(self, index, hyper, grad_scale, found_inf, skip_flags, capturing) -> None:
+    def _check_flat(self, index, hyper, capturing) -> list:
+        """Contiguous mode's checks of one group before any write: [(flat, gradients replaced)]."""
         momentum_on = hyper.momentum != 0
+        checked = []
         for flat in self._flats.get(index, ()):
             flat.check_params()
-            if flat.grads_maybe_replaced() and flat.readopt_grads(copy=True) and not self._warned_regrad:
+            replaced = flat.grads_maybe_replaced()
+            if replaced:
+                flat.check_grads(hyper)
+            if self.capturable:
+                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
+                self._check_capturable(hyper, flat.device, new_buffers, capturing)
+            checked.append((flat, replaced))
+        return checked
+
+    def _step_flat(self, checked, hyper, grad_scale, found_inf, skip_flags) -> None:
+        momentum_on = hyper.momentum != 0
+        for flat, replaced in checked:
+            if replaced and flat.readopt_grads(copy=True) and not self._warned_regrad:
                 self._warned_regrad = True
                 warnings.warn(
                     "fastcore5.optim.SGD(contiguous=True): some .grad tensors were replaced (model.zero_grad() "
                     "with set_to_none, create_graph=True, ...); they were copied back into the flat gradient "
                     "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-            if self.capturable:
-                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
-                self._check_capturable(hyper, flat.device, new_buffers, capturing)
             segments = flat.segments_for(momentum_on)
             skip_flag = self._skip_flag(skip_flags, flat.device)
             for first, (ps, gs, bs, prepared) in segments.items():
@@ -365,9 +521,8 @@ class SGD(Optimizer):
         """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
         normal mode, .grad=None so the step skips them) and unfreeze groups [n:]. Negative n counts
         from the end, as in fastai: freeze_to(-1) leaves only the last group trainable."""
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"n must be an int (the number of param groups to freeze), got {n!r}")
         count = len(self.param_groups)
+        n = check_int("n", n, -count, count)
         frozen = n if n >= 0 else count + n
         if frozen >= count:
             warnings.warn(f"freezing {frozen} groups of {count}: the whole model is frozen", stacklevel=2)
