@@ -25,7 +25,7 @@ comma := ,
 HAVE_NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 TEST_EXTRAS := test,fastai$(if $(HAVE_NVCC),$(comma)nvcc-check)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench compile-check clean
 
 # One stamp per set of extras: `make demo` then `make test` adds the test extras to the same venv.
 $(VENV)/.torch-installed:
@@ -51,5 +51,26 @@ test: $(VENV)/.installed-$(TEST_EXTRAS)
 bench: $(VENV)/.installed-bench
 	$(PY) -m bench --quick
 
+# The compile matrix (scripts/compile_check.py, docs/gpu-check.md): every Triton kernel through its
+# launchers for ARCH, every autotune candidate and default, every dtype; csrc/ too when nvcc is
+# installed. No GPU needed. TRITON=3.6.0 runs it under that triton (what the GPU machine has) in a
+# side venv, $(VENV)-triton-3.6.0, that sees the main venv's packages behind its own triton.
+# CONFIGS= (empty) compiles each tuned launcher's first and last candidate and its default only.
+ARCH ?= 80,86,89,90
+CONFIGS ?= --all-configs
+TRITON ?=
+CHECK_VENV := $(if $(TRITON),$(VENV)-triton-$(TRITON),$(VENV))
+CHECK_READY := $(if $(TRITON),$(CHECK_VENV)/.triton-installed,$(VENV)/.installed-$(TEST_EXTRAS))
+
+$(VENV)-triton-%/.triton-installed: $(VENV)/.installed-$(TEST_EXTRAS)
+	$(PY) -m venv $(@D)
+	$(PY) -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+		> "$$($(@D)/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz-fastcore5-main-venv.pth"
+	$(@D)/bin/python -m pip install --quiet --no-deps "triton==$*"
+	touch $@
+
+compile-check: $(CHECK_READY)
+	$(CHECK_VENV)/bin/python scripts/compile_check.py --arch $(ARCH) $(CONFIGS) $(if $(HAVE_NVCC),--cuda)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV)-triton-* build *.egg-info

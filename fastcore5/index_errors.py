@@ -25,6 +25,8 @@ call ``raise_pending(wait=True)`` after replaying.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 SLOTS = 9
@@ -34,11 +36,16 @@ _FIELDS = (("users", "u_weight", 1), ("items", "i_weight", 5))
 class _DeviceFlag:
     """One device's flag, its pinned host copy and the event that says the copy has landed.
 
-    At most one copy is in flight, and the host copy is read only when none is writing it. A
-    poll that finds the last copy landed and clean starts the next one, so kernels that ran
-    inside a compiled graph or a replayed CUDA graph are seen too."""
+    At most one copy is in flight, and the host copy is read only when none is writing it. Each
+    copy remembers how many known launches it covers: a copy that landed clean but was started
+    before the latest launch proves nothing about that launch, so the next poll starts another
+    (before, such a stale copy made a bad index show one call late, or, with ``wait``, not at
+    all). Kernels that ran where no launch is counted (a compiled graph, a replayed CUDA graph)
+    are seen by a poll's copy, started at most every POLL_SECONDS when no launch is known, so an
+    op that polls does not pay a device-to-host copy on every call."""
 
-    __slots__ = ("tensor", "host", "seen", "event", "copy_pending")
+    POLL_SECONDS = 0.001
+    __slots__ = ("tensor", "host", "seen", "event", "copy_pending", "launches", "covered", "copied_at")
 
     def __init__(self, device: torch.device):
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -55,30 +62,51 @@ class _DeviceFlag:
             self.event = None
         self.seen = self.host.numpy()  # a view: reading it costs no torch dispatch
         self.copy_pending = False
+        self.launches = 0  # known launches that may have written the flag
+        self.covered = 0  # how many of them the last copy started after
+        self.copied_at = float("-inf")
 
     def after_launch(self) -> None:
-        """A kernel that may write the flag was launched: start a copy unless one is on its way."""
+        """A kernel that may write the flag was launched: start a copy unless one is on its way
+        (the poll that finds that one landed starts the next)."""
+        self.launches += 1
         if self.event is not None and not self.copy_pending:
             self._start_copy()
 
-    def _start_copy(self) -> None:
+    def _start_copy(self) -> bool:
         if torch.cuda.is_current_stream_capturing():
-            return
+            return False
         self.host.copy_(self.tensor, non_blocking=True)
         self.event.record()
         self.copy_pending = True
+        self.covered = self.launches
+        self.copied_at = time.perf_counter()
+        return True
+
+    def _landed(self, wait: bool) -> bool:
+        """Whether the host copy may be read now (waiting for it if ``wait``)."""
+        if not self.copy_pending:
+            return True
+        if wait:
+            self.event.synchronize()
+        elif torch.cuda.is_current_stream_capturing() or not self.event.query():
+            return False
+        self.copy_pending = False
+        return True
 
     def report(self, wait: bool) -> list[int] | None:
         """The flag's values if it shows a bad index, else None (clearing the flag). Never
-        blocks unless ``wait``."""
+        blocks unless ``wait``; with ``wait`` the answer covers every kernel queued so far."""
         if self.event is not None:
-            if not self.copy_pending:
-                self._start_copy()
-            if wait:
-                self.event.synchronize()
-            elif torch.cuda.is_current_stream_capturing() or not self.event.query():
+            if not self._landed(wait):
                 return None
-            self.copy_pending = False
+            if self.seen[0] == 0:
+                stale = self.covered < self.launches
+                if wait or stale or time.perf_counter() - self.copied_at >= self.POLL_SECONDS:
+                    if not self._start_copy() or not (wait and self._landed(True)):
+                        return None
+                else:
+                    return None
         if self.seen[0] == 0:
             return None
         values = self.seen.tolist()

@@ -1,5 +1,6 @@
-"""What every launcher and kernel shares: output allocation, interpreter facts and the rounding
-of stored results."""
+"""What every launcher and kernel shares: output allocation, interpreter facts, the device guard
+and the rounding of stored results."""
+import functools
 import os
 
 import torch
@@ -16,6 +17,36 @@ def interpreting() -> bool:
 # read on every allocation costs more (1-2 us) than the allocation's own host work.
 POISON = os.environ.get("FASTCORE5_POISON", "0") == "1"
 HOPPER_SHARED_MEMORY_BYTES = 232448  # what one block may opt into on an H100/H200 SM (227 KB)
+# Shared memory one block may opt into, per compute capability (CUDA programming guide's table of
+# technical specifications): A100 163 KB, RTX 30xx/A10 99 KB, Orin 163 KB, RTX 40xx/L4/L40 99 KB,
+# H100/H200 227 KB. Launchers prune their configs by the launch device's figure.
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: HOPPER_SHARED_MEMORY_BYTES}
+_compile_target_arch = 90  # what CPU-tensor launches plan for: scripts/compile_check.py sets it
+_shared_memory_by_device: dict = {}
+
+
+def set_compile_target(arch: int) -> None:
+    """The compute capability (80, 86, 89, 90) that launches with CPU tensors plan their configs
+    for; only scripts/compile_check.py's compile-only runs launch compiled kernels on CPU tensors."""
+    global _compile_target_arch
+    if arch not in SHARED_MEMORY_PER_BLOCK:
+        raise ValueError(f"arch {arch} is not one of {sorted(SHARED_MEMORY_PER_BLOCK)}")
+    _compile_target_arch = arch
+
+
+def compile_target_arch() -> int:
+    return _compile_target_arch
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (the compile target for CPU tensors)."""
+    if device.type != "cuda":
+        return SHARED_MEMORY_PER_BLOCK[_compile_target_arch]
+    limit = _shared_memory_by_device.get(device.index)
+    if limit is None:
+        properties = torch.cuda.get_device_properties(device)
+        limit = _shared_memory_by_device[device.index] = properties.shared_memory_per_block_optin
+    return limit
 
 
 # Plain integer arithmetic for the launchers: triton.cdiv and triton.next_power_of_2 are
@@ -27,6 +58,40 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= max(n, 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+_current_device = torch.cuda.current_device
+
+
+def on_device_of(tensor_of):
+    """Decorate a launcher so its kernels launch on the device of ``tensor_of(args)`` (a tensor, or
+    None for a call that launches nothing).
+
+    Triton launches on the *current* CUDA device: without this, tensors on cuda:1 while cuda:0 is
+    current would be handed to kernels running on cuda:0. The guard costs one device query per
+    call when the tensor is on the current device, and switches devices only when it is not."""
+    def decorate(launcher):
+        @functools.wraps(launcher)
+        def guarded(*args, **kwargs):
+            tensor = tensor_of(args)
+            device = tensor.device if tensor is not None else None
+            if device is not None and device.type == "cuda" and device.index is not None and device.index != _current_device():
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+            return launcher(*args, **kwargs)
+
+        guarded.device_guard = True
+        return guarded
+
+    return decorate
+
+
+def in_signature_order(kernel, runtime_count: int, constexprs: dict) -> tuple:
+    """``kernel``'s constexprs after its ``runtime_count`` runtime arguments, in signature order,
+    for ``kernel.run(*runtime_args, *this, grid=..., warmup=False, num_warps=...)``: passed
+    positionally, because a launch with a dozen keyword arguments spends ~1 us on the host
+    binding them. Launchers cache the tuple per combination of flags."""
+    return tuple(constexprs[name] for name in kernel.arg_names[runtime_count:])
 
 
 def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

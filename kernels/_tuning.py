@@ -35,8 +35,12 @@ from pathlib import Path
 from typing import Callable
 
 import triton
+from triton.runtime.errors import OutOfResources
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 _FORMAT = 1
+_PACKAGE = __name__.rpartition(".")[0]  # fastcore5.kernels
 _lock = threading.Lock()
 _disk: dict | None = None  # cache_path()'s entries, read on the first bucket miss
 
@@ -51,6 +55,22 @@ def cache_path() -> Path:
 
 
 TUNING_VAR = "FASTCORE5_TUNING"
+BUDGET_VAR = "FASTCORE5_TUNING_SECONDS"
+_tuning_spent = 0.0  # seconds this process has spent timing candidates
+
+
+def tuning_budget_left() -> bool:
+    """FASTCORE5_TUNING_SECONDS (unset: no limit) caps the seconds a process spends tuning; once
+    they are spent, new buckets launch their default config (scripts/gpu_check.sh sets it, so a
+    cold cache cannot eat a benchmark stage's time limit)."""
+    raw = os.environ.get(BUDGET_VAR)
+    if raw is None:
+        return True
+    try:
+        budget = float(raw)
+    except ValueError:
+        raise ValueError(f"{BUDGET_VAR}={raw!r} is not a number of seconds") from None
+    return _tuning_spent < budget
 
 
 def tuning_enabled() -> bool:
@@ -78,7 +98,7 @@ def launch_kwargs(config: triton.Config) -> dict:
 def benchmark(runs: dict[triton.Config, Callable[[], object]]) -> dict[triton.Config, float]:
     """Milliseconds per launch of each candidate (inf for one that fails to compile or launch).
 
-    Module-level so that tests/sm90_compile.py can replace it with "compile, do not run"."""
+    Module-level so that scripts/compile_check.py can replace it with "compile, do not run"."""
     from triton.testing import do_bench
 
     timings = {}
@@ -86,8 +106,10 @@ def benchmark(runs: dict[triton.Config, Callable[[], object]]) -> dict[triton.Co
         try:
             median = do_bench(run, warmup=5, rep=20, quantiles=[0.5])  # a float or [float] by version
             timings[config] = median[0] if isinstance(median, (list, tuple)) else median
-        except Exception:  # out of shared memory or registers for this config: not a candidate
+        except OutOfResources:  # more shared memory or registers than this card has: not a candidate
             timings[config] = float("inf")
+        # Anything else (a compile error, a bad launch) is a bug, raised as it is: caught here it
+        # looked like one skipped config, and the next candidate hid it.
     return timings
 
 
@@ -126,20 +148,64 @@ def forget_disk_cache() -> None:
     _disk = None
 
 
+def _python_function(jit_function):
+    return getattr(jit_function, "fn", jit_function)
+
+
+def _is_own_jit(value) -> bool:
+    """A @triton.jit function of this package (triton's own, like tl.cdiv, come with its version)."""
+    return isinstance(value, (JITFunction, InterpretedFunction)) and _python_function(value).__module__.startswith(
+        _PACKAGE
+    )
+
+
+def _called_jit_functions(fn) -> list:
+    """The @triton.jit functions ``fn``'s code names: globals (``helper(...)``) and attributes of
+    imported modules (``module.helper(...)``)."""
+    names = fn.__code__.co_names
+    found = []
+    for name in names:
+        value = fn.__globals__.get(name)
+        if _is_own_jit(value):
+            found.append(value)
+        elif inspect.ismodule(value):
+            found += [getattr(value, attr) for attr in names if _is_own_jit(getattr(value, attr, None))]
+    return found
+
+
+def source_hash(kernel) -> str:
+    """A hash of ``kernel``'s source and of every @triton.jit helper it calls, transitively: what a
+    tuned config was measured for (the tuning cache's key; a changed helper invalidates it)."""
+    digest = hashlib.sha256()
+    seen, pending = set(), [kernel]
+    while pending:
+        fn = _python_function(pending.pop())
+        if fn in seen:
+            continue
+        seen.add(fn)
+        digest.update(f"{fn.__module__}.{fn.__qualname__}\n{inspect.getsource(fn)}".encode())
+        pending += _called_jit_functions(fn)
+    return digest.hexdigest()[:16]
+
+
 class TunedKernel:
     """One @triton.jit kernel whose launch config is chosen once per bucket.
 
     ``candidates(bucket)`` returns the configs worth trying for a bucket (pruned, never empty);
-    ``default`` is launched where nothing may be timed (``wrap`` tracing with fake tensors)."""
+    ``default`` (a config, or a function of the bucket giving one) is launched where nothing may
+    be timed: FASTCORE5_TUNING=off, CUDA-graph capture, ``wrap`` tracing with fake tensors."""
 
-    def __init__(self, kernel, title: str, candidates: Callable[[tuple], list], default: triton.Config):
+    def __init__(self, kernel, title: str, candidates: Callable[[tuple], list],
+                 default: triton.Config | Callable[[tuple], triton.Config]):
         self.kernel = kernel
         self.title = title
         self.candidates = candidates
         self.default = default
         self.chosen: dict[tuple, dict] = {}  # (bucket, device name) -> {"config", "source", "ms"}
-        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
-        self._source_hash = hashlib.sha256(source.encode()).hexdigest()[:16]
+        self._source_hash = source_hash(kernel)
+
+    def default_for(self, bucket: tuple) -> triton.Config:
+        return self.default if isinstance(self.default, triton.Config) else self.default(bucket)
 
     def _disk_key(self, bucket: tuple, device_name: str) -> str:
         return json.dumps([self.title, self._source_hash, triton.__version__, device_name, describe(bucket)])
@@ -153,7 +219,7 @@ class TunedKernel:
         """The config for ``bucket``: remembered, read from disk, or timed now with ``runs(config)``
         (a zero-argument launch of the kernel with that config on the caller's arguments).
         ``device_name`` (the GPU's name) keys the disk cache; None times without saving (the
-        interpreter, tests/sm90_compile.py's compile-only run)."""
+        interpreter, scripts/compile_check.py's compile-only run)."""
         with _lock:
             entry = self.chosen.get((bucket, device_name))
             if entry is not None:
@@ -165,7 +231,9 @@ class TunedKernel:
                 timings = benchmark({c: runs(c) for c in candidates})
                 entry = {"config": min(timings, key=timings.get), "source": "timed, not saved", "ms": None}
             elif not tuning_enabled():
-                entry = {"config": self.default, "source": f"default ({TUNING_VAR}=off)", "ms": None}
+                entry = {"config": self.default_for(bucket), "source": f"default ({TUNING_VAR}=off)", "ms": None}
+            elif not tuning_budget_left():
+                entry = {"config": self.default_for(bucket), "source": f"default ({BUDGET_VAR} spent)", "ms": None}
             else:
                 entry = self._from_disk_or_tuned(bucket, device_name, candidates, runs)
             self.chosen[(bucket, device_name)] = entry
@@ -178,8 +246,12 @@ class TunedKernel:
             return {"config": config_from_dict(saved["config"]), "source": "disk cache", "ms": saved.get("ms")}
         print(f"fastcore5: tuning {self.title} for {describe(bucket)} ({len(candidates)} configs, once per shape "
               f"bucket, saved in {cache_path()}) ...", end="", file=sys.stderr, flush=True)
+        global _tuning_spent
         start = time.perf_counter()
-        timings = benchmark({c: runs(c) for c in candidates})
+        try:
+            timings = benchmark({c: runs(c) for c in candidates})
+        finally:
+            _tuning_spent += time.perf_counter() - start
         best = min(timings, key=timings.get)
         print(f" done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         if timings[best] == float("inf"):

@@ -31,7 +31,7 @@ All sample offsets are int64 (tl.program_id(0).to(tl.int64)), so B * D and n * D
 """
 import torch
 
-from ._common import cdiv, new_output, next_power_of_2
+from ._common import cdiv, new_output, next_power_of_2, on_device_of
 from ._embedding_common import INTERPRETING, acc_dtype, tl_acc_dtype
 from .embedding_dot_bias_kernels import (
     MODE_ATOMIC, MODE_COEF, MODE_SPARSE, _embedding_dot_bias_bwd_per_sample_kernel, _embedding_dot_bias_fwd_kernel,
@@ -77,6 +77,7 @@ def _table_args(u_weight, i_weight, u_bias, i_bias, fallback):
     return tables, strides
 
 
+@on_device_of(lambda args: args[2])
 def embedding_dot_bias_forward(
     users: torch.Tensor,
     items: torch.Tensor,
@@ -123,6 +124,7 @@ def embedding_dot_bias_forward(
     return out
 
 
+@on_device_of(lambda args: args[0])
 def embedding_dot_bias_backward(
     grad_out: torch.Tensor,
     users: torch.Tensor,

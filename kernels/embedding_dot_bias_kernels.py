@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ._common import rounded_to
+from ._embedding_common import clamped_rows
 
 # What the per-sample backward kernel writes (its MODE); the values are csrc/embedding_dot_bias.cu's Mode.
 MODE_COEF = tl.constexpr(0)  # coef alone: the deterministic path's input with y_range
@@ -24,9 +25,9 @@ def _load_indices(users_ptr, items_ptr, samples, in_batch, stride_users, stride_
 def _inside_tables(users, items, in_batch, n_users, n_items):
     """(users, items, valid): valid = in the batch with both indices inside their tables. Every
     kernel checks, whatever the validation mode, and masks every table access with ``valid``;
-    bad indices are also replaced by row 0, so no address formed from them leaves a table."""
+    bad indices are also clamped into their tables, so no address formed from them leaves a table."""
     valid = in_batch & (users >= 0) & (users < n_users) & (items >= 0) & (items < n_items)
-    return tl.where(valid, users, 0), tl.where(valid, items, 0), valid
+    return clamped_rows(users, n_users), clamped_rows(items, n_items), valid
 
 
 @triton.jit

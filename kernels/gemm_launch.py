@@ -12,7 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, interpreting, next_power_of_2
+from ._common import (
+    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_needs_upcast, in_signature_order, interpreting, next_power_of_2,
+    shared_memory_limit,
+)
 from ._tuning import TunedKernel, launch_kwargs
 
 
@@ -37,19 +40,41 @@ def tile_config(m, n, k, stages, warps, group=GROUP_M) -> triton.Config:
 
 
 _INTERPRETER_CONFIG = tile_config(16, 16, 16, 1, 1, group=4)
-_DEFAULT_CONFIG = tile_config(128, 128, 32, 4, 4)  # fits fp32 and 16-bit; launched untuned under ``wrap``
+# What a launch runs untuned (FASTCORE5_TUNING=off, CUDA-graph capture, torch.compile), by element
+# size and dot precision: configs that spill no register and fit 99 KB of shared memory (sm_86/89,
+# the smallest of the cards shipped to) in every kernel on sm_80/86/89/90, as measured by
+# scripts/compile_check.py (bench/NOTES.md). The former single default, 128 x 128 x 32 over 4 warps
+# and 4 stages, held 128 fp32 accumulators per thread and spilled (fp32 without TF32: 255 registers
+# and up to 1.9 KB of spill per thread; fp64: 22 KB, and 197-297 KB of shared memory, more than
+# any card has). Without TF32 the fp32 dot runs on FMA units, register-hungry: a narrower K step.
+_DEFAULT_TILES = {
+    (2, "ieee"): (128, 128, 32, 3, 8),
+    (4, "tf32"): (128, 128, 32, 2, 8),
+    (4, "ieee"): (64, 128, 16, 3, 8),
+    (8, "ieee"): (64, 64, 16, 3, 4),
+}
 
 
-def _candidates(bucket: tuple) -> list[triton.Config]:
-    return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket)
+def _default_tile(bucket: tuple) -> tuple:
+    facts = dict(bucket)
+    return _DEFAULT_TILES[facts["bytes"], facts["precision"]]
 
 
-def hopper_candidates(bucket: tuple) -> list[triton.Config]:
-    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit a
-    Hopper SM's shared memory, pruned by ``configs_for_problem``."""
+def default_config(bucket: tuple) -> triton.Config:
+    return _INTERPRETER_CONFIG if interpreting() else tile_config(*_default_tile(bucket))
+
+
+def hopper_candidates(bucket: tuple, streamed_tiles: int = 1) -> list[triton.Config]:
+    """The configs worth timing for a bucket on a GPU: those whose pipelined operand tiles fit the
+    bucket's shared memory (``smem``: the device's, Hopper's when absent), pruned by
+    ``configs_for_problem``. ``streamed_tiles``: BLOCK_M x BLOCK_K tiles loaded per K step (2 for
+    the backward kernels that read grad_out and out; the compile matrix found their 1-tile
+    estimate admitting configs of 107-141 KB on 99 KB cards)."""
     elem = dict(bucket)["bytes"]
-    fitting = [t for t in _HOPPER_TILES if t[3] * (t[0] * t[2] + t[2] * t[1]) * elem <= HOPPER_SHARED_MEMORY_BYTES]
-    return configs_for_problem(fitting, bucket)
+    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
+    fitting = [t for t in _HOPPER_TILES if t[3] * (streamed_tiles * t[0] * t[2] + t[2] * t[1]) * elem <= limit]
+    # the default fits every card: where no Hopper tile does (fp64 on sm_86/89), it is the candidate
+    return configs_for_problem(fitting or [_default_tile(bucket)], bucket)
 
 
 def configs_for_problem(tiles: list[tuple], bucket: tuple) -> list[triton.Config]:
@@ -93,9 +118,10 @@ class PlannedLauncher:
         self.flag_names = flag_names
         self.plans: dict[tuple, tuple] = {}
 
-    def _bucket(self, variant: tuple, extents: tuple, layout: tuple = ()) -> tuple:
+    def _bucket(self, variant: tuple, extents: tuple, layout: tuple = (), shared_limit: int | None = None) -> tuple:
         """The tuning key: dtype, precision, flags, extents (M to a power of two), ``layout``
-        (what of the strides a launcher's kernel specialises on) and the element size."""
+        (what of the strides a launcher's kernel specialises on), the element size and the
+        device's shared memory per block (which configs fit)."""
         dtype, precision, *flags = variant
         rows, cols, reduction = (next_power_of_2(e) if axis == self.m_axis else e for axis, e in enumerate(extents))
         return (
@@ -105,6 +131,7 @@ class PlannedLauncher:
             ("rows", rows), ("cols", cols), ("reduction", reduction),
             *layout,
             ("bytes", dtype.itemsize),
+            ("smem", HOPPER_SHARED_MEMORY_BYTES if shared_limit is None else shared_limit),
         )
 
     def constexprs(self, variant: tuple) -> dict:
@@ -118,7 +145,7 @@ class PlannedLauncher:
         # while capturing launches its known or default config, and is tuned on a later eager call.
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing:
-            config = self.tuned.known(bucket, _device_name(device)) or self.tuned.default
+            config = self.tuned.known(bucket, _device_name(device)) or self.tuned.default_for(bucket)
         else:
             config = self.tuned.choose(bucket, _device_name(device), run)
         plan = plan_with(config)
@@ -140,9 +167,11 @@ class GemmLauncher(PlannedLauncher):
     does not depend on the tensors' addresses, only on the key, so one plan serves every call
     with that key."""
 
-    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = ()):
-        default = _INTERPRETER_CONFIG if interpreting() else _DEFAULT_CONFIG
-        super().__init__(kernel, title, m_axis, flag_names, _candidates, default)
+    def __init__(self, kernel, title: str, m_axis: int, flag_names: tuple[str, ...] = (), streamed_tiles: int = 1):
+        def candidates(bucket):
+            return [_INTERPRETER_CONFIG] if interpreting() else hopper_candidates(bucket, streamed_tiles)
+
+        super().__init__(kernel, title, m_axis, flag_names, candidates, default_config)
 
     def __call__(self, wrap, variant: tuple, extents: tuple, strides: tuple, args: tuple):
         if wrap is not None:
@@ -156,11 +185,11 @@ class GemmLauncher(PlannedLauncher):
         # arguments: a keyword dict of a dozen entries per launch cost ~1 us on the host.
         self.kernel.run(*args, *meta_parameters, grid=grid, warmup=False, **options)
 
-    def bucket(self, variant: tuple, extents: tuple, strides: tuple) -> tuple:
+    def bucket(self, variant: tuple, extents: tuple, strides: tuple, shared_limit: int | None = None) -> tuple:
         return self._bucket(variant, extents, (
             ("div16", "".join("1" if e % 16 == 0 else "0" for e in extents)),
             ("strides", ",".join(str(_stride_class(s)) for s in strides)),
-        ))
+        ), shared_limit)
 
     def _plan(self, key: tuple, args: tuple) -> tuple:
         variant, extents, strides = key
@@ -174,7 +203,9 @@ class GemmLauncher(PlannedLauncher):
         def plan_with(config):
             return (_grid(rows, cols, config), *positional_launch(self.kernel, len(args), constexprs, config))
 
-        return self._planned(key, args[0].device, self.bucket(variant, extents, strides), run, plan_with)
+        device = args[0].device
+        bucket = self.bucket(variant, extents, strides, shared_memory_limit(device))
+        return self._planned(key, device, bucket, run, plan_with)
 
     def _launch_wrapped(self, wrap, variant, extents, strides, args):
         """Traced launch (torch.compile through torch.library.triton_op): no tuning, no host reads;
@@ -183,7 +214,7 @@ class GemmLauncher(PlannedLauncher):
         config = None
         if all(type(v) is int for v in (*extents, *strides)):
             config = self.tuned.known(self.bucket(variant, extents, strides), _device_name(args[0].device))
-        config = config or self.tuned.default
+        config = config or self.tuned.default_for((("bytes", variant[0].itemsize), ("precision", variant[1])))
         rows, cols, _ = extents
         grid = _grid(rows, cols, config)
         wrap(self.kernel)[grid](*args, **self.constexprs(variant), **launch_kwargs(config))
@@ -224,6 +255,5 @@ def positional_launch(kernel, runtime_count: int, constexprs: dict, config: trit
     **options)``: every constexpr of the kernel after its ``runtime_count`` runtime arguments, in
     signature order, from ``constexprs`` and the config's block sizes, and the config's warps and
     stages. Passed positionally because a keyword dict of a dozen entries per launch cost ~1 us."""
-    named = {**constexprs, **config.kwargs}
-    meta_parameters = tuple(named[name] for name in kernel.arg_names[runtime_count:])
+    meta_parameters = in_signature_order(kernel, runtime_count, {**constexprs, **config.kwargs})
     return meta_parameters, {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -14,83 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, new_output, rounded_to
-from .gemm_launch import GemmLauncher
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
-
-
-@triton.jit
-def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
-    """Map a flat program id to a (row tile, column tile), GROUP row tiles at a time for L2 reuse."""
-    tiles_r = tl.cdiv(rows, BLOCK_R)
-    tiles_c = tl.cdiv(cols, BLOCK_C)
-    per_group = GROUP * tiles_c
-    first_r = (pid // per_group) * GROUP
-    group_size = min(tiles_r - first_r, GROUP)
-    tile_r = first_r + ((pid % per_group) % group_size)
-    tile_c = (pid % per_group) // group_size
-    return tile_r, tile_c
-
-
-@triton.jit
-def _round_to_tf32(v):
-    """fp32 -> the nearest tf32 value (10 mantissa bits, ties to even), still stored as fp32.
-
-    Tensor cores given fp32 operands with input_precision="tf32" drop the low 13 mantissa bits
-    (truncation), which doubles the error cuBLAS gets by rounding first; rounded operands make
-    that truncation exact. Inf and NaN pass through unchanged."""
-    bits = v.to(tl.uint32, bitcast=True)
-    tie_to_even = (bits >> 13) & 1
-    rounded = ((bits + 0xFFF + tie_to_even) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where((bits & 0x7F800000) == 0x7F800000, v, rounded)
-
-
-@triton.jit
-def relu(v):
-    """torch.relu's values: a NaN stays NaN (tl.maximum would turn it into 0 on a GPU)."""
-    return tl.where(v < 0, tl.zeros_like(v), v)
-
-
-@triton.jit
-def relu_masked(grad, out):
-    """grad where relu's output ``out`` is not <= 0, else 0: torch's threshold_backward, which
-    passes the gradient of a NaN output on."""
-    return tl.where(out <= 0, tl.zeros_like(grad), grad)
-
-
-@triton.jit
-def _dot_operand(tile, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr):
-    """A loaded tile as tl.dot should get it: widened to fp32 under the interpreter's bf16
-    problem (UPCAST), rounded to tf32 when TF32 is on (ROUND_TF32); unchanged otherwise."""
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    if ROUND_TF32:
-        tile = _round_to_tf32(tile)
-    return tile
-
-
-@triton.jit
-def _tile_product(
-    a_ptr, b_ptr, rows, cols, R, stride_a_row, stride_a_r, stride_b_r, stride_b_col,
-    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """sum over r < R of A[rows, r] * B[r, cols] in ACC_DTYPE, BLOCK_R at a time, A's tiles in B's
-    dtype. ``rows`` and ``cols`` must lie in range: callers wrap out-of-range ones onto valid
-    ones (offs % extent) so the loop needs only the R mask, and mask them at the store."""
-    offs_r = tl.arange(0, BLOCK_R)
-    a_ptrs = a_ptr + rows[:, None] * stride_a_row + offs_r[None, :] * stride_a_r
-    b_ptrs = b_ptr + offs_r[:, None] * stride_b_r + cols[None, :] * stride_b_col
-    acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=ACC_DTYPE)
-    for r0 in range(0, R, BLOCK_R):
-        a_tile = tl.load(a_ptrs, mask=offs_r[None, :] < R - r0, other=0.0).to(b_ptr.dtype.element_ty)
-        b_tile = tl.load(b_ptrs, mask=offs_r[:, None] < R - r0, other=0.0)
-        a_tile = _dot_operand(a_tile, UPCAST, ROUND_TF32)
-        b_tile = _dot_operand(b_tile, UPCAST, ROUND_TF32)
-        acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_R * stride_a_r
-        b_ptrs += BLOCK_R * stride_b_r
-    return acc
+from ._common import dot_precision, new_output, on_device_of, rounded_to
+from .gemm_launch import GemmLauncher
+from .gemm_tiles import grouped_tile, relu, tile_product
 
 
 @triton.jit
@@ -104,13 +31,13 @@ def _linear_relu_fwd_kernel(
 ):
     """RELU=False makes it a plain Linear (the output layer of kernels/mlp.py's stack)."""
     pid = tl.program_id(0)
-    tile_m, tile_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n % N
-    acc = _tile_product(
-        x_ptr, w_ptr, offs_m % M, cols, K, stride_xm, stride_xk, stride_wk, stride_wn,
-        INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+    acc, _ = tile_product(
+        x_ptr, x_ptr, w_ptr, offs_m % M, cols, K, stride_xm, stride_xk, 0, 0, stride_wk, stride_wn,
+        False, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC_DTYPE)[None, :]
@@ -128,30 +55,17 @@ def _linear_relu_bwd_input_kernel(
     INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """grad_x tile = sum over N of g tile @ W tile. Block names follow the output (M, K):
-    BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
+    """grad_x tile = sum over N of g tile @ W tile, g = grad_out masked by out. Block names follow
+    the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
     pid = tl.program_id(0)
-    tile_m, tile_k = _grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m, tile_k = grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.arange(0, BLOCK_K)
-    rows = offs_m % M
-    cols = offs_k % K
-    g_ptrs = grad_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn
-    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for n0 in range(0, N, BLOCK_K):
-        in_range = offs_n < N - n0
-        grad = tl.load(g_ptrs, mask=in_range[None, :], other=0.0)
-        g_tile = relu_masked(grad, tl.load(o_ptrs, mask=in_range[None, :], other=0.0)).to(w_ptr.dtype.element_ty)
-        w_tile = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
-        g_tile = _dot_operand(g_tile, UPCAST, ROUND_TF32)
-        w_tile = _dot_operand(w_tile, UPCAST, ROUND_TF32)
-        acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        g_ptrs += BLOCK_K * stride_gn
-        o_ptrs += BLOCK_K * stride_on
-        w_ptrs += BLOCK_K * stride_wn
+    acc, _ = tile_product(
+        grad_ptr, out_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, stride_om, stride_on,
+        stride_wn, stride_wk, True, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
     tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -171,33 +85,14 @@ def _linear_relu_bwd_weight_kernel(
     grad_out as g unmasked (``out`` is then not read): kernels/mlp.py passes gradients that
     are already masked, or belong to a layer without ReLU."""
     pid = tl.program_id(0)
-    tile_n, tile_k = _grouped_tile(pid, N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_n, tile_k = grouped_tile(pid, N, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_n = tile_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_K)
-    rows = offs_n % N
-    cols = offs_k % K
-    gt_ptrs = grad_ptr + rows[:, None] * stride_gn + offs_m[None, :] * stride_gm
-    ot_ptrs = out_ptr + rows[:, None] * stride_on + offs_m[None, :] * stride_om
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_K):
-        in_range = offs_m < M - m0
-        gt_tile = tl.load(gt_ptrs, mask=in_range[None, :], other=0.0)
-        if RELU:
-            gt_tile = relu_masked(gt_tile, tl.load(ot_ptrs, mask=in_range[None, :], other=0.0))
-        if HAS_BIAS_GRAD:
-            bias_acc += tl.sum(gt_tile.to(ACC_DTYPE), axis=1)
-        if HAS_WEIGHT_GRAD:
-            x_tile = tl.load(x_ptrs, mask=in_range[:, None], other=0.0)
-            gt_tile = gt_tile.to(x_ptr.dtype.element_ty)
-            gt_tile = _dot_operand(gt_tile, UPCAST, ROUND_TF32)
-            x_tile = _dot_operand(x_tile, UPCAST, ROUND_TF32)
-            acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        gt_ptrs += BLOCK_K * stride_gm
-        ot_ptrs += BLOCK_K * stride_om
-        x_ptrs += BLOCK_K * stride_xm
+    acc, bias_acc = tile_product(
+        grad_ptr, out_ptr, x_ptr, offs_n % N, offs_k % K, M, stride_gn, stride_gm, stride_on, stride_om,
+        stride_xm, stride_xk, RELU, HAS_BIAS_GRAD, HAS_WEIGHT_GRAD, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE,
+        BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     if HAS_WEIGHT_GRAD:
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
         tl.store(dw_ptrs, rounded_to(acc, dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -207,10 +102,10 @@ def _linear_relu_bwd_weight_kernel(
 
 
 _forward = GemmLauncher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0)
+_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0, streamed_tiles=2)
 _backward_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2,
-    flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"),
+    flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"), streamed_tiles=2,
 )
 
 
@@ -239,6 +134,7 @@ def _in_features(x, weight) -> int:
     return weight.shape[1] if weight is not None else 0
 
 
+@on_device_of(lambda args: args[0])
 def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, wrap=None) -> torch.Tensor:
     """relu(x @ weight.T + bias) for 2-D x (M, K) of any strides; returns a new (M, N) tensor.
 
@@ -297,6 +193,7 @@ def weight_and_bias_grads(launcher, wrap, grad_out, out, x, need_weight_grad, ne
     return grad_w, grad_b
 
 
+@on_device_of(lambda args: args[1])
 def linear_relu_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,

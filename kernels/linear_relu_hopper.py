@@ -31,13 +31,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import linear_relu as portable
 from ._common import (
     HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output,
-    rounded_to,
+    on_device_of, rounded_to, shared_memory_limit,
 )
 from ._tuning import launch_kwargs
 from .gemm_launch import PlannedLauncher, configs_for_problem, positional_launch, tile_config
+from .gemm_tiles import dot_operand, grouped_tile, relu, relu_masked, round_to_tf32
 
 
 _BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
@@ -53,19 +53,19 @@ def _fwd_kernel(
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_m, tile_n = portable._grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_m, tile_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         row, col = tile_m * BLOCK_M, tile_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for step in range(k_steps):
             x_tile = x_desc.load([row, step * BLOCK_K])
             w_tile = w_desc.load([col, step * BLOCK_K])
-            x_tile = portable._dot_operand(x_tile, UPCAST, ROUND_TF32)
-            w_tile = portable._dot_operand(w_tile, UPCAST, ROUND_TF32)
+            x_tile = dot_operand(x_tile, UPCAST, ROUND_TF32)
+            w_tile = dot_operand(w_tile, UPCAST, ROUND_TF32)
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             cols = col.to(tl.int64) + tl.arange(0, BLOCK_N)
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(ACC_DTYPE)[None, :]
-        acc = portable.relu(acc)
+        acc = relu(acc)
         out_desc.store([row, col], rounded_to(acc, out_desc.dtype))
 
 
@@ -80,15 +80,15 @@ def _bwd_input_kernel(
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_N)
     n_steps = tl.cdiv(N, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_m, tile_k = portable._grouped_tile(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_m, tile_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
         row, col = tile_m * BLOCK_M, tile_k * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for step in range(n_steps):
             grad = grad_desc.load([row, step * BLOCK_K])
-            g_tile = portable.relu_masked(grad, out_desc.load([row, step * BLOCK_K]))
+            g_tile = relu_masked(grad, out_desc.load([row, step * BLOCK_K]))
             w_tile = w_desc.load([step * BLOCK_K, col])
-            g_tile = portable._dot_operand(g_tile, UPCAST, ROUND_TF32)
-            w_tile = portable._dot_operand(w_tile, UPCAST, ROUND_TF32)
+            g_tile = dot_operand(g_tile, UPCAST, ROUND_TF32)
+            w_tile = dot_operand(w_tile, UPCAST, ROUND_TF32)
             acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         dx_desc.store([row, col], rounded_to(acc, dx_desc.dtype))
 
@@ -106,7 +106,7 @@ def _bwd_weight_kernel(
     tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(K, BLOCK_N)
     m_steps = tl.cdiv(M, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_n, tile_k = portable._grouped_tile(tile, N, K, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_n, tile_k = grouped_tile(tile, N, K, BLOCK_M, BLOCK_N, GROUP_M)
         row, col = tile_n * BLOCK_M, tile_k * BLOCK_N
         sums_bias = HAS_BIAS_GRAD and tile_k == 0
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -114,7 +114,7 @@ def _bwd_weight_kernel(
         bias_cols = tl.zeros((BLOCK_M, _BIAS_DOT_COLUMNS), dtype=ACC_DTYPE)
         for step in range(m_steps):
             grad = grad_desc.load([step * BLOCK_K, row])
-            gt_tile = portable.relu_masked(grad, out_desc.load([step * BLOCK_K, row])).T
+            gt_tile = relu_masked(grad, out_desc.load([step * BLOCK_K, row])).T
             x_tile = x_desc.load([step * BLOCK_K, col])
             if UPCAST:
                 gt_tile = gt_tile.to(tl.float32)
@@ -129,8 +129,8 @@ def _bwd_weight_kernel(
                 else:
                     bias_acc += tl.sum(gt_tile.to(ACC_DTYPE), axis=1)
             if ROUND_TF32:
-                gt_tile = portable._round_to_tf32(gt_tile)
-                x_tile = portable._round_to_tf32(x_tile)
+                gt_tile = round_to_tf32(gt_tile)
+                x_tile = round_to_tf32(x_tile)
             acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         dw_desc.store([row, col], rounded_to(acc, dw_desc.dtype))
         if sums_bias:
@@ -175,12 +175,13 @@ def candidates(bucket: tuple, streamed_tiles: int) -> list[triton.Config]:
     if interpreting():
         return [_INTERPRETER_CONFIG]
     elem = dict(bucket)["bytes"]
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem) <= HOPPER_SHARED_MEMORY_BYTES]
+    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
+    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem) <= limit]
     return configs_for_problem(fitting, bucket)
 
 
 _SM_COUNTS: dict = {}
-_CPU_SM_COUNT = 132  # compile-only runs on CPU tensors (tests/sm90_compile.py): an H100/H200's SMs
+_CPU_SM_COUNT = 132  # compile-only runs on CPU tensors (scripts/compile_check.py): an H100/H200's SMs
 _INTERPRETER_SM_COUNT = 3  # small, so that the interpreter runs several tiles per program
 
 
@@ -213,8 +214,8 @@ class _PersistentLauncher(PlannedLauncher):
         config, grid, meta_parameters, options = plan
         self.kernel.run(*make_args(config), *meta_parameters, grid=grid, warmup=False, **options)
 
-    def bucket(self, variant: tuple, extents: tuple) -> tuple:
-        return self._bucket(variant, extents)
+    def bucket(self, variant: tuple, extents: tuple, shared_limit: int | None = None) -> tuple:
+        return self._bucket(variant, extents, shared_limit=shared_limit)
 
     def _grid(self, device, extents, config) -> tuple:
         rows, cols, _ = extents
@@ -233,7 +234,7 @@ class _PersistentLauncher(PlannedLauncher):
             meta_parameters, options = positional_launch(self.kernel, len(make_args(config)), constexprs, config)
             return (config, self._grid(device, extents, config), meta_parameters, options)
 
-        return self._planned(key, device, self.bucket(variant, extents), run, plan_with)
+        return self._planned(key, device, self.bucket(variant, extents, shared_memory_limit(device)), run, plan_with)
 
 
 _forward = _PersistentLauncher(
@@ -281,7 +282,7 @@ def tma_compatible(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def _dtype_eligible(dtype: torch.dtype) -> bool:
+def dtype_eligible(dtype: torch.dtype) -> bool:
     """16-bit operands, or fp32 with TF32 allowed (fp32 IEEE dots do not use tensor cores)."""
     return dtype in _TMA_DTYPES and (dtype != torch.float32 or dot_precision(dtype) == "tf32")
 
@@ -299,7 +300,7 @@ def forward_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return False
     (M, K), N = x.shape, weight.shape[0]
     return (
-        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
+        M * N * K >= max(MIN_MACS, 1) and dtype_eligible(x.dtype) and _rows_fit_tma(N, x.dtype)
         and tma_compatible(x) and tma_compatible(weight)
     )
 
@@ -315,7 +316,7 @@ def backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_gra
     operand = x if need_weight_grad else weight
     K = operand.shape[1]
     return (
-        M * N * K >= max(MIN_MACS, 1) and _dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
+        M * N * K >= max(MIN_MACS, 1) and dtype_eligible(out.dtype) and _rows_fit_tma(K, out.dtype)
         and tma_compatible(grad_out) and tma_compatible(out)
         and (not need_weight_grad or tma_compatible(x)) and (not need_input_grad or tma_compatible(weight))
     )
@@ -323,6 +324,7 @@ def backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_gra
 
 # ---- launchers ------------------------------------------------------------------------------
 
+@on_device_of(lambda args: args[0])
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """relu(x @ weight.T + bias) through the TMA kernel; the caller checked forward_eligible
     (tests call it directly under the interpreter)."""
@@ -342,6 +344,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return out
 
 
+@on_device_of(lambda args: args[1])
 def backward(grad_out, out, x, weight, need_input_grad: bool, need_weight_grad: bool, need_bias_grad: bool):
     """(grad_x, grad_W, grad_b) through the TMA kernels, None where not asked for; the caller
     checked backward_eligible."""

@@ -27,12 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, new_output, rounded_to
+from ._common import dot_precision, new_output, on_device_of, rounded_to
 from .gemm_launch import GemmLauncher
-from .linear_relu import (
-    _grouped_tile, _linear_relu_bwd_weight_kernel,
-    _linear_relu_fwd_kernel, _tile_product, _with_a_unit_stride, relu_masked, weight_and_bias_grads,
-)
+from .gemm_tiles import grouped_tile, relu_masked, tile_product
+from .linear_relu import _linear_relu_bwd_weight_kernel, _linear_relu_fwd_kernel, _with_a_unit_stride, weight_and_bias_grads
 
 
 @triton.jit
@@ -47,12 +45,12 @@ def _mlp_grad_input_kernel(
     """dx tile = sum over N of grad tile @ W tile, times (below > 0) when MASK. Block names follow
     the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
     pid = tl.program_id(0)
-    tile_m, tile_k = _grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m, tile_k = grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _tile_product(
-        grad_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, stride_wn, stride_wk,
-        INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+    acc, _ = tile_product(
+        grad_ptr, grad_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, 0, 0, stride_wn, stride_wk,
+        False, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if MASK:
@@ -77,6 +75,7 @@ def tuned_configs() -> list[dict]:
     return [row for launcher in (_output_forward, _grad_input, _grad_weight) for row in launcher.report()]
 
 
+@on_device_of(lambda args: args[0])
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias (no ReLU) for 2-D x (M, K); returns a new (M, N) tensor."""
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
@@ -100,6 +99,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+@on_device_of(lambda args: args[0])
 def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | None) -> torch.Tensor:
     """grad @ weight, times (below > 0) when ``below`` (the output of the ReLU layer underneath,
     (M, K)) is given. Shapes: grad (M, N), weight (N, K)."""
@@ -123,6 +123,7 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
     return out
 
 
+@on_device_of(lambda args: args[0])
 def grad_weight(
     grad: torch.Tensor, inp: torch.Tensor | None, need_weight_grad: bool, need_bias_grad: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, new_output, next_power_of_2, rounded_to
-from ._embedding_common import INTERPRETING, tl_acc_dtype
+from ._embedding_common import INTERPRETING, clamped_rows, tl_acc_dtype
 
 # Entries per tile; each level shrinks its input by SEGMENT_TILE / 2. Tests lower it to force
 # many levels on small batches.
@@ -82,7 +82,7 @@ def _embedding_dot_bias_bwd_segment_kernel(
         samples = tl.load(order_ptr + positions, mask=valid, other=0).to(tl.int64)
         partners = tl.load(partners_ptr + samples * stride_partners, mask=valid, other=0).to(tl.int64)
         entry_ok = valid & (keys >= 0) & (keys < n_rows) & (partners >= 0) & (partners < n_partner_rows)
-        partners = tl.where(entry_ok, partners, 0)
+        partners = clamped_rows(partners, n_partner_rows)
         coef = tl.load(coef_ptr + samples, mask=entry_ok, other=0.0).to(ACC_DTYPE)
     if EMIT_CARRY:
         tl.store(carry_out_keys_ptr + 2 * tile, first_key)

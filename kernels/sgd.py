@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import in_signature_order, interpreting, on_device_of
 from .sgd_kernel import TABLE_COLUMNS, block_sizes, sgd_kernel, split_fp32
 
 
@@ -63,6 +63,14 @@ _is_contiguous = torch.Tensor.is_contiguous
 # host-to-device copy re-reads the pinned source) at every replay, so neither may ever be freed
 # or reused. Whatever a launch uses while the stream is capturing is kept here for the process.
 _kept_for_graphs: list[torch.Tensor] = []
+
+
+def _pinned_empty(shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, pin_memory=True)
+
+
+def _to_device(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return pinned.to(device, non_blocking=True)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -113,6 +121,10 @@ class StepLaunch:
         self.host_table[:, 2] = self._offsets(self.b_ptrs, "momentum_buffers")[self.owner] + self.start
         self.host_table[:, 3] = np.minimum(lengths[self.owner] - self.start, chunk)
         self.tables: collections.OrderedDict = collections.OrderedDict()
+        self.spare_pinned: list[torch.Tensor] = []
+        self.meta_parameters: dict[tuple, tuple] = {}  # flags -> the kernel's constexprs, in order
+        if self.device.type == "cuda" and not _capturing(self.device):
+            self._keep_spare_pinned()
 
     def _offsets(self, ptrs: np.ndarray, name: str) -> np.ndarray:
         """Element offsets of ``ptrs`` from params[0]: the kernel adds them to its one base pointer."""
@@ -157,16 +169,23 @@ class StepLaunch:
             if low_bits % self.itemsize:
                 raise ValueError(f"grads addresses are not multiples of the element size ({self.itemsize} bytes)")
             align = self.align if low_bits % 16 == 0 else 1
-            host = self.host_table.copy()
+            on_cuda = self.device.type == "cuda"
+            # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
+            # alive until the copy has run (and _kept_for_graphs keeps a captured one forever).
+            # Pinning allocates, which CUDA-graph capture forbids: a table built while capturing
+            # (the gradients got new addresses, after zero_grad(set_to_none=True)) fills a block
+            # pinned beforehand.
+            source = self._pinned_block(capturing) if on_cuda else torch.empty(self.host_table.shape, dtype=torch.int64)
+            host = source.numpy()
+            host[:] = self.host_table
             np.add(((g_ptrs - self.base) // self.itemsize)[self.owner], self.start, out=host[:, 1])
-            table = torch.from_numpy(host)
-            if self.device.type == "cuda":
-                # Pinned, so the copy is asynchronous; torch's host allocator keeps the pinned block
-                # alive until the copy has run (and _kept_for_graphs keeps a captured one forever).
-                source = table.pin_memory()
-                table = source.to(self.device, non_blocking=True)
+            table = source
+            if on_cuda:
+                table = _to_device(source, self.device)
                 if capturing:
                     _kept_for_graphs.append(source)
+                else:
+                    self._keep_spare_pinned()
             hit = self.tables[key] = (table, align)
             if len(self.tables) > self._TABLES_KEPT:
                 self.tables.popitem(last=False)
@@ -175,6 +194,22 @@ class StepLaunch:
         if capturing:
             _kept_for_graphs.append(hit[0])
         return hit
+
+    _SPARE_PINNED = 2  # pinned table blocks kept for tables built during capture
+
+    def _keep_spare_pinned(self) -> None:
+        while len(self.spare_pinned) < self._SPARE_PINNED:
+            self.spare_pinned.append(_pinned_empty(self.host_table.shape))
+
+    def _pinned_block(self, capturing: bool) -> torch.Tensor:
+        if not capturing:
+            return _pinned_empty(self.host_table.shape)
+        if not self.spare_pinned:
+            raise RuntimeError(
+                "fastcore5 SGD: the gradients moved more than twice during one CUDA-graph capture; run "
+                "the captured step once eagerly before capturing (warm-up), as torch.cuda.graphs asks"
+            )
+        return self.spare_pinned.pop()
 
     def launch(self, base: torch.Tensor, grads, lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize,
                decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag) -> None:
@@ -187,20 +222,29 @@ class StepLaunch:
         momentum_hi, momentum_lo = split_fp32(momentum)
         keep_hi, keep_lo = split_fp32(1.0 - dampening)
         wd_hi, wd_lo = split_fp32(weight_decay)
-        sgd_kernel[(self.rows,)](
+        flags = (lr_tensor is not None, grad_scale is not None, found_inf is not None, skip_flag is not None,
+                 has_momentum, bool(first_step), bool(nesterov) and has_momentum, bool(maximize), weight_decay != 0,
+                 bool(decoupled_weight_decay), align)
+        meta_parameters = self.meta_parameters.get(flags)
+        if meta_parameters is None:
+            meta_parameters = self.meta_parameters[flags] = in_signature_order(sgd_kernel, _RUNTIME_ARGS, {
+                **dict(zip(_FLAG_NAMES, flags)),
+                "COMPUTE": tl.float64 if self.dtype == torch.float64 else tl.float32, "BLOCK": self.block,
+            })
+        sgd_kernel.run(
             base, table,
             table if lr_tensor is None else lr_tensor,  # the table stands in for absent pointers; never read
             table if grad_scale is None else grad_scale,
             table if found_inf is None else found_inf,
             table if skip_flag is None else skip_flag,
             lr_hi, lr_lo, momentum_hi, momentum_lo, keep_hi, keep_lo, wd_hi, wd_lo,
-            LR_ON_DEVICE=lr_tensor is not None, HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, HAS_SKIP=skip_flag is not None,
-            HAS_MOMENTUM=has_momentum, FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov) and has_momentum,
-            MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled_weight_decay),
-            ALIGN=align, COMPUTE=tl.float64 if self.dtype == torch.float64 else tl.float32,
-            BLOCK=self.block, num_warps=self.num_warps,
+            *meta_parameters, grid=(self.rows,), warmup=False, num_warps=self.num_warps,
         )
+
+
+_RUNTIME_ARGS = 14  # sgd_kernel's arguments before its constexprs
+_FLAG_NAMES = ("LR_ON_DEVICE", "HAS_SCALE", "HAS_FOUND_INF", "HAS_SKIP", "HAS_MOMENTUM", "FIRST_STEP", "NESTEROV",
+               "MAXIMIZE", "HAS_WD", "DECOUPLED", "ALIGN")
 
 
 # (device, dtype, param and buffer addresses, lengths, strides) -> StepLaunch, least recently used
@@ -224,6 +268,7 @@ def prepared_launch(params: list[torch.Tensor], momentum_buffers: list[torch.Ten
     return launch
 
 
+@on_device_of(lambda args: args[0][0] if args[0] else None)
 def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

@@ -92,17 +92,26 @@ def use_segment_tile(monkeypatch, entries):
 
 
 def assert_parity(ours, torch_same_dtype, exact, atol, rtol=0.0, what="values", *, torch_exact=None):
-    """The low-precision parity rule: ``ours`` is within 2x PyTorch's own error in the same dtype
-    (``torch_same_dtype``) plus atol + rtol*|exact| of the float64 ``exact``.
+    """The low-precision parity rule, element by element: each element of ``ours`` is within 2x
+    PyTorch's own error *at that element* in the same dtype (``torch_same_dtype``), plus one
+    rounding to ``ours``'s dtype (eps * |exact|: torch's result may have rounded the lucky way at
+    an element where ours did not), plus atol + rtol*|exact|, against the float64 ``exact``. (It
+    allowed every element twice torch's largest error, which hides a wrong small element beside
+    a large one.)
 
     ``torch_exact``: the float64 reference PyTorch's result is measured against, where it is not
     ``exact`` (Linear+ReLU gradients follow each implementation's own ReLU mask)."""
     torch_exact = exact if torch_exact is None else torch_exact
+    eps = torch.finfo(ours.dtype).eps if ours.dtype.is_floating_point else 0.0
     ours, torch_same_dtype = ours.double(), torch_same_dtype.double()
-    torch_error = (torch_same_dtype - torch_exact).abs().max().item() if torch_exact.numel() else 0.0
-    allowed = 2 * torch_error + atol + rtol * exact.abs()
+    torch_error = (torch_same_dtype - torch_exact).abs()
+    allowed = 2 * torch_error + atol + (rtol + eps) * exact.abs()
     error = (ours - exact).abs()
     assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    assert (error <= allowed).all(), (
-        f"{what}: max error {error.max().item():.3g} vs torch's {torch_error:.3g} (atol {atol:.3g}, rtol {rtol})"
-    )
+    if not (error <= allowed).all():
+        worst = (error - allowed).argmax()
+        raise AssertionError(
+            f"{what}: element {tuple(int(i) for i in torch.unravel_index(worst, error.shape))} is off by "
+            f"{error.flatten()[worst].item():.3g} where torch's error there is {torch_error.flatten()[worst].item():.3g} "
+            f"(exact {exact.flatten()[worst].item():.3g}; atol {atol:.3g}, rtol {rtol}, eps {eps:.3g})"
+        )

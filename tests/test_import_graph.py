@@ -144,3 +144,35 @@ def test_fastcore5_kernels_is_the_top_level_kernels_folder():
     setup.py maps nothing, so editable installs, wheels and sdists all follow the link."""
     link = PACKAGE_ROOT / "kernels"
     assert link.is_symlink() and link.resolve() == PACKAGE_ROOT.parent / "kernels"
+
+
+# The rows of ARCHITECTURE.md's diagram, lowest first: a module may import its own row and the rows
+# below. The package itself (fastcore5/__init__.py, the public facade) sits in the top row: the
+# entry points use the public API as a user would.
+LAYERS = (
+    ("fastcore5.kernels", "fastcore5._cuda_ops", "fastcore5.reference", "fastcore5._checks", "fastcore5._op_shapes",
+     "fastcore5.index_errors", "fastcore5._output_paths"),
+    ("fastcore5.backends",),
+    ("fastcore5.ops",),
+    ("fastcore5.nn", "fastcore5.optim", "fastcore5.interpret"),
+    ("fastcore5.cli", "fastcore5.__main__", "fastcore5.demo", "fastcore5.bench", "fastcore5.fastai"),
+)
+
+
+def _layer(module: str) -> int:
+    if module == "fastcore5":
+        return len(LAYERS) - 1
+    for rank, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer of ARCHITECTURE.md: add it to LAYERS and to the diagram")
+
+
+def test_every_import_points_down_the_layers_of_the_architecture():
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in import_graph().items()
+        for target in targets
+        if _layer(target) > _layer(name)
+    )
+    assert not upward, "imports of a higher layer (ARCHITECTURE.md): " + "; ".join(upward)

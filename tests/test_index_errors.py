@@ -182,3 +182,68 @@ def test_device_mode_forward_and_backward_read_nothing_on_the_host(deterministic
         out = fastcore5.embedding_dot_bias(users, items, *model_tables, (0.0, 5.5), validate="device")
         ((out - 3.0) ** 2).mean().backward()
     assert all(t.grad is not None for t in model_tables)
+
+
+class _ManualEvent:
+    """A CUDA event stand-in whose copy 'lands' when the test says so."""
+
+    def __init__(self):
+        self.landed = False
+        self.records = 0  # one per copy started
+
+    def record(self):
+        self.landed = False
+        self.records += 1
+
+    def query(self):
+        return self.landed
+
+    def synchronize(self):
+        self.landed = True
+
+
+def _flag_with_asynchronous_copy(monkeypatch):
+    """A CPU flag driven through the CUDA code path: a separate host buffer and a manual event."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    flag = index_errors._DeviceFlag(torch.device("cpu"))
+    flag.host = torch.zeros(index_errors.SLOTS, dtype=torch.int64)
+    flag.seen = flag.host.numpy()
+    flag.event = _ManualEvent()
+    return flag
+
+
+def _kernel_records_a_bad_user(flag):
+    flag.tensor.copy_(torch.tensor([1, 1, 0, 7, 7, 0, 0, 0, 9]))
+    flag.after_launch()
+
+
+def test_a_copy_started_before_the_latest_launch_is_not_taken_as_its_answer(monkeypatch):
+    """The copy in flight was started after launch 1 (clean); launch 2 records a bad index. Waiting
+    must report it (the stale copy said nothing about launch 2), and so must a later poll."""
+    flag = _flag_with_asynchronous_copy(monkeypatch)
+    flag.after_launch()  # launch 1, clean: its copy starts
+    _kernel_records_a_bad_user(flag)  # launch 2 while that copy is in flight
+    assert flag.report(wait=True) is not None
+
+    flag = _flag_with_asynchronous_copy(monkeypatch)
+    flag.after_launch()
+    _kernel_records_a_bad_user(flag)
+    flag.event.landed = True
+    assert flag.report(wait=False) is None  # the landed copy is stale: a new one starts
+    flag.event.landed = True
+    values = flag.report(wait=False)
+    assert values is not None and values[3] == 7
+
+
+def test_polls_without_a_new_launch_do_not_copy_the_flag_each_time(monkeypatch):
+    """Once a copy covering every known launch landed clean, a poll within POLL_SECONDS starts
+    no device-to-host copy (every op polls once any flag exists)."""
+    flag = _flag_with_asynchronous_copy(monkeypatch)
+    flag.after_launch()
+    flag.event.landed = True
+    monkeypatch.setattr(index_errors._DeviceFlag, "POLL_SECONDS", 3600.0)
+    for _ in range(5):
+        assert flag.report(wait=False) is None
+    assert flag.event.records == 1
+    monkeypatch.setattr(index_errors._DeviceFlag, "POLL_SECONDS", 0.0)  # graph replays are seen by polls
+    assert flag.report(wait=False) is None and flag.event.records == 2

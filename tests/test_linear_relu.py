@@ -313,6 +313,7 @@ def test_gpu_parity_at_benchmark_shapes(backend, dtype, tf32, M, K, N):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from fastcore5.kernels import gemm_tiles  # noqa: E402
 from fastcore5.kernels import linear_relu as kernels  # noqa: E402
 
 
@@ -320,7 +321,7 @@ from fastcore5.kernels import linear_relu as kernels  # noqa: E402
 def _round_to_tf32_test_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(src_ptr + offs, mask=offs < n)
-    tl.store(dst_ptr + offs, kernels._round_to_tf32(v), mask=offs < n)
+    tl.store(dst_ptr + offs, gemm_tiles.round_to_tf32(v), mask=offs < n)
 
 
 def tf32_round_reference(v: torch.Tensor) -> torch.Tensor:
@@ -469,3 +470,21 @@ def test_gpu_tf32_error_at_most_twice_torchs(M, K, N):
     grad_out = torch.randn(M, N, device="cuda")
     with allow_tf32(True):
         check_layout_parity(x, w, b, grad_out, 1e-4)  # the fp32 atol of test_gpu_parity_at_benchmark_shapes
+
+
+@pytest.mark.gpu
+def test_gpu_operand_whose_stride_times_a_block_passes_2_31():
+    """x column-major with a leading stride of 2**25 + 16 elements: the K loop's offset r * stride
+    passes 2**31 from r = 64 on (it was int32 and wrapped). 4.3 GB of bf16 storage."""
+    M, K, N, leading = 64, 96, 32, 2**25 + 16
+    storage = torch.randn(K, leading, dtype=torch.bfloat16, device="cuda")
+    x = storage[:, :M].t()  # (M, K), strides (1, leading)
+    weight = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
+    out = kernels.linear_relu_forward(x, weight, bias)
+    exact = torch.relu(x.double() @ weight.double().t() + bias.double())
+    torch.testing.assert_close(out.double(), exact, atol=0.1, rtol=0.02)
+    grad_x, grad_w, _ = kernels.linear_relu_backward(torch.ones_like(out), out, x, weight, True, True, False)
+    mask = (out > 0).double()
+    torch.testing.assert_close(grad_w.double(), mask.t() @ x.double(), atol=0.5, rtol=0.02)
+    torch.testing.assert_close(grad_x.double(), mask @ weight.double(), atol=0.5, rtol=0.02)

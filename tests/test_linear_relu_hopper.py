@@ -5,7 +5,7 @@ Three ways in, by what the machine has:
   descriptor stores, several tiles per persistent program, the ReLU mask on grad_out tiles, the
   bias sum of the first K column) against float64, called directly (the launchers dispatch to
   them only on an sm_90+ GPU);
-- CPU, compiler: tests/sm90_compile.py compiles them for sm_90 and the generated code is
+- CPU, compiler: scripts/compile_check.py compiles them for sm_90 and the generated code is
   checked for TMA bulk copies, wgmma and multi-buffered (pipelined) operand tiles;
 - GPU (marked ``gpu``, run by scripts/gpu_check.sh): the public op dispatches to them on
   sm_90+ and matches float64 at small versions of the benchmark shapes.
@@ -23,7 +23,7 @@ from fastcore5.kernels import linear_relu_hopper as hopper
 from conftest import HAS_CUDA
 from helpers import allow_tf32, assert_parity
 from test_linear_relu import _masked, check_layout_parity, check_tf32_operand_rounding, make_inputs
-from test_triton_sm90_compile import compile_op
+from test_compile_check import compile_op
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -141,9 +141,9 @@ def test_tma_compatible_needs_unit_inner_stride_16_byte_rows_and_alignment():
 def test_dtypes_eligible_are_16_bit_and_fp32_with_tf32(monkeypatch):
     for precision, fp32_eligible in (("tf32", True), ("ieee", False)):
         monkeypatch.setattr(hopper, "dot_precision", lambda dtype, p=precision: p if dtype == torch.float32 else "ieee")
-        assert hopper._dtype_eligible(torch.bfloat16) and hopper._dtype_eligible(torch.float16)
-        assert hopper._dtype_eligible(torch.float32) == fp32_eligible
-        assert not hopper._dtype_eligible(torch.float64)
+        assert hopper.dtype_eligible(torch.bfloat16) and hopper.dtype_eligible(torch.float16)
+        assert hopper.dtype_eligible(torch.float32) == fp32_eligible
+        assert not hopper.dtype_eligible(torch.float64)
 
 
 def test_cpu_and_traced_launches_stay_on_the_portable_kernels():
@@ -193,7 +193,7 @@ def test_kernels_compile_for_sm90_with_tma_wgmma_and_pipelined_operands():
         tile = tuple(int(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (row["options"]["num_stages"], 0)
         operand_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[row["signature"].split("<")[1].split("[")[0]]
         streamed = 1 if row["kernel"] == "_fwd_kernel" else 2
-        assert row["fits_hopper"] and row["shared_bytes"] <= hopper._shared_bytes(tile, streamed, operand_bytes), row
+        assert row["fits"] and row["shared_bytes"] <= hopper._shared_bytes(tile, streamed, operand_bytes), row
         assert row["tma"] and row["ptx_bulk_tensor_copies"] > 0, row
         assert row["wgmma"] and row["ptx_wgmma"] > 0, row
         assert row["operand_buffers"] >= 2, row

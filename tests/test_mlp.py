@@ -375,7 +375,9 @@ def test_bad_input_names_the_argument(args, error, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tf32", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
-@pytest.mark.parametrize("M, sizes", [(8192, (1024, 4096, 4096, 1024)), (1000, (999, 513, 97, 10))])
+# 2048 x (1024, 2048, 1024, 512): many tiles and above the TMA kernels' MIN_MACS, a twentieth of the multiply-adds of the
+# former 8192 x (1024, 4096, 4096, 1024), whose fp32 and float64 passes did not fit the GPU check's window
+@pytest.mark.parametrize("M, sizes", [(2048, (1024, 2048, 1024, 512)), (1000, (999, 513, 97, 10))])
 def test_gpu_parity_with_the_unfused_sequential(dtype, tf32, M, sizes):
     """The compiled kernels (no float64 tl.dot on a GPU): each gradient within 2x the error of
     torch's own nn.Sequential in the same dtype against float64, plus 1e-3 of its largest value."""
@@ -395,19 +397,20 @@ def test_gpu_parity_with_the_unfused_sequential(dtype, tf32, M, sizes):
 
 def test_mlp_kernels_compile_for_hopper_with_wgmma_and_pipelined_copies():
     """The MLP's kernels (the masked grad-input GEMM, and the Linear+ReLU forward and grad_W
-    kernels with RELU=False) compiled for sm_90 by tests/sm90_compile.py: each fits a Hopper SM,
+    kernels with RELU=False) compiled for sm_90 by scripts/compile_check.py: each fits a Hopper SM,
     and every config with a full warpgroup uses wgmma with asynchronous operand copies."""
-    from test_triton_sm90_compile import compile_op
+    from test_compile_check import compile_op
 
     rows = compile_op("mlp")
     kernels = {(r["kernel"], r["constexprs"].get("MASK"), r["constexprs"].get("RELU")) for r in rows}
     assert kernels == {
         ("_linear_relu_fwd_kernel", None, "False"),
         ("_mlp_grad_input_kernel", "True", None),
+        ("_mlp_grad_input_kernel", "False", None),
         ("_linear_relu_bwd_weight_kernel", None, "False"),
     }
-    assert {r["signature"].split(",")[0] for r in rows} == {"*bf16", "*fp32"}
+    assert {r["signature"].split(",")[0] for r in rows} == {"*bf16", "*fp16", "*fp32", "*fp64"}
     for row in rows:
-        assert row["fits_hopper"], row
-        if row["options"]["num_warps"] >= 4:
+        assert row["fits"], row
+        if row["options"]["num_warps"] >= 4 and row["dtype"] in ("bf16", "fp16", "fp32-tf32"):
             assert row["wgmma"] and row["async_copies"] > 0, row

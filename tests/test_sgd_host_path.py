@@ -9,6 +9,7 @@ import copy
 import warnings
 
 import pytest
+import numpy as np
 import torch
 
 from fastcore5 import backends
@@ -316,3 +317,48 @@ def test_training_step_has_no_sync_on_cuda(contiguous):
         torch.cuda.set_sync_debug_mode("default")
         for name in ("grad_scale", "found_inf"):
             opt.__dict__.pop(name, None)
+
+
+def test_a_table_built_during_graph_capture_pins_no_memory(monkeypatch):
+    """After zero_grad(set_to_none=True) the captured step's gradients have new addresses, so a new
+    chunk table is built while the stream is capturing. Pinning host memory allocates, which
+    capture forbids: the table must fill a block pinned before capture began. Simulated on CPU:
+    the launch believes it is on CUDA, pinning records whether capture was on."""
+    from fastcore5.kernels import sgd as sgd_kernels
+
+    capturing = [False]
+    pinned_while_capturing = []
+
+    def pinned_empty(shape):
+        pinned_while_capturing.append(capturing[0])
+        return torch.empty(shape, dtype=torch.int64)
+
+    monkeypatch.setattr(sgd_kernels, "_pinned_empty", pinned_empty)
+    monkeypatch.setattr(sgd_kernels, "_to_device", lambda pinned, device: pinned)
+    monkeypatch.setattr(sgd_kernels, "_capturing", lambda device: capturing[0])
+    params = [torch.randn(3000), torch.randn(7)]
+    launch = sgd_kernels.StepLaunch(params, [torch.zeros_like(p) for p in params])
+    launch.device = torch.device("cuda")
+    launch.table_for([torch.randn_like(p) for p in params])  # eager: pins, keeps spares
+    capturing[0] = True
+    grads = [torch.randn_like(p) for p in params]
+    table, _ = launch.table_for(grads)
+    assert True not in pinned_while_capturing
+    expected_offsets = (np.array([g.data_ptr() for g in grads]) - params[0].data_ptr()) // 4
+    assert table[0, 1].item() == expected_offsets[0] and table[-1, 1].item() == expected_offsets[1]
+
+
+def test_the_step_launch_passes_its_constexprs_positionally(monkeypatch):
+    """The kernel's 13 constexprs go positionally from a tuple cached per combination of flags: a
+    launch with ~25 keyword arguments spent ~1 us of host time binding them."""
+    from fastcore5.kernels import sgd as sgd_kernels
+
+    launches = []
+    real_run = sgd_kernels.sgd_kernel.run
+    monkeypatch.setattr(sgd_kernels.sgd_kernel, "run", lambda *a, **k: launches.append((a, k)) or real_run(*a, **k))
+    params = [torch.randn(300), torch.randn(7)]
+    for _ in range(2):
+        sgd_kernels.sgd_step(params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                             None, 0.1, 0.9, 0.0, 0.0, False, False, False, True, None, None, None)
+    assert [set(kwargs) for _, kwargs in launches] == [{"grid", "warmup", "num_warps"}] * 2
+    assert len(launches[0][0]) == len(sgd_kernels.sgd_kernel.arg_names)

@@ -224,3 +224,69 @@ def test_gpu_tunes_once_per_bucket_and_later_processes_reuse_it(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "fastcore5: tuning" not in second.stderr
     assert second.stdout.strip() == "['disk cache']"
+
+
+def test_a_candidate_that_fails_for_another_reason_than_resources_raises(monkeypatch):
+    """Out of shared memory or registers: that config is skipped (infinitely slow). Any other error
+    (a compile error in the kernel) is a bug and must not pass for a skipped config."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    def run_or_raise(error):
+        def run():
+            raise error
+        return run
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda run, **_: run() or [1.0])
+    fits, too_big = _configs(32, 64)
+    timings = _tuning.benchmark({fits: lambda: None, too_big: run_or_raise(OutOfResources(300000, 232448, "shared memory"))})
+    assert timings == {fits: 1.0, too_big: float("inf")}
+    with pytest.raises(ValueError, match="a real compile error"):
+        _tuning.benchmark({fits: run_or_raise(ValueError("a real compile error"))})
+
+
+def _kernel_module(folder, helper_body: str):
+    """Module ``tuning_key_mod`` in ``folder``: a @triton.jit kernel calling a @triton.jit helper
+    whose body is ``helper_body``."""
+    import importlib.util
+
+    folder.mkdir()
+    path = folder / "tuning_key_mod.py"
+    path.write_text(
+        "import triton\n\n"
+        "@triton.jit\ndef helper(x):\n    return " + helper_body + "\n\n"
+        "@triton.jit\ndef kernel(ptr):\n    helper(ptr)\n"
+    )
+    spec = importlib.util.spec_from_file_location("tuning_key_mod", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tuning_cache_key_changes_with_a_called_helper(tmp_path, monkeypatch):
+    """A tuned config was measured for the kernel and everything it calls: editing only a helper
+    must give another disk-cache key instead of reusing the old choice (the key hashed the
+    kernel's own source alone)."""
+    monkeypatch.setattr(_tuning, "_PACKAGE", "tuning_key_mod")
+    before = _kernel_module(tmp_path / "a", "x + 1")
+    same = _kernel_module(tmp_path / "b", "x + 1")
+    edited = _kernel_module(tmp_path / "c", "x + 2")
+    assert _tuning.source_hash(before.kernel) == _tuning.source_hash(same.kernel)
+    assert _tuning.source_hash(before.kernel) != _tuning.source_hash(edited.kernel)
+
+
+def test_a_spent_tuning_budget_launches_defaults(cache_dir, timed, monkeypatch):
+    """FASTCORE5_TUNING_SECONDS caps the time a process spends tuning (the GPU check sets it):
+    once spent, a new bucket gets the default config untimed."""
+    monkeypatch.setenv("FASTCORE5_TUNING_SECONDS", "5")
+    monkeypatch.setattr(_tuning, "_tuning_spent", 0.0)
+    tuned = _tuning.TunedKernel(_kernel_stand_in, "test kernel", lambda bucket: _configs(128, 64), _configs(16)[0])
+    assert tuned.choose(BUCKET, "test card", lambda config: None).kwargs["BLOCK_M"] == 64  # timed
+    monkeypatch.setattr(_tuning, "_tuning_spent", 5.0)
+    other = (("dtype", "float16"),)
+    assert tuned.choose(other, "test card", lambda config: None).kwargs["BLOCK_M"] == 16
+    assert len(timed) == 1
+    assert tuned.report()[1]["source"] == "default (FASTCORE5_TUNING_SECONDS spent)"
+    monkeypatch.setenv("FASTCORE5_TUNING_SECONDS", "soon")
+    with pytest.raises(ValueError, match="FASTCORE5_TUNING_SECONDS='soon' is not a number"):
+        tuned.choose((("dtype", "float64"),), "test card", lambda config: None)

@@ -219,7 +219,8 @@ BACKWARD_LAUNCHER_SCHEMA = (
     "bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-_NEEDS = slice(11, 15)  # need_u_weight .. need_i_bias in BACKWARD_LAUNCHER_SCHEMA
+_BACKWARD_ARGUMENTS = [a.split()[-1] for a in BACKWARD_LAUNCHER_SCHEMA.partition("(")[2].partition(") ->")[0].split(", ")]
+_NEEDS = slice(_BACKWARD_ARGUMENTS.index("need_u_weight"), _BACKWARD_ARGUMENTS.index("need_i_bias") + 1)
 
 
 @torch.library.custom_op(

@@ -76,7 +76,9 @@ class SGD(Optimizer):
         them (OneCycleLR's momentum cycling) needs a new capture. Without it, capturing a step
         raises.
 
-    Params whose ``.grad`` is None are skipped. Works with ``torch.optim.lr_scheduler`` (also
+    Params whose ``.grad`` is None are skipped. Sparse gradients (``nn.Embedding(sparse=True)``) are
+    stepped as torch.optim.SGD steps them (``fastcore5.ops.sgd.SparseGradStep``). A refused call
+    changes nothing: a step checks every group before its first write (docs/errors.md). Works with ``torch.optim.lr_scheduler`` (also
     ``OneCycleLR`` with momentum cycling) and ``torch.amp.GradScaler``: an overflowed step changes
     nothing (read on the device). A step never reads a device value on the host. Momentum buffers
     are created zero-filled when a param first steps, even if that step is skipped (overflow, or a
@@ -505,7 +507,7 @@ class SGD(Optimizer):
                     "fastcore5.optim.SGD(contiguous=True): some .grad tensors were replaced (model.zero_grad() "
                     "with set_to_none, create_graph=True, ...); they were copied back into the flat gradient "
                     "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
-                    stacklevel=4,
+                    stacklevel=3,
                 )
             segments = flat.segments_for(momentum_on)
             skip_flag = self._skip_flag(skip_flags, flat.device)
