@@ -16,6 +16,7 @@ MLP_SHAPE = (8192, (1024, 4096, 4096, 1024))  # issue 14's target: batch, layer 
 # MLPs, eager's extra passes are a third of the time) and a tabular-sized MLP.
 CPU_SHAPES = [(4096, 512, 1024), (4096, 64, 1024)]
 MLP_CPU_SHAPE = (4096, (64, 1024, 1024, 16))
+MLP_CPU_QUICK_SHAPE = (1024, (64, 256, 256, 16))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -142,7 +143,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     if device == "cuda":
         mlp = _mlp_case(device, "bf16", torch.bfloat16, *MLP_SHAPE)
     else:
-        mlp = _mlp_case(device, "fp32", torch.float32, *MLP_CPU_SHAPE)
+        mlp = _mlp_case(device, "fp32", torch.float32, *(MLP_CPU_QUICK_SHAPE if quick else MLP_CPU_SHAPE))
     return [
         case
         for dtype_name, dtype in dtypes.items()
