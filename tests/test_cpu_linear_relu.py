@@ -3,7 +3,6 @@ on them: parity with the float64 reference in every dtype and layout, edge shape
 opcheck, torch.compile, NaN semantics, thread counts, and the argument checks' named exceptions."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from fastcore5 import backends, use_backend
 from fastcore5.ops.linear_relu import linear_relu_backward_op, linear_relu_op
 
 from helpers import assert_parity
-from native_cpu import require_cpu_kernel
+from native_cpu import require_cpu_kernel, threads
 
 F64 = torch.float64
 # (dtype, atol of the parity rule): fp64 and fp32 through the oneDNN or BLAS GEMM, bf16/fp16
@@ -25,16 +24,6 @@ DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
 @pytest.fixture(autouse=True)
 def cpu_kernel():
     return require_cpu_kernel("linear_relu")
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def reference(x, weight, bias):
@@ -224,21 +213,6 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(ops.linear_relu_forward, (xs, ws, bs, False))
         o = reference(xs, ws, bs)
         torch.library.opcheck(ops.linear_relu_backward, (grad_out.to(dtype), o, xs, ws, True, True, True, False))
-
-
-def test_torch_compile_fullgraph():
-    layer = fastcore5.nn.LinearReLU(9, 5, dtype=F64)
-    x = torch.randn(2, 4, 9, dtype=F64, requires_grad=True)
-    with use_backend("cpu"):
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        out = compiled(x)
-        out.sum().backward()
-    expected = reference(x, layer.weight, layer.bias)
-    torch.testing.assert_close(out, expected)
-    grad_x = x.grad.clone()
-    x.grad = None
-    expected.sum().backward()
-    torch.testing.assert_close(grad_x, x.grad)
 
 
 @pytest.mark.parametrize(
