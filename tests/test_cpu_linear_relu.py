@@ -167,6 +167,23 @@ def test_nan_and_inf_like_torch(poisoned, value, dtype):
         torch.testing.assert_close(o, t, equal_nan=True, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_overflowing_finite_inputs_give_relu_of_the_gemm(dtype):
+    """Finite inputs whose products overflow take the relu pass (not oneDNN's relu post-op, which
+    would turn a NaN into 0): the output is torch.relu of the GEMM's own pre-activation. Which
+    infinities (or NaN) the GEMM makes is the library's: oneDNN's FMAs give -inf for the last
+    column where MKL's eager F.linear gives NaN."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN: the kernel's GEMM is at::mm, compared elsewhere")
+    x = torch.full((3, 4), 1e30, dtype=dtype)
+    w = torch.full((3, 4), 1e30, dtype=dtype)
+    w[1] = -1e30
+    w[2, 0] = -1e30
+    pre = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    assert not pre.isfinite().any()
+    torch.testing.assert_close(on_cpu_backend(x, w, None), torch.relu(pre), equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_one_and_two_threads_give_identical_results(dtype):
     """The fused passes are elementwise or reduce in fixed row blocks, so they are bitwise the same
