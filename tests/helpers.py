@@ -66,10 +66,15 @@ def deterministic_algorithms(enabled=True):
 
 
 def cuda_ops():
-    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension is not built:
-    a GPU run is only complete with it."""
-    assert fastcore5.backends.native_extension() is not None, (
-        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
+    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension was built
+    without its CUDA kernels (a CPU-only fastcore5._C loads too): a GPU run is only complete with them."""
+    missing = [
+        op for op in fastcore5.backends.OPS
+        if fastcore5.backends.unavailable_reason("cuda", op, torch.device("cuda")) is not None
+    ]
+    assert not missing, (
+        f"fastcore5._C has no CUDA kernels for {missing}: FASTCORE5_BUILD_CUDA=1 pip install --no-deps "
+        "--no-build-isolation -e ."
     )
     return torch.ops.fastcore5_cuda
 

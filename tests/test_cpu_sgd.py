@@ -4,6 +4,8 @@ store), the skip protocol, the contiguous mode, bitwise equality across thread c
 torch.compile, and the argument checks' named exceptions."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 
@@ -298,3 +300,26 @@ def test_extension_is_built_with_openmp():
 
     symbols = subprocess.run(["nm", "-D", extension.__file__], capture_output=True, text=True, check=True).stdout
     assert "GOMP_parallel" in symbols
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread CPU times come from Linux's /proc")
+def test_two_threads_share_the_work(cpu_kernel):
+    """With torch.set_num_threads(2) two OS threads each spend CPU time in the steps: the OpenMP
+    loop really forks (a build without -fopenmp would run everything on the calling thread)."""
+    def cpu_ticks():
+        ticks = {}
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(FileNotFoundError):
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks
+
+    p, g, b = (torch.randn(1 << 23) for _ in range(3))
+    with threads(2):
+        _call(cpu_kernel, [p], [g], [b])
+        before = cpu_ticks()
+        for _ in range(40):
+            _call(cpu_kernel, [p], [g], [b])
+        after = cpu_ticks()
+    busy = [tid for tid, t in after.items() if t - before.get(tid, 0) > 0]
+    assert len(busy) >= 2, (before, after)

@@ -14,7 +14,7 @@ no_grad and only mutates):
 
 Launcher contract: ``LAUNCHER_SCHEMA`` below, which the Triton launcher
 ``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` (the cuda
-and cpu backends, by device) both follow (tests/test_cuda_compile.py checks both against it).
+and cpu backends, by device) follow (tests/test_cuda_compile.py checks both against it).
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
 params[i], grads[i] and momentum_buffers[i] share shape and strides and are dense. Math in fp32
