@@ -7,6 +7,7 @@ build) fails the test: the install swallowed a build error that CI must see.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -40,3 +41,14 @@ def require_cpu_kernel(op: str):
     reason = backends.unavailable_reason("cpu", op, torch.device("cpu"))
     assert reason is None, f"csrc/cpu/{op}.cpp exists but the cpu backend cannot run {op}: {reason}"
     return torch.ops.fastcore5_cuda
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block (the kernels' thread-count tests)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

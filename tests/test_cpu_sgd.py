@@ -16,7 +16,7 @@ from fastcore5 import backends, reference
 from fastcore5.ops import sgd as sgd_ops
 from fastcore5.optim import SGD
 
-from native_cpu import require_cpu_kernel
+from native_cpu import require_cpu_kernel, threads
 from sgd_twins import F64, assert_same, assert_same_buffers, eager_and_compiled_sgd_run, set_grads, torch_pair
 
 # Sizes around the vector width (8/16/32 lanes) and the kernel's 4096-element chunk, primes, empty.
@@ -37,16 +37,6 @@ CONFIGS = {
 @pytest.fixture(autouse=True)
 def cpu_kernel():
     return require_cpu_kernel("sgd")
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_auto_picks_the_cpu_kernel():
