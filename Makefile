@@ -1,5 +1,7 @@
 # Quick start: `make demo` runs the main job, `make test` runs the whole test suite.
-# Each target creates a virtual environment in $(VENV) and installs only what it needs there:
+# Each target creates a virtual environment in $(VENV) and installs only what it needs there
+# (the package's install compiles its C++ CPU kernels, fastcore5._C, with the system's C++
+# compiler and ninja, pip-installed here; FASTCORE5_BUILD_CPU=0 make ... skips that):
 # `make demo` the package and its `demo` extra, `make test` the package and its `test` extra
 # (plus `nvcc-check` when nvcc is installed), `make bench` the `bench` extra.
 #
@@ -41,7 +43,7 @@ $(VENV)/.torch-installed:
 	  echo "fastcore5: cannot reach $$index; installing $(TORCH_SPEC) from pip's own index instead"; index=""; \
 	fi; \
 	$(PIP) $${index:+--index-url "$$index"} "$(TORCH_SPEC)" "$(NUMPY_SPEC)"
-	$(PIP) setuptools wheel
+	$(PIP) setuptools wheel ninja
 	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
 	touch $@
 

@@ -1,6 +1,6 @@
-// Argument checks of the op layer (csrc/*_op.cpp). Every check reads only defined tensors
-// (optional arguments are unwrapped after has_value()) and builds its message only when it
-// fails; errors.h says how the error is raised.
+// Argument checks of the op layer (csrc/*_op.cpp, csrc/cpu/*.cpp). Every check reads only
+// defined tensors (optional arguments are unwrapped after has_value()) and builds its message
+// only when it fails; errors.h says how the error is raised.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,8 +14,16 @@ namespace fastcore5 {
 
 // ---- the checks shared by the ops ----
 
+// ``t`` lives on a device of ``type`` (the kernel's: CUDA in csrc/*_op.cpp, CPU in csrc/cpu/).
+inline void check_device_type(const char* op, const std::string& name, const at::Tensor& t, c10::DeviceType type) {
+  if (t.device().type() != type) {
+    fail(ArgError::kRuntime, op, ": ", name, " must be a ", c10::DeviceTypeName(type), " tensor, got a ",
+         t.device().type(), " tensor");
+  }
+}
+
 inline void check_cuda(const char* op, const std::string& name, const at::Tensor& t) {
-  if (!t.is_cuda()) fail(ArgError::kRuntime, op, ": ", name, " must be a CUDA tensor, got a ", t.device().type(), " tensor");
+  check_device_type(op, name, t, c10::DeviceType::CUDA);
 }
 
 inline bool is_floating(c10::ScalarType dtype) {
@@ -45,15 +53,17 @@ inline void check_like(const char* op, const std::string& name, const at::Tensor
   }
 }
 
-inline void check_index(const char* op, const char* name, const at::Tensor& t) {
-  check_cuda(op, name, t);
+// A 1-D int32/int64 index tensor on a device of ``device_type`` (CUDA for csrc/*_op.cpp).
+inline void check_index(const char* op, const char* name, const at::Tensor& t,
+                        c10::DeviceType device_type = c10::DeviceType::CUDA) {
+  check_device_type(op, name, t, device_type);
   check_dim(op, name, t, 1);
   if (t.scalar_type() != at::kInt && t.scalar_type() != at::kLong) {
     fail(ArgError::kType, op, ": ", name, " has dtype ", t.scalar_type(), "; expected int32 or int64");
   }
 }
 
-// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (linear_relu_op.cpp).
+// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (registration.cpp).
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {

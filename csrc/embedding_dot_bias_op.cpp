@@ -6,6 +6,7 @@
 // output and no gradient contribution, and record what they saw in ``index_errors`` (the layout
 // is documented in fastcore5.h and owned by fastcore5/index_errors.py).
 #include "checks.h"
+#include "embedding_dot_bias_checks.h"
 #include "fastcore5.h"
 #include "ops.h"
 
@@ -21,32 +22,6 @@
 namespace fastcore5 {
 namespace {
 
-void check_table(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
-  check_cuda(op, name, t);
-  check_floating(op, name, t);
-  check_dim(op, name, t, 2);
-  check_like(op, name, t, ref_name, ref);
-}
-
-void check_bias(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref,
-                int64_t rows) {
-  check_like(op, name, t, ref_name, ref);
-  if (!(t.dim() == 1 || (t.dim() == 2 && t.size(1) == 1))) {
-    fail(ArgError::kValue, op, ": ", name, " must have shape (n,) or (n, 1), got ", t.sizes());
-  }
-  if (t.size(0) != rows) fail(ArgError::kValue, op, ": ", name, " has ", t.size(0), " rows but its embedding table has ", rows);
-}
-
-struct YRange {
-  bool given;
-  double lo, hi;
-};
-
-YRange y_range(const char* op, const std::optional<double>& y_lo, const std::optional<double>& y_hi) {
-  if (y_lo.has_value() != y_hi.has_value()) fail(ArgError::kValue, op, ": y_lo and y_hi must both be given or both be None");
-  return {y_lo.has_value(), y_lo.value_or(0.0), y_hi.value_or(0.0)};
-}
-
 enum PerSampleMode { kCoef = 0, kAtomic = 1, kSparse = 2 };
 
 }  // namespace
@@ -56,35 +31,8 @@ Tensor embedding_dot_bias_forward(const Tensor& users, const Tensor& items, cons
                                   std::optional<double> y_lo, std::optional<double> y_hi,
                                   const OptionalTensor& index_errors) {
   constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_forward";
-  check_index(op, "users", users);
-  check_index(op, "items", items);
-  if (users.size(0) != items.size(0)) {
-    fail(ArgError::kValue, op, ": users has ", users.size(0), " entries but items has ", items.size(0));
-  }
-  check_table(op, "u_weight", u_weight, "u_weight", u_weight);
-  check_table(op, "i_weight", i_weight, "u_weight", u_weight);
-  if (users.device() != u_weight.device() || items.device() != u_weight.device()) {
-    fail(ArgError::kRuntime, op, ": users and items must be on the tables' device ", u_weight.device());
-  }
-  if (u_weight.size(1) != i_weight.size(1)) {
-    fail(ArgError::kValue, op, ": u_weight has ", u_weight.size(1), " factors but i_weight has ", i_weight.size(1));
-  }
-  check_bias(op, "u_bias", u_bias, "u_weight", u_weight, u_weight.size(0));
-  check_bias(op, "i_bias", i_bias, "u_weight", u_weight, i_weight.size(0));
-  const YRange range = y_range(op, y_lo, y_hi);
-  if (index_errors.has_value()) {
-    const Tensor& errors = *index_errors;
-    if (errors.scalar_type() != at::kLong) {
-      fail(ArgError::kType, op, ": index_errors has dtype ", errors.scalar_type(), "; expected int64");
-    }
-    if (errors.device() != u_weight.device()) {
-      fail(ArgError::kRuntime, op, ": index_errors is on ", errors.device(), " but the tables are on ", u_weight.device());
-    }
-    if (errors.dim() != 1 || errors.size(0) != kIndexErrorSlots || !errors.is_contiguous()) {
-      fail(ArgError::kValue, op, ": index_errors must be a contiguous (", int64_t{kIndexErrorSlots},
-           ",) tensor, got shape ", errors.sizes(), " and strides ", errors.strides());
-    }
-  }
+  const YRange range = check_forward_arguments(op, c10::DeviceType::CUDA, users, items, u_weight, i_weight, u_bias,
+                                               i_bias, y_lo, y_hi, index_errors);
   const c10::cuda::CUDAGuard guard(u_weight.device());
   Tensor out = new_output({users.size(0)}, u_weight.options());
   embedding_dot_bias_forward_cuda(users, items, u_weight, i_weight, u_bias, i_bias, range.given, range.lo, range.hi,
@@ -98,46 +46,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_dot_bias_backward(
     int64_t num_items, std::optional<double> y_lo, std::optional<double> y_hi, bool need_u_weight,
     bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) {
   constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_backward";
-  check_cuda(op, "grad_out", grad_out);
-  check_floating(op, "grad_out", grad_out);
-  check_dim(op, "grad_out", grad_out, 1);
-  check_index(op, "users", users);
-  check_index(op, "items", items);
-  const int64_t B = users.size(0);
-  if (items.size(0) != B || grad_out.size(0) != B) {
-    fail(ArgError::kValue, op, ": users, items and grad_out must have one entry per sample, got ", B, ", ",
-         items.size(0), " and ", grad_out.size(0));
-  }
-  if (users.device() != grad_out.device() || items.device() != grad_out.device()) {
-    fail(ArgError::kRuntime, op, ": users and items must be on grad_out's device ", grad_out.device());
-  }
-  if (num_users < 0 || num_items < 0) {
-    fail(ArgError::kValue, op, ": num_users and num_items must be >= 0, got ", num_users, " and ", num_items);
-  }
-  const YRange range = y_range(op, y_lo, y_hi);
-  if (need_u_weight && !i_weight.has_value()) fail(ArgError::kValue, op, ": i_weight is needed for the gradient of u_weight");
-  if (need_i_weight && !u_weight.has_value()) fail(ArgError::kValue, op, ": u_weight is needed for the gradient of i_weight");
-  if (range.given && !(u_weight.has_value() && i_weight.has_value() && u_bias.has_value() && i_bias.has_value())) {
-    fail(ArgError::kValue, op, ": with a y_range all four tables are needed to recompute the score");
-  }
-  if (u_weight.has_value()) {
-    check_table(op, "u_weight", *u_weight, "grad_out", grad_out);
-    if (u_weight->size(0) != num_users) {
-      fail(ArgError::kValue, op, ": u_weight has ", u_weight->size(0), " rows but num_users is ", num_users);
-    }
-  }
-  if (i_weight.has_value()) {
-    check_table(op, "i_weight", *i_weight, "grad_out", grad_out);
-    if (i_weight->size(0) != num_items) {
-      fail(ArgError::kValue, op, ": i_weight has ", i_weight->size(0), " rows but num_items is ", num_items);
-    }
-  }
-  if (u_weight.has_value() && i_weight.has_value() && u_weight->size(1) != i_weight->size(1)) {
-    fail(ArgError::kValue, op, ": u_weight has ", u_weight->size(1), " factors but i_weight has ", i_weight->size(1));
-  }
-  if (u_bias.has_value()) check_bias(op, "u_bias", *u_bias, "grad_out", grad_out, num_users);
-  if (i_bias.has_value()) check_bias(op, "i_bias", *i_bias, "grad_out", grad_out, num_items);
-  const int64_t D = u_weight.has_value() ? u_weight->size(1) : i_weight.has_value() ? i_weight->size(1) : 0;
+  const BackwardShape shape = check_backward_arguments(op, c10::DeviceType::CUDA, grad_out, users, items, u_weight,
+                                                       i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
+                                                       need_u_weight, need_i_weight);
+  const YRange range = shape.range;
+  const int64_t B = shape.batch, D = shape.factors;
   const Tensor U = or_undefined(u_weight), V = or_undefined(i_weight), ub = or_undefined(u_bias),
                ib = or_undefined(i_bias);
   const c10::cuda::CUDAGuard guard(grad_out.device());

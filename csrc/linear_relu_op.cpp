@@ -5,6 +5,7 @@
 // Python (fastcore5.kernels._common.fp32_matmul_allows_tf32()) and passed down: reading
 // at::globalContext().allowTF32CuBLAS() here would throw once torch's fp32_precision API is used.
 #include "checks.h"
+#include "linear_relu_checks.h"
 #include "fastcore5.h"
 #include "ops.h"
 
@@ -13,23 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <limits>
+#include <algorithm>
 
 namespace fastcore5 {
-
-// FASTCORE5_POISON=1 (set by the test suite) fills every uninitialised output with NaN before a
-// kernel runs, as the Triton launchers do, so an element a kernel forgets to write fails a test.
-Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static const bool poison = [] {
-    const char* value = std::getenv("FASTCORE5_POISON");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  Tensor out = at::empty(sizes, options);
-  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
 
 namespace {
 
@@ -46,20 +33,8 @@ Tensor with_unit_stride(const Tensor& t) {
 
 Tensor linear_relu_forward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
   constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
-  check_cuda(op, "x", x);
-  check_floating(op, "x", x);
-  check_dim(op, "x", x, 2);
-  check_dim(op, "weight", weight, 2);
-  check_like(op, "weight", weight, "x", x);
+  check_linear_relu_forward(op, c10::DeviceType::CUDA, x, weight, bias);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  if (weight.size(1) != K) fail(ArgError::kValue, op, ": x has ", K, " features but weight has in_features=", weight.size(1));
-  if (bias.has_value()) {
-    check_dim(op, "bias", *bias, 1);
-    check_like(op, "bias", *bias, "x", x);
-    if (bias->size(0) != N) {
-      fail(ArgError::kValue, op, ": bias has ", bias->size(0), " elements but weight has out_features=", N);
-    }
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = new_output({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -81,32 +56,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
                                                         bool need_input_grad, bool need_weight_grad,
                                                         bool need_bias_grad, bool allow_tf32) {
   constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
-  check_cuda(op, "out", out);
-  check_floating(op, "out", out);
-  check_dim(op, "out", out, 2);
-  check_like(op, "grad_out", grad_out, "out", out);
-  if (grad_out.sizes() != out.sizes()) {
-    fail(ArgError::kValue, op, ": grad_out has shape ", grad_out.sizes(), " but out has shape ", out.sizes());
-  }
+  const int64_t K =
+      check_linear_relu_backward(op, c10::DeviceType::CUDA, grad_out, out, x, weight, need_input_grad, need_weight_grad);
   const int64_t M = out.size(0), N = out.size(1);
-  if (need_input_grad && !weight.has_value()) fail(ArgError::kValue, op, ": weight is needed for the input gradient");
-  if (need_weight_grad && !x.has_value()) fail(ArgError::kValue, op, ": x is needed for the weight gradient");
-  if (x.has_value()) {
-    check_dim(op, "x", *x, 2);
-    check_like(op, "x", *x, "out", out);
-    if (x->size(0) != M) fail(ArgError::kValue, op, ": x has ", x->size(0), " rows but out has ", M);
-  }
-  if (weight.has_value()) {
-    check_dim(op, "weight", *weight, 2);
-    check_like(op, "weight", *weight, "out", out);
-    if (weight->size(0) != N) fail(ArgError::kValue, op, ": weight has ", weight->size(0), " rows but out has ", N, " columns");
-  }
-  // K is known from x or weight; with neither only the bias gradient can be asked for (checked
-  // above), and it does not depend on K.
-  const int64_t K = x.has_value() ? x->size(1) : weight.has_value() ? weight->size(1) : 0;
-  if (x.has_value() && weight.has_value() && weight->size(1) != K) {
-    fail(ArgError::kValue, op, ": x has ", K, " features but weight has ", weight->size(1));
-  }
   const c10::cuda::CUDAGuard guard(out.device());
   const auto options = out.options();
   Tensor grad_x = need_input_grad ? new_output({M, K}, options) : at::empty({0}, options);

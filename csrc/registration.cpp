@@ -1,4 +1,5 @@
-// The torch library of the CUDA C++ backend: namespace fastcore5_cuda.
+// The torch library of the native backends: namespace fastcore5_cuda (the name predates the CPU
+// kernels and is kept: the op layer and the tests call torch.ops.fastcore5_cuda.*).
 //
 // Schemas (fixed by the cross-team contract; the Python op layer in fastcore5/ops calls these):
 //   linear_relu_forward, linear_relu_backward           kernel-level ops, like the Triton
@@ -6,13 +7,22 @@
 //   sgd_step                                            fastcore5.kernels (plus allow_tf32)
 //   linear_relu, embedding_dot_bias                     autograd ops: autograd in C++ (Autograd
 //                                                       key), so an eager call crosses into C++ once
-// The ops are implemented in csrc/*_op.cpp (argument checks, layouts, allocation) over the
-// kernels in csrc/*.cu. Fake (meta) implementations for torch.compile and opcheck live in
-// fastcore5/_cuda_ops.py, the module named by set_python_module below.
+// Two sets of kernels implement them, both optional:
+//   CUDA   csrc/*_op.cpp (argument checks, layouts, allocation) over the kernels in csrc/*.cu,
+//          registered below when setup.py builds them (it then defines FASTCORE5_WITH_CUDA);
+//   CPU    csrc/cpu/<op>.cpp, each registering its own ops for the CPU dispatch key.
+// This file is compiled in every build: it holds the schemas, the error helper and the module.
+// Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_cuda_ops.py, the
+// module named by set_python_module below.
 #include <Python.h>
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 #include "checks.h"
 #include "ops.h"
@@ -29,6 +39,18 @@ void throw_argument_error(ArgError kind, std::string message) {
     case ArgError::kRuntime: break;
   }
   throw c10::Error(where, std::move(message));
+}
+
+// FASTCORE5_POISON=1 (set by the test suite) fills every uninitialised output with NaN before a
+// kernel runs, as the Triton launchers do, so an element a kernel forgets to write fails a test.
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTCORE5_POISON");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  Tensor out = at::empty(sizes, options);
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
 }
 
 }  // namespace fastcore5
@@ -58,6 +80,7 @@ TORCH_LIBRARY(fastcore5_cuda, m) {
       "bool decoupled_weight_decay, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()");
 }
 
+#ifdef FASTCORE5_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward);
@@ -72,11 +95,12 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
   m.impl("linear_relu", &fastcore5::linear_relu_autograd);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_autograd);
 }
+#endif  // FASTCORE5_WITH_CUDA
 
 // `import fastcore5._C` loads this library, whose static initialisers above register the ops;
 // the module itself is empty (no pybind11: the ops are reached through torch.ops.fastcore5_cuda).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fastcore5's CUDA C++ ops, registered as torch.ops.fastcore5_cuda", -1, nullptr};
+                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda", -1, nullptr};
   return PyModule_Create(&module);
 }

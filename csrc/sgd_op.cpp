@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "fastcore5.h"
 #include "ops.h"
+#include "sgd_checks.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,38 +25,6 @@
 
 namespace fastcore5 {
 namespace {
-
-void check_dense_like(const char* op, const char* list, size_t i, const Tensor& t, const Tensor& param,
-                      const Tensor& first) {
-  const std::string name = std::string(list) + "[" + std::to_string(i) + "]";
-  check_cuda(op, name, t);
-  check_like(op, name, t, "params[0]", first);
-  if (t.sizes() != param.sizes() || t.strides() != param.strides()) {
-    fail(ArgError::kValue, op, ": ", name, " has shape ", t.sizes(), " and strides ", t.strides(), " but params[", i,
-         "] has shape ", param.sizes(), " and strides ", param.strides());
-  }
-  if (!t.is_non_overlapping_and_dense()) {
-    fail(ArgError::kValue, op, ": ", name, " must be dense (contiguous or channels-last), got strides ", t.strides());
-  }
-}
-
-void check_scalar_tensor(const char* op, const char* name, const OptionalTensor& t, const Tensor& param) {
-  if (!t.has_value()) return;
-  check_floating(op, name, *t);
-  if (t->numel() != 1) fail(ArgError::kValue, op, ": ", name, " must have exactly one element, got shape ", t->sizes());
-  if (t->device() != param.device()) {
-    fail(ArgError::kRuntime, op, ": ", name, " is on ", t->device(), " but params are on ", param.device());
-  }
-}
-
-void check_skip_flag(const char* op, const OptionalTensor& t, const Tensor& param) {
-  if (!t.has_value()) return;
-  if (t->scalar_type() != at::kLong) fail(ArgError::kType, op, ": skip_flag has dtype ", t->scalar_type(), "; expected int64");
-  if (t->numel() < 1) fail(ArgError::kValue, op, ": skip_flag must have at least one element, got shape ", t->sizes());
-  if (t->device() != param.device()) {
-    fail(ArgError::kRuntime, op, ": skip_flag is on ", t->device(), " but params are on ", param.device());
-  }
-}
 
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -133,23 +102,10 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
               const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& skip_flag) {
   constexpr const char* op = "fastcore5_cuda::sgd_step";
   if (params.empty()) return;
-  if (grads.size() != params.size()) fail(ArgError::kValue, op, ": got ", params.size(), " params but ", grads.size(), " grads");
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum && momentum_buffers.size() != params.size()) {
-    fail(ArgError::kValue, op, ": got ", params.size(), " params but ", momentum_buffers.size(), " momentum_buffers");
-  }
+  check_sgd_arguments(op, c10::DeviceType::CUDA, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,
+                      found_inf, skip_flag);
   const Tensor& first = params[0];
-  check_cuda(op, "params[0]", first);
-  check_floating(op, "params[0]", first);
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_dense_like(op, "params", i, params[i], params[i], first);
-    check_dense_like(op, "grads", i, grads[i], params[i], first);
-    if (has_momentum) check_dense_like(op, "momentum_buffers", i, momentum_buffers[i], params[i], first);
-  }
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, first);
-  check_scalar_tensor(op, "grad_scale", grad_scale, first);
-  check_scalar_tensor(op, "found_inf", found_inf, first);
-  check_skip_flag(op, skip_flag, first);
   const c10::cuda::CUDAGuard guard(first.device());
 
   const std::vector<at::TensorBase> p(params.begin(), params.end());

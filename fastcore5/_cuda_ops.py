@@ -1,9 +1,9 @@
-"""Fake (meta) implementations of the CUDA C++ ops in torch.ops.fastcore5_cuda.
+"""Fake (meta) implementations of the C++ ops in torch.ops.fastcore5_cuda.
 
 The ops themselves are defined in C++ (schemas in csrc/registration.cpp, implementations in
-csrc/*_op.cpp) and exist only once the optional
+csrc/*_op.cpp, csrc/cpu/*.cpp) and exist only once the optional
 extension fastcore5._C is loaded. ``register()`` registers the fakes; it runs when this module is
-imported with the ops present, which ``fastcore5.backends.cuda_extension()`` does right after it
+imported with the ops present, which ``fastcore5.backends.native_extension()`` does right after it
 loads the extension. The C++ library names this module (``m.set_python_module``): torch requires
 that for a C++ op with a Python fake, and its error for a fake tensor reaching an op without one
 tells the user to import this module. Without the extension, importing it does nothing. With

@@ -4,12 +4,19 @@ Backends:
   "triton"  the Triton kernels in fastcore5.kernels (CUDA tensors; CPU tensors only under
             TRITON_INTERPRET=1, which is how CI runs them)
   "cuda"    the CUDA C++ kernels in the optional extension fastcore5._C (CUDA tensors)
+  "cpu"     the C++ CPU kernels in the same extension (CPU tensors; csrc/cpu/)
   "torch"   the plain-PyTorch reference in fastcore5.reference (anywhere)
 
 A request comes from ``use_backend(name)`` (innermost wins) or else the environment variable
 FASTCORE5_BACKEND; "auto" (or nothing) lets ``select`` choose. An explicit request for a backend
 that cannot run the op raises BackendUnavailableError saying how to get it; the automatic choice
-falls back quietly to the next backend in PREFERENCE.
+falls back quietly to the next backend in PREFERENCE (CUDA tensors) or CPU_PREFERENCE.
+
+"cuda" and "cpu" are the two halves of one library, torch.ops.fastcore5_cuda (the namespace
+predates the CPU kernels): the same ops dispatch to the CUDA or the CPU kernel by the tensors'
+device, so the op layer loads both through one loader. Either half may be missing (a build
+without nvcc has no CUDA kernels; an op may not have its CPU kernel yet): a backend counts as
+available for an op only when every op it calls has a kernel for that backend's dispatch key.
 """
 from __future__ import annotations
 
@@ -17,21 +24,31 @@ import contextlib
 import functools
 import importlib
 import os
+import warnings
+from pathlib import Path
 
 import torch
 
 from .kernels._common import interpreting
 
-BACKENDS = ("triton", "cuda", "torch")
+BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "FASTCORE5_BACKEND"
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 
-# One op of each family in the CUDA extension: its presence says the extension has the family.
-_CUDA_OP_NAMES = {"linear_relu": "linear_relu", "embedding_dot_bias": "embedding_dot_bias", "sgd": "sgd_step"}
+# The native ops (torch.ops.fastcore5_cuda.*) each op family's layer calls on the cuda and cpu backends.
+NATIVE_OPS = {
+    "linear_relu": ("linear_relu_forward", "linear_relu_backward"),
+    "embedding_dot_bias": ("embedding_dot_bias_forward", "embedding_dot_bias_backward"),
+    "sgd": ("sgd_step",),
+}
+_DISPATCH_KEY = {"cuda": "CUDA", "cpu": "CPU"}
 
 # Automatic order on CUDA tensors, fastest measured first. Until the CUDA extension has been
 # measured against Triton on a GPU (bench/NOTES.md) Triton leads for every op.
 PREFERENCE = {op: ("triton", "cuda", "torch") for op in OPS}
+# On CPU tensors: the native kernels, then Triton where its interpreter runs (that is how CI
+# runs the Triton code), then the reference.
+CPU_PREFERENCE = ("cpu", "triton", "torch")
 
 # Stack of use_backend() requests. A plain module list rather than a ContextVar because
 # torch.compile can read (and guard on) a global list but cannot trace ContextVar.get; the
@@ -70,19 +87,60 @@ def _triton_import_error() -> str | None:
     return None
 
 
+BUILD_ERROR_FILE = Path(__file__).with_name("_C_build_error.txt")  # written by setup.py
+BUILD_ADVICE = (
+    "reinstall with `FASTCORE5_BUILD_CPU=1 pip install --no-build-isolation -e .` (a C++ compiler and ninja "
+    "are all it needs; =1 makes a failing build show its error)"
+)
+
+
+class NativeBuildWarning(UserWarning):
+    """fastcore5._C is missing: CPU tensors run the plain-PyTorch reference instead of the fused kernels."""
+
+
+def _missing_extension_reason(err: ImportError) -> str:
+    if BUILD_ERROR_FILE.is_file():
+        first_error = BUILD_ERROR_FILE.read_text().partition("\n")[0].strip() or "no message"
+        return f"its build failed at install time ({first_error}; the build's output is in {BUILD_ERROR_FILE})"
+    if err.name == "fastcore5._C":
+        return "the package was installed without it (FASTCORE5_BUILD_CPU=0, or no torch at build time)"
+    return f"it does not load ({err})"
+
+
 @functools.lru_cache(maxsize=None)
-def cuda_extension():
-    """The compiled module fastcore5._C, or None when the package was installed without it.
+def native_extension():
+    """The compiled module fastcore5._C, or None when it is missing (warning once, with why).
 
     Loading it registers the ops torch.ops.fastcore5_cuda.*; their fake implementations (for
     torch.compile and opcheck) are registered here too, right after.
     """
     try:
         module = importlib.import_module("fastcore5._C")
-    except ImportError:
+    except ImportError as err:
+        native_extension.missing_reason = _missing_extension_reason(err)
+        warnings.warn(
+            f"fastcore5's C++ extension fastcore5._C is not available: {native_extension.missing_reason}. CPU tensors "
+            f"run the plain-PyTorch reference; for the fused CPU kernels {BUILD_ADVICE}",
+            NativeBuildWarning,
+            stacklevel=2,
+        )
         return None
     importlib.import_module("fastcore5._cuda_ops").register()
     return module
+
+
+native_extension.missing_reason = None
+# The loader's earlier name, still used by branches written before the CPU kernels.
+cuda_extension = native_extension
+
+
+def _native_kernels_missing(backend: str, op: str) -> list[str]:
+    """The ops of ``op``'s family that have no kernel for ``backend``'s dispatch key."""
+    key = _DISPATCH_KEY[backend]
+    return [
+        name for name in NATIVE_OPS[op]
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore5_cuda::{name}", key)
+    ]
 
 
 @torch.compiler.assume_constant_result  # facts about the installation: evaluated, not traced
@@ -104,14 +162,20 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
     if backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA C++ kernels need CUDA tensors; got {device.type} tensors"
-        module = cuda_extension()
-        if module is None:
+        if native_extension() is None or _native_kernels_missing("cuda", op):
             return (
-                "the CUDA extension fastcore5._C is not built; reinstall with "
+                "fastcore5._C was built without its CUDA kernels; reinstall with "
                 "`FASTCORE5_BUILD_CUDA=1 pip install --no-build-isolation -e .` on a machine with nvcc and a CUDA build of torch"
             )
-        if not hasattr(torch.ops.fastcore5_cuda, _CUDA_OP_NAMES[op]):
-            return f"the CUDA extension has no kernel for {op}"
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the C++ CPU kernels need CPU tensors; got {device.type} tensors"
+        if native_extension() is None:
+            return f"the C++ extension fastcore5._C is not available: {native_extension.missing_reason}; {BUILD_ADVICE}"
+        missing = _native_kernels_missing("cpu", op)
+        if missing:
+            return f"fastcore5._C has no CPU kernel for {op} yet (missing: {', '.join(missing)})"
         return None
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
 
@@ -133,12 +197,7 @@ def _choose(op: str, device: torch.device, dtype: torch.dtype | None) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} was requested for {op} but cannot run: {reason}")
         return name
-    if device.type == "cuda":
-        order = PREFERENCE[op]
-    elif interpreter_active():
-        order = ("triton", "torch")
-    else:
-        order = ("torch",)
+    order = PREFERENCE[op] if device.type == "cuda" else CPU_PREFERENCE
     return next(b for b in order if unavailable_reason(b, op, device, dtype) is None)
 
 
@@ -192,10 +251,11 @@ def device_type(t: torch.Tensor) -> str:
 class KernelTable(dict):
     """One op's kernel launchers on each fused backend, each backend's loaded on first use.
 
-    ``loaders`` maps "triton" and "cuda" to a function that returns an object whose attributes
-    are the launchers (the same names and arguments on both backends, so the op layer calls
-    either the same way). A loader runs once: triton is imported, or the CUDA extension loaded,
-    only when that backend is first used. A dict, so that the per-call lookup of a loaded
+    ``loaders`` maps "triton", "cuda" and "cpu" to a function that returns an object whose
+    attributes are the launchers (the same names and arguments on every backend, so the op layer
+    calls each the same way; "cuda" and "cpu" may share one loader of torch.ops.fastcore5_cuda,
+    whose ops dispatch by device). A loader runs once: triton is imported, or the C++ extension
+    loaded, only when that backend is first used. A dict, so that the per-call lookup of a loaded
     backend is dict's own, not a Python method."""
 
     def __init__(self, **loaders):
@@ -211,7 +271,7 @@ class KernelTable(dict):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on ``name`` ("triton", "cuda", "torch" or "auto")."""
+    """Run the ops inside the block on ``name`` ("triton", "cuda", "cpu", "torch" or "auto")."""
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"use_backend got {name!r}; choose one of {BACKENDS} or 'auto'")
     _requests.append(name)

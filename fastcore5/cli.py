@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to train: auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N (default: auto)",
     )
     demo.add_argument(
-        "--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
+        "--backend", choices=("auto", "triton", "cuda", "cpu", "torch"), default="auto",
         help="force one backend for every op: triton (fused Triton kernels; on a CPU only under TRITON_INTERPRET=1), "
-        "cuda (fused CUDA C++ kernels, if the extension was built), torch (the plain-PyTorch reference); auto picks "
+        "cuda (fused CUDA C++ kernels, if the extension was built), cpu (fused C++ CPU kernels, where an op has "
+        "one), torch (the plain-PyTorch reference); auto picks "
         "the fastest available per op (default: auto, or $FASTCORE5_BACKEND)",
     )
     demo.add_argument(

@@ -66,10 +66,15 @@ def deterministic_algorithms(enabled=True):
 
 
 def cuda_ops():
-    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension is not built:
-    a GPU run is only complete with it."""
-    assert fastcore5.backends.cuda_extension() is not None, (
-        "fastcore5._C is not built: FASTCORE5_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e ."
+    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension was built
+    without its CUDA kernels (a CPU-only fastcore5._C loads too): a GPU run is only complete with them."""
+    missing = [
+        op for op in fastcore5.backends.OPS
+        if fastcore5.backends.unavailable_reason("cuda", op, torch.device("cuda")) is not None
+    ]
+    assert not missing, (
+        f"fastcore5._C has no CUDA kernels for {missing}: FASTCORE5_BUILD_CUDA=1 pip install --no-deps "
+        "--no-build-isolation -e ."
     )
     return torch.ops.fastcore5_cuda
 
@@ -115,3 +120,21 @@ def assert_parity(ours, torch_same_dtype, exact, atol, rtol=0.0, what="values", 
             f"{error.flatten()[worst].item():.3g} where torch's error there is {torch_error.flatten()[worst].item():.3g} "
             f"(exact {exact.flatten()[worst].item():.3g}; atol {atol:.3g}, rtol {rtol}, eps {eps:.3g})"
         )
+
+
+def opcheck_embedding_dot_bias_ops(ops, users, items, tables, errors):
+    """torch.library.opcheck on the C++ ops embedding_dot_bias_forward and _backward (either
+    device's kernels) with 40 x 30 tables and 50 samples: with and without y_range and the
+    index_errors flag, every backward mode, and a backward given only the table it needs."""
+    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users, items, *tables, None, None, None))
+    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users.int(), items, *tables, 0.5, 4.5, errors))
+    grad_out = torch.randn(50, device=users.device)
+    for deterministic, sparse in [(False, False), (True, False), (False, True)]:
+        torch.library.opcheck(
+            ops.embedding_dot_bias_backward.default,
+            (grad_out, users, items, *tables, 40, 30, 1.0, 5.0, True, True, True, True, deterministic, sparse),
+        )
+    torch.library.opcheck(
+        ops.embedding_dot_bias_backward.default,
+        (grad_out, users, items, None, tables[1], None, None, 40, 30, None, None, True, False, False, False, False, False),
+    )

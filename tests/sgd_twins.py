@@ -38,3 +38,25 @@ def assert_same_buffers(torch_opt, our_opt, theirs, ours, atol=1e-13):
         assert (expected is None) == (got is None)
         if expected is not None:
             torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+
+
+def eager_and_compiled_sgd_run(backend: str, compiled: bool) -> list[torch.Tensor]:
+    """Params and momentum buffers after three fastcore5.optim.SGD steps (the first creates the
+    buffers) on ``backend``, the step eager or torch.compile(fullgraph=True)'d; the same inputs
+    on every call."""
+    import fastcore5
+    from fastcore5.optim import SGD
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=generator) for s in [(5,), (3, 4), (1,), (4099,)]]
+    grads = [[torch.randn(s.shape, generator=generator) for s in start] for _ in range(3)]
+    params = [s.clone().requires_grad_() for s in start]
+    optimizer = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    step = torch.compile(optimizer.step, fullgraph=True, backend="aot_eager") if compiled else optimizer.step
+    with fastcore5.use_backend(backend):
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            step()
+    return params + [optimizer.state[p]["momentum_buffer"] for p in params]

@@ -9,14 +9,22 @@ from fastcore5.backends import BackendUnavailableError
 CPU = torch.device("cpu")
 
 
-def test_automatic_choice_on_cpu_follows_the_interpreter(monkeypatch):
+@pytest.fixture
+def without_cpu_kernels(monkeypatch):
+    """The automatic choice as on a machine where fastcore5._C has no CPU kernels (the cpu
+    backend, first on CPU tensors, is tested in test_cpu_backend.py)."""
+    monkeypatch.setattr(backends, "_selected", {})
+    monkeypatch.setattr(backends, "_native_kernels_missing", lambda backend, op: ["every_op"])
+
+
+def test_automatic_choice_on_cpu_follows_the_interpreter(monkeypatch, without_cpu_kernels):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.select("linear_relu", CPU) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert backends.select("linear_relu", CPU) == "torch"
 
 
-def test_environment_variable_and_context_manager(monkeypatch):
+def test_environment_variable_and_context_manager(monkeypatch, without_cpu_kernels):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(backends.ENV_VAR, "torch")
     assert backends.select("linear_relu", CPU) == "torch"
@@ -44,7 +52,7 @@ def test_explicit_unavailable_backend_says_how_to_get_it(monkeypatch):
 
 
 def test_missing_cuda_extension_names_the_build_switch(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_extension", lambda: None)
+    monkeypatch.setattr(backends, "native_extension", lambda: None)
     reason = backends.unavailable_reason("cuda", "sgd", torch.device("cuda"))
     assert "FASTCORE5_BUILD_CUDA=1" in reason
 
@@ -76,7 +84,7 @@ def test_kernel_table_loads_each_backend_once_and_refuses_the_reference():
         KERNELS["torch"]
 
 
-def test_selection_is_cached_and_follows_every_request(monkeypatch):
+def test_selection_is_cached_and_follows_every_request(monkeypatch, without_cpu_kernels):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     assert backends.select("sgd", CPU) == "triton"

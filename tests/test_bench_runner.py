@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastcore5 import backends
 from fastcore5.bench import runner, table
 from fastcore5.bench.common import Case
 
@@ -56,7 +57,9 @@ def test_quick_run_on_this_device_writes_json_table_and_plots(tmp_path, capsys, 
         assert row["ms"]["fastcore5"] > 0 and {"eager", "torch.compile"} <= row["speedup"].keys()
         assert 0 < row["fraction_of_matmul_ceiling"]
     if not torch.cuda.is_available():
-        assert report["fastcore5_backend"] == {"linear_relu": "torch"}  # never the interpreter
+        # the C++ CPU kernel where there is one, else the reference: never the interpreter
+        native = backends.unavailable_reason("cpu", "linear_relu", torch.device("cpu")) is None
+        assert report["fastcore5_backend"] == {"linear_relu": "cpu" if native else "torch"}
         assert any("need a GPU" in note for note in report["notes"])
     assert "ours ms" in printed and "torch.compile" in printed
     plots = sorted(tmp_path.glob("*.png"))
@@ -161,6 +164,13 @@ def test_results_go_to_the_current_folder_and_the_run_says_where(tmp_path, capsy
     assert f"JSON: {written}" in printed
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a: pytest.fail("started measuring"))
+    assert runner.main(["--device", "cuda"]) == 2
+    assert_one_error_line(capsys, "python -m bench: error: --device cuda: no CUDA device here")
+
+
 def test_the_shipped_anchors_file_is_found_and_matches_the_cases():
     anchors, path = runner.load_anchors()
     assert path is not None and path.is_relative_to(REPO_ROOT / "fastcore5" / "bench")
@@ -207,6 +217,7 @@ def test_bad_out_folder_fails_before_any_measurement(tmp_path, capsys, monkeypat
         (["--train", "--json", "x.json"], "--json is for --host"),
         (["--host", "--op", "sgd"], "--op picks kernel benchmarks; --host"),
         (["--train", "--op", "sgd"], "--op picks kernel benchmarks; --train"),
+        (["--host", "--device", "cpu"], "--device picks where the kernel benchmarks run; --host"),
     ],
 )
 def test_options_a_run_would_ignore_are_refused_in_one_line(argv, named, capsys, monkeypatch):
@@ -236,6 +247,7 @@ def test_bad_backend_variable_is_one_line(capsys, monkeypatch):
 
 _COMPILING_BENCH_RUN = """
 import sys, types, torch
+from fastcore5 import backends
 from fastcore5.bench import runner
 from fastcore5.bench.common import Case
 
@@ -291,7 +303,10 @@ def test_host_benchmark_starts_in_a_process_that_runs_on_this_device(tmp_path, m
     assert {row["op"] for row in report["cases"]} == {"linear_relu", "embedding_dot_bias", "sgd"}
     assert all(row["fastcore5_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])
     if not torch.cuda.is_available():
-        assert report["backend"] == "triton"  # the interpreter, its launch stubbed: the hot path measured
+        # the C++ CPU kernel where there is one (real work on tiny tensors), else the interpreter
+        # with its launch stubbed: the hot path measured either way
+        native = backends.unavailable_reason("cpu", "linear_relu", torch.device("cpu")) is None
+        assert report["backend"] == ("cpu" if native else "triton")
 
 
 def test_host_table_says_which_way_its_ratio_points_and_marks_misses_and_noise():

@@ -16,7 +16,7 @@ from fastcore5.demo import DemoOptions, run_demo
 from fastcore5.demo._console import ProgressBar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALLOWED = ("triton", "cuda", "torch", "auto")
+ALLOWED = ("triton", "cuda", "cpu", "torch", "auto")
 
 
 def _user_env(**extra: str) -> dict[str, str]:

@@ -77,6 +77,7 @@ def _flags(cublaslt_include: str | None) -> list[str]:
         "-O3",
         "-gencode", "arch=compute_90,code=sm_90",
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-DFASTCORE5_WITH_CUDA",  # as setup.py's CUDA build: registration.cpp registers the CUDA kernels
         *cpp_extension.COMMON_NVCC_FLAGS,
         "-Xcompiler", "-fPIC",
         *[f"-I{d}" for d in includes],

@@ -73,8 +73,8 @@ BAD_CALLS = [
     ("sgd buffers count", "ValueError", "0 momentum_buffers", "ops.sgd_step([p], [p.clone()], [], None, 0.1, 0.9, 0.0, 0.0, False, False, False, False, None, None, None)"),
     ("sgd grads strides", "ValueError", r"grads\[0\] has shape \[10\] and strides \[2\]", "ops.sgd_step([p], [torch.randn(10, 2, device='cuda')[:, 0]], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, None)"),
     ("sgd params not dense", "ValueError", r"params\[0\] must be dense", "ops.sgd_step([torch.randn(10, 2, device='cuda')[:, 0]], [torch.randn(10, 2, device='cuda')[:, 1]], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, None)"),
-    # All tensors on the CPU: the dispatcher finds no CPU kernel before the op runs.
-    ("sgd params on cpu", "NotImplementedError", "fastcore5_cuda::sgd_step' with arguments from the 'CPU' backend", "ops.sgd_step([p.cpu()], [p.cpu()], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, None)"),
+    # All tensors on the CPU would run the CPU kernel (csrc/cpu/sgd.cpp); one CPU grad reaches the CUDA kernel's check.
+    ("sgd grads on cpu", "RuntimeError", r"grads\[0\] must be a CUDA tensor, got a cpu tensor", "ops.sgd_step([p], [p.cpu()], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, None)"),
     ("sgd lr_tensor size", "ValueError", "lr_tensor must have exactly one element", "ops.sgd_step([p], [p.clone()], [], torch.ones(2, device='cuda'), 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, None)"),
     ("sgd found_inf on cpu", "RuntimeError", "found_inf is on cpu", "ops.sgd_step([p], [p.clone()], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, torch.zeros(1), None)"),
     ("sgd skip_flag dtype", "TypeError", "skip_flag has dtype", "ops.sgd_step([p], [p.clone()], [], None, 0.1, 0.0, 0.0, 0.0, False, False, False, False, None, None, torch.zeros(1, device='cuda'))"),
@@ -85,7 +85,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, torch
     from fastcore5 import backends
-    backends.cuda_extension()
+    backends.native_extension()
     ops = torch.ops.fastcore5_cuda
     cases = json.loads(sys.argv[1])
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 
 from fastcore5 import index_errors, reference
 
-from helpers import allow_tf32, cuda_ops
+from helpers import allow_tf32, cuda_ops, opcheck_embedding_dot_bias_ops
 
 pytestmark = pytest.mark.gpu
 
@@ -213,18 +213,7 @@ def test_embedding_dot_bias_opcheck():
     ops = cuda_ops()
     users, items, tables = _collab(40, 30, 8, 50, torch.float32)
     errors = torch.zeros(index_errors.SLOTS, dtype=torch.long, device="cuda")
-    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users, items, *tables, None, None, None))
-    torch.library.opcheck(ops.embedding_dot_bias_forward.default, (users.int(), items, *tables, 0.5, 4.5, errors))
-    grad_out = torch.randn(50, device="cuda")
-    for deterministic, sparse in [(False, False), (True, False), (False, True)]:
-        torch.library.opcheck(
-            ops.embedding_dot_bias_backward.default,
-            (grad_out, users, items, *tables, 40, 30, 1.0, 5.0, True, True, True, True, deterministic, sparse),
-        )
-    torch.library.opcheck(
-        ops.embedding_dot_bias_backward.default,
-        (grad_out, users, items, None, tables[1], None, None, 40, 30, None, None, True, False, False, False, False, False),
-    )
+    opcheck_embedding_dot_bias_ops(ops, users, items, tables, errors)
     params = [t.clone().requires_grad_() for t in tables]
     torch.library.opcheck(ops.embedding_dot_bias.default, (users, items, *params, None, None, False, errors))
     torch.library.opcheck(ops.embedding_dot_bias.default, (users, items, *params, 0.0, 5.0, False, None))

@@ -18,6 +18,8 @@ from fastcore5.demo import DemoOptions, run_demo
 from fastcore5.demo._console import ProgressBar
 from fastcore5.demo.data import RatingsFileError, load_ratings, synthetic_movielens
 
+from native_cpu import require_cpu_kernel
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +79,22 @@ def test_fused_demo_matches_reference_run(device):
         assert mine.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
         assert mine.valid_loss == pytest.approx(theirs.valid_loss, rel=1e-4)
     assert len(fused.digits.history) == 2  # one frozen epoch, one unfrozen
+
+
+def test_cpu_demo_runs_the_native_sgd_and_times_a_reference_epoch():
+    """On a CPU the collab part runs the C++ SGD kernel (backend auto) and, for comparison, one
+    epoch of a fresh model on the reference; the summary shows both epoch times."""
+    require_cpu_kernel("sgd")
+    out = io.StringIO()
+    options = _tiny_options("auto", "cpu")
+    options.part = "collab"
+    report = run_demo(options, out)
+    text = out.getvalue()
+    assert report.backends["sgd"] == "cpu"
+    assert report.collab.reference_epoch_seconds > 0 and report.collab.epoch_seconds > 0
+    summary = text.split("Summary")[1]
+    assert "with fastcore5's kernels" in summary and "on the reference" in summary
+    assert "fastcore5's C++ CPU kernels ran sgd" in summary
 
 
 def test_synthetic_ratings_have_movielens_100k_shape():

@@ -26,8 +26,15 @@ def test_every_launcher_is_guarded(launcher):
 
 
 class _OnDevice:
+    """Stands in for a tensor on ``device``: what the guard reads of one (a CUDA tensor's
+    get_device() is its device's index)."""
+
     def __init__(self, device):
         self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+
+    def get_device(self):
+        return self.device.index if self.is_cuda else -1
 
 
 @pytest.fixture

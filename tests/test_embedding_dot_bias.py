@@ -27,6 +27,14 @@ from helpers import (  # noqa: F401 (tensors_on_test_device is an autouse fixtur
 pytestmark = pytest.mark.any_device
 
 
+@pytest.fixture(autouse=True)
+def triton_backend():
+    """The Triton kernels (on CPU the cpu backend would run first): the tests that hold for every
+    backend run on the C++ CPU kernels too, from tests/test_cpu_embedding_dot_bias.py."""
+    with fastcore5.use_backend("triton"):
+        yield
+
+
 def zipf_indices(n, batch, exponent=1.2):
     """Indices with P(row k) proportional to 1 / (k + 1)^exponent: a few rows take most samples."""
     weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** exponent
@@ -253,13 +261,15 @@ def test_opcheck():
         )
 
 
-def test_compiles_fullgraph():
+def check_compiles_fullgraph(compile_backend="aot_eager", exact=False):
+    """torch.compile(fullgraph=True) of a y_range call, forward and backward, against eager: close,
+    or with ``exact`` bitwise equal."""
     torch._dynamo.reset()
     users, items = random_indices(8, 50), random_indices(9, 50)
     tables = random_tables(8, 9, 5)
     grad_out = torch.randn(50)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=compile_backend)
     def compiled(users, items, *tables):
         return fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5))
 
@@ -267,9 +277,14 @@ def test_compiles_fullgraph():
     out = compiled(users, items, *compiled_tables)
     out.backward(grad_out)
     eager_out, eager_grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
-    torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
+    tolerance = dict(atol=0.0, rtol=0.0) if exact else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, eager_out, **tolerance)
     for table, eager in zip(compiled_tables, eager_grads):
-        torch.testing.assert_close(table.grad, eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(table.grad, eager, **tolerance)
+
+
+def test_compiles_fullgraph():
+    check_compiles_fullgraph()
 
 
 # --- sparse gradients --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastcore5.ops.linear_relu import linear_relu_backward_op, linear_relu_op
 
 from conftest import DEVICE
 from helpers import allow_tf32, assert_parity
+from native_cpu import require_cpu_kernel
 
 
 def reference(x, weight, bias):
@@ -219,10 +220,13 @@ def test_opcheck_forward_and_backward():
         torch.library.opcheck(linear_relu_backward_op, (grad_out, out, None, w.detach(), True, False, False, backend))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    if backend == "cpu":
+        require_cpu_kernel("linear_relu")
     layer = LinearReLU(9, 5, dtype=torch.float64)
     x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
-    with use_backend("triton"):
+    with use_backend(backend):
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         out = compiled(x)
         out.sum().backward()

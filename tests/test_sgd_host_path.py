@@ -136,33 +136,34 @@ def test_host_side_descriptions_are_cached():
     grads = [torch.randn_like(p) for p in ps]
     for p, g in zip(ps, grads):
         p.grad = g
-    opt = SGD(ps, lr=0.1, momentum=0.9)
-    builds = []
-    original = opt._plan
-    opt._plan = lambda *a: builds.append(1) or original(*a)
-    opt.step()  # builds a plan, creates buffers
-    opt.step()  # rebuilds once: the buffers exist now
-    (launch,) = opt._plans[0].launches
-    tables = launch.prepared.triton.tables
-    tables.clear()
-    for _ in range(3):
-        for p, g in zip(ps, grads):
-            p.grad = g.view(g.shape)  # a new tensor object at the same address, as set_to_none gives
+    with backends.use_backend("triton"):  # the Triton launcher's chunk tables are what is checked
+        opt = SGD(ps, lr=0.1, momentum=0.9)
+        builds = []
+        original = opt._plan
+        opt._plan = lambda *a: builds.append(1) or original(*a)
+        opt.step()  # builds a plan, creates buffers
+        opt.step()  # rebuilds once: the buffers exist now
+        (launch,) = opt._plans[0].launches
+        tables = launch.prepared.triton.tables
+        tables.clear()
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.view(g.shape)  # a new tensor object at the same address, as set_to_none gives
+            opt.step()
+        assert len(builds) == 2
+        assert len(tables) == 1  # same addresses: one table, reused
+        ps[0].grad = torch.randn(3, 7, dtype=F64).T
+        with pytest.raises(ValueError, match=r"the \.grad of param 0 of param group 0 must be a dense tensor"):
+            opt.step()
+        ps[0].grad = torch.randn_like(ps[0])
+        ps[1].data = ps[1].detach().clone()  # the param moved: the plan must follow it
+        expected = ps[1].detach() - 0.1 * (0.9 * opt.state[ps[1]]["momentum_buffer"] + ps[1].grad)
         opt.step()
-    assert len(builds) == 2
-    assert len(tables) == 1  # same addresses: one table, reused
-    ps[0].grad = torch.randn(3, 7, dtype=F64).T
-    with pytest.raises(ValueError, match=r"the \.grad of param 0 of param group 0 must be a dense tensor"):
+        assert len(builds) == 3
+        torch.testing.assert_close(ps[1].detach(), expected, rtol=0, atol=1e-13)
+        ps[2].grad = None
         opt.step()
-    ps[0].grad = torch.randn_like(ps[0])
-    ps[1].data = ps[1].detach().clone()  # the param moved: the plan must follow it
-    expected = ps[1].detach() - 0.1 * (0.9 * opt.state[ps[1]]["momentum_buffer"] + ps[1].grad)
-    opt.step()
-    assert len(builds) == 3
-    torch.testing.assert_close(ps[1].detach(), expected, rtol=0, atol=1e-13)
-    ps[2].grad = None
-    opt.step()
-    assert len(builds) == 4
+        assert len(builds) == 4
 
 
 # ------------------------------------------------------------------------ no host sync, capture

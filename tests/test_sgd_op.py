@@ -13,6 +13,7 @@ from fastcore5.ops import sgd as sgd_ops
 from fastcore5.optim import SGD
 
 from helpers import cuda_ops
+from native_cpu import require_cpu_kernel
 from sgd_twins import F64, SHAPES, assert_same, set_grads, torch_pair
 
 
@@ -121,16 +122,20 @@ def test_custom_op_under_torch_compile_fullgraph():
     torch.testing.assert_close(total, expected[0].sum(), rtol=0, atol=1e-12)
 
 
-def test_torch_backend_follows_the_same_protocol():
-    """The "torch" backend (reference + the skip protocol through torch.where) and the Triton kernel agree."""
+@pytest.mark.parametrize("kernel", ["triton", "cpu"])
+def test_torch_backend_follows_the_same_protocol(kernel):
+    """The "torch" backend (reference + the skip protocol through torch.where) and each kernel
+    agree, through a GradScaler step that overflowed between two that did not."""
+    if kernel == "cpu":
+        require_cpu_kernel("sgd")
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", kernel):
         torch.manual_seed(3)
         ps = [torch.randn(s, dtype=F64, requires_grad=True) for s in SHAPES]
         opt = SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
         with backends.use_backend(backend):
-            for _ in range(2):
+            for found_inf in (0.0, 1.0, 0.0):
+                opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(found_inf)
                 for p in ps:
                     p.grad = torch.randn_like(p)
                 opt.step()

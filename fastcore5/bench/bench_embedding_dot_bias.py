@@ -1,6 +1,11 @@
 """EmbeddingDotBias: fastcore5 against the eager fastai-style forward (F.embedding gathers, as the
 H200 anchors measured it) and torch.compile of the same function, forward and forward+backward,
-with uniform and Zipf-distributed item indices. fp32 tables, int64 indices, y_range=(0, 5.5)."""
+with uniform and Zipf-distributed item indices. fp32 tables, int64 indices, y_range=(0, 5.5).
+
+On CPU (the C++ kernels, issue 24) the shapes are MovieLens-100k and -25M with 50 factors, and
+at ML-25M a training step (forward, backward, plain SGD) compares the dense gradients (a
+zero-filled table per step, then an optimizer pass over every row) with sparse gradients and a
+row-wise update, and times the zero-fill and the full-table pass alone."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +17,9 @@ from .common import Case, Rotating, copies_to_exceed_l2
 
 # (n_users, n_items, factors, batch): MovieLens-100k, MovieLens-25M and a large catalogue.
 SHAPES = [(944, 1654, 40, 65536), (162541, 59047, 64, 65536), (4_000_000, 1_000_000, 64, 262144)]
-CPU_SHAPE = (1000, 2000, 40, 4096)
+# MovieLens-100k and -25M as issue 24 sizes them (n_factors 50).
+CPU_SHAPES = [(944, 1683, 50, 4096), (162542, 59048, 50, 65536)]
+STEP_LR = 0.01
 Y_RANGE = (0.0, 5.5)
 ZIPF_EXPONENT = 1.0  # item popularity ~ 1/rank, roughly the skew of MovieLens ratings
 FLOAT_BYTES, INDEX_BYTES = 4, 8
@@ -109,30 +116,83 @@ def _shape_cases(device, n_users, n_items, factors, batch, items_kind, compiled)
     fwdbwd_anchors = {"eager": anchor + ".eager_fwdbwd_ms"}
     if n_users < 1_000_000:  # the anchor script compiled only the two smaller shapes
         fwdbwd_anchors["torch.compile"] = anchor + ".compiled_fwdbwd_ms"
+    fwdbwd_fns = {
+        "fastcore5": forward_backward(fused),
+        "fastcore5.deterministic": deterministic(forward_backward(fused)),
+        "eager": forward_backward(eager),
+        "torch.compile": forward_backward(compiled),
+    }
+    if device == "cpu":
+        del fwdbwd_fns["fastcore5.deterministic"]  # the CPU backward is always the deterministic one
     fwdbwd = Case(
         "embedding_dot_bias", shape, "fp32", "fwdbwd",
-        {
-            "fastcore5": forward_backward(fused),
-            "fastcore5.deterministic": deterministic(forward_backward(fused)),
-            "eager": forward_backward(eager),
-            "torch.compile": forward_backward(compiled),
-        },
+        fwdbwd_fns,
         bytes_moved=fwd_bytes + backward_bytes(n_users, n_items, factors, batch),
         anchor_keys=fwdbwd_anchors if has_anchor else {},
     )
     return [fwd, fwdbwd]
 
 
+def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]:
+    """Forward, backward and a plain SGD step (lr only): dense gradients (each step allocates and
+    zero-fills two gradient tables, then the optimizer walks every row) against sparse gradients
+    with a row-wise update (torch.optim.SGD adds an uncoalesced COO gradient row by row); plus the
+    two full-table passes of the dense step timed alone."""
+    def make_tables():
+        return [
+            (torch.randn(rows, cols, device=device) * scale).requires_grad_()
+            for rows, cols, scale in ((n_users, factors, 0.1), (n_items, factors, 0.1), (n_users, 1, 0.5), (n_items, 1, 0.5))
+        ]
+
+    dense_tables, sparse_tables = make_tables(), make_tables()
+    dense_sgd = fastcore5.optim.SGD(dense_tables, lr=STEP_LR)
+    sparse_sgd = torch.optim.SGD(sparse_tables, lr=STEP_LR)
+    users, items = torch.randint(0, n_users, (batch,), device=device), torch.randint(0, n_items, (batch,), device=device)
+    grad_out = torch.randn(batch, device=device)
+
+    def step(tables, optimizer, sparse):
+        def run():
+            fastcore5.embedding_dot_bias(users, items, *tables, y_range=Y_RANGE, sparse=sparse).backward(grad_out)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    weights = [t.detach() for t in dense_tables[:2]]
+    grads = [torch.randn_like(w) for w in weights]
+
+    def zero_fill():
+        for w in weights:
+            torch.zeros_like(w)
+
+    def full_table_pass():
+        for w, g in zip(weights, grads):
+            w.add_(g, alpha=-1e-9)
+
+    table_bytes = (n_users + n_items) * factors * FLOAT_BYTES
+    shape = f"{n_users}u.{n_items}i.D{factors}.B{batch}"
+    return [
+        Case(
+            "embedding_dot_bias", shape, "fp32", "step",
+            {"fastcore5": step(dense_tables, dense_sgd, False), "fastcore5.sparse": step(sparse_tables, sparse_sgd, True)},
+        ),
+        Case("embedding_dot_bias", shape + ".zero_fill_dense_grads", "fp32", "part", {"fastcore5": zero_fill},
+             bytes_moved=table_bytes),
+        Case("embedding_dot_bias", shape + ".sgd_full_table_pass", "fp32", "part", {"fastcore5": full_table_pass},
+             bytes_moved=3 * table_bytes),
+    ]
+
+
 def cases(device: str, quick: bool = False) -> list[Case]:
-    if device == "cuda":
-        shapes = [SHAPES[1]] if quick else SHAPES
-    else:
-        shapes = [CPU_SHAPE]
-    items_kinds = ("uniform", "zipf")
     compiled = torch.compile(eager)
+    if device != "cuda":
+        shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
+        found = [case for shape in shapes for case in _shape_cases(device, *shape, "uniform", compiled)]
+        return found + ([] if quick else _training_step_cases(device, *CPU_SHAPES[1]))
+    shapes = [SHAPES[1]] if quick else SHAPES
     return [
         case
         for n_users, n_items, factors, batch in shapes
-        for kind in items_kinds
+        for kind in ("uniform", "zipf")
         for case in _shape_cases(device, n_users, n_items, factors, batch, kind, compiled)
     ]

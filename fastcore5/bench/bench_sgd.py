@@ -7,12 +7,19 @@ measure_anchors.py, which is not in this repository):
     resnet50_like_161x    161 tensors, 40,028,608 parameters (107 small + 54 large, seeded mix)
     many_small_2000x4096  2000 tensors of 4096 parameters (host overhead, not bandwidth)
 
+On CPU tensors (no GPU, or --device cpu) two other sets, the issue-24 targets of the C++ CPU
+kernel (fastcore5 runs it there, backend "cpu"):
+
+    collab_40x            the four tables of the lesson's collab model at ML-100k sizes
+                          (944x50, 1683x50, 944x1, 1683x1) ten times over: 40 tensors, 1,339,770
+                          parameters, about the size of one CPU's L2+L3 (p + grad + buf: 16 MB)
+    one_16M               one fp32 tensor of 2**24 parameters (192 MB: memory bandwidth)
+
 bytes_moved = 20 bytes per parameter (read p, grad, buf; write p, buf). Every optimizer owns its
 parameters (same values, same fixed gradients), so the runs do not disturb each other; each
 set is larger than L2 (the smallest, 8.2M parameters, is 98 MB of p + grad + buf), so no
 rotation is needed. The first call of each step creates the momentum buffers (and compiles the
-kernel); the timers warm up past it. On CPU the sets are small and fastcore5 runs its
-plain-PyTorch reference (see runner.py).
+kernel); the timers warm up past it.
 """
 from __future__ import annotations
 
@@ -35,9 +42,12 @@ def resnet50_like_sizes() -> list[int]:
     return small + large
 
 
+COLLAB_ML100K_TABLES = [944 * 50, 1683 * 50, 944, 1683]
+
+
 def parameter_sets(device: str, quick: bool) -> dict[str, list[int]]:
     if device != "cuda":
-        return {"one_1M": [1 << 20], "many_small_200x512": [512] * 200}
+        return {"collab_40x": COLLAB_ML100K_TABLES * 10, "one_16M": [1 << 24]}
     return {
         "one_64M": [1 << 26],
         "resnet50_like_161x": resnet50_like_sizes(),
@@ -84,7 +94,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             p.grad.normal_()  # the flat gradient buffer: fresh values, as a backward would leave
         del values
         prefix = f"sgd.{name}.{numel}p"
-        anchors = {"foreach": f"{prefix}.foreach_ms", "fused": f"{prefix}.fused_ms"}
+        anchors = {"foreach": f"{prefix}.foreach_ms", "fused": f"{prefix}.fused_ms"} if device == "cuda" else {}
         ours = (
             ("step", "fastcore5", _step(normal)),
             ("step.contiguous", "fastcore5.contiguous", _contiguous_step(contiguous, flat_params[0].grad)),

@@ -212,7 +212,11 @@ def measure(calls: int = 500, rounds: int = 21) -> dict:
         **environment(device),
         "device": device,
         "backend": backend,
-        "launches": "real, tiny tensors" if device == "cuda" else "Triton interpreter launch stubbed out (no-op)",
+        "launches": (
+            "real, tiny tensors" if device == "cuda"
+            else "C++ CPU kernels, real, tiny tensors" if backend == "cpu"
+            else "Triton interpreter launch stubbed out (no-op)"
+        ),
         "clock": "perf_counter + cuda.synchronize" if device == "cuda" else "process_time",
         "torch": torch.__version__,
         "calls_per_round": calls,

@@ -7,10 +7,11 @@ every case (common.run_case). The result is a table on stdout, one JSON file (ca
 versions, commit, date, ceilings and every number) and, unless --no-plots, PNG plots of the
 speedups and of the fraction of the ceiling reached.
 
-Without a CUDA device the same cases run on CPU tensors: the pipeline and the comparisons
-against eager PyTorch and torch.compile run, but the fastcore5 column is the plain-PyTorch
-reference (the Triton interpreter is a correctness tool and is never timed), so the numbers
-that matter need a GPU (scripts/gpu_check.sh).
+Without a CUDA device (or with --device cpu) the cases run on CPU tensors, with their CPU
+shapes: the fastcore5 column is the C++ CPU kernel where the op has one (backend "cpu"), else
+the plain-PyTorch reference (the Triton interpreter is a correctness tool and is never timed);
+contenders are timed interleaved and compared by the median of paired ratios
+(common.run_case). The GPU kernels' numbers need a GPU (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib is then not needed)")
     parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None,
+        help="where the kernel benchmarks run (default: cuda when there is a CUDA device, else cpu)",
+    )
+    parser.add_argument(
         "--host", action="store_true",
         help="instead: the host time of every public entry point next to eager PyTorch (fastcore5/bench/host.py; runs without a GPU)",
     )
@@ -86,6 +91,10 @@ def option_conflict(args: argparse.Namespace) -> str | None:
         return "--json is for --host; the kernel and training benchmarks write their JSON into --out"
     if args.ops and (args.host or args.train):
         return f"--op picks kernel benchmarks; {'--host' if args.host else '--train'} runs every op it has"
+    if args.device and (args.host or args.train):
+        return f"--device picks where the kernel benchmarks run; {'--host' if args.host else '--train'} runs on the device present"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device here"
     return None
 
 
@@ -131,15 +140,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
 def kernel_benchmarks(args: argparse.Namespace, out: Path) -> int:
     """Every case of the chosen ops: table, JSON, plots; the exit status."""
     ops = list(dict.fromkeys(args.ops or OPS))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = environment(device)
     print(f"fastcore5 benchmarks {describe(run, device)}")
     print(f"results will be written to {out.resolve()}")
     notes = []
     if device == "cpu":
         notes.append(
-            "No CUDA GPU: these are CPU timings, with fastcore5 running its plain-PyTorch reference. "
-            "The fused kernels' numbers need a GPU (scripts/gpu_check.sh runs this on one)."
+            "CPU timings: fastcore5 runs its C++ CPU kernels where an op has one, else its plain-PyTorch "
+            "reference (see which ran, per op). The GPU kernels' numbers need a GPU (scripts/gpu_check.sh runs "
+            "this on one)."
         )
         if backends.interpreter_active():
             notes.append("TRITON_INTERPRET=1 is set: the Triton interpreter is a correctness tool and is not timed.")
@@ -152,16 +162,16 @@ def kernel_benchmarks(args: argparse.Namespace, out: Path) -> int:
     anchors, anchors_path = load_anchors()
 
     results, skipped, op_backends = [], {}, {}
-    # On a CPU fastcore5 runs the reference either way; forcing it keeps TRITON_INTERPRET=1 (set by
-    # the test suite, say) from timing the interpreter for minutes.
-    reference_only = backends.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
-    with reference_only:
-        for op in ops:
-            module = load_cases_module(op)
-            if module is None:
-                skipped[op] = f"fastcore5/bench/bench_{op}.py does not exist yet"
-                print(f"{op}: skipped ({skipped[op]})")
-                continue
+    for op in ops:
+        module = load_cases_module(op)
+        if module is None:
+            skipped[op] = f"fastcore5/bench/bench_{op}.py does not exist yet"
+            print(f"{op}: skipped ({skipped[op]})")
+            continue
+        # Never the Triton interpreter on a CPU (TRITON_INTERPRET=1, set by the test suite, say,
+        # would time it for minutes): the reference where the op has no CPU kernel.
+        interpreted = device == "cpu" and backends.select(op, device, torch.float32) == "triton"
+        with backends.use_backend("torch") if interpreted else contextlib.nullcontext():
             op_backends[op] = backends.select(op, device, torch.float32)
             op_started = time.perf_counter()
             cases = module.cases(device, args.quick)

@@ -269,6 +269,16 @@ def _summary(report: DemoReport) -> str:
                 _console.seconds(report.part_seconds["collab"]),
             ]
         )
+    if report.collab is not None and report.collab.reference_epoch_seconds is not None:
+        fused, reference = report.collab.epoch_seconds, report.collab.reference_epoch_seconds
+        rows.append(
+            [
+                "  collab epoch",
+                f"{_console.seconds(fused)} with fastcore5's kernels, {_console.seconds(reference)} on the reference "
+                f"({reference / fused:.2f}x)",
+                "",
+            ]
+        )
     if report.digits is not None:
         rows.append(
             ["digits MLP", f"valid accuracy {report.digits.valid_accuracy:.1%} (chance: 10%)", _console.seconds(report.part_seconds["digits"])]
@@ -285,6 +295,13 @@ def _summary(report: DemoReport) -> str:
         )
     )
     used = set(report.backends.values())
+    native = sorted(op for op, name in report.backends.items() if name == "cpu")
+    if native:
+        on_reference = sorted(op for op, name in report.backends.items() if name == "torch")
+        lines.append(
+            f"fastcore5's C++ CPU kernels ran {', '.join(native)}"
+            + (f"; {', '.join(on_reference)} ran the plain-PyTorch reference (no CPU kernel yet)." if on_reference else ".")
+        )
     if report.device.type == "cpu" and used == {"torch"}:
         where = "There is no CUDA GPU here, so" if not torch.cuda.is_available() else "On the CPU"
         lines.append(
@@ -294,6 +311,8 @@ def _summary(report: DemoReport) -> str:
             "interpreter, which is very slow (seconds per step; this takes a few minutes):\n"
             "  TRITON_INTERPRET=1 fastcore5 demo --part digits --epochs 1"
         )
+        if backends.native_extension() is None:
+            lines.append(f"fastcore5's C++ CPU kernels are not built here: {backends.BUILD_ADVICE}.")
     elif report.device.type == "cpu" and "triton" in used:
         lines.append(
             "The Triton kernels ran through Triton's CPU interpreter: this checks them, it does not make them fast."

@@ -29,6 +29,8 @@ def describe_backend(name: str, device: torch.device) -> str:
         return "fused Triton kernel"
     if name == "cuda":
         return "fused CUDA C++ kernel (fastcore5._C)"
+    if name == "cpu":
+        return "fused C++ CPU kernel (fastcore5._C)"
     return "plain-PyTorch reference from fastcore5.reference, not a fused kernel"
 
 

@@ -12,8 +12,10 @@ Index validation (``validate``):
             out of bounds, scores NaN, gets no gradient, and is reported as an IndexError by the
             next fastcore5 call, with no host sync on the way (fastcore5/index_errors.py), while
             fastcore5.optim.SGD skips its updates on that device until the error is raised.
-  "sync"    (default on CPU tensors) one min/max per index tensor on the host before any kernel
-            runs, and an immediate IndexError: one device-to-host sync per forward on a GPU.
+  "sync"    (default on CPU tensors) an immediate IndexError: on the cpu backend the forward
+            kernel checks every index in its own pass and its record is read as it returns
+            (nothing else is read); on the other backends one min/max per index tensor on the
+            host before any kernel runs (one device-to-host sync per forward on a GPU).
   "off"     no report at all. The kernels still never read or write outside a table (a bad
             sample scores NaN and gets no gradient); use it for indices validated elsewhere.
 The reference ("torch") backend cannot check inside a kernel, so there "device" means "sync";
@@ -32,7 +34,7 @@ from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES
 from ._once import not_twice_differentiable, once_only
 from .embedding_dot_bias_checks import (
-    VALIDATE_MODES, bias_fits, check_index_range, check_y_range, raise_bad_arguments,
+    VALIDATE_MODES, bias_fits, check_index_range, check_y_range, raise_bad_arguments, raise_recorded_index_error,
 )
 
 OP = "embedding_dot_bias"
@@ -45,17 +47,23 @@ def _triton_kernels():
     from ..kernels import embedding_dot_bias as kernels
 
     return SimpleNamespace(
-        forward=kernels.embedding_dot_bias_forward, backward=kernels.embedding_dot_bias_backward, with_autograd=None
+        forward=kernels.embedding_dot_bias_forward, backward=kernels.embedding_dot_bias_backward, with_autograd=None,
+        checks_sync_in_pass=False,
     )
 
 
-def _cuda_kernels():
-    backends.cuda_extension()
+def _native_kernels(with_cpp_autograd: bool):
+    """The C++ ops, which dispatch to their CUDA or CPU kernels by device. The op with autograd in
+    C++ is registered in CUDA builds only: the cpu backend crosses autograd through
+    ``_EmbeddingDotBias``."""
+    backends.native_extension()
     ops = torch.ops.fastcore5_cuda
     return SimpleNamespace(
         forward=ops.embedding_dot_bias_forward,
         backward=ops.embedding_dot_bias_backward,
-        with_autograd=ops.embedding_dot_bias,
+        with_autograd=ops.embedding_dot_bias if with_cpp_autograd else None,
+        # On CPU the kernel's own pass checks the indices and its record is read at once.
+        checks_sync_in_pass=not with_cpp_autograd,
     )
 
 
@@ -103,19 +111,30 @@ def _torch_backward(grad_out, users, items, u_weight, i_weight, u_bias, i_bias, 
 
 
 def _torch_kernels():
-    return SimpleNamespace(forward=_torch_forward, backward=_torch_backward, with_autograd=None)
+    return SimpleNamespace(
+        forward=_torch_forward, backward=_torch_backward, with_autograd=None, checks_sync_in_pass=False
+    )
 
 
 # "torch": the reference as launchers, for torch.compile only (the custom-op path compiles where
 # the eager reference's sparse gradients cannot; eager calls run the reference directly).
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels, torch=_torch_kernels)
+KERNELS = backends.KernelTable(
+    triton=_triton_kernels, cuda=lambda: _native_kernels(True), cpu=lambda: _native_kernels(False), torch=_torch_kernels
+)
 
 
-def _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate):
+def _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate, sync_in_pass):
     """``launch`` (a forward launcher: users, ..., y_lo, y_hi, index_errors) with the index
-    validation of ``validate``."""
+    validation of ``validate``. ``sync_in_pass``: "sync" is checked by the kernel's own pass (a
+    fresh record read right after it, CPU only) instead of a min/max over the indices first."""
     if validate == "sync":
-        check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
+        if not sync_in_pass:
+            check_index_range(users, items, u_weight.shape[0], i_weight.shape[0])
+            return launch(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, None)
+        record = torch.zeros(index_errors.SLOTS, dtype=torch.int64)
+        out = launch(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, record)
+        raise_recorded_index_error(record, u_weight.shape[0], i_weight.shape[0])
+        return out
     flag = index_errors.flag_for(u_weight.device) if validate == "device" else None
     out = launch(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, None if flag is None else flag.tensor)
     if flag is not None:
@@ -177,7 +196,10 @@ class _EmbeddingDotBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, kernels):
-        out = _forward(kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+        out = _forward(
+            kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate,
+            kernels.checks_sync_in_pass,
+        )
         _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse)
         ctx.kernels = kernels
         return out
@@ -200,7 +222,11 @@ def embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo
     """(B,) scores in the table dtype. ``sparse`` only shapes the backward (it is an input here
     because setup_context sees only the op's inputs). The index-error flag that "device"
     validation writes is fastcore5's own state, not an input: the compiler never sees it."""
-    return _forward(KERNELS[backend].forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+    kernels = KERNELS[backend]
+    return _forward(
+        kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate,
+        kernels.checks_sync_in_pass,
+    )
 
 
 embedding_dot_bias_op.register_fake(op_shapes.embedding_dot_bias_forward)
@@ -388,10 +414,13 @@ def embedding_dot_bias(
         u_weight.requires_grad or i_weight.requires_grad or u_bias.requires_grad or i_bias.requires_grad
     )
     if not tables_need_grad:
-        return _forward(kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+        return _forward(
+            kernels.forward, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate,
+            kernels.checks_sync_in_pass,
+        )
     if kernels.with_autograd is not None:
         def launch(*args):
             return kernels.with_autograd(*args[:8], sparse, args[8])
 
-        return _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate)
+        return _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate, False)
     return _EmbeddingDotBias.apply(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, kernels)

@@ -23,6 +23,20 @@ def check_index_range(users: Tensor, items: Tensor, num_users: int, num_items: i
     if users.numel() == 0:
         return
     bounds = torch.stack([b.to(torch.int64) for b in (*torch.aminmax(users), *torch.aminmax(items))]).tolist()
+    _raise_for_bounds(bounds, num_users, num_items)
+
+
+def raise_recorded_index_error(record: Tensor, num_users: int, num_items: int) -> None:
+    """check_index_range's IndexError from a kernel's index-error record (a CPU tensor laid out as
+    fastcore5/index_errors.py says) instead of a min/max over the indices; nothing if it is clean."""
+    values = record.numpy()
+    if values[0] == 0:
+        return
+    _raise_for_bounds(values[[2, 3, 6, 7]].tolist(), num_users, num_items)
+
+
+def _raise_for_bounds(bounds, num_users: int, num_items: int) -> None:
+    """IndexError for the first of (users min, users max, items min, items max) outside its table."""
     for name, (low, high), rows, table in (
         ("users", bounds[:2], num_users, "u_weight"),
         ("items", bounds[2:], num_items, "i_weight"),

@@ -4,8 +4,9 @@ The path of an eager call, each step once:
   1. ``linear_relu`` checks its arguments (one fast test; the detailed, argument-naming errors
      are built only when it fails) and applies autocast;
   2. ``backends.select`` names the backend (a cached lookup);
-  3. one autograd boundary: ``_LinearReLU`` (an autograd.Function) around the Triton launchers,
-     or, on the CUDA backend, the C++ op ``fastcore5_cuda::linear_relu`` whose autograd is in C++;
+  3. one autograd boundary: ``_LinearReLU`` (an autograd.Function) around the Triton launchers
+     or the C++ kernel-level ops (cpu backend), or, on the CUDA backend, the C++ op
+     ``fastcore5_cuda::linear_relu`` whose autograd is in C++;
      without any input needing a gradient the launcher is called directly;
   4. the launcher, found in the static table ``KERNELS``.
 Under torch.compile the same call goes through the ops ``fastcore5::linear_relu`` and
@@ -38,8 +39,11 @@ def _triton_kernels():
     return SimpleNamespace(forward=kernels.linear_relu_forward, backward=kernels.linear_relu_backward)
 
 
-def _cuda_kernels():
-    backends.cuda_extension()
+def _native_kernels():
+    """The C++ ops, which dispatch to their CUDA or CPU kernels by device (the cuda and cpu backends).
+    ``with_autograd`` (autograd in C++) is registered in CUDA builds only: the cpu backend crosses
+    autograd through ``_LinearReLU``."""
+    backends.native_extension()
     ops = torch.ops.fastcore5_cuda
 
     def forward(x, weight, bias):
@@ -56,7 +60,7 @@ def _cuda_kernels():
     return SimpleNamespace(forward=forward, backward=backward, with_autograd=with_autograd)
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)
 
 
 def _save_for_backward(ctx, x, weight, bias, output) -> None:
@@ -95,7 +99,7 @@ class _LinearReLU(torch.autograd.Function):
 
 @fused_op("fastcore5::linear_relu")
 def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
-    """relu(x @ weight.T + bias) for 2-D x; ``backend`` is "triton" or "cuda"."""
+    """relu(x @ weight.T + bias) for 2-D x; ``backend`` is "triton", "cuda" or "cpu"."""
     return launch(KERNELS[backend].forward, backend, x, weight, bias)
 
 

@@ -6,7 +6,10 @@
 On the Triton backend the whole stack is one autograd boundary (``_MLP``) whose backward hands
 each layer an already-masked gradient: the ReLU mask of layer l is applied in the epilogue of
 layer l+1's grad-input GEMM (kernels/mlp.py), so no layer reads its gradient and its output
-twice to rebuild the mask, and no mask pass runs. Elsewhere — the CUDA and torch backends, and
+twice to rebuild the mask, and no mask pass runs. On the cpu backend the stack is the same one
+boundary, its hidden layers the C++ Linear+ReLU ops: the BLAS cannot take an epilogue, so each
+hidden layer masks the gradient coming out of the grad-input GEMM above it in one pass that also
+sums its bias gradient (csrc/cpu/linear_relu.cpp). Elsewhere — the CUDA and torch backends, and
 under torch.compile, where the per-layer custom ops trace and a Function around raw launchers
 would not — the same stack is composed of ``fastcore5.linear_relu`` and ``F.linear``.
 
@@ -43,7 +46,17 @@ def _triton_kernels():
     )
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels)
+def _native_kernels():
+    """The cpu backend's layers: the hidden layers' forward and backward are the C++ Linear+ReLU
+    ops (csrc/cpu/linear_relu.cpp), whose backward masks the gradient of a layer's output and
+    sums its bias gradient in one pass before its two GEMMs; the output layer is plain torch."""
+    from .linear_relu import KERNELS as LAYER_KERNELS
+
+    layer = LAYER_KERNELS["cpu"]
+    return SimpleNamespace(hidden_forward=layer.forward, output_forward=F.linear, hidden_backward=layer.backward)
+
+
+KERNELS = backends.KernelTable(triton=_triton_kernels, cpu=_native_kernels)
 
 
 def _forward(kernels, x, weights, biases) -> tuple[Tensor, list[Tensor]]:
@@ -87,6 +100,10 @@ class _MLP(torch.autograd.Function):
         x, weights, hidden = saved[0], saved[1:1 + n], saved[1 + n:]
         need_w, need_b = ctx.needs_input_grad[2:2 + n], ctx.needs_input_grad[2 + n:]
         grad_weights, grad_biases = [None] * n, [None] * n
+        if hasattr(kernels, "hidden_backward"):
+            grad_x = _layer_by_layer_backward(kernels, grad_out, x, weights, hidden, lowest, need_w, need_b,
+                                              grad_weights, grad_biases)
+            return grad_x, None, *grad_weights, *grad_biases
         grad_x = None
         g = grad_out  # the gradient of layer l's pre-activation; the top layer has no ReLU
         for l in range(n - 1, max(lowest, 0) - 1, -1):
@@ -98,6 +115,31 @@ class _MLP(torch.autograd.Function):
         if lowest == -1:
             grad_x = g
         return grad_x, None, *grad_weights, *grad_biases
+
+
+def _layer_by_layer_backward(kernels, grad_out, x, weights, hidden, lowest, need_w, need_b, grad_weights, grad_biases):
+    """The backward where the hidden layers' backward is a whole Linear+ReLU backward op (cpu
+    backend): each hidden layer l receives the gradient of its output h_l straight from the
+    grad-input GEMM of layer l+1 and masks it (h_l > 0) in the pass that also sums its bias
+    gradient. Fills grad_weights/grad_biases; returns grad_x (None unless lowest == -1)."""
+    n = len(weights)
+    top_input = x if n == 1 else hidden[n - 2]
+    if need_w[n - 1]:
+        grad_weights[n - 1] = grad_out.t().mm(top_input)
+    if need_b[n - 1]:
+        grad_biases[n - 1] = grad_out.sum(0)
+    if n - 1 <= lowest:
+        return None
+    g = grad_out.mm(weights[n - 1])  # the gradient of h_{n-2}, not yet masked
+    for l in range(n - 2, max(lowest, 0) - 1, -1):
+        layer_input = x if l == 0 else hidden[l - 1]
+        g, grad_w, grad_b = kernels.hidden_backward(
+            g, hidden[l], layer_input if need_w[l] else None, weights[l] if l > lowest else None,
+            l > lowest, need_w[l], need_b[l],
+        )
+        grad_weights[l] = grad_w if need_w[l] else None
+        grad_biases[l] = grad_b if need_b[l] else None
+    return g if lowest == -1 else None
 
 
 def _compose(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> Tensor:
@@ -184,8 +226,9 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
         biases: None (no biases), or n entries, each (out_features,) or None.
     Returns (*, out_features of the last layer). Fused on the Triton backend (CUDA tensors, and
     CPU tensors under TRITON_INTERPRET=1): one autograd boundary for the whole stack, the ReLU
-    mask of each hidden layer applied in the epilogue of the grad-input GEMM above it. On the
-    CUDA and torch backends and under torch.compile the layers are composed one by one
+    mask of each hidden layer applied in the epilogue of the grad-input GEMM above it; on the
+    cpu backend one boundary too, each mask applied in one pass with the layer's bias gradient
+    right after that GEMM. On the CUDA and torch backends and under torch.compile the layers are composed one by one
     (fastcore5.linear_relu, then F.linear). Under torch.autocast the inputs are cast to the
     autocast dtype, as for nn.Linear. Not differentiable twice on the fused path.
     """
@@ -205,7 +248,7 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
     elif not same_dtype:
         check_same_dtype(**_named(x, weights, biases))
     backend = backends.select(OP, device_type, x.dtype)
-    if backend != "triton" or torch.compiler.is_compiling():
+    if backend not in ("triton", "cpu") or torch.compiler.is_compiling():
         out = _compose(x, weights, biases)
         return once_only(out, "mlp") if backend == "torch" else out
     kernels = KERNELS[backend]

@@ -13,8 +13,8 @@ no_grad and only mutates):
     returns the momentum buffers.
 
 Launcher contract: ``LAUNCHER_SCHEMA`` below, which the Triton launcher
-``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` both follow
-(tests/test_cuda_compile.py checks both against it).
+``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` (the cuda
+and cpu backends, by device) follow (tests/test_cuda_compile.py checks both against it).
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
 params[i], grads[i] and momentum_buffers[i] share shape and strides and are dense. Math in fp32
@@ -127,12 +127,13 @@ def _triton_kernels():
     return SimpleNamespace(sgd_step=sgd.sgd_step)
 
 
-def _cuda_kernels():
-    backends.cuda_extension()
+def _native_kernels():
+    """The C++ op, which dispatches to its CUDA or CPU kernel by device (the cuda and cpu backends)."""
+    backends.native_extension()
     return SimpleNamespace(sgd_step=torch.ops.fastcore5_cuda.sgd_step)
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_cuda_kernels)
+KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)
 
 
 # The launchers' arguments, in order, as a torch schema: written once, here; the custom op takes
@@ -151,7 +152,7 @@ LAUNCHER_SCHEMA = (
 )
 def sgd_step_op(*launcher_args_and_backend) -> None:
     """One SGD step in place over tensors of one device and dtype: the launcher's arguments
-    (``LAUNCHER_SCHEMA``), then the backend, "triton" or "cuda"."""
+    (``LAUNCHER_SCHEMA``), then the backend, "triton", "cuda" or "cpu"."""
     *launcher_args, backend = launcher_args_and_backend
     KERNELS[backend].sgd_step(*launcher_args)
 
@@ -219,7 +220,7 @@ class PreparedStep:
         if self.triton is not None:
             self.triton.launch(params[0], grads, *args, first_step, grad_scale, found_inf, skip_flag)
         else:
-            KERNELS["cuda"].sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
+            KERNELS[self.backend].sgd_step(params, grads, buffers, *args, first_step, grad_scale, found_inf, skip_flag)
         torch.autograd.graph.increment_version(params)
 
 

@@ -1,0 +1,222 @@
+// The CPU kernel of sgd_step: torch.optim.SGD's update for a whole list of tensors in one
+// at::parallel_for, the contract of csrc/sgd.cu (its header comment) on CPU tensors.
+//
+// Per element, in fp32 (fp64 for fp64 tensors), each of p, grad, buf read once, written once:
+//   g = grad / grad_scale                    (with a GradScaler; the quotient is written back to grad)
+//   g = -g                                   (maximize)
+//   p = p * (1 - lr*wd)  or  g = g + wd*p    (decoupled or L2 weight decay)
+//   buf = g (first step)  or  buf = momentum*buf + (1 - dampening)*g
+//   g = g + momentum*buf (nesterov)  or  g = buf
+//   p = p - lr*g
+// lr_tensor, grad_scale, found_inf and skip_flag are CPU tensors: read once per call on the host,
+// which costs no synchronisation here. A nonzero found_inf or skip_flag[0] returns before
+// anything is written.
+//
+// Work split, like the GPU's multi-tensor table: every tensor is cut into kChunk-element chunks,
+// numbered across all tensors, and one at::parallel_for hands each thread a run of consecutive
+// chunks (which it walks tensor by tensor, one call per tensor piece). Host work is O(number of
+// tensors) per call; the contiguous mode (fastcore5/optim/flat.py) passes a few flat ranges,
+// so its host work does not grow with the model. A chunk is a whole number of 64-byte cache
+// lines for every dtype, so two threads never write the same line of an aligned tensor.
+// Every element, a tensor's tail included, goes through the same at::vec::Vectorized code (the
+// tail through a partial load and store): an element's result does not depend on where a
+// thread's range starts, so any thread count gives bitwise the same result.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../sgd_checks.h"
+
+namespace fastcore5 {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+constexpr int64_t kChunk = 4096;  // elements: 16 KiB of fp32 params, a multiple of 64 bytes for every dtype
+constexpr int64_t kChunksPerThreadAtLeast = 4;  // at::parallel_for's grain: smaller steps run on one thread
+
+// One step's coefficients, broadcast once per call. acc_t: float, or double for fp64 tensors.
+template <typename acc_t>
+struct Update {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec lr, scale, momentum, keep, weight_decay, decay;  // keep = 1 - dampening; decay = 1 - lr*wd
+  bool has_scale, maximize, has_weight_decay, decoupled, has_momentum, first_step, nesterov;
+
+  // ``grad`` comes in as stored and leaves unscaled (the value written back with a GradScaler);
+  // ``buf`` is read only after the first step.
+  void apply(Vec& p, Vec& grad, Vec& buf) const {
+    if (has_scale) grad = grad / scale;
+    Vec g = maximize ? grad.neg() : grad;
+    if (has_weight_decay) {
+      if (decoupled) {
+        p = p * decay;
+      } else {
+        g = g + weight_decay * p;
+      }
+    }
+    if (has_momentum) {
+      buf = first_step ? g : momentum * buf + keep * g;
+      g = nesterov ? g + momentum * buf : buf;
+    }
+    p = p - lr * g;
+  }
+};
+
+// n consecutive elements from p, g and (with momentum) b, for fp32 and fp64 tensors.
+template <typename scalar_t>
+void step_full_precision(scalar_t* p, scalar_t* g, scalar_t* b, int64_t n, const Update<scalar_t>& u) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const bool read_buf = u.has_momentum && !u.first_step;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const bool full = count == Vec::size();
+    auto load = [&](const scalar_t* ptr) { return full ? Vec::loadu(ptr + i) : Vec::loadu(ptr + i, count); };
+    Vec pv = load(p), gv = load(g), bv = read_buf ? load(b) : Vec(0);
+    u.apply(pv, gv, bv);
+    pv.store(p + i, count);
+    if (u.has_scale) gv.store(g + i, count);
+    if (u.has_momentum) bv.store(b + i, count);
+  }
+}
+
+// The same for bf16 and fp16 tensors: each vector widened to two fp32 vectors, one rounding per store.
+template <typename scalar_t>
+void step_reduced_precision(scalar_t* p, scalar_t* g, scalar_t* b, int64_t n, const Update<float>& u) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using FVec = at::vec::Vectorized<float>;
+  const bool read_buf = u.has_momentum && !u.first_step;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const bool full = count == Vec::size();
+    auto load = [&](const scalar_t* ptr) {
+      return at::vec::convert_to_float<scalar_t>(full ? Vec::loadu(ptr + i) : Vec::loadu(ptr + i, count));
+    };
+    auto [p0, p1] = load(p);
+    auto [g0, g1] = load(g);
+    FVec b0(0), b1(0);
+    if (read_buf) std::tie(b0, b1) = load(b);
+    u.apply(p0, g0, b0);
+    u.apply(p1, g1, b1);
+    at::vec::convert_from_float<scalar_t>(p0, p1).store(p + i, count);
+    if (u.has_scale) at::vec::convert_from_float<scalar_t>(g0, g1).store(g + i, count);
+    if (u.has_momentum) at::vec::convert_from_float<scalar_t>(b0, b1).store(b + i, count);
+  }
+}
+
+// The value of a one-element floating tensor (checked by check_sgd_arguments) on the host.
+double read_scalar(const Tensor& t) {
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sgd_step", [&] {
+    value = static_cast<double>(*t.const_data_ptr<scalar_t>());
+  });
+  return value;
+}
+
+// One tensor's share of the chunk numbering.
+struct TensorSpan {
+  void* p;
+  void* g;
+  void* b;
+  int64_t numel;
+  int64_t first_chunk;
+};
+
+template <typename scalar_t, typename acc_t>
+void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, const Update<acc_t>& update) {
+  at::parallel_for(0, total_chunks, kChunksPerThreadAtLeast, [&](int64_t begin, int64_t end) {
+    // The span owning chunk ``begin``: the last one numbered at or before it (an empty tensor
+    // owns no chunk and shares its first_chunk with the next tensor, which comes after it).
+    auto span = std::upper_bound(spans.begin(), spans.end(), begin,
+                                 [](int64_t chunk, const TensorSpan& s) { return chunk < s.first_chunk; }) - 1;
+    for (int64_t chunk = begin; chunk < end; ++span) {
+      const int64_t span_chunks = (span->numel + kChunk - 1) / kChunk;
+      const int64_t stop = std::min(end, span->first_chunk + span_chunks);
+      if (stop <= chunk) continue;  // an empty tensor
+      const int64_t start = (chunk - span->first_chunk) * kChunk;
+      const int64_t count = std::min(span->numel, (stop - span->first_chunk) * kChunk) - start;
+      auto* p = static_cast<scalar_t*>(span->p) + start;
+      auto* g = static_cast<scalar_t*>(span->g) + start;
+      auto* b = span->b == nullptr ? nullptr : static_cast<scalar_t*>(span->b) + start;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        step_full_precision<scalar_t>(p, g, b, count, update);
+      } else {
+        step_reduced_precision<scalar_t>(p, g, b, count, update);
+      }
+      chunk = stop;
+    }
+  });
+}
+
+template <typename acc_t>
+Update<acc_t> make_update(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                          bool maximize, bool decoupled_weight_decay, bool first_step,
+                          const OptionalTensor& grad_scale) {
+  Update<acc_t> u;
+  // The products below in acc_t, as the GPU kernel forms them per element.
+  const acc_t lr_acc = static_cast<acc_t>(lr), wd_acc = static_cast<acc_t>(weight_decay);
+  u.lr = lr_acc;
+  u.has_scale = grad_scale.has_value();
+  u.scale = u.has_scale ? static_cast<acc_t>(read_scalar(*grad_scale)) : acc_t(1);
+  u.momentum = static_cast<acc_t>(momentum);
+  u.keep = static_cast<acc_t>(1.0 - dampening);
+  u.weight_decay = wd_acc;
+  u.decay = acc_t(1) - lr_acc * wd_acc;
+  u.has_weight_decay = weight_decay != 0.0;
+  u.decoupled = decoupled_weight_decay;
+  u.has_momentum = momentum != 0.0;
+  u.first_step = first_step;
+  u.nesterov = nesterov && u.has_momentum;
+  u.maximize = maximize;
+  return u;
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  const OptionalTensor& lr_tensor, double lr, double momentum, double dampening, double weight_decay,
+                  bool nesterov, bool maximize, bool decoupled_weight_decay, bool first_step,
+                  const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& skip_flag) {
+  constexpr const char* op = "fastcore5_cuda::sgd_step";
+  if (params.empty()) return;
+  const bool has_momentum = momentum != 0.0;
+  check_sgd_arguments(op, c10::DeviceType::CPU, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,
+                      found_inf, skip_flag);
+  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) return;
+  if (skip_flag.has_value() && *skip_flag->const_data_ptr<int64_t>() != 0) return;
+  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor);
+
+  std::vector<TensorSpan> spans;
+  spans.reserve(params.size());
+  int64_t total_chunks = 0;
+  for (const auto t : c10::irange(params.size())) {
+    const int64_t numel = params[t].numel();
+    spans.push_back({params[t].data_ptr(), grads[t].data_ptr(), has_momentum ? momentum_buffers[t].data_ptr() : nullptr,
+                     numel, total_chunks});
+    total_chunks += (numel + kChunk - 1) / kChunk;
+  }
+  if (total_chunks == 0) return;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
+    run_step<scalar_t, acc_t>(spans, total_chunks,
+                              make_update<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                                 decoupled_weight_decay, first_step, grad_scale));
+  });
+}
+
+}  // namespace
+}  // namespace fastcore5
+
+TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
+  m.impl("sgd_step", &fastcore5::sgd_step_cpu);
+}

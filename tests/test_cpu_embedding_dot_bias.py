@@ -1,0 +1,200 @@
+"""The C++ CPU kernels of EmbeddingDotBias (csrc/cpu/embedding_dot_bias.cpp, backend "cpu").
+
+Every backend-independent test of tests/test_embedding_dot_bias.py runs here again on the cpu
+backend (imported below: parity with the float64 reference for every dtype, strided tables and
+indices, tiny batches, int32/int64, heavy duplicates, gradcheck, torch.compile, sparse gradients,
+bad input). Added here: what only these kernels promise (bitwise identical results for 1 and 2
+threads and from run to run, the index-error record filled in the forward's own pass, "sync"
+validation without a min/max), opcheck of the raw ops on CPU tensors, prime and awkward sizes,
+inductor, and the raw ops' argument errors.
+"""
+import pytest
+import torch
+
+import fastcore5
+from fastcore5 import index_errors, reference
+
+from helpers import (
+    FASTAI_KEYS, deterministic_algorithms, fused_fwd_bwd, opcheck_embedding_dot_bias_ops, random_indices, random_tables,
+    reference_fwd_bwd,
+)
+from native_cpu import require_cpu_kernel
+from test_embedding_dot_bias import (  # noqa: F401 (pytest collects the imported tests and fixture here)
+    backward_path, check_compiles_fullgraph, test_bad_index_on_torch_backend_and_module,
+    test_bad_input_names_the_argument, test_compiles_fullgraph, test_gradcheck, test_heavy_duplicates,
+    test_int32_and_int64_indices_agree, test_matches_reference, test_sparse_gradients_match_nn_embedding,
+    test_sparse_torch_backend_and_sparse_adam, test_strided_tables_indices_and_grad_out, test_tiny_batches,
+    zipf_indices,
+)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernels' tests make CPU tensors only")
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend():
+    """Every test here runs the C++ CPU kernels (skipped while the source does not exist, failed
+    when it exists but is not built)."""
+    require_cpu_kernel("embedding_dot_bias")
+    with fastcore5.use_backend("cpu"):
+        yield
+
+
+@pytest.fixture
+def ops():
+    return torch.ops.fastcore5_cuda
+
+
+def with_threads(count, run):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_bitwise_identical_for_any_thread_count_and_run(dtype, sparse):
+    """The backward groups samples by row and adds them in batch order, whatever thread owns the
+    row: 1 and 2 threads (and two runs) give the same bits. Sizes make every thread's range hold
+    many rows and some rows hold hundreds of samples."""
+    users, items = zipf_indices(3001, 20011), random_indices(2003, 20011, torch.int32)
+    tables = random_tables(3001, 2003, 50, dtype)
+    grad_out = torch.randn(20011, dtype=dtype)
+
+    def run():
+        out, grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out, sparse=sparse)
+        return [out] + [g.coalesce().to_dense() if sparse else g for g in grads]
+
+    one, two, two_again = with_threads(1, run), with_threads(2, run), with_threads(2, run)
+    for name, a, b, c in zip(("output",) + FASTAI_KEYS, one, two, two_again):
+        assert torch.equal(a, b) and torch.equal(b, c), name
+    if sparse:  # coalescing a bf16 COO sums in bf16: its parity is tested on small batches
+        return
+    _, exact = reference_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out)
+    for grad, expected in zip(one[1:], exact):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad.double(), expected.reshape(grad.shape), atol=0.5 if dtype == torch.bfloat16 else 1e-3, rtol=0.02)
+
+
+@pytest.mark.parametrize("D", [1, 15, 16, 17, 50, 67])
+@pytest.mark.parametrize("batch", [1, 2, 4099])
+def test_prime_and_vector_edge_sizes_match_the_reference(D, batch):
+    """Factor counts below, at and past one vector of lanes (16 fp32 on AVX-512, 8 on AVX2) and
+    prime batches, over tables of prime row counts; both deterministic settings give the same."""
+    users, items = random_indices(101, batch), random_indices(97, batch)
+    users[: batch // 2] = 7  # a heavily repeated row
+    tables = random_tables(101, 97, D, torch.float64)
+    grad_out = torch.randn(batch, dtype=torch.float64)
+    exact_out, exact = reference_fwd_bwd(users, items, tables, (1.0, 4.0), grad_out)
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            out, grads = fused_fwd_bwd(users, items, tables, (1.0, 4.0), grad_out)
+        torch.testing.assert_close(out, exact_out, atol=1e-12, rtol=1e-12)
+        for grad, expected in zip(grads, exact):
+            torch.testing.assert_close(grad, expected, atol=1e-11, rtol=1e-11)
+
+
+def test_untouched_rows_get_zero_gradients_and_large_tables_stay_dense():
+    """Dense gradients keep PyTorch's semantics: every row present, zeros where no sample was."""
+    users, items = torch.tensor([5, 5, 900]), torch.tensor([2, 1, 2])
+    tables = random_tables(1000, 3, 8)
+    _, grads = fused_fwd_bwd(users, items, tables, None, torch.ones(3))
+    touched = torch.zeros(1000, dtype=torch.bool)
+    touched[[5, 900]] = True
+    assert (grads[0][~touched] == 0).all() and (grads[2][~touched] == 0).all()
+    assert (grads[0][touched] != 0).any(dim=1).all()
+
+
+def test_index_error_record_is_filled_by_the_forward_pass(ops):
+    """Bad users -3, 100 and 250 and bad items -1 and 80 over tables of 100 and 80 rows: NaN for
+    those samples, the record laid out as fastcore5/index_errors.py says, counts accumulating."""
+    users, items = random_indices(100, 64), random_indices(80, 64)
+    users[3], users[5], users[9] = 100, -3, 250
+    items[5], items[11] = -1, 80
+    tables = random_tables(100, 80, 16)
+    errors = torch.zeros(index_errors.SLOTS, dtype=torch.long)
+    out = ops.embedding_dot_bias_forward(users, items, *tables, None, None, errors)
+    bad = torch.zeros(64, dtype=torch.bool)
+    bad[[3, 5, 9, 11]] = True
+    assert out[bad].isnan().all()
+    expected = reference.embedding_dot_bias(users[~bad], items[~bad], *tables)
+    torch.testing.assert_close(out[~bad], expected, rtol=1e-5, atol=1e-5)
+    assert errors.tolist() == [5, 3, -3, 250, 100, 2, -1, 80, 80]
+    ops.embedding_dot_bias_forward(users, items, *tables, None, None, errors)
+    assert errors.tolist() == [10, 6, -3, 250, 100, 4, -1, 80, 80]
+
+
+def test_sync_validation_reads_the_kernels_record_not_a_min_max(monkeypatch):
+    """The default validation on CPU raises at once, with check_index_range's message, without the
+    torch.aminmax pass over the indices that the other backends run first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cpu backend must not run a separate min/max over the indices")
+
+    monkeypatch.setattr(torch, "aminmax", refuse)
+    tables = random_tables(5, 6, 3)
+    users, items = random_indices(5, 8), random_indices(6, 8)
+    fastcore5.embedding_dot_bias(users, items, *tables)
+    users[4] = 5
+    with pytest.raises(IndexError, match=r"users contains the index 5, out of range for u_weight with 5 rows"):
+        fastcore5.embedding_dot_bias(users, items, *tables)
+    items[2] = -4
+    with pytest.raises(IndexError, match=r"users contains the index 5"):
+        fastcore5.embedding_dot_bias(users, items, *tables)
+    users[4] = 0
+    with pytest.raises(IndexError, match=r"items contains the negative index -4; indices must lie in \[0, 6\)"):
+        fastcore5.embedding_dot_bias(users, items, *tables)
+    index_errors.raise_pending()  # "sync" leaves nothing for a later call
+
+
+def test_empty_tables_and_batches(ops):
+    u_weight, i_weight = torch.randn(0, 4), torch.randn(3, 4)
+    u_bias, i_bias = torch.randn(0, 1), torch.randn(3, 1)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert ops.embedding_dot_bias_forward(empty, empty, u_weight, i_weight, u_bias, i_bias, None, None, None).shape == (0,)
+    grads = ops.embedding_dot_bias_backward(
+        torch.randn(2), torch.tensor([0, 1]), torch.tensor([0, 1]), u_weight, i_weight, u_bias, i_bias, 0, 3,
+        0.0, 1.0, True, True, True, True, False, False,
+    )
+    assert [tuple(g.shape) for g in grads] == [(0, 4), (3, 4), (0,), (3,)]
+    assert all((g == 0).all() for g in grads)  # every sample has a bad user: no gradient anywhere
+
+
+def test_opcheck(ops):
+    users, items = random_indices(40, 50), random_indices(30, 50)
+    opcheck_embedding_dot_bias_ops(ops, users, items, random_tables(40, 30, 8), torch.zeros(index_errors.SLOTS, dtype=torch.long))
+
+
+def test_compiles_fullgraph_with_inductor():
+    """Inductor on CPU around the C++ ops: the compiled step gives the eager step's bits."""
+    check_compiles_fullgraph("inductor", exact=True)
+
+
+# (expected exception, message, call) on the raw ops with CPU tensors: U/V tables of 10 and 8 rows,
+# D = 4, and 6 samples; each names the argument, none crashes.
+RAW_BAD_CALLS = {
+    "users float": (TypeError, "users has dtype", lambda o, a: o.embedding_dot_bias_forward(a["users"].float(), *a["rest"])),
+    "users 2-D": (ValueError, "users must have 1 dimensions", lambda o, a: o.embedding_dot_bias_forward(a["users"][None], *a["rest"])),
+    "users int16": (TypeError, "users has dtype Short; expected int32 or int64", lambda o, a: o.embedding_dot_bias_forward(a["users"].short(), *a["rest"])),
+    "table dtype": (TypeError, "i_weight has dtype", lambda o, a: o.embedding_dot_bias_forward(a["users"], a["items"], a["U"], a["V"].double(), a["ub"], a["ib"], None, None, None)),
+    "bias rows": (ValueError, "u_bias has 9 rows", lambda o, a: o.embedding_dot_bias_forward(a["users"], a["items"], a["U"], a["V"], a["ub"][:9], a["ib"], None, None, None)),
+    "half range": (ValueError, "y_lo and y_hi", lambda o, a: o.embedding_dot_bias_forward(a["users"], a["items"], a["U"], a["V"], a["ub"], a["ib"], 0.0, None, None)),
+    "errors shape": (ValueError, "index_errors must be a contiguous", lambda o, a: o.embedding_dot_bias_forward(*a["all"], None, None, torch.zeros(4, dtype=torch.long))),
+    "bwd lengths": (ValueError, "one entry per sample", lambda o, a: o.embedding_dot_bias_backward(torch.randn(5), a["users"], a["items"], a["U"], a["V"], a["ub"], a["ib"], 10, 8, None, None, True, True, True, True, False, False)),
+    "bwd partner missing": (ValueError, "i_weight is needed", lambda o, a: o.embedding_dot_bias_backward(torch.randn(6), a["users"], a["items"], a["U"], None, a["ub"], a["ib"], 10, 8, None, None, True, False, False, False, False, False)),
+    "bwd num_users": (ValueError, "u_weight has 10 rows but num_users is 11", lambda o, a: o.embedding_dot_bias_backward(torch.randn(6), a["users"], a["items"], a["U"], a["V"], a["ub"], a["ib"], 11, 8, None, None, True, True, True, True, False, False)),
+    "bwd range tables": (ValueError, "all four tables", lambda o, a: o.embedding_dot_bias_backward(torch.randn(6), a["users"], a["items"], a["U"], a["V"], None, a["ib"], 10, 8, 0.0, 5.0, True, True, False, True, False, False)),
+}
+
+
+@pytest.mark.parametrize("case", RAW_BAD_CALLS.values(), ids=RAW_BAD_CALLS.keys())
+def test_raw_op_errors_name_the_argument(ops, case):
+    error, message, call = case
+    U, V, ub, ib = random_tables(10, 8, 4)
+    users, items = random_indices(10, 6), random_indices(8, 6)
+    args = {"users": users, "items": items, "U": U, "V": V, "ub": ub, "ib": ib,
+            "rest": (items, U, V, ub, ib, None, None, None), "all": (users, items, U, V, ub, ib)}
+    with pytest.raises(error, match=message):
+        call(ops, args)
