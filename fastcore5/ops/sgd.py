@@ -201,13 +201,14 @@ class PreparedStep:
 
     def check_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """The Triton kernel walks memory: gradients must be laid out like their params. (The CUDA
-        op checks its arguments itself; the reference takes any layout.) A sparse gradient (stepped
-        by ``SparseGradStep``) on a dense launch is a TypeError, on which the optimizer plans again:
-        Triton's check finds it; the reference looks for it (a pass over the gradients that the
-        CUDA backend's host path does not pay: its op refuses a sparse gradient itself)."""
+        and CPU C++ ops check their arguments themselves; the reference takes any layout.) A sparse
+        gradient (stepped by ``SparseGradStep``) on a dense launch is a TypeError, on which the
+        optimizer plans again: Triton's check finds it; the other backends look for it (one pass
+        over the gradients: a C++ op would reach its sparse dispatch key, which has no kernel, and
+        raise NotImplementedError instead of re-planning)."""
         if self.triton is not None:
             self.triton.check_grads(params, grads)
-        elif self.backend == "torch" and set(map(_LAYOUT, grads)) - {torch.strided}:
+        elif set(map(_LAYOUT, grads)) - {torch.strided}:
             raise TypeError("a sparse gradient on a dense launch: the step is planned again")
 
     def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
