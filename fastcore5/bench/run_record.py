@@ -59,6 +59,14 @@ def describe(run: dict, device: str) -> str:
             f"commit {run['commit'] or 'unknown'}{dirty}, {run['date']}")
 
 
+def start_run(title: str, device: str, out: Path) -> dict:
+    """The run's record, announced: what runs where, and where its results go."""
+    run = environment(device)
+    print(f"fastcore5 {title} {describe(run, device)}")
+    print(f"results will be written to {out.resolve()}")
+    return run
+
+
 def result_stem(kind: str, run: dict) -> str:
     """File name stem of a run's results: kind, card and UTC time, e.g. bench-nvidia-h200-20261126T101500Z."""
     return f"{kind}-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"

@@ -43,7 +43,7 @@ from fastcore5 import backends
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
-from .run_record import describe, environment, result_stem
+from .run_record import result_stem, start_run
 from .table import render
 from .train_data import (
     ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,
@@ -325,12 +325,10 @@ def main(args: argparse.Namespace, out: Path) -> int:
     """The training benchmark into ``out`` (checked writable by the runner); the exit status:
     1 when a way failed or the MSEs disagree, or (with --check) a target was missed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = environment(device)
     collab_size, mlp_size = COLLAB[device], MLP[device]
     if args.quick and device == "cuda":
         mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
-    print(f"fastcore5 training benchmark {describe(run, device)}")
-    print(f"results will be written to {out.resolve()}")
+    run = start_run("training benchmark", device, out)
     notes = []
     if device == "cpu":
         notes.append(
