@@ -59,12 +59,16 @@ def describe(run: dict, device: str) -> str:
             f"commit {run['commit'] or 'unknown'}{dirty}, {run['date']}")
 
 
-def start_run(title: str, device: str, out: Path) -> dict:
-    """The run's record, announced: what runs where, and where its results go."""
+def start_run(title: str, device: str, out: Path, cpu_notes: list[str]) -> tuple[dict, list[str]]:
+    """(the run's record, its notes), announced: what runs where, where its results go and, on
+    CPU, ``cpu_notes`` (why these numbers are not the GPU's)."""
     run = environment(device)
     print(f"fastcore5 {title} {describe(run, device)}")
     print(f"results will be written to {out.resolve()}")
-    return run
+    notes = list(cpu_notes) if device == "cpu" else []
+    for note in notes:
+        print(note)
+    return run, notes
 
 
 def result_stem(kind: str, run: dict) -> str:

@@ -328,16 +328,11 @@ def main(args: argparse.Namespace, out: Path) -> int:
     collab_size, mlp_size = COLLAB[device], MLP[device]
     if args.quick and device == "cuda":
         mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
-    run = start_run("training benchmark", device, out)
-    notes = []
-    if device == "cpu":
-        notes.append(
-            "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
-            "pipeline; its numbers are not the point. The training-speed numbers need a GPU: "
-            'STAGES="install train" bash scripts/gpu_check.sh.'
-        )
-    for note in notes:
-        print(note)
+    run, notes = start_run("training benchmark", device, out, [
+        "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
+        "pipeline; its numbers are not the point. The training-speed numbers need a GPU: "
+        'STAGES="install train" bash scripts/gpu_check.sh.'
+    ])
     started = time.perf_counter()
     rows: list[dict] = []
     # On a CPU, forcing the reference keeps TRITON_INTERPRET=1 (set by the test suite) from
