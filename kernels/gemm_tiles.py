@@ -1,6 +1,7 @@
 """The @triton.jit pieces every GEMM kernel here shares: the grouped tile order, the dot operands'
 preparation (interpreter upcast, TF32 rounding), torch.relu's NaN-keeping ReLU and its mask, and
-the one K loop of the portable kernels (``tile_product``). The portable kernels
+the one K loop of the portable kernels (``tile_product``), and their output tile's offsets and store
+(``tile_offsets``, ``store_tile``). The portable kernels
 (kernels/linear_relu.py, kernels/mlp.py) and the TMA kernels (kernels/linear_relu_hopper.py) import
 them from here, so neither kernel module imports the other's kernels.
 
@@ -10,6 +11,8 @@ a column-major operand whose leading stride times BLOCK passes 2**31 addresses c
 """
 import triton
 import triton.language as tl
+
+from ._common import rounded_to
 
 
 @triton.jit
@@ -103,3 +106,20 @@ def tile_product(
         o_ptrs += o_step
         b_ptrs += b_step
     return acc, row_sums
+
+
+@triton.jit
+def tile_offsets(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """This program's output tile in the grouped order: its int64 row offsets, its int64 column
+    offsets and its column tile's index."""
+    tile_r, tile_c = grouped_tile(tl.program_id(0), rows, cols, BLOCK_R, BLOCK_C, GROUP)
+    offs_r = tile_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs_r, offs_c, tile_c
+
+
+@triton.jit
+def store_tile(ptr, acc, offs_r, offs_c, stride_r, stride_c, rows, cols):
+    """``acc`` rounded to ``ptr``'s dtype, stored at (offs_r, offs_c) inside the (rows, cols) output."""
+    in_tile = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+    tl.store(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, rounded_to(acc, ptr.dtype.element_ty), mask=in_tile)

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
 from ._common import dot_precision, new_output, on_device_of, rounded_to
 from .gemm_launch import GemmLauncher
-from .gemm_tiles import grouped_tile, relu, tile_product
+from .gemm_tiles import relu, store_tile, tile_offsets, tile_product
 
 
 @triton.jit
@@ -30,10 +30,7 @@ def _linear_relu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """RELU=False makes it a plain Linear (the output layer of kernels/mlp.py's stack)."""
-    pid = tl.program_id(0)
-    tile_m, tile_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, _ = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     cols = offs_n % N
     acc, _ = tile_product(
         x_ptr, x_ptr, w_ptr, offs_m % M, cols, K, stride_xm, stride_xk, 0, 0, stride_wk, stride_wn,
@@ -43,8 +40,7 @@ def _linear_relu_fwd_kernel(
         acc += tl.load(b_ptr + cols).to(ACC_DTYPE)[None, :]
     if RELU:
         acc = relu(acc)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, rounded_to(acc, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    store_tile(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
 
 
 @triton.jit
@@ -57,17 +53,13 @@ def _linear_relu_bwd_input_kernel(
 ):
     """grad_x tile = sum over N of g tile @ W tile, g = grad_out masked by out. Block names follow
     the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
-    pid = tl.program_id(0)
-    tile_m, tile_k = grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_k, _ = tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc, _ = tile_product(
         grad_ptr, out_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, stride_om, stride_on,
         stride_wn, stride_wk, True, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
-    tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    store_tile(dx_ptr, acc, offs_m, offs_k, stride_dm, stride_dk, M, K)
 
 
 @triton.jit
@@ -84,18 +76,14 @@ def _linear_relu_bwd_weight_kernel(
     BLOCK_M tiles N, BLOCK_N tiles K, BLOCK_K is the reduction over M. RELU=False takes
     grad_out as g unmasked (``out`` is then not read): kernels/mlp.py passes gradients that
     are already masked, or belong to a layer without ReLU."""
-    pid = tl.program_id(0)
-    tile_n, tile_k = grouped_tile(pid, N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_n = tile_n.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, offs_k, tile_k = tile_offsets(N, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc, bias_acc = tile_product(
         grad_ptr, out_ptr, x_ptr, offs_n % N, offs_k % K, M, stride_gn, stride_gm, stride_on, stride_om,
         stride_xm, stride_xk, RELU, HAS_BIAS_GRAD, HAS_WEIGHT_GRAD, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE,
         BLOCK_M, BLOCK_N, BLOCK_K,
     )
     if HAS_WEIGHT_GRAD:
-        dw_ptrs = dw_ptr + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
-        tl.store(dw_ptrs, rounded_to(acc, dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+        store_tile(dw_ptr, acc, offs_n, offs_k, stride_dn, stride_dk, N, K)
     if HAS_BIAS_GRAD:
         if tile_k == 0:
             tl.store(db_ptr + offs_n, rounded_to(bias_acc, db_ptr.dtype.element_ty), mask=offs_n < N)

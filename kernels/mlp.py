@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, new_output, on_device_of, rounded_to
+from ._common import dot_precision, new_output, on_device_of
 from .gemm_launch import GemmLauncher
-from .gemm_tiles import grouped_tile, relu_masked, tile_product
+from .gemm_tiles import relu_masked, store_tile, tile_offsets, tile_product
 from .linear_relu import _linear_relu_bwd_weight_kernel, _linear_relu_fwd_kernel, _with_a_unit_stride, weight_and_bias_grads
 
 
@@ -44,20 +44,16 @@ def _mlp_grad_input_kernel(
 ):
     """dx tile = sum over N of grad tile @ W tile, times (below > 0) when MASK. Block names follow
     the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
-    pid = tl.program_id(0)
-    tile_m, tile_k = grouped_tile(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tile_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_k, _ = tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc, _ = tile_product(
         grad_ptr, grad_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, 0, 0, stride_wn, stride_wk,
         False, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if MASK:
+        in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
         acc = relu_masked(acc, below)
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dm + offs_k[None, :] * stride_dk
-    tl.store(dx_ptrs, rounded_to(acc, dx_ptr.dtype.element_ty), mask=in_tile)
+    store_tile(dx_ptr, acc, offs_m, offs_k, stride_dm, stride_dk, M, K)
 
 
 # Own launchers (own plan caches and tuning titles) for the kernels shared with

@@ -59,6 +59,18 @@ def describe(run: dict, device: str) -> str:
             f"commit {run['commit'] or 'unknown'}{dirty}, {run['date']}")
 
 
+def start_run(title: str, device: str, out: Path, cpu_notes: list[str]) -> tuple[dict, list[str]]:
+    """(the run's record, its notes), announced: what runs where, where its results go and, on
+    CPU, ``cpu_notes`` (why these numbers are not the GPU's)."""
+    run = environment(device)
+    print(f"fastcore5 {title} {describe(run, device)}")
+    print(f"results will be written to {out.resolve()}")
+    notes = list(cpu_notes) if device == "cpu" else []
+    for note in notes:
+        print(note)
+    return run, notes
+
+
 def result_stem(kind: str, run: dict) -> str:
     """File name stem of a run's results: kind, card and UTC time, e.g. bench-nvidia-h200-20261126T101500Z."""
     return f"{kind}-{slug(run['card'])}-{run['date'].replace(':', '').replace('-', '')}"

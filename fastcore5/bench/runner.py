@@ -34,7 +34,7 @@ from fastcore5._output_paths import OutputPathError, writable_file, writable_fol
 
 from .common import Case, measure_ceilings, run_case
 from .plots import plot
-from .run_record import DEFAULT_OUT, describe, environment, result_stem
+from .run_record import DEFAULT_OUT, result_stem, start_run
 from .table import ceiling_note, format_table, is_noisy, missed_targets
 
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
@@ -141,20 +141,14 @@ def kernel_benchmarks(args: argparse.Namespace, out: Path) -> int:
     """Every case of the chosen ops: table, JSON, plots; the exit status."""
     ops = list(dict.fromkeys(args.ops or OPS))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run = environment(device)
-    print(f"fastcore5 benchmarks {describe(run, device)}")
-    print(f"results will be written to {out.resolve()}")
-    notes = []
-    if device == "cpu":
-        notes.append(
-            "CPU timings: fastcore5 runs its C++ CPU kernels where an op has one, else its plain-PyTorch "
-            "reference (see which ran, per op). The GPU kernels' numbers need a GPU (scripts/gpu_check.sh runs "
-            "this on one)."
-        )
-        if backends.interpreter_active():
-            notes.append("TRITON_INTERPRET=1 is set: the Triton interpreter is a correctness tool and is not timed.")
-    for note in notes:
-        print(note)
+    cpu_notes = [
+        "CPU timings: fastcore5 runs its C++ CPU kernels where an op has one, else its plain-PyTorch "
+        "reference (see which ran, per op). The GPU kernels' numbers need a GPU (scripts/gpu_check.sh runs "
+        "this on one)."
+    ]
+    if backends.interpreter_active():
+        cpu_notes.append("TRITON_INTERPRET=1 is set: the Triton interpreter is a correctness tool and is not timed.")
+    run, notes = start_run("benchmarks", device, out, cpu_notes)
 
     started = time.perf_counter()
     ceilings = measure_ceilings(device, args.quick)

@@ -43,7 +43,7 @@ from fastcore5 import backends
 from fastcore5.nn import EmbeddingDotBias
 from fastcore5.optim import SGD
 
-from .run_record import describe, environment, result_stem
+from .run_record import result_stem, start_run
 from .table import render
 from .train_data import (
     ITEM_ZIPF, USER_ZIPF, CollabSize, EagerDotBias, MLPSize, mlp, mlp_data, synthetic_ratings,
@@ -325,21 +325,14 @@ def main(args: argparse.Namespace, out: Path) -> int:
     """The training benchmark into ``out`` (checked writable by the runner); the exit status:
     1 when a way failed or the MSEs disagree, or (with --check) a target was missed."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    run = environment(device)
     collab_size, mlp_size = COLLAB[device], MLP[device]
     if args.quick and device == "cuda":
         mlp_size = MLPSize(mlp_size.batch, mlp_size.widths, 50)
-    print(f"fastcore5 training benchmark {describe(run, device)}")
-    print(f"results will be written to {out.resolve()}")
-    notes = []
-    if device == "cpu":
-        notes.append(
-            "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
-            "pipeline; its numbers are not the point. The training-speed numbers need a GPU: "
-            'STAGES="install train" bash scripts/gpu_check.sh.'
-        )
-    for note in notes:
-        print(note)
+    run, notes = start_run("training benchmark", device, out, [
+        "No CUDA GPU: tiny sizes on CPU tensors, with fastcore5 on its plain-PyTorch reference. This checks the "
+        "pipeline; its numbers are not the point. The training-speed numbers need a GPU: "
+        'STAGES="install train" bash scripts/gpu_check.sh.'
+    ])
     started = time.perf_counter()
     rows: list[dict] = []
     # On a CPU, forcing the reference keeps TRITON_INTERPRET=1 (set by the test suite) from

@@ -40,8 +40,11 @@ they say something changed are the ``.grad`` tensors looked at one by one. Const
 
 Where each part lives (each module one job):
 
-* ``sgd.py``: ``SGD`` itself: construction, checks, ``step``, ``zero_grad``, state dicts, the
+* ``sgd.py``: ``SGD`` itself: construction, ``step``, ``zero_grad``, state dicts, the
   layer-group freezing and the path ``torch.compile`` traces.
+* ``checks.py``: the optimizer's own checks (param groups, contiguous mode's limits, loaded
+  state dicts, capturable steps).
+* ``contiguous.py``: contiguous mode's steps over the flat buffers (a mixin of ``SGD``).
 * ``plan.py``: normal mode's per-group launch plans, the cache that keeps a step's host work to
   C-level passes.
 * ``flat.py``: contiguous mode's flat buffers.

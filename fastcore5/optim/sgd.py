@@ -1,6 +1,7 @@
 """``SGD``: torch.optim.SGD with one fused kernel launch per step, a drop-in (see the
 ``fastcore5.optim`` docstring). Normal mode's launch plans are in ``plan.py``, contiguous mode's
-flat buffers in ``flat.py``, the kernels behind both in ``fastcore5.ops.sgd``.
+flat buffers in ``flat.py`` and its steps in ``contiguous.py``, the optimizer's argument checks in
+``checks.py``, the kernels behind both modes in ``fastcore5.ops.sgd``.
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from torch.optim import Optimizer
 
 from .. import backends, index_errors
 from .._checks import check_int
-from ..ops.sgd import OP, PreparedStep, SGDHyper, SparseGradStep, new_momentum_buffers, run_traced_step, sgd_step
+from ..ops.sgd import OP, PreparedStep, SGDHyper, SparseGradStep, new_momentum_buffers, sgd_step
 from ..ops.sgd_checks import check_param_and_grad, check_sparse_grad
+from .checks import (
+    check_capturable, check_contiguous_groups, check_group, check_loaded_buffers, param_name,
+)
+from .contiguous import ContiguousMode, device_skip_flag
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
 from .plan import Launch, Plan, backend_request
@@ -30,29 +35,7 @@ def _capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def _param_name(index: int, group_index: int) -> str:
-    """How errors name a param: by its place in its group, as the user listed it."""
-    return f"param {index} of param group {group_index}"
-
-
-def _first_shared_memory(named: list) -> tuple[str, str] | None:
-    """The names, in listing order, of two of the (tensor, name) pairs whose memory overlaps, or None."""
-    spans = []
-    for order, (p, name) in enumerate(named):
-        if p.numel() == 0 or p.device.type == "meta":
-            continue
-        start = p.storage_offset() * p.element_size()
-        last = sum((size - 1) * stride for size, stride in zip(p.shape, p.stride())) * p.element_size()
-        spans.append((p.untyped_storage().data_ptr(), start, start + last + p.element_size(), order))
-    spans.sort()
-    for (storage, _, end, order), (next_storage, next_start, _, next_order) in zip(spans, spans[1:]):
-        if storage == next_storage and next_start < end:
-            first, second = sorted((order, next_order))
-            return named[first][1], named[second][1]
-    return None
-
-
-class SGD(Optimizer):
+class SGD(ContiguousMode, Optimizer):
     """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) with a fused step.
 
     Args: as torch.optim.SGD — ``params``, ``lr`` (float or 1-element tensor; a tensor is read on
@@ -130,7 +113,7 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
         self._building = False
         if self.contiguous:
-            self._check_contiguous_groups(range(len(self.param_groups)))
+            check_contiguous_groups(self.param_groups, range(len(self.param_groups)))
             for index in range(len(self.param_groups)):
                 self._build_flats(index)
         self._step_supports_amp_scaling = True
@@ -160,59 +143,13 @@ class SGD(Optimizer):
         index = len(self.param_groups)
         super().add_param_group(param_group)
         try:
-            self._check_group(index, self.param_groups[index])
+            check_group(index, self.param_groups[index])
             if self.contiguous and not self._building:
-                self._check_contiguous_groups([index])
+                check_contiguous_groups(self.param_groups, [index])
                 self._build_flats(index)
         except BaseException:
             del self.param_groups[index:]
             raise
-
-    def _check_group(self, index: int, group: dict) -> None:
-        SGDHyper.from_group(group).check()
-        if group.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by fastcore5.optim.SGD; use torch.optim.SGD")
-        for i, p in enumerate(group["params"]):
-            if p.is_sparse or p.is_complex() or not p.dtype.is_floating_point:
-                raise TypeError(
-                    f"{_param_name(i, index)} is {p.dtype}"
-                    f"{' sparse' if p.is_sparse else ''}; fastcore5.optim.SGD supports dense real floating params"
-                )
-
-    def _check_contiguous_groups(self, indices) -> None:
-        """What contiguous mode cannot hold, for the groups ``indices``: DTensors, a param listed
-        twice, and params sharing memory (tied weights that are distinct tensors, views of one
-        tensor), which separate flat slots would silently untie."""
-        for index in indices:
-            params = self.param_groups[index]["params"]
-            if any(map(is_dtensor, params)):
-                raise ValueError(
-                    "contiguous=True cannot hold DTensor params (FSDP2's fully_shard owns their storage); "
-                    "use the default contiguous=False, which steps the local shards in one launch"
-                )
-            if len(set(map(id, params))) != len(params):
-                raise ValueError(
-                    f"param group {index} holds a param twice; contiguous=True keeps one flat slot per param, "
-                    "so list each param once"
-                )
-        named = [(p, _param_name(i, g)) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
-        shared = _first_shared_memory(named)
-        if shared is not None:
-            raise ValueError(
-                f"{shared[0]} and {shared[1]} share memory (tied weights or views of one tensor); contiguous=True "
-                "gives each param its own slot in a flat buffer, which would untie them: pass the shared "
-                "tensor once, or use contiguous=False (which keeps the sharing, as torch.optim.SGD does)"
-            )
-
-    def _build_flats(self, index: int) -> None:
-        params = self.param_groups[index]["params"]
-        by_kind: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_kind.setdefault((p.device, p.dtype), []).append(i)
-        self._flats[index] = [
-            FlatBuffers([params[i] for i in members], self.state, [_param_name(i, index) for i in members])
-            for members in by_kind.values()
-        ]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict; a momentum buffer that does not fit its param (shape, or not a
@@ -220,7 +157,7 @@ class SGD(Optimizer):
         kept_state, kept_groups = self.state, self.param_groups
         super().load_state_dict(state_dict)
         try:
-            self._check_loaded_buffers()
+            check_loaded_buffers(self.param_groups, self.state)
         except BaseException:
             self.state, self.param_groups = kept_state, kept_groups
             raise
@@ -230,38 +167,12 @@ class SGD(Optimizer):
                 flat.adopt_buffers(self.state)
         self.refresh()
 
-    def _check_loaded_buffers(self) -> None:
-        for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                entry = self.state.get(p)
-                buf = entry.get("momentum_buffer") if entry else None
-                if buf is None:
-                    continue
-                if not isinstance(buf, Tensor):
-                    raise TypeError(f"the momentum_buffer of {_param_name(i, g)} must be a tensor, got {type(buf).__name__}")
-                if buf.shape != p.shape:
-                    raise ValueError(
-                        f"the momentum_buffer of {_param_name(i, g)} must match it in shape: got "
-                        f"{tuple(buf.shape)} for {tuple(p.shape)}"
-                    )
-                if buf.layout is not torch.strided:  # torch's SGD keeps a sparse one after sparse gradients
-                    entry["momentum_buffer"] = buf.to_dense()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Normal mode: torch's zero_grad. Contiguous mode: one fill per flat gradient buffer
         (``set_to_none`` is ignored: the flat views must stay the gradients)."""
         if not self.contiguous:
             return super().zero_grad(set_to_none)
-        flats = [flat for group_flats in self._flats.values() for flat in group_flats]
-        changed = [flat.refs_changed() for flat in flats]
-        for flat, refs_changed in zip(flats, changed):
-            if refs_changed:
-                flat.check_grads()
-        for flat, refs_changed in zip(flats, changed):
-            if refs_changed:
-                flat.readopt_grads(copy=False)
-            flat.flat_grad.zero_()
-            flat.mark_grads_seen()
+        self._zero_flat_grads()
 
     # ------------------------------------------------------------------------------------- step
 
@@ -333,52 +244,6 @@ class SGD(Optimizer):
                     entry["momentum_buffer"] = buffer
         return loss
 
-    def _traced_flat_step(self, flat: FlatBuffers, hyper: SGDHyper) -> None:
-        """Contiguous mode under torch.compile: the op over views of the flat buffers themselves.
-        The params cannot be the op's arguments there: they all share the flat buffer's storage,
-        and inductor's functionalisation of a custom op mutating such aliased graph inputs fails
-        (an assertion in its auto_functionalized decomposition)."""
-        momentum_on = hyper.momentum != 0
-        if momentum_on and flat.flat_buffer is None:
-            flat.flat_buffer = torch.zeros(flat.numel, dtype=flat.dtype, device=flat.device)
-        backend = backends.select(OP, flat.device, flat.dtype)
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        any_first = False
-        for first in (False, True):
-            members = [
-                i for i, train in enumerate(flat.trainable)
-                if train and (momentum_on and not flat.has_buffer[i]) == first
-            ]
-            if not members:
-                continue
-            any_first = any_first or first
-            ranges = [(flat.starts[i], flat.ends[i]) for i in members]
-            ps = [flat.flat_param[s:e] for s, e in ranges]
-            gs = [flat.flat_grad[s:e] for s, e in ranges]
-            bs = [flat.flat_buffer[s:e] for s, e in ranges] if momentum_on else []
-            run_traced_step(backend, ps, gs, bs, hyper, first, grad_scale, found_inf)
-        if any_first:
-            flat.record_new_buffers(self.state)
-
-    @staticmethod
-    def _skip_flag(skip_flags: dict, device: torch.device) -> Tensor | None:
-        if device not in skip_flags:
-            skip_flags[device] = index_errors.pending_skip_flag(device)
-        return skip_flags[device]
-
-    def _check_capturable(self, hyper: SGDHyper, device: torch.device, new_buffers: bool, capturing: bool) -> None:
-        lr = hyper.lr
-        if not isinstance(lr, Tensor) or lr.device != device:
-            where = f"a tensor on {lr.device}" if isinstance(lr, Tensor) else f"the float {lr!r}"
-            raise ValueError(
-                f"capturable=True needs each param group's lr as a tensor on its params' device ({device}); got {where}"
-            )
-        if new_buffers and capturing:
-            raise RuntimeError(
-                "fastcore5.optim.SGD: a momentum buffer would be created inside a CUDA graph capture; run at least "
-                "one step eagerly (a warm-up step, as torch.cuda.graph requires anyway) before capturing"
-            )
-
     def _plan(self, index: int, group: dict, grads: list, missing: list, momentum_on: bool) -> Plan:
         params = group["params"]
         hyper = SGDHyper.from_group(group)
@@ -387,7 +252,7 @@ class SGD(Optimizer):
         for i, p in enumerate(params):
             if missing[i]:
                 continue
-            name = _param_name(i, index)
+            name = param_name(i, index)
             if grads[i].layout is not torch.strided and not is_dtensor(p):
                 check_sparse_grad(p, grads[i], name, f"the .grad of {name}", hyper)
                 sparse_members.add(i)
@@ -424,7 +289,7 @@ class SGD(Optimizer):
                 members_local = members
             launch = Launch(members, idx, buffers, first, None, dtensor)
             launch.new_buffers = buffers if first else None
-            names = [_param_name(i, index) for i in idx]
+            names = [param_name(i, index) for i in idx]
             if sparse:
                 launch.prepared = SparseGradStep()
             else:
@@ -447,7 +312,7 @@ class SGD(Optimizer):
             or not all(launch.prepared.addresses_unchanged(launch.params()) for launch in plan.launches)
         ):
             if capturing and momentum_on and self._would_create_buffers(group, missing):
-                self._check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
+                check_capturable(SGDHyper.from_group(group), group["params"][0].device, True, True)
             return self._plan(index, group, grads, missing, momentum_on)
         try:
             for launch in plan.launches:
@@ -468,7 +333,7 @@ class SGD(Optimizer):
         plan = self._current_plan(index, group, grads, hyper.momentum != 0, capturing)
         if self.capturable:
             for launch in plan.launches:
-                self._check_capturable(hyper, launch.device, launch.first, capturing)
+                check_capturable(hyper, launch.device, launch.first, capturing)
         return plan, hyper, grads
 
     def _step_group(self, plan, grads, hyper, grad_scale, found_inf, skip_flags) -> None:
@@ -478,44 +343,9 @@ class SGD(Optimizer):
                     self.state[p]["momentum_buffer"] = buf
             launch.prepared.run(
                 launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
-                self._skip_flag(skip_flags, launch.device),
+                device_skip_flag(skip_flags, launch.device),
             )
 
-    def _check_flat(self, index, hyper, capturing) -> list:
-        """Contiguous mode's checks of one group before any write: [(flat, gradients replaced)]."""
-        momentum_on = hyper.momentum != 0
-        checked = []
-        for flat in self._flats.get(index, ()):
-            flat.check_params()
-            replaced = flat.grads_maybe_replaced()
-            if replaced:
-                flat.check_grads(hyper)
-            if self.capturable:
-                new_buffers = momentum_on and any(t and not b for t, b in zip(flat.trainable, flat.has_buffer))
-                self._check_capturable(hyper, flat.device, new_buffers, capturing)
-            checked.append((flat, replaced))
-        return checked
-
-    def _step_flat(self, checked, hyper, grad_scale, found_inf, skip_flags) -> None:
-        momentum_on = hyper.momentum != 0
-        for flat, replaced in checked:
-            if replaced and flat.readopt_grads(copy=True) and not self._warned_regrad:
-                self._warned_regrad = True
-                warnings.warn(
-                    "fastcore5.optim.SGD(contiguous=True): some .grad tensors were replaced (model.zero_grad() "
-                    "with set_to_none, create_graph=True, ...); they were copied back into the flat gradient "
-                    "buffer, which costs a copy per step. Use optimizer.zero_grad() to keep the fast path.",
-                    stacklevel=3,
-                )
-            segments = flat.segments_for(momentum_on)
-            skip_flag = self._skip_flag(skip_flags, flat.device)
-            for first, (ps, gs, bs, prepared) in segments.items():
-                prepared.run(ps, gs, bs, hyper, first, grad_scale, found_inf, skip_flag)
-            if True in segments:
-                flat.record_new_buffers(self.state)
-            flat.mark_grads_seen()
-
-    # ------------------------------------------------------------------------- layer groups
 
     def freeze_to(self, n: int) -> None:
         """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
