@@ -53,7 +53,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
             "Benchmark every fastcore5 op against its anchors (eager PyTorch, torch.compile, cuBLASLt, "
             "torch.optim.SGD foreach/fused) on the device present: a table, JSON and PNG plots."
         ),
-        epilog="Without a CUDA GPU the cases run on CPU tensors and fastcore5 runs its reference: the GPU numbers need a GPU.",
+        epilog="Without a CUDA GPU the cases run on CPU tensors, on fastcore5's C++ CPU kernels where the extension "
+        "was built (else its reference): the GPU numbers need a GPU.",
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (under two minutes on a GPU)")
     parser.add_argument(
