@@ -15,7 +15,7 @@ They are skipped only when nvcc is not installed.
 from __future__ import annotations
 
 import concurrent.futures
-import os
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -32,30 +32,15 @@ CSRC = ROOT / "csrc"
 SOURCES = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
 
 
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for candidate in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
-        path = Path(candidate, "bin", "nvcc")
-        if candidate and path.is_file():
-            return str(path)
-    return None
+def _compile_check_script():
+    """scripts/compile_check.py, whose nvcc look-ups (the compiler, cuBLASLt's header) this test shares."""
+    spec = importlib.util.spec_from_file_location("compile_check", ROOT / "scripts" / "compile_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _cublaslt_include(nvcc: str) -> str | None:
-    """The directory holding cublasLt.h: the toolkit's, else the nvidia-cublas wheel's."""
-    roots = [Path(nvcc).resolve().parent.parent]
-    try:
-        import nvidia
-
-        roots += [sub for base in nvidia.__path__ for sub in sorted(Path(base).iterdir())]
-    except ImportError:
-        pass
-    for root in roots:
-        if (root / "include" / "cublasLt.h").is_file():
-            return str(root / "include")
-    return None
+_SCRIPT = _compile_check_script()
 
 
 def _cxx_standard() -> str:
@@ -64,7 +49,7 @@ def _cxx_standard() -> str:
     return "c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "c++17"
 
 
-NVCC = _nvcc()
+NVCC = _SCRIPT.nvcc_path()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (no CUDA toolkit on this machine)")
 
 
@@ -103,7 +88,7 @@ def _compile(source: str, out_dir: Path, flags: list[str]) -> dict:
 def compiled(tmp_path_factory) -> dict[str, dict]:
     """Compile every source once, two at a time (the CI machine has 2 cores)."""
     out_dir = tmp_path_factory.mktemp("csrc_objects")
-    cublaslt = _cublaslt_include(NVCC)
+    cublaslt = _SCRIPT.cublaslt_include(NVCC)
     flags = _flags(cublaslt)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda s: _compile(s, out_dir, flags), SOURCES))
