@@ -168,18 +168,23 @@ def test_nan_and_inf_like_torch(poisoned, value, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_overflowing_finite_inputs_give_relu_of_the_gemm(dtype):
+@pytest.mark.parametrize("rows, features", [(3, 4), (256, 128)], ids=["at_mm", "onednn"])
+def test_overflowing_finite_inputs_give_relu_of_the_gemm(dtype, rows, features):
     """Finite inputs whose products overflow take the relu pass (not oneDNN's relu post-op, which
     would turn a NaN into 0): the output is torch.relu of the GEMM's own pre-activation. Which
     infinities (or NaN) the GEMM makes is the library's: oneDNN's FMAs give -inf for the last
-    column where MKL's eager F.linear gives NaN."""
+    column where MKL's eager F.linear gives NaN. The kernel takes oneDNN only from about 4M
+    multiply-adds (csrc/cpu/linear_relu.cpp), at::mm below: both sizes are checked."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN: the kernel's GEMM is at::mm, compared elsewhere")
-    x = torch.full((3, 4), 1e30, dtype=dtype)
-    w = torch.full((3, 4), 1e30, dtype=dtype)
+    x = torch.full((rows, features), 1e30, dtype=dtype)
+    w = torch.full((features, features), 1e30, dtype=dtype)
     w[1] = -1e30
     w[2, 0] = -1e30
-    pre = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    if rows * features * features >= 1 << 22:
+        pre = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    else:
+        pre = x @ w.T
     assert not pre.isfinite().any()
     torch.testing.assert_close(on_cpu_backend(x, w, None), torch.relu(pre), equal_nan=True, rtol=0, atol=0)
 
