@@ -130,9 +130,6 @@ def native_extension():
 
 
 native_extension.missing_reason = None
-# The loader's earlier name, still used by branches written before the CPU kernels.
-cuda_extension = native_extension
-
 
 def _native_kernels_missing(backend: str, op: str) -> list[str]:
     """The ops of ``op``'s family that have no kernel for ``backend``'s dispatch key."""
