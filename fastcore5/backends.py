@@ -131,6 +131,7 @@ def native_extension():
 
 native_extension.missing_reason = None
 
+
 def _native_kernels_missing(backend: str, op: str) -> list[str]:
     """The ops of ``op``'s family that have no kernel for ``backend``'s dispatch key."""
     key = _DISPATCH_KEY[backend]
