@@ -14,16 +14,19 @@
 // Backward, with coef[b] = grad_out[b] * d out[b] / d res[b] (res recomputed from the tables
 // when there is a y_range, so the forward saves nothing):
 //   grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
-// and the same for the items. One pass over the batch forms coef (and, for sparse gradients,
-// writes nn.Embedding(sparse=True)'s per-sample values, which ends the backward). Each dense
-// table gradient is then one at::parallel_for over the table's rows: a thread takes a range of
-// rows, picks the samples that fall in it (in batch order) and groups them by row with a stable
-// counting sort, then writes every row of its range exactly once: zeros for a row no sample
-// touched (runs of them in one memset), otherwise the row's sum, its samples added in batch
-// order. So the gradient is written once (the zero-fill is fused with the writes, no scatter),
-// no two threads write the same row, and every sum is taken in an order fixed by the batch
-// alone: the results are bitwise identical for any thread count and any run, with or without
-// torch.use_deterministic_algorithms (the ``deterministic`` argument changes nothing here).
+// and the same for the items. Sparse gradients: one pass over the batch forms coef and writes
+// nn.Embedding(sparse=True)'s per-sample values. Dense gradients: a stable counting sort,
+// parallel over fixed chunks of the batch, groups the samples by blocks of rows of each table
+// (batch order within a block); then each table is one at::parallel_for over its blocks. A thread
+// adds a block's samples, in batch order, into a zeroed buffer of the block's rows (sums in the
+// accumulation type, L2-sized) and moves it to the gradient in one sequential write (non-temporal stores
+// where it can): rows no sample touched come out as zeros, so the gradient is written once with
+// the zero-fill fused, there is no scatter into the table, and no two threads write the same row.
+// The items' pass goes first and forms coef (with a y_range it reads both rows of a sample; the
+// items' own rows are the denser, nearly sequential ones); the users' pass reads coef. Every sum
+// is taken in an order fixed by the batch alone: the results are bitwise identical for any
+// thread count and any run, with or without torch.use_deterministic_algorithms (the
+// ``deterministic`` argument changes nothing here).
 // bf16/fp16 gradients are rounded once, from the fp32 sum.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
