@@ -31,9 +31,7 @@ Tensor with_unit_stride(const Tensor& t) {
 }  // namespace
 
 Tensor linear_relu_forward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
-  check_linear_relu_forward(op, c10::DeviceType::CUDA, x, weight, bias);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const auto [M, N, K] = check_linear_relu_forward(c10::kCUDA, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = new_output({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -54,10 +52,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
                                                         const OptionalTensor& x, const OptionalTensor& weight,
                                                         bool need_input_grad, bool need_weight_grad,
                                                         bool need_bias_grad, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
-  const int64_t K =
-      check_linear_relu_backward(op, c10::DeviceType::CUDA, grad_out, out, x, weight, need_input_grad, need_weight_grad);
-  const int64_t M = out.size(0), N = out.size(1);
+  const auto [M, N, K] = check_linear_relu_backward(c10::kCUDA, grad_out, out, x, weight, need_input_grad, need_weight_grad);
   const c10::cuda::CUDAGuard guard(out.device());
   const auto options = out.options();
   Tensor grad_x = need_input_grad ? new_output({M, K}, options) : at::empty({0}, options);
