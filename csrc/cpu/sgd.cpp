@@ -37,14 +37,15 @@
 
 #include "../checks.h"
 #include "../sgd_checks.h"
+#include "sgd_kernel.h"
 
 namespace fastcore5 {
+namespace cpu_sgd {
 namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
-constexpr int64_t kChunk = 4096;  // elements: 16 KiB of fp32 params, a multiple of 64 bytes for every dtype
 constexpr int64_t kChunksPerThreadAtLeast = 4;  // at::parallel_for's grain: smaller steps run on one thread
 
 // One step's coefficients, broadcast once per call. acc_t: float, or double for fp64 tensors.
@@ -124,15 +125,6 @@ double read_scalar(const Tensor& t) {
   return value;
 }
 
-// One tensor's share of the chunk numbering.
-struct TensorSpan {
-  void* p;
-  void* g;
-  void* b;
-  int64_t numel;
-  int64_t first_chunk;
-};
-
 template <typename scalar_t, typename acc_t>
 void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, const Update<acc_t>& update) {
   at::parallel_for(0, total_chunks, kChunksPerThreadAtLeast, [&](int64_t begin, int64_t end) {
@@ -141,7 +133,7 @@ void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, const 
     auto span = std::upper_bound(spans.begin(), spans.end(), begin,
                                  [](int64_t chunk, const TensorSpan& s) { return chunk < s.first_chunk; }) - 1;
     for (int64_t chunk = begin; chunk < end; ++span) {
-      const int64_t span_chunks = (span->numel + kChunk - 1) / kChunk;
+      const int64_t span_chunks = chunks_of(span->numel);
       const int64_t stop = std::min(end, span->first_chunk + span_chunks);
       if (stop <= chunk) continue;  // an empty tensor
       const int64_t start = (chunk - span->first_chunk) * kChunk;
@@ -182,6 +174,23 @@ Update<acc_t> make_update(double lr, double momentum, double dampening, double w
   return u;
 }
 
+}  // namespace
+
+void run_spans(c10::ScalarType dtype, const std::vector<TensorSpan>& spans, int64_t total_chunks, const StepArgs& a) {
+  if (a.found_inf.has_value() && read_scalar(*a.found_inf) != 0.0) return;
+  if (a.skip_flag.has_value() && *a.skip_flag->const_data_ptr<int64_t>() != 0) return;
+  if (total_chunks == 0) return;
+  const double lr = a.lr_tensor.has_value() ? read_scalar(*a.lr_tensor) : a.lr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sgd_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
+    run_step<scalar_t, acc_t>(spans, total_chunks,
+                              make_update<acc_t>(lr, a.momentum, a.dampening, a.weight_decay, a.nesterov, a.maximize,
+                                                 a.decoupled_weight_decay, a.first_step, a.grad_scale));
+  });
+}
+
+namespace {
+
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const OptionalTensor& lr_tensor, double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool decoupled_weight_decay, bool first_step,
@@ -191,10 +200,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const bool has_momentum = momentum != 0.0;
   check_sgd_arguments(op, c10::DeviceType::CPU, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,
                       found_inf, skip_flag);
-  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) return;
-  if (skip_flag.has_value() && *skip_flag->const_data_ptr<int64_t>() != 0) return;
-  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor);
-
   std::vector<TensorSpan> spans;
   spans.reserve(params.size());
   int64_t total_chunks = 0;
@@ -202,21 +207,17 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     const int64_t numel = params[t].numel();
     spans.push_back({params[t].data_ptr(), grads[t].data_ptr(), has_momentum ? momentum_buffers[t].data_ptr() : nullptr,
                      numel, total_chunks});
-    total_chunks += (numel + kChunk - 1) / kChunk;
+    total_chunks += chunks_of(numel);
   }
-  if (total_chunks == 0) return;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
-    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
-    run_step<scalar_t, acc_t>(spans, total_chunks,
-                              make_update<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                                 decoupled_weight_decay, first_step, grad_scale));
-  });
+  const StepArgs args{lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay,
+                      first_step, grad_scale, found_inf, skip_flag};
+  run_spans(params[0].scalar_type(), spans, total_chunks, args);
 }
 
 }  // namespace
+}  // namespace cpu_sgd
 }  // namespace fastcore5
 
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
-  m.impl("sgd_step", &fastcore5::sgd_step_cpu);
+  m.impl("sgd_step", &fastcore5::cpu_sgd::sgd_step_cpu);
 }
