@@ -11,7 +11,9 @@
 //   CUDA   csrc/*_op.cpp (argument checks, layouts, allocation) over the kernels in csrc/*.cu,
 //          registered below when setup.py builds them (it then defines FASTCORE5_WITH_CUDA);
 //   CPU    csrc/cpu/<op>.cpp, each registering its own ops for the CPU dispatch key.
-// This file is compiled in every build: it holds the schemas, the error helper and the module.
+// linear_relu's autograd kernel serves both (csrc/linear_relu_autograd.cpp).
+// This file and that one are compiled in every build (setup.py's COMMON_SOURCES): this one holds
+// the schemas, the error helper and the module.
 // Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_cuda_ops.py, the
 // module named by set_python_module below.
 #include <Python.h>
@@ -100,7 +102,7 @@ TORCH_LIBRARY(fastcore5_cuda, m) {
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward);
-  m.impl("linear_relu", &fastcore5::linear_relu_forward);  // below autograd (inference mode)
+  m.impl("linear_relu", &fastcore5::linear_relu_forward);  // below autograd
   m.impl("embedding_dot_bias_forward", &fastcore5::embedding_dot_bias_forward);
   m.impl("embedding_dot_bias_backward", &fastcore5::embedding_dot_bias_backward);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_inference);
@@ -108,7 +110,6 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
-  m.impl("linear_relu", &fastcore5::linear_relu_autograd);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_autograd);
 }
 #endif  // FASTCORE5_WITH_CUDA

@@ -37,7 +37,7 @@ OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 
 # The native ops (torch.ops.fastcore5_cuda.*) each op family's layer calls on the cuda and cpu backends.
 NATIVE_OPS = {
-    "linear_relu": ("linear_relu_forward", "linear_relu_backward"),
+    "linear_relu": ("linear_relu_forward", "linear_relu_backward", "linear_relu"),
     "embedding_dot_bias": ("embedding_dot_bias_forward", "embedding_dot_bias_backward"),
     "sgd": ("sgd_step",),
 }

@@ -274,8 +274,8 @@ def embedding_dot_bias(
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
     twice.
     """
-    # The same prologue as linear_relu's, written out on purpose (a duplicate pair that stays): a
-    # shared helper would cost a Python call on every op call, which the host-time rule counts.
+    # linear_relu's pattern (a fast check, the detailed one only when it fails), written out on
+    # purpose: a shared helper would cost a Python call on every op call, which the host-time rule counts.
     if index_errors.watching:
         index_errors.raise_pending()
     try:
