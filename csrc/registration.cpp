@@ -25,9 +25,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
+#include "python_functions.h"
 
 namespace fastcore5 {
 
@@ -53,6 +55,20 @@ Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor out = at::empty(sizes, options);
   if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
+}
+
+namespace {
+
+std::vector<PyMethodDef>& python_functions() {
+  static std::vector<PyMethodDef> functions;  // built by static initialisers, before PyInit__C runs
+  return functions;
+}
+
+}  // namespace
+
+bool add_python_function(const PyMethodDef& function) {
+  python_functions().push_back(function);
+  return true;
 }
 
 }  // namespace fastcore5
@@ -98,10 +114,17 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
 }
 #endif  // FASTCORE5_WITH_CUDA
 
-// `import fastcore5._C` loads this library, whose static initialisers above register the ops;
-// the module itself is empty (no pybind11: the ops are reached through torch.ops.fastcore5_cuda).
+// `import fastcore5._C` loads this library, whose static initialisers above register the ops; the
+// module holds only the plain functions the sources added (python_functions.h): no pybind11, the
+// ops are reached through torch.ops.fastcore5_cuda.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static std::vector<PyMethodDef> table;
+  if (table.empty()) {
+    table = fastcore5::python_functions();
+    table.push_back({nullptr, nullptr, 0, nullptr});
+  }
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda", -1, nullptr};
+                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda",
+                               -1, table.data()};
   return PyModule_Create(&module);
 }

@@ -241,6 +241,14 @@ def select_eager(op: str, device: torch.device | str, dtype: torch.dtype | None 
     return name
 
 
+def request_key() -> tuple:
+    """What a backend choice depends on besides the op and the tensors, read raw (no validation:
+    ``select`` validates when it chooses): the innermost use_backend() request, FASTCORE5_BACKEND
+    and TRITON_INTERPRET. A choice cached elsewhere (an optimizer's step plan) stays valid while
+    this is equal."""
+    return _requests[-1] if _requests else None, _RAW_ENVIRONMENT.get(_BACKEND_KEY), _RAW_ENVIRONMENT.get(_INTERPRET_KEY)
+
+
 def device_type(t: torch.Tensor) -> str:
     """``t.device.type``, in a fraction of its cost for the common devices."""
     return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type

@@ -312,15 +312,16 @@ def embedding_dot_bias(
     if validate is None:
         validate = "device" if device_type == "cuda" else "sync"
 
-    backend = backends.select(OP, device_type, dtype)
-    if backend == "torch" and sparse and torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    backend = (backends.select if compiling else backends.select_eager)(OP, device_type, dtype)
+    if backend == "torch" and sparse and compiling:
         # Inductor cannot trace F.embedding(sparse=True) ("Cannot access storage of
         # SparseTensorImpl"); the custom op hides the sparse gradients from it, as for the kernels.
         mode = "off" if validate == "off" else "sync"
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, mode, backend)
     if backend == "torch":
         return once_only(torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate), OP)
-    if torch.compiler.is_compiling():
+    if compiling:
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend)
     kernels = KERNELS[backend]
     tables_need_grad = torch.is_grad_enabled() and (
