@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import fastcore5
@@ -121,6 +121,10 @@ def _embedding_reference(users, items, tables, y_range):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @FUZZ
 @given(case=embedding_calls())
+# Always run, whatever the draw: a bad index under "device", which (until this example) the few
+# derandomized draws could miss, so a wrong expectation of when it is reported went unseen.
+@example(case=dict(n_users=1, n_items=1, factors=1, batch=1, dtype=F64, index_dtype=torch.int64, bias_2d=False,
+                   y_range=None, sparse=False, validate="device", out_of_range=True, spoil=None, seed=1))
 def test_fuzz_embedding_dot_bias(backend, case):
     args = list(_embedding_args(case))
     users, items, tables, kwargs = args
@@ -133,7 +137,9 @@ def test_fuzz_embedding_dot_bias(backend, case):
             _expect_refusal(lambda: fastcore5.embedding_dot_bias(users, items, *tables, **kwargs),
                             (names,) if isinstance(names, str) else names, [users, items, *tables])
             users, items, tables, kwargs = _embedding_args(case)  # the next valid call still works
-        reported_later = backend == "triton" and kwargs["validate"] == "device"
+        # "device" reports a bad index at the next fastcore5 call on every kernel backend, the cpu one
+        # included (its flag is read then, not as the forward returns); only the reference means "sync" by it.
+        reported_later = backend != "torch" and kwargs["validate"] == "device"
         if bad_index and kwargs["validate"] != "off" and not reported_later:
             bad_user = bool(((users < 0) | (users >= tables[0].shape[0])).any())
             _expect_refusal(lambda: fastcore5.embedding_dot_bias(users, items, *tables, **kwargs),
