@@ -176,7 +176,9 @@ _SMALL_BUFFERS_BYTES = 4096  # mbarriers and the bias sum's tile of ones, rounde
 _INTERPRETER_CONFIG = tile_config(16, 16, 16, 1, 1, group=2)
 # Launched untuned: the first of these whose shared memory fits the kernel and dtype (the MLP's
 # masked grad-input kernel stages a second output-sized tile, too much for the first in fp32).
-_DEFAULT_TILES = [(128, 128, 32, 3, 8), (128, 128, 32, 2, 8), (64, 128, 32, 3, 4)]
+# Three stages: with two, the compiled persistent loop kept one operand buffer (no prefetch;
+# scripts/compile_check.py, bench/NOTES.md).
+_DEFAULT_TILES = [(128, 128, 32, 3, 8), (64, 128, 32, 3, 4)]
 
 
 def _shared_bytes(tile: tuple, streamed_tiles: int, element_bytes: int, output_tiles: int = 1) -> int:
