@@ -580,3 +580,18 @@ def test_gpu_backward_is_deterministic(three_candidates):
     second = portable.linear_relu_backward(grad_out, out, x, w, True, True, True)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+def test_opaque_tma_ops_pass_opcheck(sm90):
+    """The ops torch.compile's graph calls on sm_90 in place of the traced kernels: schema, fake
+    implementation and autograd registration agree with what they compute (here through the TMA
+    kernels, in the interpreter)."""
+    from fastcore5.ops import linear_relu_tma
+
+    x, w, b = make_inputs(37, 24, 40, torch.bfloat16)
+    out = linear_relu_tma.forward_op(x, w, b)
+    torch.library.opcheck(linear_relu_tma.forward_op, (x, w, b))
+    torch.library.opcheck(linear_relu_tma.forward_op, (x, w, None))
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(linear_relu_tma.backward_op, (grad_out, out, x, w, True, True, True))
+    torch.library.opcheck(linear_relu_tma.backward_op, (grad_out, out, None, w, True, False, False))
