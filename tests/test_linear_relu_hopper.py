@@ -24,6 +24,7 @@ from conftest import HAS_CUDA
 from helpers import allow_tf32, assert_parity
 from test_linear_relu import _masked, check_layout_parity, check_tf32_operand_rounding, make_inputs
 from test_compile_check import compile_op
+from test_mlp import forward_backward
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -317,15 +318,6 @@ def _mlp_with_random_parameters(sizes, dtype=torch.float32, device="cpu"):
     return mlp
 
 
-def _forward_backward(model, x, grad_out):
-    """(output, [grad_x, grads of the parameters]) on a fresh leaf copy of x."""
-    model.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    out.backward(grad_out)
-    return out.detach(), [x.grad] + [p.grad for p in model.parameters()]
-
-
 def _float64_twin(mlp):
     """The same stack as a plain float64 nn.Sequential (the reference)."""
     twin = torch.nn.Sequential(*(torch.nn.Linear(m.in_features, m.out_features, dtype=torch.float64, device=m.weight.device)
@@ -340,8 +332,8 @@ _TF32_TOLERANCE = {"rtol": 1e-2, "atol": 1e-2}
 
 def _run_and_compare(model, x, grad_out, mlp):
     """model (mlp, or a compiled mlp) against mlp's float64 twin, fp32 with TF32 rounding."""
-    ours, our_grads = _forward_backward(model, x, grad_out)
-    exact, exact_grads = _forward_backward(_float64_twin(mlp), x.double(), grad_out.double())
+    ours, our_grads = forward_backward(model, x, grad_out)
+    exact, exact_grads = forward_backward(_float64_twin(mlp), x.double(), grad_out.double())
     for o, e in zip([ours] + our_grads, [exact] + exact_grads):
         torch.testing.assert_close(o.double(), e, **_TF32_TOLERANCE)
 

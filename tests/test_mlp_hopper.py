@@ -15,8 +15,9 @@ from fastcore5.kernels import linear_relu_hopper as hopper
 
 from conftest import HAS_CUDA
 from helpers import allow_tf32, assert_parity
+from test_mlp import forward_backward
 from test_linear_relu_hopper import (  # noqa: F401 (launches is a fixture)
-    _MLP_TMA_LAUNCHES, _TMA_KERNELS, _float64_twin, _forward_backward, _mlp_with_random_parameters, _quarters, launches,
+    _MLP_TMA_LAUNCHES, _TMA_KERNELS, _float64_twin, _mlp_with_random_parameters, _quarters, launches,
 )
 
 # M above every tile of the default configs and ragged against them (1000); each layer's rows
@@ -51,9 +52,9 @@ def _torch_twin(mlp):
 def _check_parity(model, mlp, dtype):
     x, grad_out = _quarters(M, SIZES[0], dtype=dtype, device="cuda"), _quarters(M, SIZES[-1], dtype=dtype, device="cuda")
     with use_backend("triton"):
-        ours, our_grads = _forward_backward(model, x, grad_out)
-    theirs, their_grads = _forward_backward(_torch_twin(mlp), x, grad_out)
-    exact, exact_grads = _forward_backward(_float64_twin(mlp), x.double(), grad_out.double())
+        ours, our_grads = forward_backward(model, x, grad_out)
+    theirs, their_grads = forward_backward(_torch_twin(mlp), x, grad_out)
+    exact, exact_grads = forward_backward(_float64_twin(mlp), x.double(), grad_out.double())
     names = ["output", "grad_x"] + [name for name, _ in mlp.named_parameters()]
     for name, o, t, e in zip(names, [ours] + our_grads, [theirs] + their_grads, [exact] + exact_grads):
         assert_parity(o, t, e, atol=1e-3 * e.abs().max().item(), what=name)
