@@ -82,6 +82,9 @@ def _cublaslt_paths():
     )
 
 
+# Built whatever else is: the schemas and module (registration.cpp) and the autograd kernels that
+# serve every device.
+COMMON_SOURCES = ["csrc/registration.cpp", "csrc/linear_relu_autograd.cpp"]
 # Written beside fastcore5/__init__.py when an optional build fails (fastcore5/backends.py reads it).
 BUILD_ERROR_FILE = "_C_build_error.txt"
 # at::parallel_for's OpenMP loop is inline in ATen's headers: without -fopenmp the CPU kernels
@@ -180,7 +183,7 @@ def _native_extension_kwargs(want_cpu, want_cuda):
     # kernel rounds as its source says (the SGD kernel matches its fp32 contract bit for bit); a
     # kernel that wants a fused multiply-add asks for it (at::vec::fmadd).
     cxx_flags = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS, *vector_flags]
-    sources = ["csrc/registration.cpp"] + (sorted(glob.glob("csrc/cpu/*.cpp")) if want_cpu else [])
+    sources = COMMON_SOURCES + (sorted(glob.glob("csrc/cpu/*.cpp")) if want_cpu else [])
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
     if want_cuda:
         sources += sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*_op.cpp"))

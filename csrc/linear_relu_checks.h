@@ -11,9 +11,15 @@
 
 namespace fastcore5 {
 
+// The extents of the GEMMs: x or grad_x (M, K), weight (N, K), out (M, N).
+struct LinearReLUExtents {
+  int64_t M, N, K;
+};
+
 // x (M, K), weight (N, K), bias (N,) or none, all on ``device_type`` with x's dtype.
-inline void check_linear_relu_forward(const char* op, c10::DeviceType device_type, const at::Tensor& x,
-                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+inline LinearReLUExtents check_linear_relu_forward(c10::DeviceType device_type, const at::Tensor& x,
+                                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
   check_device_type(op, "x", x, device_type);
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2);
@@ -28,14 +34,16 @@ inline void check_linear_relu_forward(const char* op, c10::DeviceType device_typ
       fail(ArgError::kValue, op, ": bias has ", bias->size(0), " elements but weight has out_features=", N);
     }
   }
+  return {x.size(0), N, K};
 }
 
 // grad_out and out (M, N); x (M, K) and weight (N, K) when given, each required by the gradient
-// that needs it. Returns K (0 when neither x nor weight is given: only grad_bias can be asked for).
-inline int64_t check_linear_relu_backward(const char* op, c10::DeviceType device_type, const at::Tensor& grad_out,
-                                          const at::Tensor& out, const std::optional<at::Tensor>& x,
-                                          const std::optional<at::Tensor>& weight, bool need_input_grad,
-                                          bool need_weight_grad) {
+// that needs it. K is 0 when neither x nor weight is given (only grad_bias can be asked for).
+inline LinearReLUExtents check_linear_relu_backward(c10::DeviceType device_type, const at::Tensor& grad_out,
+                                                    const at::Tensor& out, const std::optional<at::Tensor>& x,
+                                                    const std::optional<at::Tensor>& weight, bool need_input_grad,
+                                                    bool need_weight_grad) {
+  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
   check_device_type(op, "out", out, device_type);
   check_floating(op, "out", out);
   check_dim(op, "out", out, 2);
@@ -60,7 +68,7 @@ inline int64_t check_linear_relu_backward(const char* op, c10::DeviceType device
   if (x.has_value() && weight.has_value() && weight->size(1) != K) {
     fail(ArgError::kValue, op, ": x has ", K, " features but weight has ", weight->size(1));
   }
-  return K;
+  return {M, N, K};
 }
 
 }  // namespace fastcore5

@@ -1,4 +1,5 @@
-// The Linear+ReLU ops: linear_relu_forward, linear_relu_backward and the autograd op linear_relu.
+// The CUDA kernels of linear_relu_forward and linear_relu_backward (the autograd op linear_relu crosses
+// autograd in csrc/linear_relu_autograd.cpp, for every device).
 //
 // Checks every argument (checks.h), brings operands into layouts cuBLASLt reads in place,
 // allocates the outputs and calls the launchers of csrc/linear_relu.cu. allow_tf32 is decided in
@@ -9,10 +10,8 @@
 #include "fastcore5.h"
 #include "ops.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 
@@ -32,9 +31,7 @@ Tensor with_unit_stride(const Tensor& t) {
 }  // namespace
 
 Tensor linear_relu_forward(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
-  check_linear_relu_forward(op, c10::DeviceType::CUDA, x, weight, bias);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const auto [M, N, K] = check_linear_relu_forward(c10::kCUDA, x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = new_output({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -55,10 +52,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
                                                         const OptionalTensor& x, const OptionalTensor& weight,
                                                         bool need_input_grad, bool need_weight_grad,
                                                         bool need_bias_grad, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
-  const int64_t K =
-      check_linear_relu_backward(op, c10::DeviceType::CUDA, grad_out, out, x, weight, need_input_grad, need_weight_grad);
-  const int64_t M = out.size(0), N = out.size(1);
+  const auto [M, N, K] = check_linear_relu_backward(c10::kCUDA, grad_out, out, x, weight, need_input_grad, need_weight_grad);
   const c10::cuda::CUDAGuard guard(out.device());
   const auto options = out.options();
   Tensor grad_x = need_input_grad ? new_output({M, K}, options) : at::empty({0}, options);
@@ -89,64 +83,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
     }
   }
   return {grad_x, grad_w, grad_b};
-}
-
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// The kernel-level ops reached through the dispatcher (not called directly): under
-// torch.compile the autograd kernel below runs on fake tensors and these resolve to the fakes.
-const auto& forward_op() {
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fastcore5_cuda::linear_relu_forward", "")
-                                 .typed<Tensor(const Tensor&, const Tensor&, const OptionalTensor&, bool)>();
-  return handle;
-}
-
-const auto& backward_op() {
-  static const auto handle =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::linear_relu_backward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
-                                                    const OptionalTensor&, bool, bool, bool, bool)>();
-  return handle;
-}
-
-// Saves only what the backward needs: out always (relu' = out > 0, never the pre-activation),
-// weight only for grad_x, x only for grad_weight.
-struct LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptionalTensor& bias,
-                        bool allow_tf32) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor out = forward_op().call(x, weight, bias, allow_tf32);
-    const bool need_x = x.requires_grad(), need_w = weight.requires_grad();
-    ctx->save_for_backward({out, need_x ? weight : Tensor(), need_w ? x : Tensor()});
-    ctx->saved_data["allow_tf32"] = allow_tf32;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_b = has_bias && ctx->needs_input_grad(2);
-    const Tensor& grad_out = grad_outputs[0];
-    if (!grad_out.defined() || !(need_x || need_w || need_b)) return {Tensor(), Tensor(), Tensor(), Tensor()};
-    const auto [grad_x, grad_w, grad_b] =
-        backward_op().call(grad_out, saved[0], need_w ? OptionalTensor(saved[2]) : std::nullopt,
-                           need_x ? OptionalTensor(saved[1]) : std::nullopt, need_x, need_w, need_b,
-                           ctx->saved_data["allow_tf32"].toBool());
-    return {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(), Tensor()};
-  }
-};
-
-}  // namespace
-
-Tensor linear_relu_autograd(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
-  return LinearReLUFunction::apply(x, weight, bias, allow_tf32);
 }
 
 }  // namespace fastcore5

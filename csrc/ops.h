@@ -1,7 +1,8 @@
 // The torch ops of the CUDA C++ backend (namespace fastcore5_cuda), as C++ functions.
 //
 // csrc/registration.cpp gives them their schemas (fixed by the cross-team contract, listed
-// there) and registers them for the CUDA and Autograd dispatch keys; csrc/*_op.cpp implement
+// there) and registers them for the CUDA and Autograd dispatch keys (linear_relu's Autograd kernel
+// is csrc/linear_relu_autograd.cpp, built for every device); csrc/*_op.cpp implement
 // them: argument checks (checks.h), layout normalisation, output allocation, then the launchers
 // of fastcore5.h. A gradient that was not asked for comes back from a *_backward op as an empty
 // (0,) tensor (an op cannot return None); the autograd ops map it back to "no gradient".
@@ -23,9 +24,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward(const Tensor& grad_out, 
                                                         const OptionalTensor& x, const OptionalTensor& weight,
                                                         bool need_input_grad, bool need_weight_grad,
                                                         bool need_bias_grad, bool allow_tf32);
-// Autograd kernel of linear_relu: forward through linear_relu_forward, backward through
-// linear_relu_backward (both reached through the dispatcher, so torch.compile traces them).
-Tensor linear_relu_autograd(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32);
 
 // ---- embedding_dot_bias_op.cpp ----
 Tensor embedding_dot_bias_forward(const Tensor& users, const Tensor& items, const Tensor& u_weight,

@@ -11,7 +11,9 @@
 //   CUDA   csrc/*_op.cpp (argument checks, layouts, allocation) over the kernels in csrc/*.cu,
 //          registered below when setup.py builds them (it then defines FASTCORE5_WITH_CUDA);
 //   CPU    csrc/cpu/<op>.cpp, each registering its own ops for the CPU dispatch key.
-// This file is compiled in every build: it holds the schemas, the error helper and the module.
+// linear_relu's autograd kernel serves both (csrc/linear_relu_autograd.cpp).
+// This file and that one are compiled in every build (setup.py's COMMON_SOURCES): this one holds
+// the schemas, the error helper and the module.
 // Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_cuda_ops.py, the
 // module named by set_python_module below.
 #include <Python.h>
@@ -23,9 +25,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
+#include "python_functions.h"
 
 namespace fastcore5 {
 
@@ -51,6 +55,20 @@ Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor out = at::empty(sizes, options);
   if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
+}
+
+namespace {
+
+std::vector<PyMethodDef>& python_functions() {
+  static std::vector<PyMethodDef> functions;  // built by static initialisers, before PyInit__C runs
+  return functions;
+}
+
+}  // namespace
+
+bool add_python_function(const PyMethodDef& function) {
+  python_functions().push_back(function);
+  return true;
 }
 
 }  // namespace fastcore5
@@ -84,7 +102,7 @@ TORCH_LIBRARY(fastcore5_cuda, m) {
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward);
-  m.impl("linear_relu", &fastcore5::linear_relu_forward);  // below autograd (inference mode)
+  m.impl("linear_relu", &fastcore5::linear_relu_forward);  // below autograd
   m.impl("embedding_dot_bias_forward", &fastcore5::embedding_dot_bias_forward);
   m.impl("embedding_dot_bias_backward", &fastcore5::embedding_dot_bias_backward);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_inference);
@@ -92,15 +110,21 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
-  m.impl("linear_relu", &fastcore5::linear_relu_autograd);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_autograd);
 }
 #endif  // FASTCORE5_WITH_CUDA
 
-// `import fastcore5._C` loads this library, whose static initialisers above register the ops;
-// the module itself is empty (no pybind11: the ops are reached through torch.ops.fastcore5_cuda).
+// `import fastcore5._C` loads this library, whose static initialisers above register the ops; the
+// module holds only the plain functions the sources added (python_functions.h): no pybind11, the
+// ops are reached through torch.ops.fastcore5_cuda.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static std::vector<PyMethodDef> table;
+  if (table.empty()) {
+    table = fastcore5::python_functions();
+    table.push_back({nullptr, nullptr, 0, nullptr});
+  }
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda", -1, nullptr};
+                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda",
+                               -1, table.data()};
   return PyModule_Create(&module);
 }

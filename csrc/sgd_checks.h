@@ -15,6 +15,11 @@ namespace sgd_detail {
 
 inline void check_dense_like(const char* op, c10::DeviceType device_type, const char* list, size_t i,
                              const at::Tensor& t, const at::Tensor& param, const at::Tensor& first) {
+  // The common case in one expression: the name is built (an allocation per tensor) only to fail.
+  if (t.device().type() == device_type && t.device() == first.device() && t.scalar_type() == first.scalar_type() &&
+      t.sizes() == param.sizes() && t.strides() == param.strides() && t.is_non_overlapping_and_dense()) {
+    return;
+  }
   const std::string name = std::string(list) + "[" + std::to_string(i) + "]";
   check_device_type(op, name, t, device_type);
   check_like(op, name, t, "params[0]", first);
@@ -22,9 +27,7 @@ inline void check_dense_like(const char* op, c10::DeviceType device_type, const 
     fail(ArgError::kValue, op, ": ", name, " has shape ", t.sizes(), " and strides ", t.strides(), " but params[", i,
          "] has shape ", param.sizes(), " and strides ", param.strides());
   }
-  if (!t.is_non_overlapping_and_dense()) {
-    fail(ArgError::kValue, op, ": ", name, " must be dense (contiguous or channels-last), got strides ", t.strides());
-  }
+  fail(ArgError::kValue, op, ": ", name, " must be dense (contiguous or channels-last), got strides ", t.strides());
 }
 
 inline void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

@@ -37,7 +37,7 @@ OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 
 # The native ops (torch.ops.fastcore5_cuda.*) each op family's layer calls on the cuda and cpu backends.
 NATIVE_OPS = {
-    "linear_relu": ("linear_relu_forward", "linear_relu_backward"),
+    "linear_relu": ("linear_relu_forward", "linear_relu_backward", "linear_relu"),
     "embedding_dot_bias": ("embedding_dot_bias_forward", "embedding_dot_bias_backward"),
     "sgd": ("sgd_step",),
 }
@@ -239,6 +239,14 @@ def select_eager(op: str, device: torch.device | str, dtype: torch.dtype | None 
         device_type = device if isinstance(device, str) else device.type
         name = _selected[key] = _choose(op, torch.device(device_type), dtype)
     return name
+
+
+def request_key() -> tuple:
+    """What a backend choice depends on besides the op and the tensors, read raw (no validation:
+    ``select`` validates when it chooses): the innermost use_backend() request, FASTCORE5_BACKEND
+    and TRITON_INTERPRET. A choice cached elsewhere (an optimizer's step plan) stays valid while
+    this is equal."""
+    return _requests[-1] if _requests else None, _RAW_ENVIRONMENT.get(_BACKEND_KEY), _RAW_ENVIRONMENT.get(_INTERPRET_KEY)
 
 
 def device_type(t: torch.Tensor) -> str:

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import linear_relu_hopper  # the TMA kernels for sm_90+, dispatched to at the top of each launcher
 from ._common import dot_precision, new_output, on_device_of, rounded_to
 from .gemm_launch import GemmLauncher
-from .gemm_tiles import relu, store_tile, tile_offsets, tile_product
+from .gemm_tiles import relu, relu_masked, store_tile, tile_offsets, tile_product
 
 
 @triton.jit
@@ -45,20 +45,28 @@ def _linear_relu_fwd_kernel(
 
 @triton.jit
 def _linear_relu_bwd_input_kernel(
-    grad_ptr, out_ptr, w_ptr, dx_ptr,
+    grad_ptr, out_ptr, w_ptr, below_ptr, dx_ptr,
     M, N, K,
-    stride_gm, stride_gn, stride_om, stride_on, stride_wn, stride_wk, stride_dm, stride_dk,
+    stride_gm, stride_gn, stride_om, stride_on, stride_wn, stride_wk, stride_bm, stride_bk, stride_dm, stride_dk,
+    MASK_GRAD: tl.constexpr, MASK_BELOW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """grad_x tile = sum over N of g tile @ W tile, g = grad_out masked by out. Block names follow
-    the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
+    """grad_x tile = sum over N of g tile @ W tile, g = grad_out masked by out (MASK_GRAD: this
+    layer's ReLU) or as given, the result masked by below > 0 (MASK_BELOW: kernels/mlp.py
+    applies the ReLU of the layer underneath in this epilogue). A pointer whose mask is off is
+    not read. Block names follow the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is
+    the reduction over N."""
     offs_m, offs_k, _ = tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc, _ = tile_product(
-        grad_ptr, out_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, stride_om, stride_on,
-        stride_wn, stride_wk, True, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE,
-        BLOCK_M, BLOCK_N, BLOCK_K,
+        grad_ptr, out_ptr, w_ptr, offs_m % M, offs_k % K, N,
+        stride_gm, stride_gn, stride_om, stride_on, stride_wn, stride_wk,
+        MASK_GRAD, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
+    if MASK_BELOW:
+        in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
+        acc = relu_masked(acc, below)
     store_tile(dx_ptr, acc, offs_m, offs_k, stride_dm, stride_dk, M, K)
 
 
@@ -90,7 +98,10 @@ def _linear_relu_bwd_weight_kernel(
 
 
 _forward = GemmLauncher(_linear_relu_fwd_kernel, "Linear+ReLU forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_backward_input = GemmLauncher(_linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0, streamed_tiles=2)
+_backward_input = GemmLauncher(
+    _linear_relu_bwd_input_kernel, "Linear+ReLU grad_x", m_axis=0, flag_names=("MASK_GRAD", "MASK_BELOW"),
+    streamed_tiles=2,
+)
 _backward_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "Linear+ReLU grad_W/grad_b", m_axis=2,
     flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU"), streamed_tiles=2,
@@ -217,10 +228,10 @@ def linear_relu_backward(
             if N == 0:
                 grad_x.zero_()
             else:
-                strides = (*grad_out.stride(), *out.stride(), *weight.stride(), *grad_x.stride())
+                strides = (*grad_out.stride(), *out.stride(), *weight.stride(), 0, 0, *grad_x.stride())
                 _backward_input(
-                    wrap, (dtype, precision), (M, K, N), strides,
-                    (grad_out, out, weight, grad_x, M, N, K, *strides),
+                    wrap, (dtype, precision, True, False), (M, K, N), strides,
+                    (grad_out, out, weight, grad_out, grad_x, M, N, K, *strides),
                 )
     if need_weight_grad or need_bias_grad:
         grad_w, grad_b = weight_and_bias_grads(

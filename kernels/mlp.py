@@ -1,5 +1,5 @@
-"""The kernels of an MLP ``LinearReLU -> ... -> LinearReLU -> Linear`` that differ from one
-Linear+ReLU layer's, and their launchers.
+"""The launchers of an MLP ``LinearReLU -> ... -> LinearReLU -> Linear``: the kernels are one
+Linear+ReLU layer's (kernels/linear_relu.py), run with other flags.
 
 Layer l computes h_l = relu(h_{l-1} @ W_l.T + b_l) (h_{-1} = x); the last layer has no ReLU.
 Its backward, from g_l = dLoss/d(pre-activation of layer l):
@@ -11,7 +11,8 @@ is applied in the epilogue of layer l's grad-input GEMM, on the accumulator, bef
 store: layer l-1's backward then starts from g_{l-1}, already masked, and reads only it.
 
 Kernels:
-  ``_mlp_grad_input_kernel``            g @ W, with the optional epilogue ``* (below > 0)``
+  ``_linear_relu_bwd_input_kernel``     (kernels/linear_relu.py) with MASK_GRAD=False: g @ W, with
+                                        the optional epilogue ``* (below > 0)`` (MASK_BELOW)
   ``_linear_relu_bwd_weight_kernel``    (kernels/linear_relu.py) with RELU=False: g.T @ h and
                                         g.sum(0) from g as given, no mask
   ``_linear_relu_fwd_kernel``           (kernels/linear_relu.py) with RELU=False for the last layer;
@@ -27,43 +28,23 @@ per-tile partial sums (each program sees BLOCK_M rows only), their store and a f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import linear_relu_hopper as tma  # sm_90: the same three products through TMA kernels
 from ._common import dot_precision, new_output, on_device_of
 from .gemm_launch import GemmLauncher
-from .gemm_tiles import relu_masked, store_tile, tile_offsets, tile_product
-from .linear_relu import _linear_relu_bwd_weight_kernel, _linear_relu_fwd_kernel, _with_a_unit_stride, weight_and_bias_grads
-
-
-@triton.jit
-def _mlp_grad_input_kernel(
-    grad_ptr, w_ptr, below_ptr, dx_ptr,
-    M, N, K,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_bm, stride_bk, stride_dm, stride_dk,
-    MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """dx tile = sum over N of grad tile @ W tile, times (below > 0) when MASK. Block names follow
-    the output (M, K): BLOCK_M tiles M, BLOCK_N tiles K, BLOCK_K is the reduction over N."""
-    offs_m, offs_k, _ = tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, _ = tile_product(
-        grad_ptr, grad_ptr, w_ptr, offs_m % M, offs_k % K, N, stride_gm, stride_gn, 0, 0, stride_wn, stride_wk,
-        False, False, True, INPUT_PRECISION, ROUND_TF32, UPCAST, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
-    if MASK:
-        in_tile = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        below = tl.load(below_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk, mask=in_tile, other=0.0)
-        acc = relu_masked(acc, below)
-    store_tile(dx_ptr, acc, offs_m, offs_k, stride_dm, stride_dk, M, K)
+from .linear_relu import (
+    _linear_relu_bwd_input_kernel, _linear_relu_bwd_weight_kernel, _linear_relu_fwd_kernel, _with_a_unit_stride,
+    weight_and_bias_grads,
+)
 
 
 # Own launchers (own plan caches and tuning titles) for the kernels shared with
-# kernels/linear_relu.py: with RELU=False they are different compiled kernels.
+# kernels/linear_relu.py: with these flags they are different compiled kernels.
 _output_forward = GemmLauncher(_linear_relu_fwd_kernel, "MLP output layer forward", m_axis=0, flag_names=("HAS_BIAS", "RELU"))
-_grad_input = GemmLauncher(_mlp_grad_input_kernel, "MLP grad_input (+ mask of the layer below)", m_axis=0, flag_names=("MASK",))
+_grad_input = GemmLauncher(
+    _linear_relu_bwd_input_kernel, "MLP grad_input (+ mask of the layer below)", m_axis=0,
+    flag_names=("MASK_GRAD", "MASK_BELOW"),
+)
 _grad_weight = GemmLauncher(
     _linear_relu_bwd_weight_kernel, "MLP grad_W/grad_b", m_axis=2, flag_names=("HAS_WEIGHT_GRAD", "HAS_BIAS_GRAD", "RELU")
 )
@@ -119,10 +100,10 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
             precision = dot_precision(dtype)
             mask = below is not None
             below_strides = below.stride() if mask else (0, 0)
-            strides = (*grad.stride(), *weight.stride(), *below_strides, *out.stride())
+            strides = (*grad.stride(), 0, 0, *weight.stride(), *below_strides, *out.stride())
             _grad_input(
-                None, (dtype, precision, mask), (M, K, N), strides,
-                (grad, weight, below if mask else grad, out, M, N, K, *strides),
+                None, (dtype, precision, False, mask), (M, K, N), strides,
+                (grad, grad, weight, below if mask else grad, out, M, N, K, *strides),
             )
     return out
 

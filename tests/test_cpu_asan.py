@@ -1,9 +1,10 @@
-"""The C++ CPU kernels under AddressSanitizer: csrc/registration.cpp and csrc/cpu/*.cpp are built
-with -fsanitize=address into a fresh library and loaded in a child process (libasan preloaded,
-fastcore5._C never loaded there), which runs every bad-input call of the kernels' tests and a few
-good calls on awkward sizes. Any out-of-bounds access aborts the child with ASan's report (checked
-by hand: a full-width store in the SGD kernel's tail was reported as a heap-buffer-overflow). The
-build has no CPU_CAPABILITY flags, so Vectorized is ATen's portable 8-lane fp32 vector there.
+"""The C++ CPU kernels under AddressSanitizer: csrc/registration.cpp, csrc/linear_relu_autograd.cpp
+and csrc/cpu/*.cpp are built with -fsanitize=address into a fresh library and loaded in a child
+process (libasan preloaded, fastcore5._C never loaded there), which runs every bad-input call of
+the kernels' tests and a few good calls on awkward sizes. Any out-of-bounds access aborts the child
+with ASan's report (checked by hand: a full-width store in the SGD kernel's tail was reported as a
+heap-buffer-overflow). The build has no CPU_CAPABILITY flags, so Vectorized is ATen's portable
+8-lane fp32 vector there.
 
 A kernel's test file adds its calls as a module-level ASAN_CALLS list of (name, expected exception
 or None, callable taking torch.ops.fastcore5_cuda) and its name to CALL_MODULES below. Marked slow: the
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # The test modules whose ASAN_CALLS the child runs: each a list of (name, exception or None, callable).
-CALL_MODULES = ["test_cpu_sgd"]
+CALL_MODULES = ["test_cpu_sgd", "test_cpu_embedding_dot_bias", "test_cpu_linear_relu"]
 
 CHILD = textwrap.dedent(
     """
@@ -35,7 +36,8 @@ CHILD = textwrap.dedent(
     from torch.utils.cpp_extension import load
 
     root, build = sys.argv[1], sys.argv[2]
-    sources = [f"{root}/csrc/registration.cpp"] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
+    common = ["registration.cpp", "linear_relu_autograd.cpp"]  # setup.py's COMMON_SOURCES
+    sources = [f"{root}/csrc/{name}" for name in common] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-fopenmp"]
     load(name="fastcore5_asan", sources=sources, extra_cflags=flags, extra_ldflags=["-fsanitize=address", "-fopenmp"],
          build_directory=build, is_python_module=False)

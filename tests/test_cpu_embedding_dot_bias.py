@@ -189,12 +189,49 @@ RAW_BAD_CALLS = {
 }
 
 
+def raw_bad_call_arguments():
+    """The tables and indices RAW_BAD_CALLS take: 10 users, 8 items, D = 4, 6 samples."""
+    U, V, ub, ib = random_tables(10, 8, 4)
+    users, items = random_indices(10, 6), random_indices(8, 6)
+    return {"users": users, "items": items, "U": U, "V": V, "ub": ub, "ib": ib,
+            "rest": (items, U, V, ub, ib, None, None, None), "all": (users, items, U, V, ub, ib)}
+
+
 @pytest.mark.parametrize("case", RAW_BAD_CALLS.values(), ids=RAW_BAD_CALLS.keys())
 def test_raw_op_errors_name_the_argument(ops, case):
     error, message, call = case
-    U, V, ub, ib = random_tables(10, 8, 4)
-    users, items = random_indices(10, 6), random_indices(8, 6)
-    args = {"users": users, "items": items, "U": U, "V": V, "ub": ub, "ib": ib,
-            "rest": (items, U, V, ub, ib, None, None, None), "all": (users, items, U, V, ub, ib)}
     with pytest.raises(error, match=message):
-        call(ops, args)
+        call(ops, raw_bad_call_arguments())
+
+
+def _good_raw_calls(ops, n_users, n_items, D, batch, index_dtype, y_range, sparse, bad_indices):
+    """Forward, then backward with every gradient, on the raw ops; ``bad_indices`` puts indices
+    below 0 and past the tables into the batch (their samples score NaN, no row is read)."""
+    U, V, ub, ib = random_tables(n_users, n_items, D)
+    # An empty table makes every index out of range: index 0 is drawn then.
+    users, items = random_indices(max(n_users, 1), batch, index_dtype), random_indices(max(n_items, 1), batch, index_dtype)
+    if bad_indices and batch:
+        users[0], items[-1] = n_users, -1
+    y_lo, y_hi = y_range if y_range else (None, None)
+    errors = torch.zeros(index_errors.SLOTS, dtype=torch.long)
+    ops.embedding_dot_bias_forward(users, items, U, V, ub, ib, y_lo, y_hi, errors)
+    ops.embedding_dot_bias_backward(
+        torch.randn(batch), users, items, U, V, ub, ib, n_users, n_items, y_lo, y_hi, True, True, True, True, False, sparse
+    )
+
+
+# What tests/test_cpu_asan.py runs against the AddressSanitizer build: every raw bad call, and good
+# calls whose vector tails, empty tables, one-sample batches and out-of-range indices reach every
+# load and store of the forward and of both backward layouts.
+ASAN_CALLS = [
+    (f"bad: {name}", error, lambda ops, call=call: call(ops, raw_bad_call_arguments()))
+    for name, (error, _, call) in RAW_BAD_CALLS.items()
+] + [
+    (f"good: {sizes} {index_dtype} y_range={y_range} sparse={sparse} bad_indices={bad}", None,
+     lambda ops, a=(*sizes, index_dtype, y_range, sparse, bad): _good_raw_calls(ops, *a))
+    for sizes in [(1, 1, 1, 1), (3, 4, 2, 0), (0, 3, 4, 2), (13, 7, 17, 4099), (5, 11, 67, 33)]
+    for index_dtype in (torch.int32, torch.int64)
+    for y_range in (None, (0.0, 5.5))
+    for sparse in (False, True)
+    for bad in (False, True)
+]

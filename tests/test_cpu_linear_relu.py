@@ -253,24 +253,50 @@ def test_bad_input_names_the_argument(args, error, match):
         fastcore5.linear_relu(*args())
 
 
-@pytest.mark.parametrize(
-    "call, error, match",
-    [
-        (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 6), None, False), ValueError, "weight has in_features=6"),
-        (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 4), torch.randn(6), False), ValueError, "bias has 6 elements"),
-        (lambda ops: ops.linear_relu_forward(torch.randn(3, 4, 1), torch.randn(5, 4), None, False), ValueError, "x must have 2 dimensions"),
-        (lambda ops: ops.linear_relu_forward(torch.ones(3, 4, dtype=torch.int32), torch.randn(5, 4), None, False), TypeError, "x has dtype Int"),
-        (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 4, dtype=F64), None, False), TypeError, "weight has dtype Double"),
-        (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 4), None, None, False, False, True, False), ValueError, "grad_out has shape"),
-        (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), None, None, True, False, False, False), ValueError, "weight is needed"),
-        (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), None, torch.randn(5, 2), False, True, False, False), ValueError, "x is needed"),
-        (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), torch.randn(4, 2), None, False, True, False, False), ValueError, "x has 4 rows"),
-        (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2), torch.randn(5, 3), True, True, False, False), ValueError, "x has 2 features"),
-    ],
-)
+# (call on torch.ops.fastcore5_cuda, expected exception, message) of the raw kernel ops' checks.
+KERNEL_BAD_CALLS = [
+    (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 6), None, False), ValueError, "weight has in_features=6"),
+    (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 4), torch.randn(6), False), ValueError, "bias has 6 elements"),
+    (lambda ops: ops.linear_relu_forward(torch.randn(3, 4, 1), torch.randn(5, 4), None, False), ValueError, "x must have 2 dimensions"),
+    (lambda ops: ops.linear_relu_forward(torch.ones(3, 4, dtype=torch.int32), torch.randn(5, 4), None, False), TypeError, "x has dtype Int"),
+    (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 4, dtype=F64), None, False), TypeError, "weight has dtype Double"),
+    (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 4), None, None, False, False, True, False), ValueError, "grad_out has shape"),
+    (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), None, None, True, False, False, False), ValueError, "weight is needed"),
+    (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), None, torch.randn(5, 2), False, True, False, False), ValueError, "x is needed"),
+    (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), torch.randn(4, 2), None, False, True, False, False), ValueError, "x has 4 rows"),
+    (lambda ops: ops.linear_relu_backward(torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 2), torch.randn(5, 3), True, True, False, False), ValueError, "x has 2 features"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", KERNEL_BAD_CALLS)
 def test_kernel_ops_raise_named_exceptions(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.ops.fastcore5_cuda)
+
+
+def _good_kernel_calls(M, K, N, dtype, bias, transposed):
+    """Forward and every gradient on the raw ops; ``transposed`` hands x and weight as
+    transposed views (strided GEMM operands)."""
+    def run(ops):
+        x, weight = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+        if transposed:
+            x, weight = torch.randn(K, M, dtype=dtype).t(), torch.randn(K, N, dtype=dtype).t()
+        b = torch.randn(N, dtype=dtype) if bias else None
+        out = ops.linear_relu_forward(x, weight, b, False)
+        ops.linear_relu_backward(torch.randn(M, N, dtype=dtype), out, x, weight, True, True, bias, False)
+    return run
+
+
+# What tests/test_cpu_asan.py runs against the AddressSanitizer build: every raw bad call, and good
+# calls on empty, tiny, prime and vector-tail sizes, strided operands, every dtype, and a GEMM large
+# enough for oneDNN (4M multiply-adds and up).
+ASAN_CALLS = [(f"bad: {match}", error, call) for call, error, match in KERNEL_BAD_CALLS] + [
+    (f"good: {M}x{K}->{N} {dtype} bias={bias} transposed={transposed}", None, _good_kernel_calls(M, K, N, dtype, bias, transposed))
+    for M, K, N in [(1, 1, 1), (0, 5, 7), (4, 0, 7), (17, 3, 33), (5, 67, 129), (256, 128, 129)]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for bias in (True, False)
+    for transposed in (False, True)
+]
 
 
 # ---- fastcore5.mlp / nn.MLP on the cpu backend ----

@@ -182,23 +182,143 @@ def test_channels_last_params_step_in_place():
 
 
 def test_contiguous_mode_passes_a_few_ranges_whatever_the_number_of_tensors(monkeypatch):
-    """Host work per step in contiguous mode: the kernel gets the flat ranges, not one entry per param."""
-    calls = []
-    real = sgd_ops.KERNELS["cpu"].sgd_step
+    """Host work per step in contiguous mode: the kernel's plan holds the flat ranges, not one entry
+    per param, and is made once per layout (a first step, then the running steps), not per step."""
+    plans, runs = [], []
+    real = sgd_ops.cpu_step_plan
 
-    def recording(params, *args):
-        calls.append(len(params))
-        return real(params, *args)
+    def recording(params, buffers, grads=None, gradless=()):
+        plans.append(len(params))
+        prepare, run = real(params, buffers, grads, gradless)
+        return prepare, lambda *args: runs.append(1) or run(*args)
 
-    monkeypatch.setattr(sgd_ops.KERNELS["cpu"], "sgd_step", recording)
+    monkeypatch.setattr(sgd_ops, "cpu_step_plan", recording)
     params = [torch.nn.Parameter(torch.randn(n)) for n in [50, 1, 3, 4096] * 50]
     opt = SGD(params, lr=0.1, momentum=0.9, contiguous=True)
     with backends.use_backend("cpu"):
-        for _ in range(3):
+        for _ in range(4):
             for p in params:
                 p.grad.normal_()
             opt.step()
-    assert calls and max(calls) <= 2, calls
+    assert plans == [1, 1] and len(runs) == 4, (plans, runs)
+
+
+# ---------------------------------------------------------- normal mode's plans kept in C++
+
+
+def _refuse_the_op(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the step went through the op, not the cached plan")
+
+    monkeypatch.setattr(sgd_ops.KERNELS["cpu"], "sgd_step", refuse)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not CONFIGS[n].get("decoupled_weight_decay")])
+def test_normal_mode_steps_through_its_cpp_plan_like_torch(name, monkeypatch):
+    """After the first step (which creates the buffers) a CPU group steps through its
+    cpu_step_plan, never the op, while gradients come and go, a param's .data is replaced, the lr
+    becomes a tensor and momentum is switched off: each change plans again, and every step matches
+    torch.optim.SGD."""
+    shapes = [(7, 3), (4097,), (2, 2, 2), (1,), (0,), (12289,)]
+    theirs, ours, torch_opt = torch_pair(shapes, **CONFIGS[name])
+    our_opt = SGD(ours, **CONFIGS[name])
+    with backends.use_backend("cpu"):
+        for step in range(9):
+            grads = [torch.randn_like(p) for p in theirs]
+            if step in (3, 4):
+                grads[1] = None  # a frozen param: skipped, its buffer kept
+            if step == 5:
+                for p in (theirs[2], ours[2]):
+                    p.data = torch.randn(2, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+            if step == 6:
+                for opt in (torch_opt, our_opt):
+                    opt.param_groups[0]["lr"] = torch.tensor(0.03, dtype=F64)
+            if step == 7 and our_opt.param_groups[0]["momentum"] != 0:
+                for opt in (torch_opt, our_opt):
+                    opt.param_groups[0]["momentum"] = 0.0
+                    opt.param_groups[0]["nesterov"] = False
+            for p, q, g in zip(theirs, ours, grads):
+                p.grad = None if g is None else g.clone()
+                q.grad = None if g is None else g.clone()
+            torch_opt.step()
+            our_opt.step()
+            if step == 1:
+                assert our_opt._plans[0].native is not None
+                _refuse_the_op(monkeypatch)
+            assert_same(theirs, ours)
+    assert_same_buffers(torch_opt, our_opt, theirs, ours)
+
+
+def test_a_refused_group_leaves_the_planned_groups_untouched(monkeypatch):
+    """All or nothing across groups with plans in C++: group 0 is prepared (and would step through
+    its plan), group 1's gradient is refused by the checks; nothing is written anywhere."""
+    first = [torch.nn.Parameter(torch.randn(33)) for _ in range(3)]
+    second = [torch.nn.Parameter(torch.randn(5, 4))]
+    opt = SGD([{"params": first}, {"params": second}], lr=0.1, momentum=0.9)
+    with backends.use_backend("cpu"):
+        for _ in range(2):
+            for p in first + second:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert opt._plans[0].native is not None
+        second[0].grad = torch.randn(4, 5).t()  # strides unlike its param's
+        for p in first:
+            p.grad = torch.randn_like(p)
+        before = [t.clone() for t in first + second + [opt.state[p]["momentum_buffer"] for p in first + second]]
+        with pytest.raises(ValueError, match=r"the \.grad of param 0 of param group 1 has strides \(1, 5\)"):
+            opt.step()
+        after = first + second + [opt.state[p]["momentum_buffer"] for p in first + second]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        second[0].grad = torch.randn_like(second[0])
+        opt.step()  # steps again, through the plans
+        assert not torch.equal(first[0], before[0])
+
+
+def test_the_cpp_plan_bumps_the_params_versions():
+    """autograd notices a param stepped after it was saved for backward, as with the op."""
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SGD([w], lr=0.1, momentum=0.9)
+    with backends.use_backend("cpu"):
+        for _ in range(2):
+            w.grad = torch.randn_like(w)
+            opt.step()
+        assert opt._plans[0].native is not None
+        loss = (w * w).sum()  # saves w for backward
+        w.grad = torch.randn_like(w)
+        opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_plan_functions_refuse_bad_arguments(cpu_kernel):
+    import fastcore5._C as extension
+
+    p = torch.randn(4)
+    with pytest.raises(TypeError, match="params must be a list of tensors"):
+        extension.sgd_cpu_plan(p, [], None, [])
+    with pytest.raises(TypeError, match=r"buffers\[0\] must be a tensor"):
+        extension.sgd_cpu_plan([p], [1.0], None, [])
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        extension.sgd_cpu_plan([p], [])
+    assert extension.sgd_cpu_plan([p[::2]], [], None, []) is None  # not dense: the op's checks name it
+    assert extension.sgd_cpu_plan([torch.ones(4, dtype=torch.long)], [], None, []) is None
+    assert extension.sgd_cpu_plan([p], [torch.randn(5)], None, []) is None
+    plan = extension.sgd_cpu_plan([p], [], [torch.randn(4)], [])
+    hyper = sgd_ops.SGDHyper(0.1)
+    with pytest.raises(ValueError):
+        extension.sgd_cpu_run(object(), hyper, False, None, None, None)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        extension.sgd_cpu_run(plan, hyper)
+    with pytest.raises(TypeError, match="7-tuple"):
+        extension.sgd_cpu_run(plan, (0.1,), False, None, None, None)
+    with pytest.raises(ValueError, match="momentum != 0 but the plan has no buffers"):
+        extension.sgd_cpu_run(plan, sgd_ops.SGDHyper(0.1, 0.9), False, None, None, None)
+    with pytest.raises(TypeError, match="found_inf has dtype Int"):
+        extension.sgd_cpu_run(plan, hyper, False, None, torch.zeros(1, dtype=torch.int32), None)
+    reading = extension.sgd_cpu_plan([p], [], None, [])
+    with pytest.raises(RuntimeError, match="not prepared"):
+        extension.sgd_cpu_run(reading, hyper, False, None, None, None)
+    assert extension.sgd_cpu_prepare(reading) is False  # p has no .grad
 
 
 @pytest.mark.parametrize("first_step", [True, False], ids=["first_step", "running"])

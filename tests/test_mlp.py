@@ -396,18 +396,19 @@ def test_gpu_parity_with_the_unfused_sequential(dtype, tf32, M, sizes):
 
 
 def test_mlp_kernels_compile_for_hopper_with_wgmma_and_pipelined_copies():
-    """The MLP's kernels (the masked grad-input GEMM, and the Linear+ReLU forward and grad_W
-    kernels with RELU=False) compiled for sm_90 by scripts/compile_check.py: each fits a Hopper SM,
-    and every config with a full warpgroup uses wgmma with asynchronous operand copies."""
+    """The MLP's kernels (Linear+ReLU's grad-input GEMM masked by the layer below, its forward and
+    grad_W kernels with RELU=False) compiled for sm_90 by scripts/compile_check.py: each fits a
+    Hopper SM, and every config with a full warpgroup uses wgmma with asynchronous operand copies."""
     from test_compile_check import compile_op
 
     rows = compile_op("mlp")
-    kernels = {(r["kernel"], r["constexprs"].get("MASK"), r["constexprs"].get("RELU")) for r in rows}
+    flags = ("MASK_GRAD", "MASK_BELOW", "RELU")
+    kernels = {(r["kernel"], *(r["constexprs"].get(flag) for flag in flags)) for r in rows}
     assert kernels == {
-        ("_linear_relu_fwd_kernel", None, "False"),
-        ("_mlp_grad_input_kernel", "True", None),
-        ("_mlp_grad_input_kernel", "False", None),
-        ("_linear_relu_bwd_weight_kernel", None, "False"),
+        ("_linear_relu_fwd_kernel", None, None, "False"),
+        ("_linear_relu_bwd_input_kernel", "False", "True", None),
+        ("_linear_relu_bwd_input_kernel", "False", "False", None),
+        ("_linear_relu_bwd_weight_kernel", None, None, "False"),
     }
     assert {r["signature"].split(",")[0] for r in rows} == {"*bf16", "*fp16", "*fp32", "*fp64"}
     for row in rows:

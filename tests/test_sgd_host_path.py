@@ -166,6 +166,36 @@ def test_host_side_descriptions_are_cached():
         assert len(builds) == 4
 
 
+def test_step_hooks_and_profiler_label_work_as_torchs():
+    """SGD.step runs torch.optim's hook protocol itself (torch's wrapper would enter a profiler
+    label at every step): global and per-optimizer pre-hooks (which may replace the arguments) and
+    post-hooks, in torch's order, and the label "Optimizer.step#SGD.step" while a profiler runs."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    assert getattr(SGD.step, "hooked", False)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = SGD([p], lr=0.1)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global pre", o, args, kwargs))),
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", len(args))) or ((o,), {"closure": None})),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args, kwargs))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("global post",))),
+    ]
+    try:
+        p.grad = torch.randn_like(p)
+        assert opt.step(lambda: torch.tensor(2.0)) is None  # the pre-hook replaced the closure
+        assert [c[0] for c in calls] == ["global pre", "pre", "post", "global post"]
+        assert calls[0][1] is opt and len(calls[0][2]) == 2 and calls[1] == ("pre", 2)
+        assert calls[2] == ("post", (opt,), {"closure": None})
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#SGD.step" in {event.name for event in prof.events()}
+
+
 # ------------------------------------------------------------------------ no host sync, capture
 
 HOST_READS = ("item", "cpu", "tolist", "__float__", "__bool__", "__int__", "__index__")

@@ -9,21 +9,25 @@
 //
 // Forward: one at::parallel_for over the batch; per sample the two rows are gathered (prefetched
 // a few samples ahead: the gathers are the cost), dotted with at::vec::Vectorized, the two biases
-// added and the optional sigmoid range applied. Nothing of shape (B, D) is stored.
+// added; the optional sigmoid range is applied to a vector of samples at once. Nothing of shape
+// (B, D) is stored.
 //
 // Backward, with coef[b] = grad_out[b] * d out[b] / d res[b] (res recomputed from the tables
 // when there is a y_range, so the forward saves nothing):
 //   grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
-// and the same for the items. One pass over the batch forms coef (and, for sparse gradients,
-// writes nn.Embedding(sparse=True)'s per-sample values, which ends the backward). Each dense
-// table gradient is then one at::parallel_for over the table's rows: a thread takes a range of
-// rows, picks the samples that fall in it (in batch order) and groups them by row with a stable
-// counting sort, then writes every row of its range exactly once: zeros for a row no sample
-// touched (runs of them in one memset), otherwise the row's sum, its samples added in batch
-// order. So the gradient is written once (the zero-fill is fused with the writes, no scatter),
-// no two threads write the same row, and every sum is taken in an order fixed by the batch
-// alone: the results are bitwise identical for any thread count and any run, with or without
-// torch.use_deterministic_algorithms (the ``deterministic`` argument changes nothing here).
+// and the same for the items. Sparse gradients: one pass over the batch forms coef and writes
+// nn.Embedding(sparse=True)'s per-sample values. Dense gradients: a stable counting sort,
+// parallel over fixed chunks of the batch, groups the samples by blocks of rows of each table
+// (batch order within a block); then each table is one at::parallel_for over its blocks. A thread
+// adds a block's samples, in batch order, into a zeroed buffer of the block's rows (sums in the
+// accumulation type, L2-sized) and moves it to the gradient in one sequential write (non-temporal stores
+// where it can): rows no sample touched come out as zeros, so the gradient is written once with
+// the zero-fill fused, there is no scatter into the table, and no two threads write the same row.
+// The items' pass goes first and forms coef (with a y_range it reads both rows of a sample; the
+// items' own rows are the denser, nearly sequential ones); the users' pass reads coef. Every sum
+// is taken in an order fixed by the batch alone: the results are bitwise identical for any
+// thread count and any run, with or without torch.use_deterministic_algorithms (the
+// ``deterministic`` argument changes nothing here).
 // bf16/fp16 gradients are rounded once, from the fp32 sum.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,13 +39,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../checks.h"
 #include "../embedding_dot_bias_checks.h"
@@ -53,25 +64,13 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
 constexpr int64_t kSampleGrain = 512;  // samples: smaller batches run on one thread
-constexpr int64_t kRowGrain = 1024;    // gradient rows per thread at least
 constexpr int64_t kPrefetchAhead = 8;  // samples between a row's prefetch and its use
 constexpr int64_t kCacheLine = 64;
-constexpr int64_t kBlockRows = 2048;  // rows per block of the backward's sort: an L1-sized histogram
-
-// A sample of the backward's row pass: its row (relative to the thread's first row), its index
-// in the batch and its partner row.
-struct Entry {
-  int64_t row, sample, partner;
-};
-
-void exclusive_prefix_sum(std::vector<int64_t>& counts) {
-  int64_t total = 0;
-  for (int64_t& count : counts) {
-    const int64_t here = count;
-    count = total;
-    total += here;
-  }
-}
+// The backward's blocks of gradient rows: at most kBlockBytes of fp32 sums (L2-resident), at
+// least kMinBlockRows rows, and about kBlocksPerThread blocks per thread on small tables.
+constexpr int64_t kBlockBytes = 256 * 1024;
+constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kBlocksPerThread = 4;
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -171,6 +170,28 @@ acc_type<scalar_t> dot(const scalar_t* a, const scalar_t* b, int64_t D) {
   return total;
 }
 
+// dot() for rows of kVectors whole vectors plus ``tail`` (< one vector) elements, fp32/fp64 rows
+// read in place: straight-line code (the tail a masked load). The forward is bound by how many
+// samples' row loads the core keeps in flight, and a loop with a scalar tail per sample made its
+// window hold half as many samples as torch.compile's unrolled loop (perf: 84% of the time on
+// the row loads, 2x compile's time at ML-25M).
+template <int kVectors, typename acc_t>
+acc_t dot_unrolled(const acc_t* a, const acc_t* b, int64_t tail) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec sum = Vec::loadu(a) * Vec::loadu(b);
+  for (int k = 1; k < kVectors; ++k) sum = at::vec::fmadd(Vec::loadu(a + k * Vec::size()), Vec::loadu(b + k * Vec::size()), sum);
+  if (tail > 0) sum = at::vec::fmadd(Vec::loadu(a + kVectors * Vec::size(), tail), Vec::loadu(b + kVectors * Vec::size(), tail), sum);
+  return at::vec::vec_reduce_all([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+// Calls run(std::integral_constant<int, K>{}) for the K in 1..kMaxVectors equal to ``vectors``;
+// false if there is none.
+constexpr int kMaxVectors = 8;
+template <typename Run, int... K>
+bool with_vector_count(int64_t vectors, Run&& run, std::integer_sequence<int, K...>) {
+  return ((vectors == K + 1 ? (run(std::integral_constant<int, K + 1>{}), true) : false) || ...);
+}
+
 // The four tables of one call and what is done with the score.
 template <typename scalar_t>
 struct Model {
@@ -238,32 +259,78 @@ void record_bad_indices(const Tensor& index_errors, const BadIndices& users, int
   items.merge_into(flag + 5, n_items);
 }
 
-template <typename scalar_t>
-void forward_kernel(const Model<scalar_t>& model, const Indices& users, const Indices& items, int64_t B,
-                    scalar_t* out, const Tensor& index_errors) {
+// The sigmoid range of a score, lane-wise: sigmoid(res) * (hi - lo) + lo.
+template <typename scalar_t, typename Vec = at::vec::Vectorized<acc_type<scalar_t>>>
+inline Vec squash(const Model<scalar_t>& model, const Vec& res) {
+  const Vec one(1);
+  return one / (one + res.neg().exp()) * Vec(model.hi - model.lo) + Vec(model.lo);
+}
+
+// Samples go in blocks of one vector's lanes: each sample's rows are gathered and dotted on its
+// own, then the block's y_range is applied as one vector (a scalar expf and divide per sample cost
+// more than the dot itself at ML-100k sizes: perf put 60% of the forward there). A thread's last
+// block is padded and every lane goes through the same vector code, so a sample's output does not
+// depend on where its thread's range begins: the same bits for any thread count. ``row_dot(u, i,
+// scratch)`` is the dot of the two rows.
+template <typename scalar_t, typename RowDot>
+void forward_blocks(const Model<scalar_t>& model, const Indices& users, const Indices& items, int64_t B,
+                    scalar_t* out, const Tensor& index_errors, bool prefetch, const RowDot& row_dot) {
   using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
   const bool record = index_errors.defined();
   const bool strided = model.users_table.col_stride != 1 || model.items_table.col_stride != 1;
   at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scratch(strided ? 2 * model.D : 0);
     BadIndices bad_users, bad_items;
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + kPrefetchAhead < end) model.prefetch_sample(users[b + kPrefetchAhead], items[b + kPrefetchAhead]);
-      const int64_t u = users[b], i = items[b];
-      const bool user_ok = model.users_table.contains(u), item_ok = model.items_table.contains(i);
-      if (!(user_ok && item_ok)) {
-        if (!user_ok) bad_users.add(u);
-        if (!item_ok) bad_items.add(i);
-        out[b] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-        continue;
+    __at_align__ acc_t scores[kLanes] = {};
+    for (int64_t block = begin; block < end; block += kLanes) {
+      const int64_t lanes = std::min(kLanes, end - block);
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        const int64_t b = block + lane;
+        if (prefetch && b + kPrefetchAhead < end) model.prefetch_sample(users[b + kPrefetchAhead], items[b + kPrefetchAhead]);
+        const int64_t u = users[b], i = items[b];
+        const bool user_ok = model.users_table.contains(u), item_ok = model.items_table.contains(i);
+        if (user_ok && item_ok) {
+          scores[lane] = row_dot(u, i, scratch.data()) + model.users_bias.bias(u) + model.items_bias.bias(i);
+        } else {
+          if (!user_ok) bad_users.add(u);
+          if (!item_ok) bad_items.add(i);
+          scores[lane] = std::numeric_limits<acc_t>::quiet_NaN();
+        }
       }
-      acc_t res = model.score(u, i, scratch.data());
-      if (model.has_range) res = Model<scalar_t>::sigmoid(res) * (model.hi - model.lo) + model.lo;
-      out[b] = static_cast<scalar_t>(res);
+      if (model.has_range) squash(model, Vec::loadu(scores)).store(scores);
+      for (int64_t lane = 0; lane < lanes; ++lane) out[block + lane] = static_cast<scalar_t>(scores[lane]);
     }
     if (record && (bad_users.count > 0 || bad_items.count > 0)) {
       record_bad_indices(index_errors, bad_users, model.users_table.rows, bad_items, model.items_table.rows);
     }
+  });
+}
+
+// fp32/fp64 tables with contiguous rows of at most kMaxVectors vectors take the unrolled dot
+// without software prefetch (with it, ML-25M measured 10% slower: the straight-line loop keeps
+// enough rows in flight by itself); the rest take the general dot and the prefetch.
+template <typename scalar_t>
+void forward_kernel(const Model<scalar_t>& model, const Indices& users, const Indices& items, int64_t B,
+                    scalar_t* out, const Tensor& index_errors) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kLanes = at::vec::Vectorized<acc_t>::size();
+  const bool contiguous_rows = model.users_table.col_stride == 1 && model.items_table.col_stride == 1;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const int64_t tail = model.D % kLanes;
+    const auto unrolled = [&](auto vectors) {
+      forward_blocks(model, users, items, B, out, index_errors, false, [&](int64_t u, int64_t i, scalar_t*) {
+        return dot_unrolled<decltype(vectors)::value>(model.users_table.data + u * model.users_table.row_stride,
+                                                      model.items_table.data + i * model.items_table.row_stride, tail);
+      });
+    };
+    if (contiguous_rows && with_vector_count(model.D / kLanes, unrolled, std::make_integer_sequence<int, kMaxVectors>{})) {
+      return;
+    }
+  }
+  forward_blocks(model, users, items, B, out, index_errors, true, [&](int64_t u, int64_t i, scalar_t* scratch) {
+    return dot(model.users_table.row(u, model.D, scratch), model.items_table.row(i, model.D, scratch + model.D), model.D);
   });
 }
 
@@ -299,56 +366,165 @@ void per_sample_kernel(const Model<scalar_t>& model, const Tensor& grad_out, con
   });
 }
 
-// One table's dense gradients (grad_w (n, D) and grad_b (n,), contiguous; either may be null), n
-// the rows of the table that ``keys`` index (the users' or the items'): row r gets the sum over the
-// samples b with keys[b] == r, in batch order, of coef[b] * partner_table[partners[b]] (and of
-// coef[b]); a row without samples gets zeros; samples with a bad key or partner are left out. See
-// the file comment for why this is bitwise reproducible. With ``compute_coef`` the pass forms
-// coef[b] itself (from grad_out and, with a y_range, the score: the own row is read once per
-// row, the partner row is read anyway) and writes it to ``coef`` for the other table's pass;
-// else it reads ``coef``.
-template <typename scalar_t>
-void row_sums_kernel(const Model<scalar_t>& model, bool keys_are_users, const Indices& keys, const Indices& partners,
-                     int64_t B, const Tensor& grad_out, bool compute_coef, acc_type<scalar_t>* coef,
-                     scalar_t* grad_w, scalar_t* grad_b) {
+// The samples of a batch grouped by blocks of rows of one table: entries[block_ends[k - 1] ..
+// block_ends[k]) are the samples whose key (their row of this table) lies in block k (rows
+// k * block_rows .. (k + 1) * block_rows - 1), in batch order. Samples with a bad user or item
+// are left out. index_t is int32 when every row and sample number fits (12-byte entries).
+template <typename index_t>
+struct Buckets {
+  struct Entry {
+    index_t key, partner, sample;
+  };
+  int64_t rows = 0, block_shift = 0, blocks = 0;
+  std::unique_ptr<Entry[]> entries;
+  std::vector<int64_t> block_ends;
+
+  // Blocks of a power of two rows whose fp32 gradient fits in kBlockBytes (the block's sums stay
+  // in L2 while its samples are added), small enough to give every thread a few blocks.
+  Buckets(int64_t table_rows, int64_t row_bytes, int64_t threads) : rows(table_rows) {
+    const int64_t by_cache = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(row_bytes, 1));
+    const int64_t by_threads = std::max<int64_t>(1, table_rows / (kBlocksPerThread * threads));
+    const int64_t wanted = std::max<int64_t>(kMinBlockRows, std::min(by_cache, by_threads));
+    while ((int64_t{2} << block_shift) <= wanted) ++block_shift;
+    blocks = (table_rows + (int64_t{1} << block_shift) - 1) >> block_shift;
+    block_ends.assign(blocks, 0);
+  }
+
+  int64_t block_rows() const { return int64_t{1} << block_shift; }
+  int64_t block_of(int64_t key) const { return key >> block_shift; }
+  int64_t block_begin(int64_t block) const { return block == 0 ? 0 : block_ends[block - 1]; }
+};
+
+// Groups the batch's valid samples by block for the users' and/or the items' table (a null
+// ``Buckets`` is skipped): a stable counting sort, parallel over fixed chunks of the batch (a count
+// per chunk and block, then each chunk places its samples after those of earlier chunks), so the
+// entries come out in batch order within each block for any thread count.
+template <typename index_t>
+void bucket_samples(const Indices& users, const Indices& items, int64_t B, int64_t n_users, int64_t n_items,
+                    Buckets<index_t>* by_user, Buckets<index_t>* by_item) {
+  const int64_t user_blocks = by_user != nullptr ? by_user->blocks : 0;
+  const int64_t item_blocks = by_item != nullptr ? by_item->blocks : 0;
+  const int64_t width = user_blocks + item_blocks;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kSampleGrain));
+  // positions[chunk * width + block]: the chunk's count in the block, then where its next entry goes.
+  std::vector<int64_t> positions(chunks * width, 0);
+  const auto for_valid_samples = [&](int64_t chunk, const auto& visit) {
+    for (int64_t b = B * chunk / chunks, end = B * (chunk + 1) / chunks; b < end; ++b) {
+      const int64_t u = users[b], i = items[b];
+      if (0 <= u && u < n_users && 0 <= i && i < n_items) visit(b, u, i);
+    }
+  };
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      int64_t* counts = positions.data() + chunk * width;
+      for_valid_samples(chunk, [&](int64_t, int64_t u, int64_t i) {
+        if (by_user != nullptr) ++counts[by_user->block_of(u)];
+        if (by_item != nullptr) ++counts[user_blocks + by_item->block_of(i)];
+      });
+    }
+  });
+  const auto place = [&](Buckets<index_t>* buckets, int64_t column) {
+    if (buckets == nullptr) return;
+    int64_t total = 0;
+    for (int64_t block = 0; block < buckets->blocks; ++block) {
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        int64_t& slot = positions[chunk * width + column + block];
+        const int64_t count = slot;
+        slot = total;
+        total += count;
+      }
+      buckets->block_ends[block] = total;
+    }
+    buckets->entries.reset(new typename Buckets<index_t>::Entry[total]);
+  };
+  place(by_user, 0);
+  place(by_item, user_blocks);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      int64_t* next = positions.data() + chunk * width;
+      for_valid_samples(chunk, [&](int64_t b, int64_t u, int64_t i) {
+        const auto sample = static_cast<index_t>(b);
+        if (by_user != nullptr) {
+          by_user->entries[next[by_user->block_of(u)]++] = {static_cast<index_t>(u), static_cast<index_t>(i), sample};
+        }
+        if (by_item != nullptr) {
+          by_item->entries[next[user_blocks + by_item->block_of(i)]++] = {static_cast<index_t>(i),
+                                                                          static_cast<index_t>(u), sample};
+        }
+      });
+    }
+  });
+}
+
+// dst[0:count] = src[0:count] rounded to scalar_t, and src[0:count] = 0. fp32 destinations that
+// are 64-byte aligned get non-temporal stores (AVX-512): the gradient is written once and not
+// read back by this pass, so its lines go to memory without first being read into the cache.
+template <typename scalar_t, typename acc_t>
+void move_out(scalar_t* dst, acc_t* src, int64_t count) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+      const __m512 zero = _mm512_setzero_ps();
+      for (; k + 16 <= count; k += 16) {
+        _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+        _mm512_storeu_ps(src + k, zero);
+      }
+    }
+  }
+#endif
+  for (; k + Vec::size() <= count; k += Vec::size()) {
+    store_lanes(dst + k, Vec::loadu(src + k));
+    Vec(acc_t(0)).store(src + k);
+  }
+  for (; k < count; ++k) {
+    dst[k] = static_cast<scalar_t>(src[k]);
+    src[k] = acc_t(0);
+  }
+}
+
+// One table's dense gradients (grad_w (n, D) and grad_b (n,), contiguous; either may be null) from
+// the samples bucketed by this table's rows: row r gets the sum over the samples b with key r, in
+// batch order, of coef[b] * partner_table[partner_b] (and of coef[b]); a row without samples gets
+// zeros. Threads take whole blocks; a block's sums are built in a zeroed L2-resident buffer (each
+// row from 0, adding its samples in batch order: the same operations in the same order for any
+// block size or thread count) and then moved to the gradient in one sequential write. With
+// ``compute_coef`` the pass forms coef[b] itself (from grad_out and, with a y_range, the score
+// from both rows) and writes it to ``coef`` for the other table's pass; else it reads ``coef``.
+template <typename scalar_t, typename index_t>
+void block_sums_kernel(const Model<scalar_t>& model, bool keys_are_users, const Buckets<index_t>& buckets,
+                       const Tensor& grad_out, bool compute_coef, acc_type<scalar_t>* coef, scalar_t* grad_w,
+                       scalar_t* grad_b) {
   using acc_t = acc_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const Table<scalar_t>& own_table = keys_are_users ? model.users_table : model.items_table;
   const Table<scalar_t>& partner_table = keys_are_users ? model.items_table : model.users_table;
-  const int64_t n = own_table.rows, D = model.D;
+  const int64_t D = model.D, full = D - D % Vec::size();
   const scalar_t* grad = grad_out.const_data_ptr<scalar_t>();
   const int64_t grad_stride = grad_out.stride(0);
-  const bool reads_partner_rows = grad_w != nullptr || (compute_coef && model.has_range);
-  // Rows first .. first + range_rows - 1, their samples in ``order`` (by row, batch order within a
-  // row), ends[k] the end of row first + k's samples in it: each row written once.
-  const auto write_rows = [&](int64_t first, int64_t range_rows, const std::vector<int64_t>& ends,
-                              const std::vector<Entry>& order) {
-    const int64_t in_range = static_cast<int64_t>(order.size());
-    // The row's running sum, padded to whole vectors (the padding lanes are never stored).
-    const int64_t full = D - D % Vec::size();
-    std::vector<acc_t> sum(grad_w != nullptr ? D : 0);
-    std::vector<scalar_t> scratch(partner_table.col_stride != 1 || own_table.col_stride != 1 ? 2 * D : 0);
-    int64_t k = 0;
-    while (k < range_rows) {
-      const int64_t begin = k == 0 ? 0 : ends[k - 1], end = ends[k];
-      if (begin == end) {  // a run of rows no sample touched: zeros, in one go
-        int64_t run_end = k + 1;
-        while (run_end < range_rows && ends[run_end] == end) ++run_end;
-        if (grad_w != nullptr) std::memset(grad_w + (first + k) * D, 0, (run_end - k) * D * sizeof(scalar_t));
-        if (grad_b != nullptr) std::memset(grad_b + first + k, 0, (run_end - k) * sizeof(scalar_t));
-        k = run_end;
-        continue;
-      }
-      const int64_t r = first + k;
-      const scalar_t* own_row = compute_coef && model.has_range ? own_table.row(r, D, scratch.data() + D) : nullptr;
-      acc_t bias_sum = 0;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = order[p].sample, partner = order[p].partner;
-        // Ahead in the whole block, not only this row: most rows hold one or two samples.
-        if (reads_partner_rows && p + kPrefetchAhead < in_range) {
-          partner_table.prefetch_row(order[p + kPrefetchAhead].partner, D);
+  const bool reads_own_rows = compute_coef && model.has_range;
+  const bool reads_partner_rows = grad_w != nullptr || reads_own_rows;
+  const bool strided = partner_table.col_stride != 1 || own_table.col_stride != 1;
+  const auto* entries = buckets.entries.get();
+  at::parallel_for(0, buckets.blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    const int64_t block_rows = buckets.block_rows();
+    std::vector<acc_t> sums(grad_w != nullptr ? block_rows * D : 0, acc_t(0));
+    std::vector<acc_t> bias_sums(grad_b != nullptr ? block_rows : 0, acc_t(0));
+    std::vector<scalar_t> scratch(strided ? 2 * D : 0);
+    const int64_t last_entry = buckets.block_ends[block_end - 1];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t first = block * block_rows, rows = std::min(block_rows, buckets.rows - first);
+      for (int64_t p = buckets.block_begin(block), end = buckets.block_ends[block]; p < end; ++p) {
+        // The rows are gathered in batch order within the block: prefetched a few samples ahead,
+        // across block boundaries.
+        if (reads_partner_rows && p + kPrefetchAhead < last_entry) {
+          const auto& ahead = entries[p + kPrefetchAhead];
+          partner_table.prefetch_row(ahead.partner, D);
+          if (reads_own_rows) own_table.prefetch_row(ahead.key, D);
         }
+        const auto& entry = entries[p];
+        const int64_t r = entry.key, partner = entry.partner, b = entry.sample;
         const scalar_t* row = reads_partner_rows ? partner_table.row(partner, D, scratch.data()) : nullptr;
         acc_t c;
         if (compute_coef) {
@@ -356,62 +532,27 @@ void row_sums_kernel(const Model<scalar_t>& model, bool keys_are_users, const In
           if (model.has_range) {
             const acc_t bias = keys_are_users ? model.users_bias.bias(r) + model.items_bias.bias(partner)
                                               : model.users_bias.bias(partner) + model.items_bias.bias(r);
-            c = model.coefficient_from_score(c, dot(own_row, row, D) + bias);
+            c = model.coefficient_from_score(c, dot(own_table.row(r, D, scratch.data() + D), row, D) + bias);
           }
           if (coef != nullptr) coef[b] = c;
         } else {
           c = coef[b];
         }
-        bias_sum += c;
+        if (grad_b != nullptr) bias_sums[r - first] += c;
         if (grad_w == nullptr) continue;
+        acc_t* sum = sums.data() + (r - first) * D;
         int64_t d = 0;
         for (; d < full; d += Vec::size()) {
-          at::vec::fmadd(Vec(c), load_lanes(row + d), Vec::loadu(sum.data() + d)).store(sum.data() + d);
+          at::vec::fmadd(Vec(c), load_lanes(row + d), Vec::loadu(sum + d)).store(sum + d);
         }
         for (; d < D; ++d) sum[d] += c * static_cast<acc_t>(row[d]);
       }
-      if (grad_b != nullptr) grad_b[r] = static_cast<scalar_t>(bias_sum);
-      if (grad_w != nullptr) {
-        scalar_t* out = grad_w + r * D;
-        int64_t d = 0;
-        for (; d < full; d += Vec::size()) store_lanes(out + d, Vec::loadu(sum.data() + d));
-        for (; d < D; ++d) out[d] = static_cast<scalar_t>(sum[d]);
-      }
-      ++k;
+      if (grad_w != nullptr) move_out(grad_w + first * D, sums.data(), rows * D);
+      if (grad_b != nullptr) move_out(grad_b + first, bias_sums.data(), rows);
     }
-  };
-  at::parallel_for(0, n, kRowGrain, [&](int64_t first, int64_t last) {
-    // This range's samples grouped by row, keeping batch order within a row, by a two-level
-    // stable counting sort: into blocks of kBlockRows rows, then each block by row. One
-    // histogram over the whole range would be too large for the cache (162k rows: 1.3 MB),
-    // and its random increments cost more than the rest of the pass.
-    const int64_t range_rows = last - first;
-    std::vector<Entry> entries;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t k = keys[b] - first;
-      if (0 <= k && k < range_rows) {
-        const int64_t partner = partners[b];
-        if (partner_table.contains(partner)) entries.push_back({k, b, partner});
-      }
-    }
-    const int64_t blocks = (range_rows + kBlockRows - 1) / kBlockRows;
-    std::vector<int64_t> block_ends(blocks, 0);
-    for (const Entry& e : entries) ++block_ends[e.row / kBlockRows];
-    exclusive_prefix_sum(block_ends);
-    std::vector<Entry> by_block(entries.size());
-    for (const Entry& e : entries) by_block[block_ends[e.row / kBlockRows]++] = e;
-    std::vector<Entry> order;
-    std::vector<int64_t> ends;
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t block_first = block * kBlockRows, block_rows = std::min(kBlockRows, range_rows - block_first);
-      const int64_t begin = block == 0 ? 0 : block_ends[block - 1], end = block_ends[block];
-      ends.assign(block_rows, 0);
-      for (int64_t p = begin; p < end; ++p) ++ends[by_block[p].row - block_first];
-      exclusive_prefix_sum(ends);
-      order.resize(end - begin);
-      for (int64_t p = begin; p < end; ++p) order[ends[by_block[p].row - block_first]++] = by_block[p];
-      write_rows(first + block_first, block_rows, ends, order);
-    }
+#if defined(__AVX512F__)
+    _mm_sfence();  // the non-temporal stores are visible before the gradient is used
+#endif
   });
 }
 
@@ -476,16 +617,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
                         data(need_i_weight, iw), data(need_u_bias, ub), data(need_i_bias, ib));
       return;
     }
-    // The first table's pass forms coef; the second reads it.
+    // The first table's pass forms coef; the second reads it. The items' pass goes first when
+    // there is one: with a y_range it reads each sample's own row to form coef, and the items'
+    // table is the smaller one.
     const bool users_pass = need_u_weight || need_u_bias, items_pass = need_i_weight || need_i_bias;
     std::unique_ptr<acc_t[]> coef(users_pass && items_pass ? new acc_t[B] : nullptr);
-    if (users_pass) {
-      row_sums_kernel(model, true, user_indices, item_indices, B, grad_out, true, coef.get(), data(need_u_weight, uw),
-                      data(need_u_bias, ub));
-    }
-    if (items_pass) {
-      row_sums_kernel(model, false, item_indices, user_indices, B, grad_out, !users_pass, coef.get(),
-                      data(need_i_weight, iw), data(need_i_bias, ib));
+    const int64_t threads = at::get_num_threads(), row_bytes = D * static_cast<int64_t>(sizeof(acc_t));
+    const auto run = [&](auto index_zero) {
+      using index_t = decltype(index_zero);
+      std::optional<Buckets<index_t>> by_user, by_item;
+      if (users_pass) by_user.emplace(num_users, row_bytes, threads);
+      if (items_pass) by_item.emplace(num_items, row_bytes, threads);
+      bucket_samples(user_indices, item_indices, B, num_users, num_items, by_user ? &*by_user : nullptr,
+                     by_item ? &*by_item : nullptr);
+      if (items_pass) {
+        block_sums_kernel(model, false, *by_item, grad_out, true, coef.get(), data(need_i_weight, iw),
+                          data(need_i_bias, ib));
+      }
+      if (users_pass) {
+        block_sums_kernel(model, true, *by_user, grad_out, !items_pass, coef.get(), data(need_u_weight, uw),
+                          data(need_u_bias, ub));
+      }
+    };
+    constexpr int64_t int32_limit = std::numeric_limits<int32_t>::max();
+    if (std::max({B, num_users, num_items}) <= int32_limit) {
+      run(int32_t{0});
+    } else {
+      run(int64_t{0});
     }
   });
   return {uw, iw, ub, ib};

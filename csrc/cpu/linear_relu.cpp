@@ -207,9 +207,7 @@ void mask_and_bias_grad(const scalar_t* grad_out, const scalar_t* out, scalar_t*
 // ---- the ops ----
 
 Tensor linear_relu_forward_cpu(const Tensor& x, const Tensor& weight, const OptionalTensor& bias, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
-  check_linear_relu_forward(op, c10::DeviceType::CPU, x, weight, bias);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const auto [M, N, K] = check_linear_relu_forward(c10::kCPU, x, weight, bias);
   (void)allow_tf32;  // CPU GEMMs have no TF32: fp32 is IEEE fp32 either way
   if (M == 0 || N == 0 || K == 0) {
     Tensor out = new_output({M, N}, x.options());
@@ -238,14 +236,12 @@ Tensor linear_relu_forward_cpu(const Tensor& x, const Tensor& weight, const Opti
   return out;
 }
 
+// The schema's signature, as the CUDA kernel's (csrc/linear_relu_op.cpp): one op, a kernel per device.
 std::tuple<Tensor, Tensor, Tensor> linear_relu_backward_cpu(const Tensor& grad_out, const Tensor& out,
                                                             const OptionalTensor& x, const OptionalTensor& weight,
                                                             bool need_input_grad, bool need_weight_grad,
                                                             bool need_bias_grad, bool allow_tf32) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
-  const int64_t K =
-      check_linear_relu_backward(op, c10::DeviceType::CPU, grad_out, out, x, weight, need_input_grad, need_weight_grad);
-  const int64_t M = out.size(0), N = out.size(1);
+  const auto [M, N, K] = check_linear_relu_backward(c10::kCPU, grad_out, out, x, weight, need_input_grad, need_weight_grad);
   (void)allow_tf32;
   const auto options = out.options();
   Tensor grad_b = need_bias_grad ? new_output({N}, options) : at::empty({0}, options);
@@ -292,4 +288,5 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward_cpu(const Tensor& grad_o
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward_cpu);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward_cpu);
+  m.impl("linear_relu", &fastcore5::linear_relu_forward_cpu);  // below autograd (csrc/linear_relu_autograd.cpp)
 }

@@ -14,9 +14,11 @@
 //
 // Work split, like the GPU's multi-tensor table: every tensor is cut into kChunk-element chunks,
 // numbered across all tensors, and one at::parallel_for hands each thread a run of consecutive
-// chunks (which it walks tensor by tensor, one call per tensor piece). Host work is O(number of
-// tensors) per call; the contiguous mode (fastcore5/optim/flat.py) passes a few flat ranges,
-// so its host work does not grow with the model. A chunk is a whole number of 64-byte cache
+// chunks (which it walks tensor by tensor, one call per tensor piece); a step of fewer than
+// kParallelFromElements elements stays on the calling thread. Host work is O(number of tensors)
+// per call of the op; fastcore5.optim.SGD keeps its spans between steps instead (sgd_plan.cpp),
+// and its contiguous mode (fastcore5/optim/flat.py) has a few flat ranges, so that mode's host
+// work does not grow with the model. A chunk is a whole number of 64-byte cache
 // lines for every dtype, so two threads never write the same line of an aligned tensor.
 // Every element, a tensor's tail included, goes through the same at::vec::Vectorized code (the
 // tail through a partial load and store): an element's result does not depend on where a
@@ -37,15 +39,22 @@
 
 #include "../checks.h"
 #include "../sgd_checks.h"
+#include "sgd_kernel.h"
 
 namespace fastcore5 {
+namespace cpu_sgd {
 namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
-constexpr int64_t kChunk = 4096;  // elements: 16 KiB of fp32 params, a multiple of 64 bytes for every dtype
 constexpr int64_t kChunksPerThreadAtLeast = 4;  // at::parallel_for's grain: smaller steps run on one thread
+// A step over fewer elements runs on the calling thread whatever its number of chunks: a fork and
+// join costs more than 64k elements of SGD (~1.3 MB moved, ~30 us on one core), and on a loaded
+// machine a join can wait milliseconds for a descheduled thread. Many tiny tensors (2000 of 16
+// elements: one chunk each) would otherwise fork for 32k elements of work. Torch's own CPU loops
+// parallelise from 32k elements per thread (at::internal::GRAIN_SIZE).
+constexpr int64_t kParallelFromElements = 65536;
 
 // One step's coefficients, broadcast once per call. acc_t: float, or double for fp64 tensors.
 template <typename acc_t>
@@ -124,24 +133,16 @@ double read_scalar(const Tensor& t) {
   return value;
 }
 
-// One tensor's share of the chunk numbering.
-struct TensorSpan {
-  void* p;
-  void* g;
-  void* b;
-  int64_t numel;
-  int64_t first_chunk;
-};
-
 template <typename scalar_t, typename acc_t>
-void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, const Update<acc_t>& update) {
-  at::parallel_for(0, total_chunks, kChunksPerThreadAtLeast, [&](int64_t begin, int64_t end) {
+void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, int64_t total_numel,
+              const Update<acc_t>& update) {
+  auto walk = [&](int64_t begin, int64_t end) {
     // The span owning chunk ``begin``: the last one numbered at or before it (an empty tensor
     // owns no chunk and shares its first_chunk with the next tensor, which comes after it).
     auto span = std::upper_bound(spans.begin(), spans.end(), begin,
                                  [](int64_t chunk, const TensorSpan& s) { return chunk < s.first_chunk; }) - 1;
     for (int64_t chunk = begin; chunk < end; ++span) {
-      const int64_t span_chunks = (span->numel + kChunk - 1) / kChunk;
+      const int64_t span_chunks = chunks_of(span->numel);
       const int64_t stop = std::min(end, span->first_chunk + span_chunks);
       if (stop <= chunk) continue;  // an empty tensor
       const int64_t start = (chunk - span->first_chunk) * kChunk;
@@ -156,7 +157,12 @@ void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, const 
       }
       chunk = stop;
     }
-  });
+  };
+  if (total_numel < kParallelFromElements) {
+    walk(0, total_chunks);
+  } else {
+    at::parallel_for(0, total_chunks, kChunksPerThreadAtLeast, walk);
+  }
 }
 
 template <typename acc_t>
@@ -182,6 +188,25 @@ Update<acc_t> make_update(double lr, double momentum, double dampening, double w
   return u;
 }
 
+}  // namespace
+
+void run_spans(c10::ScalarType dtype, const std::vector<TensorSpan>& spans, int64_t total_chunks, const StepArgs& a) {
+  if (a.found_inf.has_value() && read_scalar(*a.found_inf) != 0.0) return;
+  if (a.skip_flag.has_value() && *a.skip_flag->const_data_ptr<int64_t>() != 0) return;
+  if (total_chunks == 0) return;
+  int64_t total_numel = 0;
+  for (const TensorSpan& span : spans) total_numel += span.numel;
+  const double lr = a.lr_tensor.has_value() ? read_scalar(*a.lr_tensor) : a.lr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sgd_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
+    run_step<scalar_t, acc_t>(spans, total_chunks, total_numel,
+                              make_update<acc_t>(lr, a.momentum, a.dampening, a.weight_decay, a.nesterov, a.maximize,
+                                                 a.decoupled_weight_decay, a.first_step, a.grad_scale));
+  });
+}
+
+namespace {
+
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const OptionalTensor& lr_tensor, double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool decoupled_weight_decay, bool first_step,
@@ -191,10 +216,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const bool has_momentum = momentum != 0.0;
   check_sgd_arguments(op, c10::DeviceType::CPU, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,
                       found_inf, skip_flag);
-  if (found_inf.has_value() && read_scalar(*found_inf) != 0.0) return;
-  if (skip_flag.has_value() && *skip_flag->const_data_ptr<int64_t>() != 0) return;
-  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor);
-
   std::vector<TensorSpan> spans;
   spans.reserve(params.size());
   int64_t total_chunks = 0;
@@ -202,21 +223,17 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     const int64_t numel = params[t].numel();
     spans.push_back({params[t].data_ptr(), grads[t].data_ptr(), has_momentum ? momentum_buffers[t].data_ptr() : nullptr,
                      numel, total_chunks});
-    total_chunks += (numel + kChunk - 1) / kChunk;
+    total_chunks += chunks_of(numel);
   }
-  if (total_chunks == 0) return;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step", [&] {
-    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
-    run_step<scalar_t, acc_t>(spans, total_chunks,
-                              make_update<acc_t>(lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                                 decoupled_weight_decay, first_step, grad_scale));
-  });
+  const StepArgs args{lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay,
+                      first_step, grad_scale, found_inf, skip_flag};
+  run_spans(params[0].scalar_type(), spans, total_chunks, args);
 }
 
 }  // namespace
+}  // namespace cpu_sgd
 }  // namespace fastcore5
 
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
-  m.impl("sgd_step", &fastcore5::sgd_step_cpu);
+  m.impl("sgd_step", &fastcore5::cpu_sgd::sgd_step_cpu);
 }

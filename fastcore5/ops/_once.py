@@ -26,9 +26,11 @@ def not_twice_differentiable(op: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the engine's default (no create_graph): nothing to mark
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled() or not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
                 return outputs
             many = isinstance(outputs, tuple)
             outputs = outputs if many else (outputs,)

@@ -274,8 +274,8 @@ def embedding_dot_bias(
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
     twice.
     """
-    # The same prologue as linear_relu's, written out on purpose (a duplicate pair that stays): a
-    # shared helper would cost a Python call on every op call, which the host-time rule counts.
+    # linear_relu's pattern (a fast check, the detailed one only when it fails), written out on
+    # purpose: a shared helper would cost a Python call on every op call, which the host-time rule counts.
     if index_errors.watching:
         index_errors.raise_pending()
     try:
@@ -312,15 +312,16 @@ def embedding_dot_bias(
     if validate is None:
         validate = "device" if device_type == "cuda" else "sync"
 
-    backend = backends.select(OP, device_type, dtype)
-    if backend == "torch" and sparse and torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    backend = (backends.select if compiling else backends.select_eager)(OP, device_type, dtype)
+    if backend == "torch" and sparse and compiling:
         # Inductor cannot trace F.embedding(sparse=True) ("Cannot access storage of
         # SparseTensorImpl"); the custom op hides the sparse gradients from it, as for the kernels.
         mode = "off" if validate == "off" else "sync"
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, mode, backend)
     if backend == "torch":
         return once_only(torch_backend(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate), OP)
-    if torch.compiler.is_compiling():
+    if compiling:
         return embedding_dot_bias_op(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend)
     kernels = KERNELS[backend]
     tables_need_grad = torch.is_grad_enabled() and (

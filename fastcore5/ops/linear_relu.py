@@ -4,11 +4,11 @@ The path of an eager call, each step once:
   1. ``linear_relu`` checks its arguments (one fast test; the detailed, argument-naming errors
      are built only when it fails) and applies autocast;
   2. ``backends.select`` names the backend (a cached lookup);
-  3. one autograd boundary: ``_LinearReLU`` (an autograd.Function) around the Triton launchers
-     or the C++ kernel-level ops (cpu backend), or, on the CUDA backend, the C++ op
-     ``fastcore5_cuda::linear_relu`` whose autograd is in C++;
-     without any input needing a gradient the launcher is called directly;
-  4. the launcher, found in the static table ``KERNELS``.
+  3. one autograd boundary, found in the static table ``KERNELS`` (``eager``): on the triton
+     backend ``_LinearReLU`` (an autograd.Function) around the launchers, skipped when no input
+     needs a gradient; on the cpu and cuda backends the C++ op ``fastcore5_cuda::linear_relu``,
+     whose autograd kernel (csrc/linear_relu_autograd.cpp) makes the same choice in C++;
+  4. the launcher or the device's C++ kernel.
 Under torch.compile the same call goes through the ops ``fastcore5::linear_relu`` and
 ``fastcore5::linear_relu_backward`` instead: triton_ops whose Triton kernels inductor sees on a
 GPU, custom ops with fake implementations elsewhere (fastcore5/ops/_library.py). torch.library's
@@ -37,31 +37,52 @@ _STRIDED = torch.strided
 def _triton_kernels():
     from ..kernels import linear_relu as kernels
 
-    return SimpleNamespace(forward=kernels.linear_relu_forward, backward=kernels.linear_relu_backward)
+    launchers = SimpleNamespace(forward=kernels.linear_relu_forward, backward=kernels.linear_relu_backward)
+
+    def eager(x, weight, bias):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            return _LinearReLU.apply(x, weight, bias, launchers)
+        return launchers.forward(x, weight, bias)
+
+    launchers.eager = eager
+    return launchers
 
 
-def _native_kernels():
+def _native_kernels(device_type: str):
     """The C++ ops, which dispatch to their CUDA or CPU kernels by device (the cuda and cpu backends).
-    ``with_autograd`` (autograd in C++) is registered in CUDA builds only: the cpu backend crosses
-    autograd through ``_LinearReLU``."""
+    ``eager`` is the op ``linear_relu``, whose autograd is in C++ (csrc/linear_relu_autograd.cpp)."""
     backends.native_extension()
     ops = torch.ops.fastcore5_cuda
+    # The overload's C++ entry point: calling the OpOverload object adds a Python frame per call.
+    with_autograd = getattr(ops.linear_relu.default, "_op", ops.linear_relu.default)
+    if device_type == "cpu":
+        def allow_tf32():  # CPU GEMMs have no TF32: fp32 is IEEE fp32, the flag is ignored
+            return False
+
+        def eager(x, weight, bias):
+            return with_autograd(x, weight, bias, False)
+    else:
+        allow_tf32 = fp32_matmul_allows_tf32
+
+        def eager(x, weight, bias):
+            return with_autograd(x, weight, bias, fp32_matmul_allows_tf32())
 
     def forward(x, weight, bias):
-        return ops.linear_relu_forward(x, weight, bias, fp32_matmul_allows_tf32())
+        return ops.linear_relu_forward(x, weight, bias, allow_tf32())
 
     def backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
         return ops.linear_relu_backward(
-            grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, fp32_matmul_allows_tf32()
+            grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, allow_tf32()
         )
 
-    def with_autograd(x, weight, bias):
-        return ops.linear_relu(x, weight, bias, fp32_matmul_allows_tf32())
-
-    return SimpleNamespace(forward=forward, backward=backward, with_autograd=with_autograd)
+    return SimpleNamespace(forward=forward, backward=backward, eager=eager)
 
 
-KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)
+KERNELS = backends.KernelTable(
+    triton=_triton_kernels, cuda=lambda: _native_kernels("cuda"), cpu=lambda: _native_kernels("cpu")
+)
 
 
 def _save_for_backward(ctx, x, weight, bias, output) -> None:
@@ -83,7 +104,7 @@ def _input_gradients(ctx, grad_out, backward):
 
 
 class _LinearReLU(torch.autograd.Function):
-    """The eager autograd boundary around the Triton (or CUDA kernel-level) launchers."""
+    """The eager autograd boundary around the Triton launchers."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, kernels):
@@ -199,8 +220,6 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     fp32_precision). The backward uses only the output (relu' = out > 0), never the
     pre-activation; it is not differentiable again (double backward raises).
     """
-    if index_errors.watching:
-        index_errors.raise_pending()
     try:
         device = x.device
         dtype = x.dtype
@@ -222,6 +241,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         )
     except (AttributeError, TypeError, IndexError):
         usable = False
+    if index_errors.watching:  # raised before anything is said about these arguments
+        index_errors.raise_pending()
     if not usable or torch._C._is_any_autocast_enabled():
         x, weight, bias, device = _checked_and_autocast(x, weight, bias)  # device: now its type
         dtype = x.dtype
@@ -233,13 +254,6 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]) if flat else x
     if compiling:
         out = linear_relu_op(x2d, weight, bias, backend)
-    elif not (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    ):
-        out = KERNELS[backend].forward(x2d, weight, bias)
-    elif backend == "cuda":
-        out = KERNELS[backend].with_autograd(x2d, weight, bias)
     else:
-        out = _LinearReLU.apply(x2d, weight, bias, KERNELS[backend])
+        out = KERNELS[backend].eager(x2d, weight, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0]) if flat else out

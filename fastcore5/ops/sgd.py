@@ -35,6 +35,7 @@ never created the buffer) stores ``g``.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from numbers import Real
 from typing import NamedTuple
@@ -70,6 +71,13 @@ class SGDHyper(NamedTuple):
             group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
             group["maximize"], group["decoupled_weight_decay"],
         )
+
+    def on(self, device: torch.device) -> SGDHyper:
+        """These hyper-parameters with a tensor lr on ``device`` (copied without blocking if needed)."""
+        lr = self.lr
+        if type(lr) is float or not isinstance(lr, Tensor) or lr.device == device:
+            return self
+        return self._replace(lr=lr.to(device, non_blocking=True))
 
     def check_types(self) -> None:
         """The types a step needs (torch itself fails on these only inside its step, halfway)."""
@@ -112,7 +120,7 @@ class SGDHyper(NamedTuple):
         in the launcher contract's order and types; a tensor lr is read on ``device``."""
         lr = self.lr
         if isinstance(lr, Tensor):
-            lr_tensor, lr = _on(device, lr.detach()), 0.0
+            lr_tensor, lr = on_device(device, lr.detach()), 0.0
         else:
             lr_tensor, lr = None, float(lr)
         return (
@@ -169,8 +177,29 @@ def new_momentum_buffers(params) -> list[Tensor]:
     return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
 
 
-def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
+def on_device(device: torch.device, t: Tensor | None) -> Tensor | None:
+    """``t`` (None, or a tensor such as grad_scale) on ``device``, copied without blocking if it is elsewhere."""
     return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def cpu_step_plan(params, buffers, grads=None, gradless=()):
+    """A step over CPU tensors of one dtype kept in C++ between steps (csrc/cpu/sgd_plan.cpp), as
+    ``(prepare, run)``, or None when the tensors do not fit one (or the extension has no plans).
+
+    ``prepare()`` reads and checks this step's gradients and returns False when anything changed
+    since the plan was made (plan again); it writes nothing. ``run(hyper, first_step, grad_scale,
+    found_inf, skip_flag)`` steps the prepared tensors and bumps the params' version counters
+    (``hyper``: an SGDHyper whose tensor lr, if any, is on the CPU; the tensors on the CPU). ``grads``: fixed gradients (contiguous mode's flat views, prepared once), or
+    None to read each param's ``.grad`` at every ``prepare``; ``gradless``: params whose ``.grad``
+    must stay None. A step through a plan is two C calls whatever the number of tensors: no Python
+    pass over them and no dispatcher call (which unpacks every tensor of three lists)."""
+    extension = backends.native_extension()
+    if not hasattr(extension, "sgd_cpu_plan"):  # an extension built before the plans existed
+        return None
+    plan = extension.sgd_cpu_plan(list(params), list(buffers), None if grads is None else list(grads), list(gradless))
+    if plan is None:
+        return None
+    return functools.partial(extension.sgd_cpu_prepare, plan), functools.partial(extension.sgd_cpu_run, plan)
 
 
 class PreparedStep:
@@ -182,19 +211,25 @@ class PreparedStep:
     more than the whole step should. The version counters that the dispatcher would bump are
     bumped here instead, for the params only (autograd saves params for backward, never the
     optimizer's buffers or the gradients; a pass over 2000 tensors costs ~0.4 ms on our CPU), so
-    autograd still notices a param modified after it was saved.
+    autograd still notices a param modified after it was saved. With fixed ``grads`` (contiguous
+    mode) on the cpu backend the step runs through a ``cpu_step_plan``, bypassing even the op.
     """
 
-    __slots__ = ("backend", "triton")
+    __slots__ = ("backend", "triton", "native_run")
 
-    def __init__(self, backend: str, params: list[Tensor], buffers: list[Tensor], param_names: list[str] | None = None):
+    def __init__(self, backend: str, params: list[Tensor], buffers: list[Tensor], param_names: list[str] | None = None,
+                 grads: list[Tensor] | None = None):
         """``param_names`` name the params in errors (default: ``params[i]``)."""
         self.backend = backend
         self.triton = None
+        self.native_run = None
         if backend == "triton":
             from ..kernels.sgd import StepLaunch  # here, not at import: triton is optional
 
             self.triton = StepLaunch(params, buffers, param_names)
+        elif backend == "cpu" and grads is not None:
+            plan = cpu_step_plan(params, buffers, grads)
+            self.native_run = None if plan is None else plan[1]
 
     def addresses_unchanged(self, params: list[Tensor]) -> bool:
         return self.triton is None or self.triton.addresses_unchanged(params)
@@ -213,9 +248,12 @@ class PreparedStep:
 
     def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
         device = params[0].device
-        grad_scale, found_inf = _on(device, grad_scale), _on(device, found_inf)
+        grad_scale, found_inf = on_device(device, grad_scale), on_device(device, found_inf)
         if self.backend == "torch":
             _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, skip_flag)
+            return
+        if self.native_run is not None:  # bumps the params' versions itself
+            self.native_run(hyper.on(device), first_step, grad_scale, found_inf, skip_flag)
             return
         args = hyper.launcher_args(device)
         if self.triton is not None:
@@ -229,7 +267,7 @@ def run_traced_step(backend, params, grads, buffers, hyper: SGDHyper, first_step
     """One launch group's step as torch.compile traces it: the custom op (or the reference step,
     plain torch) instead of ``PreparedStep``'s direct launcher call."""
     device = params[0].device
-    grad_scale, found_inf = _on(device, grad_scale), _on(device, found_inf)
+    grad_scale, found_inf = on_device(device, grad_scale), on_device(device, found_inf)
     if backend == "torch":
         _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, None)
     else:
@@ -293,7 +331,10 @@ class SparseGradStep:
         device = params[0].device
         if grad_scale is not None:
             grads = [g.clone() for g in grads]  # unscaled copies: a sparse .grad is not written back
-        _reference_step(params, grads, buffers, first_step, hyper, _on(device, grad_scale), _on(device, found_inf), skip_flag)
+        _reference_step(
+            params, grads, buffers, first_step, hyper, on_device(device, grad_scale), on_device(device, found_inf),
+            skip_flag,
+        )
 
 
 # The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
@@ -367,7 +408,7 @@ def sgd_step(
                     buffers[i] = b
             else:
                 bs = [buffers[i] for i in index]
-            flags = (_on(device, grad_scale), _on(device, found_inf), _on(device, skip_flag))
+            flags = (on_device(device, grad_scale), on_device(device, found_inf), on_device(device, skip_flag))
             backend = backends.select(OP, device, dtype)
             if backend == "torch":
                 _reference_step(ps, gs, bs, first, hyper, *flags)

@@ -43,6 +43,16 @@ def _check_matches(p, g, p_name: str, g_name: str) -> None:
         )
 
 
+def check_same_strides(p, t, p_name: str, t_name: str) -> None:
+    """The C++ kernels walk a param, its gradient and its momentum buffer element by element in
+    memory: each needs the param's strides (torch ties only shape, dtype and device to it)."""
+    if t.stride() != p.stride():
+        raise ValueError(
+            f"{t_name} has strides {t.stride()} but {p_name} has strides {p.stride()}: the C++ kernels need the "
+            "gradient and the momentum buffer laid out like their param (make them all contiguous)"
+        )
+
+
 def check_flag(name: str, t: Tensor | None, dtypes, one_element: bool) -> None:
     """A skip-protocol tensor (grad_scale, found_inf, skip_flag): None, or a dense tensor of
     ``dtypes`` with one element (``one_element``) or at least one."""

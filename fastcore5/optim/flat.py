@@ -192,7 +192,7 @@ class FlatBuffers:
                 ps = [self.flat_param[s:e] for s, e in ranges]
                 gs = [self.flat_grad[s:e] for s, e in ranges]
                 bs = [self.flat_buffer[s:e] for s, e in ranges] if momentum_on else []
-                self.segments[first] = (ps, gs, bs, PreparedStep(backend, ps, bs))
+                self.segments[first] = (ps, gs, bs, PreparedStep(backend, ps, bs, grads=gs))
         self.segments_key = key
         return self.segments
 

@@ -44,10 +44,11 @@ class Launch:
     torch.distributed.checkpoint see sharded tensors), ``buffers`` the buffers' local shards, and
     the local shards of the params and gradients are read at every step, since FSDP2 owns them."""
 
-    __slots__ = ("members", "pick", "buffers", "first", "device", "prepared", "dtensor", "new_buffers")
+    __slots__ = ("members", "index", "pick", "buffers", "first", "device", "prepared", "dtensor", "new_buffers")
 
     def __init__(self, members, index, buffers, first, prepared, dtensor):
         self.members = members
+        self.index = index  # the members' places in the param group
         self.pick = _picker(index)
         self.buffers = list(map(local_tensor, buffers)) if dtensor else buffers
         self.first = first
@@ -68,7 +69,7 @@ class Plan:
     """One param group's launches, valid while the same gradients are None, momentum stays on or
     off, the params stay where they are, no buffer is new and the backend request is the same."""
 
-    __slots__ = ("missing", "momentum_on", "launches", "request", "stale")
+    __slots__ = ("missing", "momentum_on", "launches", "request", "stale", "native")
 
     def __init__(self, missing, momentum_on, launches, request):
         self.missing = missing
@@ -76,9 +77,9 @@ class Plan:
         self.launches = launches
         self.request = request
         self.stale = any(launch.first for launch in launches)  # after this step the buffers exist
+        # (prepare, run) of a fastcore5.ops.sgd.cpu_step_plan doing the whole group's step, or None
+        self.native = None
 
 
-def backend_request() -> tuple:
-    """The backend choice a cached plan (or a flat buffer's segments) was made under: a change
-    rebuilds it."""
-    return backends.requested(), backends.interpreter_active()
+# The backend choice a cached plan (or a flat buffer's segments) was made under: a change rebuilds it.
+backend_request = backends.request_key

@@ -5,9 +5,10 @@ flat buffers in ``flat.py`` and its steps in ``contiguous.py``, the optimizer's 
 """
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
-from itertools import repeat
+from itertools import chain, repeat
 
 import torch
 from torch import Tensor
@@ -15,8 +16,10 @@ from torch.optim import Optimizer
 
 from .. import backends, index_errors
 from .._checks import check_int
-from ..ops.sgd import OP, PreparedStep, SGDHyper, SparseGradStep, new_momentum_buffers, sgd_step
-from ..ops.sgd_checks import check_param_and_grad, check_sparse_grad
+from ..ops.sgd import (
+    OP, PreparedStep, SGDHyper, SparseGradStep, cpu_step_plan, new_momentum_buffers, on_device, sgd_step,
+)
+from ..ops.sgd_checks import check_param_and_grad, check_same_strides, check_sparse_grad
 from .checks import (
     check_capturable, check_contiguous_groups, check_group, check_loaded_buffers, param_name,
 )
@@ -33,6 +36,47 @@ _GRAD = operator.attrgetter("grad")
 def _capturing() -> bool:
     """A CUDA graph capture is under way on the current stream (never initialises CUDA)."""
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _with_hooks(step):
+    """``step`` wrapped as torch.optim wraps every optimizer's step (``Optimizer.profile_hook_step``:
+    global and per-optimizer pre- and post-hooks, ``_optimizer_step_code``, a profiler label), except
+    that the label (``record_function``, two dispatcher calls, a third of a small step's host time on
+    a CPU when the caches are cold) is entered only while a profiler runs or torch.compile traces.
+    Marked ``hooked``, so Optimizer.__init__ does not wrap it again. On a torch without the global
+    hook tables, torch's own wrapper is kept."""
+    try:
+        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+    except ImportError:
+        return step
+
+    def run_hooked(self, args, kwargs):
+        if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
+            for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                        )
+                    args, kwargs = result
+        out = step(*args, **kwargs)
+        self._optimizer_step_code()
+        if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+            for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+                post_hook(self, args, kwargs)
+        return out
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        self = args[0]
+        if not (torch.compiler.is_compiling() or torch.autograd._profiler_enabled()):
+            return run_hooked(self, args, kwargs)
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            return run_hooked(self, args, kwargs)
+
+    wrapper.hooked = True
+    return wrapper
 
 
 class SGD(ContiguousMode, Optimizer):
@@ -176,11 +220,20 @@ class SGD(ContiguousMode, Optimizer):
 
     # ------------------------------------------------------------------------------------- step
 
-    @torch.no_grad()
+    @_with_hooks
     def step(self, closure=None):
         """One optimisation step (closure: re-evaluates the model and returns the loss)."""
         if torch.compiler.is_compiling():
-            return self._traced_step(closure)
+            with torch.no_grad():
+                return self._traced_step(closure)
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without its Python context manager
+        try:
+            return self._eager_step(closure)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _eager_step(self, closure):
         capturing = _capturing()
         if capturing and not self.capturable:
             raise RuntimeError(
@@ -297,8 +350,20 @@ class SGD(ContiguousMode, Optimizer):
             launch.prepared.check_grads(members_local, launch_grads)
             launches.append(launch)
         plan = Plan(missing, momentum_on, launches, backend_request())
+        plan.native = self._native_plan(params, missing, launches)
         self._plans[index] = plan
         return plan
+
+    def _native_plan(self, params: list, missing: list, launches: list):
+        """The group's steps as one ``cpu_step_plan`` (its ``(prepare, run)``), when they are one dense
+        launch with its buffers on the cpu backend: the steady state of a model on a CPU. None
+        otherwise (a first step, several dtypes, DTensors, sparse gradients, other backends)."""
+        if self.capturable or len(launches) != 1:
+            return None
+        launch = launches[0]
+        if launch.first or launch.dtensor or launch.prepared.backend != "cpu":
+            return None
+        return cpu_step_plan(launch.members, launch.buffers, None, [p for p, miss in zip(params, missing) if miss])
 
     def _current_plan(self, index: int, group: dict, grads: list, momentum_on: bool, capturing: bool) -> Plan:
         """The plan for this step's gradients: the cached one when nothing it depends on changed,
@@ -328,15 +393,40 @@ class SGD(ContiguousMode, Optimizer):
         )
 
     def _prepare_group(self, index, group, hyper, capturing) -> tuple:
-        """(plan, hyper, grads) for one group in normal mode: every check, no write."""
+        """(plan, hyper, grads) for one group in normal mode: every check, no write. grads is None
+        when the plan's ``cpu_step_plan`` read and checked them (in C++, no pass here)."""
+        plan = self._plans.get(index)
+        if (
+            plan is not None and plan.native is not None and plan.momentum_on == (hyper.momentum != 0)
+            and plan.request == backend_request() and plan.native[0]()
+        ):
+            return plan, hyper, None
         grads = list(map(_GRAD, group["params"]))
         plan = self._current_plan(index, group, grads, hyper.momentum != 0, capturing)
+        if plan.native is not None:
+            if plan.native[0]():  # a new plan: this step runs through it already
+                return plan, hyper, None
+            # The plan's checks refused what the Python ones passed: name it before any group is
+            # written (else the op would raise while stepping, after the groups before this one).
+            for launch in plan.launches:
+                for k, (i, p) in enumerate(zip(launch.index, launch.members)):
+                    name = param_name(i, index)
+                    check_same_strides(p, grads[i], name, f"the .grad of {name}")
+                    if launch.buffers:
+                        check_same_strides(p, launch.buffers[k], name, f"the momentum_buffer of {name}")
         if self.capturable:
             for launch in plan.launches:
                 check_capturable(hyper, launch.device, launch.first, capturing)
         return plan, hyper, grads
 
     def _step_group(self, plan, grads, hyper, grad_scale, found_inf, skip_flags) -> None:
+        if grads is None:  # prepared by the plan's cpu_step_plan
+            device = plan.launches[0].device
+            plan.native[1](
+                hyper.on(device), False, on_device(device, grad_scale), on_device(device, found_inf),
+                device_skip_flag(skip_flags, device),
+            )
+            return
         for launch in plan.launches:
             if launch.new_buffers:
                 for p, buf in zip(launch.members, launch.new_buffers):
