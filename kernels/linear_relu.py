@@ -139,7 +139,9 @@ def linear_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     ``wrap``: None, or a callable applied to the kernel before launching it
     (torch.library.wrap_triton), for tracing with fake tensors: then nothing is tuned."""
-    if linear_relu_hopper.forward_eligible(x, weight, bias, wrap):
+    # The one kernel choice (linear_relu_hopper.takes_tma); a traced launch cannot pass TMA
+    # descriptors through wrap, and fastcore5/ops/linear_relu_tma.py diverts those it would take.
+    if wrap is None and linear_relu_hopper.forward_eligible(x, weight):
         return linear_relu_hopper.forward(x, weight, bias)
     M, K = x.shape
     N = weight.shape[0]
@@ -209,7 +211,9 @@ def linear_relu_backward(
     x is needed only for grad_W and weight only for grad_x. Shapes: grad_out and out (M, N),
     x (M, K), weight (N, K). ``wrap`` as for linear_relu_forward.
     """
-    if linear_relu_hopper.backward_eligible(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad, wrap):
+    if wrap is None and linear_relu_hopper.backward_eligible(
+        grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad
+    ):
         return linear_relu_hopper.backward(grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad)
     M, N = out.shape
     K = _in_features(x, weight)

@@ -17,6 +17,9 @@ Kernels:
                                         g.sum(0) from g as given, no mask
   ``_linear_relu_fwd_kernel``           (kernels/linear_relu.py) with RELU=False for the last layer;
                                         the hidden layers use linear_relu_forward as it is.
+On an sm_90 GPU each launcher takes the TMA kernels of kernels/linear_relu_hopper.py (the same
+products, by their flags) where ``linear_relu_hopper.takes_tma`` says so, as Linear+ReLU's
+launchers do: one kernel choice for the layer and the stack.
 The bias gradient of every layer is summed by that layer's grad_W kernel, whose first column of
 programs streams all M rows of g anyway (as kernels/linear_relu.py does): no atomics, a fixed
 order, so the backward is deterministic. Summing it in the grad-input epilogue instead would need
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from . import linear_relu_hopper as tma  # sm_90: the same three products through TMA kernels
 from ._common import dot_precision, new_output, on_device_of
 from .gemm_launch import GemmLauncher
 from .linear_relu import (
@@ -56,6 +60,8 @@ def tuned_configs() -> list[dict]:
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias (no ReLU) for 2-D x (M, K); returns a new (M, N) tensor."""
     x, weight = _with_a_unit_stride(x), _with_a_unit_stride(weight)
+    if tma.forward_eligible(x, weight):
+        return tma.linear_forward(x, weight, bias)
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
@@ -81,6 +87,8 @@ def grad_input(grad: torch.Tensor, weight: torch.Tensor, below: torch.Tensor | N
     """grad @ weight, times (below > 0) when ``below`` (the output of the ReLU layer underneath,
     (M, K)) is given. Shapes: grad (M, N), weight (N, K)."""
     grad, weight, below = _with_a_unit_stride(grad), _with_a_unit_stride(weight), _with_a_unit_stride(below)
+    if tma.grad_input_eligible(grad, weight, below):
+        return tma.grad_input(grad, weight, below)
     M, N = grad.shape
     K = weight.shape[1]
     dtype = weight.dtype
@@ -108,6 +116,8 @@ def grad_weight(
     (already masked, or the gradient of a layer without ReLU) and the layer's input inp (M, K),
     which is needed only for the weight gradient."""
     grad, inp = _with_a_unit_stride(grad), _with_a_unit_stride(inp)
+    if need_weight_grad and tma.grad_weight_eligible(grad, inp):  # grad_b alone: no grad_W tiles to ride on
+        return tma.grad_weight(grad, inp, need_bias_grad)
     return weight_and_bias_grads(
         _grad_weight, None, grad, grad, inp, need_weight_grad, need_bias_grad, False, dot_precision(grad.dtype)
     )

@@ -270,24 +270,20 @@ def _mlp_launches(compiler: Compiler) -> None:
 
 
 def _linear_relu_hopper_launches(compiler: Compiler) -> None:
-    import torch
-
+    """The TMA kernels, reached as a GPU reaches them: through Linear+ReLU's and the MLP's
+    launchers (torch.compile's opaque TMA ops call the same ones), with the one kernel choice
+    (linear_relu_hopper.takes_tma) told that the CPU tensors sit on this arch and that no product
+    is too small. Every variant the choice can send to a TMA kernel is compiled; what it keeps on
+    the portable kernels (fp32 without TF32, fp64, the bias-only gradient) recompiles nothing."""
     from fastcore5.kernels import linear_relu_hopper as k
 
-    # called directly: forward_eligible is false for CPU tensors, which is all this check has
-    M, K, N = GEMM_M, GEMM_K, GEMM_N
-    for label, dtype, tf32 in _float_cases():
-        _set_tf32(tf32)
-        if not k.dtype_eligible(dtype):
-            continue
-        with _case(compiler, label):
-            x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-            out = k.forward(x, w, b)
-            k.forward(x, w, None)
-            grad = torch.randn(M, N, dtype=dtype)
-            k.backward(grad, out, x, w, True, True, True)
-            k.backward(grad, out, x, w, False, True, False)
-    _set_tf32(False)
+    real = k.device_capability, k.MIN_MACS
+    k.device_capability, k.MIN_MACS = (lambda t: divmod(compiler.arch, 10)), 1
+    try:
+        _linear_relu_launches(compiler)
+        _mlp_launches(compiler)
+    finally:
+        k.device_capability, k.MIN_MACS = real
 
 
 def _embedding_dot_bias_launches(compiler: Compiler) -> None:

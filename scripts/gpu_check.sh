@@ -16,7 +16,9 @@
 #
 # Estimated from the H200 run of 2026-11-26 (/work/shared/gpu-runs/2026-11-26-h200-f02c316):
 #   run 1: install 40 s (27 s of it the CUDA build) + tests ~130 s (124 s for the gpu/any_device
-#          tests with -n 8 then; since then test_mlp's largest GPU case shrank 20x) + demo ~25 s
+#          tests with -n 8 then; since then test_mlp's largest GPU case shrank 20x; the 16 files
+#          with GPU tests start first, among them test_mlp_hopper.py, a guessed 60-90 s: the
+#          JIT compiles of 2 x 9 TMA kernel variants and one inductor compile) + demo ~25 s
 #          (1 epoch; 4 s collab, the digits part was 78 s of cold per-batch-size tuning, now
 #          FASTCORE5_TUNING=off) = ~195 s, limits 60 + 150 + 60 = 270 s.
 #   run 2: install 15 s (Python only) + bench --quick ~40 s (39 s then, 28.5 of it tuning; tuning
@@ -105,7 +107,9 @@ export OUT PYTHON TEST_TIMEOUT TEST_FILE_LIMIT  # and TESTS_DEADLINE, set by the
 run_tests() {  # every test file at once, FILE_JOBS at a time; one result line per file
   mkdir -p "$OUT/tests"
   local failed=0
-  ls tests/test_*.py | xargs -P "$FILE_JOBS" -I{} bash -c 'test_file {}' >"$OUT/tests/files.txt" 2>&1 || failed=1
+  # the files with GPU tests first: the slow ones (compiles, inductor) start in the first waves
+  { grep -lE 'mark\.gpu|any_device' tests/test_*.py; grep -LE 'mark\.gpu|any_device' tests/test_*.py; } \
+    | xargs -P "$FILE_JOBS" -I{} bash -c 'test_file {}' >"$OUT/tests/files.txt" 2>&1 || failed=1
   sort "$OUT/tests/files.txt"
   return $failed
 }

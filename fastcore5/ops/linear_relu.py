@@ -26,6 +26,7 @@ from .. import backends, index_errors, reference
 from .._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from ._once import not_twice_differentiable, once_only
 from ..kernels._common import fp32_matmul_allows_tf32
+from . import linear_relu_tma
 from ._library import fused_op, launch, register_fake
 
 OP = "linear_relu"
@@ -121,6 +122,8 @@ class _LinearReLU(torch.autograd.Function):
 @fused_op("fastcore5::linear_relu")
 def linear_relu_op(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
     """relu(x @ weight.T + bias) for 2-D x; ``backend`` is "triton", "cuda" or "cpu"."""
+    if linear_relu_tma.traced_forward_takes_tma(backend, x, weight):  # sm_90 under torch.compile
+        return linear_relu_tma.forward_op(x, weight, bias)
     return launch(KERNELS[backend].forward, backend, x, weight, bias)
 
 
@@ -140,6 +143,9 @@ def linear_relu_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias); a gradient not asked for comes back as an empty tensor
     (custom ops cannot return None)."""
+    needs = (need_input_grad, need_weight_grad, need_bias_grad)
+    if linear_relu_tma.traced_backward_takes_tma(backend, grad_out, out, x, weight, *needs):
+        return linear_relu_tma.backward_op(grad_out, out, x, weight, *needs)
     grads = launch(
         KERNELS[backend].backward, backend, grad_out, out, x, weight, need_input_grad, need_weight_grad, need_bias_grad
     )
