@@ -1,5 +1,5 @@
-// The EmbeddingDotBias ops: embedding_dot_bias_forward, embedding_dot_bias_backward and the
-// autograd op embedding_dot_bias.
+// The CUDA kernels of the EmbeddingDotBias ops: embedding_dot_bias_forward, embedding_dot_bias_backward
+// and embedding_dot_bias below autograd (its autograd kernel is csrc/embedding_dot_bias_autograd.cpp).
 //
 // Indices are never checked on the host (that would synchronise with the device): the kernels
 // of csrc/embedding_dot_bias.cu bound-check every index, give a sample with a bad index a NaN
@@ -10,14 +10,10 @@
 #include "fastcore5.h"
 #include "ops.h"
 
-#include <ATen/Context.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/_sparse_coo_tensor_unsafe.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 namespace fastcore5 {
 namespace {
@@ -121,98 +117,6 @@ Tensor embedding_dot_bias_inference(const Tensor& users, const Tensor& items, co
                                     std::optional<double> y_lo, std::optional<double> y_hi, bool /*sparse*/,
                                     const OptionalTensor& index_errors) {
   return embedding_dot_bias_forward(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors);
-}
-
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-const auto& forward_op() {
-  static const auto handle =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::embedding_dot_bias_forward", "")
-          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                        std::optional<double>, std::optional<double>, const OptionalTensor&)>();
-  return handle;
-}
-
-const auto& backward_op() {
-  static const auto handle =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::embedding_dot_bias_backward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-              const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
-              const OptionalTensor&, const OptionalTensor&, int64_t, int64_t, std::optional<double>,
-              std::optional<double>, bool, bool, bool, bool, bool, bool)>();
-  return handle;
-}
-
-// nn.Embedding(sparse=True)'s gradient: uncoalesced COO with one entry per sample, the index of
-// a bad sample clamped into range (its value is 0). ``values`` (B, ...) becomes shaped like
-// ``table`` ((n, D), (n, 1) or (n,)).
-Tensor sparse_grad(const Tensor& index, const Tensor& values, const Tensor& table) {
-  const int64_t rows = table.size(0);
-  Tensor shaped = table.dim() == 2 && values.dim() == 1 ? values.unsqueeze(1) : values;
-  Tensor indices = rows > 0 ? index.clamp(0, rows - 1).to(at::kLong).unsqueeze(0)
-                            : at::empty({1, 0}, index.options().dtype(at::kLong));
-  if (rows == 0) shaped = shaped.narrow(0, 0, 0);
-  return at::_sparse_coo_tensor_unsafe(indices, shaped, table.sizes(), shaped.options().layout(at::kSparse));
-}
-
-struct EmbeddingDotBiasFunction : public torch::autograd::Function<EmbeddingDotBiasFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& users, const Tensor& items, const Tensor& u_weight,
-                        const Tensor& i_weight, const Tensor& u_bias, const Tensor& i_bias,
-                        std::optional<double> y_lo, std::optional<double> y_hi, bool sparse,
-                        const OptionalTensor& index_errors) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor out = forward_op().call(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors);
-    // The tables are parameters (saving them costs nothing); the score is recomputed, not saved.
-    ctx->save_for_backward({users, items, u_weight, i_weight, u_bias, i_bias});
-    ctx->saved_data["y_lo"] = y_lo;
-    ctx->saved_data["y_hi"] = y_hi;
-    ctx->saved_data["sparse"] = sparse;
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &users = saved[0], &items = saved[1], &U = saved[2], &V = saved[3], &ub = saved[4], &ib = saved[5];
-    const bool need_uw = ctx->needs_input_grad(2), need_iw = ctx->needs_input_grad(3);
-    const bool need_ub = ctx->needs_input_grad(4), need_ib = ctx->needs_input_grad(5);
-    const Tensor& grad_out = grad_outputs[0];
-    const variable_list none(10);
-    if (!grad_out.defined() || !(need_uw || need_iw || need_ub || need_ib)) return none;
-    const bool sparse = ctx->saved_data["sparse"].toBool();
-    const auto y_lo = ctx->saved_data["y_lo"].toOptional<double>();
-    const auto y_hi = ctx->saved_data["y_hi"].toOptional<double>();
-    const auto [g_uw, g_iw, g_ub, g_ib] = backward_op().call(
-        grad_out, users, items, U, V, ub, ib, U.size(0), V.size(0), y_lo, y_hi, need_uw, need_iw, need_ub, need_ib,
-        at::globalContext().deterministicAlgorithms(), sparse);
-    variable_list grads = none;
-    if (sparse) {
-      if (need_uw) grads[2] = sparse_grad(users, g_uw, U);
-      if (need_iw) grads[3] = sparse_grad(items, g_iw, V);
-      if (need_ub) grads[4] = sparse_grad(users, g_ub, ub);
-      if (need_ib) grads[5] = sparse_grad(items, g_ib, ib);
-    } else {
-      if (need_uw) grads[2] = g_uw;
-      if (need_iw) grads[3] = g_iw;
-      if (need_ub) grads[4] = g_ub.view(ub.sizes());
-      if (need_ib) grads[5] = g_ib.view(ib.sizes());
-    }
-    return grads;
-  }
-};
-
-}  // namespace
-
-Tensor embedding_dot_bias_autograd(const Tensor& users, const Tensor& items, const Tensor& u_weight,
-                                   const Tensor& i_weight, const Tensor& u_bias, const Tensor& i_bias,
-                                   std::optional<double> y_lo, std::optional<double> y_hi, bool sparse,
-                                   const OptionalTensor& index_errors) {
-  return EmbeddingDotBiasFunction::apply(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse,
-                                         index_errors);
 }
 
 }  // namespace fastcore5

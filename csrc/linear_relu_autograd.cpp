@@ -12,12 +12,11 @@
 // (csrc/cpu/linear_relu.cpp, csrc/registration.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
 
+#include "differentiable_once.h"
 #include "ops.h"
 
 namespace fastcore5 {
@@ -42,24 +41,6 @@ const auto& backward_op() {
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
                                                     const OptionalTensor&, bool, bool, bool, bool)>();
   return handle;
-}
-
-// The gradients, made to raise on double backward with the error every backend raises
-// (fastcore5/ops/_once.py words it for the Python backends; the test of it matches both): the
-// backward op is not itself differentiable. Only when the backward is recorded (create_graph=True
-// with a gradient that requires grad), as _once.not_twice_differentiable does.
-variable_list differentiable_once(variable_list grads, const variable_list& grad_outputs) {
-  bool recorded = false;
-  for (const Tensor& g : grad_outputs) recorded = recorded || (g.defined() && g.requires_grad());
-  if (!recorded || !at::GradMode::is_enabled()) return grads;
-  for (Tensor& g : grads) {
-    if (g.defined()) g = g.detach().requires_grad_();
-  }
-  torch::autograd::DelayedError error(
-      "fastcore5.linear_relu is differentiable once: double backward (differentiating a gradient taken with "
-      "create_graph=True) is not supported on any backend; use fastcore5.reference.linear_relu for that",
-      static_cast<int64_t>(grads.size()));
-  return error.apply(std::move(grads));
 }
 
 // Saves only what the backward needs: out always (relu' = out > 0, never the pre-activation),
@@ -92,7 +73,7 @@ struct LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction>
                              ctx->saved_data["allow_tf32"].toBool());
     }
     return differentiable_once(
-        {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(), Tensor()}, grad_outputs);
+        "linear_relu", {need_x ? grad_x : Tensor(), need_w ? grad_w : Tensor(), need_b ? grad_b : Tensor(), Tensor()}, grad_outputs);
   }
 };
 

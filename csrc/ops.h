@@ -1,8 +1,8 @@
 // The torch ops of the CUDA C++ backend (namespace fastcore5_cuda), as C++ functions.
 //
 // csrc/registration.cpp gives them their schemas (fixed by the cross-team contract, listed
-// there) and registers them for the CUDA and Autograd dispatch keys (linear_relu's Autograd kernel
-// is csrc/linear_relu_autograd.cpp, built for every device); csrc/*_op.cpp implement
+// there) and registers them for the CUDA and Autograd dispatch keys (the Autograd kernels of linear_relu
+// and embedding_dot_bias are csrc/*_autograd.cpp, built for every device); csrc/*_op.cpp implement
 // them: argument checks (checks.h), layout normalisation, output allocation, then the launchers
 // of fastcore5.h. A gradient that was not asked for comes back from a *_backward op as an empty
 // (0,) tensor (an op cannot return None); the autograd ops map it back to "no gradient".
@@ -40,10 +40,6 @@ Tensor embedding_dot_bias_inference(const Tensor& users, const Tensor& items, co
                                     const Tensor& i_weight, const Tensor& u_bias, const Tensor& i_bias,
                                     std::optional<double> y_lo, std::optional<double> y_hi, bool sparse,
                                     const OptionalTensor& index_errors);
-Tensor embedding_dot_bias_autograd(const Tensor& users, const Tensor& items, const Tensor& u_weight,
-                                   const Tensor& i_weight, const Tensor& u_bias, const Tensor& i_bias,
-                                   std::optional<double> y_lo, std::optional<double> y_hi, bool sparse,
-                                   const OptionalTensor& index_errors);
 
 // ---- sgd_op.cpp ----
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,

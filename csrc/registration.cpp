@@ -11,9 +11,9 @@
 //   CUDA   csrc/*_op.cpp (argument checks, layouts, allocation) over the kernels in csrc/*.cu,
 //          registered below when setup.py builds them (it then defines FASTCORE5_WITH_CUDA);
 //   CPU    csrc/cpu/<op>.cpp, each registering its own ops for the CPU dispatch key.
-// linear_relu's autograd kernel serves both (csrc/linear_relu_autograd.cpp).
-// This file and that one are compiled in every build (setup.py's COMMON_SOURCES): this one holds
-// the schemas, the error helper and the module.
+// The autograd kernels of linear_relu and embedding_dot_bias serve both (csrc/linear_relu_autograd.cpp,
+// csrc/embedding_dot_bias_autograd.cpp). This file and those are compiled in every build (setup.py's
+// COMMON_SOURCES): this one holds the schemas, the error helper and the module.
 // Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_cuda_ops.py, the
 // module named by set_python_module below.
 #include <Python.h>
@@ -107,10 +107,6 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
   m.impl("embedding_dot_bias_backward", &fastcore5::embedding_dot_bias_backward);
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_inference);
   m.impl("sgd_step", &fastcore5::sgd_step);
-}
-
-TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
-  m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_autograd);
 }
 #endif  // FASTCORE5_WITH_CUDA
 

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels under AddressSanitizer: csrc/registration.cpp, csrc/linear_relu_autograd.cpp
+"""The C++ CPU kernels under AddressSanitizer: csrc/registration.cpp, csrc/*_autograd.cpp
 and csrc/cpu/*.cpp are built with -fsanitize=address into a fresh library and loaded in a child
 process (libasan preloaded, fastcore5._C never loaded there), which runs every bad-input call of
 the kernels' tests and a few good calls on awkward sizes. Any out-of-bounds access aborts the child
@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(
     from torch.utils.cpp_extension import load
 
     root, build = sys.argv[1], sys.argv[2]
-    common = ["registration.cpp", "linear_relu_autograd.cpp"]  # setup.py's COMMON_SOURCES
+    common = ["registration.cpp", "linear_relu_autograd.cpp", "embedding_dot_bias_autograd.cpp"]  # setup.py's COMMON_SOURCES
     sources = [f"{root}/csrc/{name}" for name in common] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-fopenmp"]
     load(name="fastcore5_asan", sources=sources, extra_cflags=flags, extra_ldflags=["-fsanitize=address", "-fopenmp"],

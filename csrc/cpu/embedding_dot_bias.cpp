@@ -587,6 +587,14 @@ Tensor forward_cpu(const Tensor& users, const Tensor& items, const Tensor& u_wei
   return out;
 }
 
+// embedding_dot_bias below autograd (inference mode; its autograd kernel is
+// csrc/embedding_dot_bias_autograd.cpp): the forward, ``sparse`` shaping only the gradients.
+Tensor inference_cpu(const Tensor& users, const Tensor& items, const Tensor& u_weight, const Tensor& i_weight,
+                     const Tensor& u_bias, const Tensor& i_bias, std::optional<double> y_lo,
+                     std::optional<double> y_hi, bool /*sparse*/, const OptionalTensor& index_errors) {
+  return forward_cpu(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     const Tensor& grad_out, const Tensor& users, const Tensor& items, const OptionalTensor& u_weight,
     const OptionalTensor& i_weight, const OptionalTensor& u_bias, const OptionalTensor& i_bias, int64_t num_users,
@@ -661,4 +669,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
 TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
   m.impl("embedding_dot_bias_forward", &fastcore5::forward_cpu);
   m.impl("embedding_dot_bias_backward", &fastcore5::backward_cpu);
+  m.impl("embedding_dot_bias", &fastcore5::inference_cpu);
 }

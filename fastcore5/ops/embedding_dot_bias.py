@@ -2,7 +2,7 @@
 
 The path of an eager call mirrors fastcore5.ops.linear_relu: argument checks once (the detailed
 errors are built only when the fast test fails), a cached backend choice, one autograd boundary
-(``_EmbeddingDotBias`` around the Triton launchers, or the C++ op
+(``_EmbeddingDotBias`` around the Triton launchers, or on the cpu and cuda backends the C++ op
 ``fastcore5_cuda::embedding_dot_bias`` whose autograd is in C++), the launchers from the static
 table ``KERNELS``. Under torch.compile the call goes through the custom ops
 ``fastcore5::embedding_dot_bias`` and ``fastcore5::embedding_dot_bias_backward`` instead.
@@ -52,25 +52,25 @@ def _triton_kernels():
     )
 
 
-def _native_kernels(with_cpp_autograd: bool):
-    """The C++ ops, which dispatch to their CUDA or CPU kernels by device. The op with autograd in
-    C++ is registered in CUDA builds only: the cpu backend crosses autograd through
-    ``_EmbeddingDotBias``."""
+def _native_kernels(device_type: str):
+    """The C++ ops, which dispatch to their CUDA or CPU kernels by device; ``with_autograd`` has its
+    autograd in C++ (csrc/embedding_dot_bias_autograd.cpp) on both."""
     backends.native_extension()
     ops = torch.ops.fastcore5_cuda
     return SimpleNamespace(
         forward=ops.embedding_dot_bias_forward,
         backward=ops.embedding_dot_bias_backward,
-        with_autograd=ops.embedding_dot_bias if with_cpp_autograd else None,
+        # The overload's C++ entry point: calling the OpOverload object adds a Python frame per call.
+        with_autograd=getattr(ops.embedding_dot_bias.default, "_op", ops.embedding_dot_bias.default),
         # On CPU the kernel's own pass checks the indices and its record is read at once.
-        checks_sync_in_pass=not with_cpp_autograd,
+        checks_sync_in_pass=device_type == "cpu",
     )
 
 
 # "torch": the reference as launchers, for torch.compile only (the custom-op path compiles where
 # the eager reference's sparse gradients cannot; eager calls run the reference directly).
 KERNELS = backends.KernelTable(
-    triton=_triton_kernels, cuda=lambda: _native_kernels(True), cpu=lambda: _native_kernels(False), torch=torch_kernels
+    triton=_triton_kernels, cuda=lambda: _native_kernels("cuda"), cpu=lambda: _native_kernels("cpu"), torch=torch_kernels
 )
 
 
@@ -336,5 +336,7 @@ def embedding_dot_bias(
         def launch(*args):
             return kernels.with_autograd(*args[:8], sparse, args[8])
 
-        return _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate, False)
+        return _forward(
+            launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, validate, kernels.checks_sync_in_pass
+        )
     return _EmbeddingDotBias.apply(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, kernels)
