@@ -36,7 +36,8 @@ CHILD = textwrap.dedent(
     from torch.utils.cpp_extension import load
 
     root, build = sys.argv[1], sys.argv[2]
-    common = ["registration.cpp", "linear_relu_autograd.cpp", "embedding_dot_bias_autograd.cpp"]  # setup.py's COMMON_SOURCES
+    # setup.py's COMMON_SOURCES
+    common = ["registration.cpp", "linear_relu_autograd.cpp", "embedding_dot_bias_autograd.cpp"]
     sources = [f"{root}/csrc/{name}" for name in common] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-fopenmp"]
     load(name="fastcore5_asan", sources=sources, extra_cflags=flags, extra_ldflags=["-fsanitize=address", "-fopenmp"],

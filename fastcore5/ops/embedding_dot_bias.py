@@ -70,7 +70,10 @@ def _native_kernels(device_type: str):
 # "torch": the reference as launchers, for torch.compile only (the custom-op path compiles where
 # the eager reference's sparse gradients cannot; eager calls run the reference directly).
 KERNELS = backends.KernelTable(
-    triton=_triton_kernels, cuda=lambda: _native_kernels("cuda"), cpu=lambda: _native_kernels("cpu"), torch=torch_kernels
+    triton=_triton_kernels,
+    cuda=lambda: _native_kernels("cuda"),
+    cpu=lambda: _native_kernels("cpu"),
+    torch=torch_kernels,
 )
 
 
