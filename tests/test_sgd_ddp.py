@@ -37,6 +37,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             # DDP copies the averaged gradients into .grad in place, so the flat views survive
             results[("warnings", contiguous)] = [str(w.message) for w in caught]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks reach the teardown together: a rank destroying its gloo group while the other still
+        # talks to it aborted the process once in CI ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

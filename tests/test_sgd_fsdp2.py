@@ -78,6 +78,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "restored": [p.full_tensor() for p in restored.parameters()],
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks reach the teardown together: a rank destroying its gloo group while the other still
+        # talks to it aborted the process once in CI ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
