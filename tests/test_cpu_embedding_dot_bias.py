@@ -18,7 +18,7 @@ from helpers import (
     FASTAI_KEYS, deterministic_algorithms, fused_fwd_bwd, opcheck_embedding_dot_bias_ops, random_indices, random_tables,
     reference_fwd_bwd,
 )
-from native_cpu import require_cpu_kernel
+from native_cpu import require_cpu_kernel, threads
 from test_embedding_dot_bias import (  # noqa: F401 (pytest collects the imported tests and fixture here)
     backward_path, check_compiles_fullgraph, test_bad_index_on_torch_backend_and_module,
     test_bad_input_names_the_argument, test_compiles_fullgraph, test_gradcheck, test_heavy_duplicates,
@@ -45,12 +45,8 @@ def ops():
 
 
 def with_threads(count, run):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
+    with threads(count):
         return run()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
