@@ -1,7 +1,7 @@
 """Packaging: the package fastcore5 (fastcore5/kernels is the link to the top-level kernels/ folder,
 see ARCHITECTURE.md) and, when it can, the extension fastcore5._C built from csrc/.
 
-fastcore5._C holds the native ops torch.ops.fastcore5_cuda.* (schemas: csrc/registration.cpp)
+fastcore5._C holds the native ops torch.ops.fastcore5_native.* (schemas: csrc/registration.cpp)
 with their CPU kernels (csrc/cpu/*.cpp) and, on a CUDA build, their CUDA kernels (csrc/*.cu,
 csrc/*_op.cpp). What is built is decided here and only here:
   FASTCORE5_BUILD_CPU=1    build the CPU kernels; a failed build fails the install

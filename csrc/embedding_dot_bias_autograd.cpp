@@ -1,11 +1,11 @@
-// The autograd kernel of fastcore5_cuda::embedding_dot_bias, for every device: built in every
+// The autograd kernel of fastcore5_native::embedding_dot_bias, for every device: built in every
 // build (CPU only, CUDA only, both), so the cpu and cuda backends cross autograd in C++ the same
 // way (as csrc/linear_relu_autograd.cpp does for linear_relu).
 //
 // The public function (fastcore5/ops/embedding_dot_bias.py) calls the op only when a table needs a
 // gradient; EmbeddingDotBiasFunction's forward and backward then call embedding_dot_bias_forward
 // and embedding_dot_bias_backward through the dispatcher, which picks the device's kernel (under
-// torch.compile they resolve to the fakes of fastcore5/_cuda_ops.py). Below autograd (inference
+// torch.compile they resolve to the fakes of fastcore5/_native_ops.py). Below autograd (inference
 // mode) embedding_dot_bias is the device's forward kernel (csrc/cpu/embedding_dot_bias.cpp,
 // csrc/registration.cpp).
 //
@@ -32,7 +32,7 @@ using torch::autograd::variable_list;
 const auto& forward_op() {
   static const auto handle =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::embedding_dot_bias_forward", "")
+          .findSchemaOrThrow("fastcore5_native::embedding_dot_bias_forward", "")
           .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         std::optional<double>, std::optional<double>, const OptionalTensor&)>();
   return handle;
@@ -41,7 +41,7 @@ const auto& forward_op() {
 const auto& backward_op() {
   static const auto handle =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::embedding_dot_bias_backward", "")
+          .findSchemaOrThrow("fastcore5_native::embedding_dot_bias_backward", "")
           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
               const Tensor&, const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
               const OptionalTensor&, const OptionalTensor&, int64_t, int64_t, std::optional<double>,
@@ -120,6 +120,6 @@ Tensor embedding_dot_bias_autograd(const Tensor& users, const Tensor& items, con
 }  // namespace
 }  // namespace fastcore5
 
-TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, Autograd, m) {
   m.impl("embedding_dot_bias", &fastcore5::embedding_dot_bias_autograd);
 }

@@ -26,7 +26,7 @@ Tensor embedding_dot_bias_forward(const Tensor& users, const Tensor& items, cons
                                   const Tensor& i_weight, const Tensor& u_bias, const Tensor& i_bias,
                                   std::optional<double> y_lo, std::optional<double> y_hi,
                                   const OptionalTensor& index_errors) {
-  constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_forward";
+  constexpr const char* op = "fastcore5_native::embedding_dot_bias_forward";
   const YRange range = check_forward_arguments(op, c10::DeviceType::CUDA, users, items, u_weight, i_weight, u_bias,
                                                i_bias, y_lo, y_hi, index_errors);
   const c10::cuda::CUDAGuard guard(u_weight.device());
@@ -41,7 +41,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> embedding_dot_bias_backward(
     const OptionalTensor& i_weight, const OptionalTensor& u_bias, const OptionalTensor& i_bias, int64_t num_users,
     int64_t num_items, std::optional<double> y_lo, std::optional<double> y_hi, bool need_u_weight,
     bool need_i_weight, bool need_u_bias, bool need_i_bias, bool deterministic, bool sparse) {
-  constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_backward";
+  constexpr const char* op = "fastcore5_native::embedding_dot_bias_backward";
   const BackwardShape shape = check_backward_arguments(op, c10::DeviceType::CUDA, grad_out, users, items, u_weight,
                                                        i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
                                                        need_u_weight, need_i_weight);

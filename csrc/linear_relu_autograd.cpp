@@ -1,13 +1,13 @@
-// The autograd kernel of fastcore5_cuda::linear_relu, for every device: built in every build (CPU
+// The autograd kernel of fastcore5_native::linear_relu, for every device: built in every build (CPU
 // only, CUDA only, both), so the cpu and cuda backends cross autograd in C++ the same way.
 //
 // An eager call from Python is then one dispatcher call: the public function calls
-// torch.ops.fastcore5_cuda.linear_relu, whose Autograd kernel (below) either
+// torch.ops.fastcore5_native.linear_relu, whose Autograd kernel (below) either
 //   - sees no input needing a gradient (or grad mode off) and goes straight to the device's
 //     kernel of linear_relu_forward, without building a graph node, or
 //   - applies LinearReLUFunction, whose forward and backward call linear_relu_forward and
 //     linear_relu_backward through the dispatcher (under torch.compile they then resolve to the
-//     fakes of fastcore5/_cuda_ops.py).
+//     fakes of fastcore5/_native_ops.py).
 // Below autograd (inference mode) linear_relu is the device's forward kernel, registered beside it
 // (csrc/cpu/linear_relu.cpp, csrc/registration.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -29,7 +29,7 @@ using torch::autograd::variable_list;
 // torch.compile the autograd kernel runs on fake tensors and these resolve to the fakes.
 const auto& forward_op() {
   static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("fastcore5_cuda::linear_relu_forward", "")
+                                 .findSchemaOrThrow("fastcore5_native::linear_relu_forward", "")
                                  .typed<Tensor(const Tensor&, const Tensor&, const OptionalTensor&, bool)>();
   return handle;
 }
@@ -37,7 +37,7 @@ const auto& forward_op() {
 const auto& backward_op() {
   static const auto handle =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastcore5_cuda::linear_relu_backward", "")
+          .findSchemaOrThrow("fastcore5_native::linear_relu_backward", "")
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptionalTensor&,
                                                     const OptionalTensor&, bool, bool, bool, bool)>();
   return handle;
@@ -90,6 +90,6 @@ Tensor linear_relu_autograd(const Tensor& x, const Tensor& weight, const Optiona
 }  // namespace
 }  // namespace fastcore5
 
-TORCH_LIBRARY_IMPL(fastcore5_cuda, Autograd, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, Autograd, m) {
   m.impl("linear_relu", &fastcore5::linear_relu_autograd);
 }

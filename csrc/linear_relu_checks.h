@@ -19,7 +19,7 @@ struct LinearReLUExtents {
 // x (M, K), weight (N, K), bias (N,) or none, all on ``device_type`` with x's dtype.
 inline LinearReLUExtents check_linear_relu_forward(c10::DeviceType device_type, const at::Tensor& x,
                                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_forward";
+  constexpr const char* op = "fastcore5_native::linear_relu_forward";
   check_device_type(op, "x", x, device_type);
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2);
@@ -43,7 +43,7 @@ inline LinearReLUExtents check_linear_relu_backward(c10::DeviceType device_type,
                                                     const at::Tensor& out, const std::optional<at::Tensor>& x,
                                                     const std::optional<at::Tensor>& weight, bool need_input_grad,
                                                     bool need_weight_grad) {
-  constexpr const char* op = "fastcore5_cuda::linear_relu_backward";
+  constexpr const char* op = "fastcore5_native::linear_relu_backward";
   check_device_type(op, "out", out, device_type);
   check_floating(op, "out", out);
   check_dim(op, "out", out, 2);

@@ -1,4 +1,4 @@
-// The torch ops of the CUDA C++ backend (namespace fastcore5_cuda), as C++ functions.
+// The torch ops of the CUDA C++ backend (namespace fastcore5_native), as C++ functions.
 //
 // csrc/registration.cpp gives them their schemas (fixed by the cross-team contract, listed
 // there) and registers them for the CUDA and Autograd dispatch keys (the Autograd kernels of linear_relu

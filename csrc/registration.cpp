@@ -1,5 +1,5 @@
-// The torch library of the native backends: namespace fastcore5_cuda (the name predates the CPU
-// kernels and is kept: the op layer and the tests call torch.ops.fastcore5_cuda.*).
+// The torch library of the native backends: namespace fastcore5_native (the name predates the CPU
+// kernels and is kept: the op layer and the tests call torch.ops.fastcore5_native.*).
 //
 // Schemas (fixed by the cross-team contract; the Python op layer in fastcore5/ops calls these):
 //   linear_relu_forward, linear_relu_backward           kernel-level ops, like the Triton
@@ -14,7 +14,7 @@
 // The autograd kernels of linear_relu and embedding_dot_bias serve both (csrc/linear_relu_autograd.cpp,
 // csrc/embedding_dot_bias_autograd.cpp). This file and those are compiled in every build (setup.py's
 // COMMON_SOURCES): this one holds the schemas, the error helper and the module.
-// Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_cuda_ops.py, the
+// Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_native_ops.py, the
 // module named by set_python_module below.
 #include <Python.h>
 
@@ -73,9 +73,9 @@ bool add_python_function(const PyMethodDef& function) {
 
 }  // namespace fastcore5
 
-TORCH_LIBRARY(fastcore5_cuda, m) {
+TORCH_LIBRARY(fastcore5_native, m) {
   // torch requires a C++-defined op with a Python fake to name the module registering it.
-  m.set_python_module("fastcore5._cuda_ops");
+  m.set_python_module("fastcore5._native_ops");
   m.def("linear_relu_forward(Tensor x, Tensor weight, Tensor? bias, bool allow_tf32) -> Tensor");
   m.def(
       "linear_relu_backward(Tensor grad_out, Tensor out, Tensor? x, Tensor? weight, bool need_input_grad, "
@@ -99,7 +99,7 @@ TORCH_LIBRARY(fastcore5_cuda, m) {
 }
 
 #ifdef FASTCORE5_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, CUDA, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward);
   m.impl("linear_relu", &fastcore5::linear_relu_forward);  // below autograd
@@ -112,7 +112,7 @@ TORCH_LIBRARY_IMPL(fastcore5_cuda, CUDA, m) {
 
 // `import fastcore5._C` loads this library, whose static initialisers above register the ops; the
 // module holds only the plain functions the sources added (python_functions.h): no pybind11, the
-// ops are reached through torch.ops.fastcore5_cuda.
+// ops are reached through torch.ops.fastcore5_native.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static std::vector<PyMethodDef> table;
   if (table.empty()) {
@@ -120,7 +120,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
     table.push_back({nullptr, nullptr, 0, nullptr});
   }
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_cuda",
+                               "fastcore5's C++ ops (CPU, and CUDA when built), registered as torch.ops.fastcore5_native",
                                -1, table.data()};
   return PyModule_Create(&module);
 }

@@ -100,7 +100,7 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
               const OptionalTensor& lr_tensor, double lr, double momentum, double dampening, double weight_decay,
               bool nesterov, bool maximize, bool decoupled_weight_decay, bool first_step,
               const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& skip_flag) {
-  constexpr const char* op = "fastcore5_cuda::sgd_step";
+  constexpr const char* op = "fastcore5_native::sgd_step";
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_sgd_arguments(op, c10::DeviceType::CUDA, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,

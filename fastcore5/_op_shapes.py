@@ -2,7 +2,7 @@
 torch.compile and torch.library.opcheck run in place of a kernel.
 
 Written once, here, below both users: the Python custom ops (fastcore5/ops/*.py) and the C++ ops
-of the optional extension (fastcore5/_cuda_ops.py, loaded by fastcore5/backends.py) register
+of the optional extension (fastcore5/_native_ops.py, loaded by fastcore5/backends.py) register
 these same functions, so each op's shape contract has one definition.
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ FASTCORE5_BACKEND; "auto" (or nothing) lets ``select`` choose. An explicit reque
 that cannot run the op raises BackendUnavailableError saying how to get it; the automatic choice
 falls back quietly to the next backend in PREFERENCE (CUDA tensors) or CPU_PREFERENCE.
 
-"cuda" and "cpu" are the two halves of one library, torch.ops.fastcore5_cuda (the namespace
-predates the CPU kernels): the same ops dispatch to the CUDA or the CPU kernel by the tensors'
+"cuda" and "cpu" are the two halves of one library, torch.ops.fastcore5_native (C++ ops
+for either device): the same ops dispatch to the CUDA or the CPU kernel by the tensors'
 device, so the op layer loads both through one loader. Either half may be missing (a build
 without nvcc has no CUDA kernels; an op may not have its CPU kernel yet): a backend counts as
 available for an op only when every op it calls has a kernel for that backend's dispatch key.
@@ -35,7 +35,7 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "FASTCORE5_BACKEND"
 OPS = ("linear_relu", "embedding_dot_bias", "sgd")
 
-# The native ops (torch.ops.fastcore5_cuda.*) each op family's layer calls on the cuda and cpu backends.
+# The native ops (torch.ops.fastcore5_native.*) each op family's layer calls on the cuda and cpu backends.
 NATIVE_OPS = {
     "linear_relu": ("linear_relu_forward", "linear_relu_backward", "linear_relu"),
     "embedding_dot_bias": ("embedding_dot_bias_forward", "embedding_dot_bias_backward"),
@@ -111,7 +111,7 @@ def _missing_extension_reason(err: ImportError) -> str:
 def native_extension():
     """The compiled module fastcore5._C, or None when it is missing (warning once, with why).
 
-    Loading it registers the ops torch.ops.fastcore5_cuda.*; their fake implementations (for
+    Loading it registers the ops torch.ops.fastcore5_native.*; their fake implementations (for
     torch.compile and opcheck) are registered here too, right after.
     """
     try:
@@ -125,7 +125,7 @@ def native_extension():
             stacklevel=2,
         )
         return None
-    importlib.import_module("fastcore5._cuda_ops").register()
+    importlib.import_module("fastcore5._native_ops").register()
     return module
 
 
@@ -137,7 +137,7 @@ def _native_kernels_missing(backend: str, op: str) -> list[str]:
     key = _DISPATCH_KEY[backend]
     return [
         name for name in NATIVE_OPS[op]
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore5_cuda::{name}", key)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcore5_native::{name}", key)
     ]
 
 
@@ -259,7 +259,7 @@ class KernelTable(dict):
 
     ``loaders`` maps "triton", "cuda" and "cpu" to a function that returns an object whose
     attributes are the launchers (the same names and arguments on every backend, so the op layer
-    calls each the same way; "cuda" and "cpu" may share one loader of torch.ops.fastcore5_cuda,
+    calls each the same way; "cuda" and "cpu" may share one loader of torch.ops.fastcore5_native,
     whose ops dispatch by device). A loader runs once: triton is imported, or the C++ extension
     loaded, only when that backend is first used. A dict, so that the per-call lookup of a loaded
     backend is dict's own, not a Python method."""

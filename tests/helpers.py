@@ -66,7 +66,7 @@ def deterministic_algorithms(enabled=True):
 
 
 def cuda_ops():
-    """torch.ops.fastcore5_cuda, failing the test (not skipping it) when the extension was built
+    """torch.ops.fastcore5_native, failing the test (not skipping it) when the extension was built
     without its CUDA kernels (a CPU-only fastcore5._C loads too): a GPU run is only complete with them."""
     missing = [
         op for op in fastcore5.backends.OPS
@@ -76,7 +76,7 @@ def cuda_ops():
         f"fastcore5._C has no CUDA kernels for {missing}: FASTCORE5_BUILD_CUDA=1 pip install --no-deps "
         "--no-build-isolation -e ."
     )
-    return torch.ops.fastcore5_cuda
+    return torch.ops.fastcore5_native
 
 
 @contextlib.contextmanager

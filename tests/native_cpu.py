@@ -31,7 +31,7 @@ def native_ops_loaded() -> bool:
 
 
 def require_cpu_kernel(op: str):
-    """torch.ops.fastcore5_cuda, for a test of ``op``'s CPU kernel (``op`` one of backends.OPS, its
+    """torch.ops.fastcore5_native, for a test of ``op``'s CPU kernel (``op`` one of backends.OPS, its
     source csrc/cpu/<op>.cpp): skips while that source does not exist or without a compiler,
     fails when the kernel is not loaded."""
     if not (CPU_SOURCES / f"{op}.cpp").is_file():
@@ -40,7 +40,7 @@ def require_cpu_kernel(op: str):
         pytest.skip("no C++ compiler here, so fastcore5._C could not be built")
     reason = backends.unavailable_reason("cpu", op, torch.device("cpu"))
     assert reason is None, f"csrc/cpu/{op}.cpp exists but the cpu backend cannot run {op}: {reason}"
-    return torch.ops.fastcore5_cuda
+    return torch.ops.fastcore5_native
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ heap-buffer-overflow). The build has no CPU_CAPABILITY flags, so Vectorized is A
 8-lane fp32 vector there.
 
 A kernel's test file adds its calls as a module-level ASAN_CALLS list of (name, expected exception
-or None, callable taking torch.ops.fastcore5_cuda) and its name to CALL_MODULES below. Marked slow: the
+or None, callable taking torch.ops.fastcore5_native) and its name to CALL_MODULES below. Marked slow: the
 instrumented build takes about a minute on two cores.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ CHILD = textwrap.dedent(
         for name, error, call in importlib.import_module(module).ASAN_CALLS:
             ran += 1
             try:
-                call(torch.ops.fastcore5_cuda)
+                call(torch.ops.fastcore5_native)
             except Exception as err:
                 if error is None or not isinstance(err, error):
                     failures.append(f"{name}: raised {type(err).__name__}: {err}")

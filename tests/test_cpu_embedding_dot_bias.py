@@ -41,7 +41,7 @@ def cpu_backend():
 
 @pytest.fixture
 def ops():
-    return torch.ops.fastcore5_cuda
+    return torch.ops.fastcore5_native
 
 
 def with_threads(count, run):

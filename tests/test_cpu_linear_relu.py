@@ -208,7 +208,7 @@ def test_one_and_two_threads_give_identical_results(dtype):
 
 def test_bias_gradient_is_identical_for_any_thread_count_in_the_pass():
     """The bias gradient alone (no GEMM involved): fixed row blocks summed in block order."""
-    ops = torch.ops.fastcore5_cuda
+    ops = torch.ops.fastcore5_native
     grad_out = torch.randn(1000, 77)
     out = torch.randn(1000, 77)
     sums = []
@@ -229,7 +229,7 @@ def test_opcheck_forward_and_backward():
     grad_out = torch.randn_like(out)
     torch.library.opcheck(linear_relu_backward_op, (grad_out, out, x, w, True, True, True, "cpu"))
     torch.library.opcheck(linear_relu_backward_op, (grad_out, out, None, w, True, False, False, "cpu"))
-    ops = torch.ops.fastcore5_cuda
+    ops = torch.ops.fastcore5_native
     for dtype in (F64, torch.float32):
         xs, ws, bs = (t.to(dtype) for t in (x, w, b))
         torch.library.opcheck(ops.linear_relu_forward, (xs, ws, bs, False))
@@ -253,7 +253,7 @@ def test_bad_input_names_the_argument(args, error, match):
         fastcore5.linear_relu(*args())
 
 
-# (call on torch.ops.fastcore5_cuda, expected exception, message) of the raw kernel ops' checks.
+# (call on torch.ops.fastcore5_native, expected exception, message) of the raw kernel ops' checks.
 KERNEL_BAD_CALLS = [
     (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 6), None, False), ValueError, "weight has in_features=6"),
     (lambda ops: ops.linear_relu_forward(torch.randn(3, 4), torch.randn(5, 4), torch.randn(6), False), ValueError, "bias has 6 elements"),
@@ -271,7 +271,7 @@ KERNEL_BAD_CALLS = [
 @pytest.mark.parametrize("call, error, match", KERNEL_BAD_CALLS)
 def test_kernel_ops_raise_named_exceptions(call, error, match):
     with pytest.raises(error, match=match):
-        call(torch.ops.fastcore5_cuda)
+        call(torch.ops.fastcore5_native)
 
 
 def _good_kernel_calls(M, K, N, dtype, bias, transposed):

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (torch.ops.fastcore5_cuda, built from csrc/) next to the Triton backend.
+"""The CUDA C++ backend (torch.ops.fastcore5_native, built from csrc/) next to the Triton backend.
 
 GPU only (skipped without a CUDA device; scripts/gpu_check.sh runs them after building the
 extension with FASTCORE5_BUILD_CUDA=1). Every check is parametrized over both backends, so the

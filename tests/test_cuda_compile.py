@@ -147,28 +147,28 @@ def test_every_fastcore5_symbol_is_defined(compiled):
 
 
 def test_registration_declares_every_op():
-    """The schemas in registration.cpp name exactly the ops fastcore5/_cuda_ops.py gives fakes to
+    """The schemas in registration.cpp name exactly the ops fastcore5/_native_ops.py gives fakes to
     and fastcore5/ops/*.py call."""
     text = (CSRC / "registration.cpp").read_text()
     defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', text))
     implemented = set(re.findall(r'm\.impl\("(\w+)"', text))
-    from fastcore5 import _cuda_ops
+    from fastcore5 import _native_ops
 
     expected = {"linear_relu_forward", "linear_relu_backward", "linear_relu", "embedding_dot_bias_forward",
                 "embedding_dot_bias_backward", "embedding_dot_bias", "sgd_step"}
     assert defined == implemented == expected
-    assert set(_cuda_ops.FAKES) == expected
+    assert set(_native_ops.FAKES) == expected
 
 
 def test_every_fake_takes_the_schema_arguments():
-    """Each fake in fastcore5/_cuda_ops.py takes the arguments of its schema, by name and in order
+    """Each fake in fastcore5/_native_ops.py takes the arguments of its schema, by name and in order
     (register_fake binds them by name when torch.compile or opcheck call the fake)."""
     import inspect
 
-    from fastcore5 import _cuda_ops
+    from fastcore5 import _native_ops
 
     for name, schema in _registered_schemas().items():
-        assert list(inspect.signature(_cuda_ops.FAKES[name]).parameters) == _argument_names(schema), name
+        assert list(inspect.signature(_native_ops.FAKES[name]).parameters) == _argument_names(schema), name
 
 
 def _registered_schemas() -> dict[str, str]:

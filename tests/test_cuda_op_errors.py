@@ -1,4 +1,4 @@
-"""The argument checks of the raw C++ ops in torch.ops.fastcore5_cuda (built from csrc/): every
+"""The argument checks of the raw C++ ops in torch.ops.fastcore5_native (built from csrc/): every
 check raises its named Python exception (TypeError, ValueError, RuntimeError) and leaves the
 process and the CUDA context usable; the H200 run of commit f02c316 crashed the process instead
 (issue 11). The bad calls run in a child process, so a crash fails one test, names the case it
@@ -86,7 +86,7 @@ CHILD = textwrap.dedent(
     import json, sys, torch
     from fastcore5 import backends
     backends.native_extension()
-    ops = torch.ops.fastcore5_cuda
+    ops = torch.ops.fastcore5_native
     cases = json.loads(sys.argv[1])
     torch.manual_seed(0)
     x, w, b = torch.randn(4, 3, device="cuda"), torch.randn(2, 3, device="cuda"), torch.randn(2, device="cuda")

@@ -1,4 +1,4 @@
-"""The raw C++ ops in torch.ops.fastcore5_cuda (built from csrc/), one contract at a time.
+"""The raw C++ ops in torch.ops.fastcore5_native (built from csrc/), one contract at a time.
 
 GPU only (skipped without a CUDA device; scripts/gpu_check.sh builds the extension with
 FASTCORE5_BUILD_CUDA=1 and runs them). What is checked here, below the Python op layer:

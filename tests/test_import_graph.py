@@ -113,7 +113,7 @@ def test_the_graph_sees_the_layers():
     assert "fastcore5.kernels.sgd" in graph["fastcore5.ops.sgd"]  # function-level, relative, via the link
     assert "fastcore5.backends" in graph["fastcore5.ops.linear_relu"]  # from .. import backends
     assert "fastcore5.kernels._common" in graph["fastcore5.kernels.sgd"]
-    assert "fastcore5._cuda_ops" in graph["fastcore5.backends"]  # importlib.import_module("...")
+    assert "fastcore5._native_ops" in graph["fastcore5.backends"]  # importlib.import_module("...")
     assert "fastcore5.optim" in graph["fastcore5.bench.bench_sgd"]  # absolute
 
 
@@ -150,7 +150,7 @@ def test_fastcore5_kernels_is_the_top_level_kernels_folder():
 # below. The package itself (fastcore5/__init__.py, the public facade) sits in the top row: the
 # entry points use the public API as a user would.
 LAYERS = (
-    ("fastcore5.kernels", "fastcore5._cuda_ops", "fastcore5.reference", "fastcore5._checks", "fastcore5._op_shapes",
+    ("fastcore5.kernels", "fastcore5._native_ops", "fastcore5.reference", "fastcore5._checks", "fastcore5._op_shapes",
      "fastcore5.index_errors", "fastcore5._output_paths"),
     ("fastcore5.backends",),
     ("fastcore5.ops",),

@@ -574,7 +574,7 @@ Model<scalar_t> make_model(const Tensor& u_weight, const Tensor& i_weight, const
 Tensor forward_cpu(const Tensor& users, const Tensor& items, const Tensor& u_weight, const Tensor& i_weight,
                    const Tensor& u_bias, const Tensor& i_bias, std::optional<double> y_lo, std::optional<double> y_hi,
                    const OptionalTensor& index_errors) {
-  constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_forward";
+  constexpr const char* op = "fastcore5_native::embedding_dot_bias_forward";
   const YRange range = check_forward_arguments(op, c10::DeviceType::CPU, users, items, u_weight, i_weight, u_bias,
                                                i_bias, y_lo, y_hi, index_errors);
   const int64_t B = users.size(0);
@@ -600,7 +600,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     const OptionalTensor& i_weight, const OptionalTensor& u_bias, const OptionalTensor& i_bias, int64_t num_users,
     int64_t num_items, std::optional<double> y_lo, std::optional<double> y_hi, bool need_u_weight,
     bool need_i_weight, bool need_u_bias, bool need_i_bias, bool /*deterministic: always*/, bool sparse) {
-  constexpr const char* op = "fastcore5_cuda::embedding_dot_bias_backward";
+  constexpr const char* op = "fastcore5_native::embedding_dot_bias_backward";
   const BackwardShape shape = check_backward_arguments(op, c10::DeviceType::CPU, grad_out, users, items, u_weight,
                                                        i_weight, u_bias, i_bias, num_users, num_items, y_lo, y_hi,
                                                        need_u_weight, need_i_weight);
@@ -666,7 +666,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
 }  // namespace
 }  // namespace fastcore5
 
-TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, CPU, m) {
   m.impl("embedding_dot_bias_forward", &fastcore5::forward_cpu);
   m.impl("embedding_dot_bias_backward", &fastcore5::backward_cpu);
   m.impl("embedding_dot_bias", &fastcore5::inference_cpu);

@@ -285,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_relu_backward_cpu(const Tensor& grad_o
 }  // namespace
 }  // namespace fastcore5
 
-TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, CPU, m) {
   m.impl("linear_relu_forward", &fastcore5::linear_relu_forward_cpu);
   m.impl("linear_relu_backward", &fastcore5::linear_relu_backward_cpu);
   m.impl("linear_relu", &fastcore5::linear_relu_forward_cpu);  // below autograd (csrc/linear_relu_autograd.cpp)

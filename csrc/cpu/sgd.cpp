@@ -211,7 +211,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const OptionalTensor& lr_tensor, double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool decoupled_weight_decay, bool first_step,
                   const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const OptionalTensor& skip_flag) {
-  constexpr const char* op = "fastcore5_cuda::sgd_step";
+  constexpr const char* op = "fastcore5_native::sgd_step";
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
   check_sgd_arguments(op, c10::DeviceType::CPU, params, grads, momentum_buffers, has_momentum, lr_tensor, grad_scale,
@@ -234,6 +234,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 }  // namespace cpu_sgd
 }  // namespace fastcore5
 
-TORCH_LIBRARY_IMPL(fastcore5_cuda, CPU, m) {
+TORCH_LIBRARY_IMPL(fastcore5_native, CPU, m) {
   m.impl("sgd_step", &fastcore5::cpu_sgd::sgd_step_cpu);
 }

@@ -3,7 +3,7 @@
 The path of an eager call mirrors fastcore5.ops.linear_relu: argument checks once (the detailed
 errors are built only when the fast test fails), a cached backend choice, one autograd boundary
 (``_EmbeddingDotBias`` around the Triton launchers, or on the cpu and cuda backends the C++ op
-``fastcore5_cuda::embedding_dot_bias`` whose autograd is in C++), the launchers from the static
+``fastcore5_native::embedding_dot_bias`` whose autograd is in C++), the launchers from the static
 table ``KERNELS``. Under torch.compile the call goes through the custom ops
 ``fastcore5::embedding_dot_bias`` and ``fastcore5::embedding_dot_bias_backward`` instead.
 
@@ -56,7 +56,7 @@ def _native_kernels(device_type: str):
     """The C++ ops, which dispatch to their CUDA or CPU kernels by device; ``with_autograd`` has its
     autograd in C++ (csrc/embedding_dot_bias_autograd.cpp) on both."""
     backends.native_extension()
-    ops = torch.ops.fastcore5_cuda
+    ops = torch.ops.fastcore5_native
     return SimpleNamespace(
         forward=ops.embedding_dot_bias_forward,
         backward=ops.embedding_dot_bias_backward,

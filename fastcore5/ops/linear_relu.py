@@ -6,7 +6,7 @@ The path of an eager call, each step once:
   2. ``backends.select`` names the backend (a cached lookup);
   3. one autograd boundary, found in the static table ``KERNELS`` (``eager``): on the triton
      backend ``_LinearReLU`` (an autograd.Function) around the launchers, skipped when no input
-     needs a gradient; on the cpu and cuda backends the C++ op ``fastcore5_cuda::linear_relu``,
+     needs a gradient; on the cpu and cuda backends the C++ op ``fastcore5_native::linear_relu``,
      whose autograd kernel (csrc/linear_relu_autograd.cpp) makes the same choice in C++;
   4. the launcher or the device's C++ kernel.
 Under torch.compile the same call goes through the ops ``fastcore5::linear_relu`` and
@@ -54,7 +54,7 @@ def _native_kernels(device_type: str):
     """The C++ ops, which dispatch to their CUDA or CPU kernels by device (the cuda and cpu backends).
     ``eager`` is the op ``linear_relu``, whose autograd is in C++ (csrc/linear_relu_autograd.cpp)."""
     backends.native_extension()
-    ops = torch.ops.fastcore5_cuda
+    ops = torch.ops.fastcore5_native
     # The overload's C++ entry point: calling the OpOverload object adds a Python frame per call.
     with_autograd = getattr(ops.linear_relu.default, "_op", ops.linear_relu.default)
     if device_type == "cpu":

@@ -13,7 +13,7 @@ no_grad and only mutates):
     returns the momentum buffers.
 
 Launcher contract: ``LAUNCHER_SCHEMA`` below, which the Triton launcher
-``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_cuda.sgd_step`` (the cuda
+``fastcore5.kernels.sgd.sgd_step`` and the C++ op ``torch.ops.fastcore5_native.sgd_step`` (the cuda
 and cpu backends, by device) follow (tests/test_cuda_compile.py checks both against it).
 
 All tensors of one call share one device and one floating dtype (fp32, bf16, fp16 or fp64);
@@ -138,7 +138,7 @@ def _triton_kernels():
 def _native_kernels():
     """The C++ op, which dispatches to its CUDA or CPU kernel by device (the cuda and cpu backends)."""
     backends.native_extension()
-    return SimpleNamespace(sgd_step=torch.ops.fastcore5_cuda.sgd_step)
+    return SimpleNamespace(sgd_step=torch.ops.fastcore5_native.sgd_step)
 
 
 KERNELS = backends.KernelTable(triton=_triton_kernels, cuda=_native_kernels, cpu=_native_kernels)

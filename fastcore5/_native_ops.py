@@ -1,4 +1,4 @@
-"""Fake (meta) implementations of the C++ ops in torch.ops.fastcore5_cuda.
+"""Fake (meta) implementations of the C++ ops in torch.ops.fastcore5_native.
 
 The ops themselves are defined in C++ (schemas in csrc/registration.cpp, implementations in
 csrc/*_op.cpp, csrc/cpu/*.cpp) and exist only once the optional
@@ -72,7 +72,7 @@ _registered = False
 
 
 def _ops_loaded() -> bool:
-    return hasattr(torch.ops.fastcore5_cuda, "linear_relu_forward")
+    return hasattr(torch.ops.fastcore5_native, "linear_relu_forward")
 
 
 def register() -> None:
@@ -84,7 +84,7 @@ def register() -> None:
     if _registered:
         return
     for name, fake in FAKES.items():
-        torch.library.register_fake(f"fastcore5_cuda::{name}", fake)
+        torch.library.register_fake(f"fastcore5_native::{name}", fake)
     _registered = True
 
 
