@@ -15,6 +15,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_sparse_coo_tensor_unsafe.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rsub.h>
+#include <ATen/ops/sub.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -49,6 +51,26 @@ const auto& backward_op() {
   return handle;
 }
 
+// Whether the backward forms d out / d score from the saved output, out = sigmoid(score) * (hi - lo)
+// + lo: (out - lo) * (hi - out) / (hi - lo), as torch.sigmoid's backward uses its output. Then the
+// backward op runs without a y_range and never recomputes the score (on CPU that recomputation
+// read each sample's own row and called exp: ~0.8 ms of a ~4.3 ms ML-25M backward). Only CPU
+// outputs in fp32/fp64: a bf16/fp16 output is too coarse near hi (hi - out rounds to 0 or to a
+// few ulps), and on CUDA the fused recompute costs little, so both keep recomputing.
+bool range_from_output(const Tensor& out, std::optional<double> y_lo) {
+  const auto dtype = out.scalar_type();
+  return y_lo.has_value() && out.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble);
+}
+
+// grad_out * d out / d score from the output (range_from_output), in the output's dtype. ATen ops
+// rather than a loop over the data: the autograd is also traced with fake tensors (opcheck's
+// aot_dispatch tests, torch.compile). fastcore5/ops/embedding_dot_bias.py (_coefficient_from_output)
+// forms the same value with the same operations in the same order, so the torch.compile path gives
+// the same bits.
+Tensor coefficient_from_output(const Tensor& grad_out, const Tensor& out, double lo, double hi) {
+  return at::sub(out, lo).mul_(at::rsub(out, hi)).mul_(grad_out).mul_(1.0 / (hi - lo));
+}
+
 // nn.Embedding(sparse=True)'s gradient: uncoalesced COO with one entry per sample, the index of
 // a bad sample clamped into range (its value is 0). ``values`` (B, ...) becomes shaped like
 // ``table`` ((n, D), (n, 1) or (n,)).
@@ -68,8 +90,14 @@ struct EmbeddingDotBiasFunction : public torch::autograd::Function<EmbeddingDotB
                         const OptionalTensor& index_errors) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor out = forward_op().call(users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, index_errors);
-    // The tables are parameters (saving them costs nothing); the score is recomputed, not saved.
-    ctx->save_for_backward({users, items, u_weight, i_weight, u_bias, i_bias});
+    // The tables are parameters (saving them costs nothing). With a y_range the derivative comes
+    // from the output where that is exact enough (range_from_output), else from the score, which
+    // the backward op recomputes from the tables.
+    const bool from_output = range_from_output(out, y_lo);
+    variable_list to_save{users, items, u_weight, i_weight, u_bias, i_bias};
+    if (from_output) to_save.push_back(out);
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["from_output"] = from_output;
     ctx->saved_data["y_lo"] = y_lo;
     ctx->saved_data["y_hi"] = y_hi;
     ctx->saved_data["sparse"] = sparse;
@@ -85,13 +113,18 @@ struct EmbeddingDotBiasFunction : public torch::autograd::Function<EmbeddingDotB
     const variable_list none(10);
     if (!grad_out.defined() || !(need_uw || need_iw || need_ub || need_ib)) return none;
     const bool sparse = ctx->saved_data["sparse"].toBool();
-    const auto y_lo = ctx->saved_data["y_lo"].toOptional<double>();
-    const auto y_hi = ctx->saved_data["y_hi"].toOptional<double>();
+    auto y_lo = ctx->saved_data["y_lo"].toOptional<double>();
+    auto y_hi = ctx->saved_data["y_hi"].toOptional<double>();
     variable_list grads = none;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // the backward op has no autograd of its own
+      Tensor coef = grad_out;
+      if (ctx->saved_data["from_output"].toBool()) {
+        coef = coefficient_from_output(grad_out, saved[6], *y_lo, *y_hi);
+        y_lo = y_hi = std::nullopt;  // the backward op takes coef as the gradient of the score
+      }
       const auto [g_uw, g_iw, g_ub, g_ib] =
-          backward_op().call(grad_out, users, items, U, V, ub, ib, U.size(0), V.size(0), y_lo, y_hi, need_uw,
+          backward_op().call(coef, users, items, U, V, ub, ib, U.size(0), V.size(0), y_lo, y_hi, need_uw,
                              need_iw, need_ub, need_ib, at::globalContext().deterministicAlgorithms(), sparse);
       if (sparse) {
         if (need_uw) grads[2] = sparse_grad(users, g_uw, U);

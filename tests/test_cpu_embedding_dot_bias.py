@@ -163,6 +163,76 @@ def test_opcheck(ops):
     opcheck_embedding_dot_bias_ops(ops, users, items, random_tables(40, 30, 8), torch.zeros(index_errors.SLOTS, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_y_range_gradient_from_the_output_near_lo_and_hi(dtype):
+    """fp32/fp64 with a y_range: the backward forms d out / d score from the saved output,
+    (out - lo)(hi - out) / (hi - lo). Scores spread over +-12 put outputs within a few ulps of lo
+    and hi; the gradients' error against float64 stays within 2x (plus a small atol) of eager
+    PyTorch's own error in the same dtype (eager's sigmoid backward also reads its output)."""
+    users, items = random_indices(61, 3000), random_indices(47, 3000)
+    tables = [t * 2.5 for t in random_tables(61, 47, 6, dtype)]
+    grad_out = torch.randn(3000, dtype=dtype)
+    y_range = (-1.0, 4.5)
+    out, grads = fused_fwd_bwd(users, items, tables, y_range, grad_out)
+    exact_out, exact = reference_fwd_bwd(users, items, tables, y_range, grad_out)
+    assert ((exact_out - y_range[0]).abs() < 1e-4).any() and ((y_range[1] - exact_out).abs() < 1e-4).any()
+    eager_tables = [t.detach().clone().requires_grad_() for t in tables]
+    reference.embedding_dot_bias(users, items, *eager_tables, y_range=y_range).backward(grad_out)
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, grad, eager, expected in zip(FASTAI_KEYS, grads, [t.grad for t in eager_tables], exact):
+        expected = expected.reshape(grad.shape)
+        eager_error = (eager.double() - expected).abs().max().item()
+        assert (grad.double() - expected).abs().max().item() <= 2 * eager_error + atol, name
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bad_samples_score_nan_and_give_no_gradient_with_a_y_range(dtype, sparse):
+    """A bad sample's output is NaN, and the coefficient formed from it is NaN too: the backward
+    kernel must still leave that sample out of every gradient."""
+    users, items = random_indices(9, 40), random_indices(11, 40)
+    users[[3, 17]] = torch.tensor([9, -1])
+    items[25] = 11
+    good = torch.ones(40, dtype=torch.bool)
+    good[[3, 17, 25]] = False
+    tables = random_tables(9, 11, 5, dtype)
+    grad_out = torch.randn(40, dtype=dtype)
+    out, grads = fused_fwd_bwd(users, items, tables, (0.0, 5.5), grad_out, sparse=sparse, validate="off")
+    assert out[~good].isnan().all() and not out[good].isnan().any()
+    _, exact = reference_fwd_bwd(users[good], items[good], tables, (0.0, 5.5), grad_out[good])
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    for grad, expected in zip(grads, exact):
+        grad = grad.to_dense() if sparse else grad
+        torch.testing.assert_close(grad.double(), expected.reshape(grad.shape), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_modifying_the_output_in_place_before_backward_raises(dtype):
+    """With a y_range the backward reads the saved output (as torch.sigmoid's does), so changing
+    it in place raises autograd's version-counter error instead of giving wrong gradients."""
+    users, items = random_indices(5, 12), random_indices(6, 12)
+    tables = random_tables(5, 6, 4, dtype, requires_grad=True)
+    out = fastcore5.embedding_dot_bias(users, items, *tables, y_range=(0.0, 5.5))
+    out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    out = fastcore5.embedding_dot_bias(users, items, *tables)  # no y_range: the output is not saved
+    out.mul_(2.0)
+    out.sum().backward()
+
+
+def test_opcheck_of_the_autograd_op():
+    """opcheck of fastcore5_native::embedding_dot_bias itself (its autograd kernel in C++, the
+    y_range derivative from the saved output for fp32/fp64, from the score for bf16)."""
+    users, items = random_indices(40, 50), random_indices(30, 50, torch.int32)
+    op = torch.ops.fastcore5_native.embedding_dot_bias.default
+    for dtype, y_range in ((torch.float64, (0.5, 4.5)), (torch.float32, (0.0, 5.5)), (torch.float32, (None, None)),
+                           (torch.bfloat16, (0.0, 5.5))):
+        for sparse in (False, True):
+            tables = random_tables(40, 30, 8, dtype, requires_grad=True)
+            torch.library.opcheck(op, (users, items, *tables, *y_range, sparse, None))
+
+
 def test_compiles_fullgraph_with_inductor():
     """Inductor on CPU around the C++ ops: the compiled step gives the eager step's bits."""
     check_compiles_fullgraph("inductor", exact=True)
@@ -214,6 +284,10 @@ def _good_raw_calls(ops, n_users, n_items, D, batch, index_dtype, y_range, spars
     ops.embedding_dot_bias_backward(
         torch.randn(batch), users, items, U, V, ub, ib, n_users, n_items, y_lo, y_hi, True, True, True, True, False, sparse
     )
+    # The autograd op, whose backward forms the y_range coefficient from the output (NaN for the
+    # bad samples) and passes it to the backward kernel.
+    tables = [t.requires_grad_() for t in (U, V, ub, ib)]
+    ops.embedding_dot_bias(users, items, *tables, y_lo, y_hi, sparse, None).backward(torch.randn(batch))
 
 
 # What tests/test_cpu_asan.py runs against the AddressSanitizer build: every raw bad call, and good

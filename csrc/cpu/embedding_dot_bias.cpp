@@ -13,7 +13,9 @@
 // (B, D) is stored.
 //
 // Backward, with coef[b] = grad_out[b] * d out[b] / d res[b] (res recomputed from the tables
-// when there is a y_range, so the forward saves nothing):
+// when there is a y_range; the autograd (csrc/embedding_dot_bias_autograd.cpp) passes no y_range
+// for fp32/fp64, having formed coef from the saved output, so there this kernel reads grad_out as
+// coef and recomputes nothing):
 //   grad_U[r] = sum_{b: u_b = r} coef[b] * V[i_b]      grad_ub[r] = sum_{b: u_b = r} coef[b]
 // and the same for the items. Sparse gradients: one pass over the batch forms coef and writes
 // nn.Embedding(sparse=True)'s per-sample values. Dense gradients: a stable counting sort,

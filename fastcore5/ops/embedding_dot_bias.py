@@ -96,18 +96,20 @@ def _forward(launch, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_h
     return out
 
 
-def _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse):
+def _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, output=None):
+    """``output``: the forward's output, given when the y_range derivative is to come from it
+    (``_coefficient_from_output``) instead of a score recomputed from all four tables."""
     need_u_weight, need_i_weight = ctx.needs_input_grad[2:4]
-    has_y_range = y_lo is not None
-    # Each weight gradient needs the other weight table; only the y_range derivative needs the
-    # score itself, recomputed from all four tables (so the forward saves no (B,) tensor).
+    recomputes = y_lo is not None and output is None
+    # Each weight gradient needs the other weight table; only a recomputed score needs all four.
     ctx.save_for_backward(
         users,
         items,
-        u_weight if need_i_weight or has_y_range else None,
-        i_weight if need_u_weight or has_y_range else None,
-        u_bias if has_y_range else None,
-        i_bias if has_y_range else None,
+        u_weight if need_i_weight or recomputes else None,
+        i_weight if need_u_weight or recomputes else None,
+        u_bias if recomputes else None,
+        i_bias if recomputes else None,
+        output,
     )
     ctx.y_range = (y_lo, y_hi)
     ctx.sparse = sparse
@@ -122,16 +124,32 @@ def _sparse_grad(indices: Tensor, values: Tensor, size) -> Tensor:
     return torch.sparse_coo_tensor(rows, values, size, check_invariants=False)
 
 
+def _range_from_output(backend, output, y_lo):
+    """Whether the backward forms the y_range derivative from the output: the C++ autograd's rule
+    (range_from_output in csrc/embedding_dot_bias_autograd.cpp) for the cpu backend, whose eager
+    calls take that path, so that torch.compile gives eager's bits."""
+    return backend == "cpu" and y_lo is not None and output.dtype in (torch.float32, torch.float64)
+
+
+def _coefficient_from_output(grad_out, output, y_lo, y_hi):
+    """grad_out * d output / d score for output = sigmoid(score) * (hi - lo) + lo, from the output:
+    the operations of coefficient_from_output in csrc/embedding_dot_bias_autograd.cpp, in its order."""
+    return torch.sub(output, y_lo).mul_(torch.rsub(output, y_hi)).mul_(grad_out).mul_(1.0 / (y_hi - y_lo))
+
+
 def _table_gradients(ctx, grad_out, backward):
     """The four table gradients (None where not needed) from ``backward``, a launcher or the
     backward custom op, given the saved context."""
-    users, items, u_weight, i_weight, u_bias, i_bias = ctx.saved_tensors
+    users, items, u_weight, i_weight, u_bias, i_bias, output = ctx.saved_tensors
     needs = ctx.needs_input_grad[2:6]
     if not any(needs):
         return None, None, None, None
+    y_range = ctx.y_range
+    if output is not None:
+        grad_out, y_range = _coefficient_from_output(grad_out, output, *y_range), (None, None)
     grad_uw, grad_iw, grad_ub, grad_ib = backward(
         grad_out, users, items, u_weight, i_weight, u_bias, i_bias, ctx.num_users, ctx.num_items,
-        *ctx.y_range, *needs, torch.are_deterministic_algorithms_enabled(), ctx.sparse,
+        *y_range, *needs, torch.are_deterministic_algorithms_enabled(), ctx.sparse,
     )
     if ctx.sparse:
         B = users.shape[0]
@@ -220,7 +238,8 @@ embedding_dot_bias_backward_op.register_fake(op_shapes.embedding_dot_bias_backwa
 
 def _setup_context(ctx, inputs, output):
     users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, validate, backend = inputs
-    _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse)
+    saved_output = output if _range_from_output(backend, output, y_lo) else None
+    _save_for_backward(ctx, users, items, u_weight, i_weight, u_bias, i_bias, y_lo, y_hi, sparse, saved_output)
     ctx.backend = backend
 
 
@@ -275,7 +294,9 @@ def embedding_dot_bias(
     varies between runs (results may differ in the last bits); under
     torch.use_deterministic_algorithms(True) a sort + segment reduction is used instead, bitwise
     identical from run to run. Sparse gradients are deterministic either way. Not differentiable
-    twice.
+    twice. On the cpu backend with a y_range and fp32/fp64 tables the backward forms the
+    sigmoid's derivative from the saved output, as torch.sigmoid does: modifying the output in
+    place before backward raises autograd's "modified by an inplace operation" error.
     """
     # linear_relu's pattern (a fast check, the detailed one only when it fails), written out on
     # purpose: a shared helper would cost a Python call on every op call, which the host-time rule counts.
