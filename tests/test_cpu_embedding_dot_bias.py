@@ -74,6 +74,30 @@ def test_bitwise_identical_for_any_thread_count_and_run(dtype, sparse):
         torch.testing.assert_close(grad.double(), expected.reshape(grad.shape), atol=0.5 if dtype == torch.bfloat16 else 1e-3, rtol=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("D", [16, 50, 67])
+def test_two_pass_forward_gives_the_one_pass_bits_for_any_thread_count(dtype, D):
+    """fp32/fp64 rows and indices of one type take the two-pass forward (dots, then biases and
+    y_range); mixed index types take the one-pass loop. Both give the same bits, with bad samples
+    (NaN) among them, and the same bits for 1 and 2 threads."""
+    users, items = random_indices(3001, 20011), random_indices(2003, 20011)
+    users[[5, 7000]], items[[19000]] = torch.tensor([3001, -2]), 2003
+    tables = random_tables(3001, 2003, D, dtype)
+    ops = torch.ops.fastcore5_native
+
+    def forward(users, items):
+        return ops.embedding_dot_bias_forward(users, items, *tables, 0.0, 5.5, None)
+
+    one, two = with_threads(1, lambda: forward(users, items)), with_threads(2, lambda: forward(users, items))
+    one_pass = with_threads(2, lambda: forward(users, items.int()))
+    assert torch.equal(one.isnan(), two.isnan()) and torch.equal(one.nan_to_num(), two.nan_to_num())
+    assert torch.equal(one.nan_to_num(), one_pass.nan_to_num()) and one.isnan().sum() == 3
+    assert torch.equal(with_threads(2, lambda: forward(users.int(), items.int())).nan_to_num(), one.nan_to_num())
+    good = ~one.isnan()
+    expected = reference.embedding_dot_bias(users[good], items[good], *[t.double() for t in tables], y_range=(0.0, 5.5))
+    torch.testing.assert_close(one[good].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("D", [1, 15, 16, 17, 50, 67])
 @pytest.mark.parametrize("batch", [1, 2, 4099])
 def test_prime_and_vector_edge_sizes_match_the_reference(D, batch):

@@ -7,10 +7,12 @@
 // forward records what it saw in ``index_errors`` (layout in fastcore5.h) as the CUDA kernel
 // does, in the same pass over the batch: no separate min/max over the indices.
 //
-// Forward: one at::parallel_for over the batch; per sample the two rows are gathered (prefetched
-// a few samples ahead: the gathers are the cost), dotted with at::vec::Vectorized, the two biases
-// added; the optional sigmoid range is applied to a vector of samples at once. Nothing of shape
-// (B, D) is stored.
+// Forward: one at::parallel_for over the batch; per sample the two rows are gathered (the
+// gathers are the cost), dotted with at::vec::Vectorized, the two biases added; the optional
+// sigmoid range is applied to a vector of samples at once. fp32/fp64 tables with contiguous rows
+// of up to 8 vectors and indices of one type run two passes over each thread's samples (dots
+// only, then biases and y_range: forward_two_passes); the rest one pass with software prefetch
+// (forward_blocks). Both give the same bits. Nothing of shape (B, D) is stored.
 //
 // Backward, with coef[b] = grad_out[b] * d out[b] / d res[b] (res recomputed from the tables
 // when there is a y_range; the autograd (csrc/embedding_dot_bias_autograd.cpp) passes no y_range
@@ -314,9 +316,68 @@ void forward_blocks(const Model<scalar_t>& model, const Indices& users, const In
   });
 }
 
+// The forward of fp32/fp64 tables with contiguous rows of kVectors whole vectors plus a tail and
+// indices of one type, in two passes over each thread's samples, as torch.compile's generated loop
+// does: the first only gathers and dots the two rows (out[b] = the dot, NaN for a bad sample), the
+// second adds the biases and applies the y_range to a vector of samples at a time. The first
+// pass's loop body is short (two index loads, one bounds test, the row loads and FMAs), so the
+// core keeps more samples' row loads in flight than in one pass that also loads biases and fills
+// a lane buffer per sample. The sum is (dot + user bias) + item bias as in forward_blocks: the
+// same bits as the one-pass loop.
+template <int kVectors, typename scalar_t, typename index_t>
+void forward_two_passes(const Model<scalar_t>& model, const index_t* users, int64_t user_stride, const index_t* items,
+                        int64_t item_stride, int64_t B, scalar_t* out, const Tensor& index_errors) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t kLanes = Vec::size();
+  const bool record = index_errors.defined();
+  const int64_t tail = model.D % kLanes;
+  at::parallel_for(0, B, kSampleGrain, [&](int64_t begin, int64_t end) {
+    // Everything the loops read, copied to locals: read through the lambda's captured references,
+    // each value was loaded again in every iteration of the first pass (when it also recorded
+    // bad indices, whose stores to a local record the compiler let alias them).
+    const Table<scalar_t> users_table = model.users_table, items_table = model.items_table;
+    const Table<scalar_t> users_bias = model.users_bias, items_bias = model.items_bias;
+    const index_t* const user_ids = users;
+    const index_t* const item_ids = items;
+    const int64_t user_step = user_stride, item_step = item_stride;
+    scalar_t* const scores_out = out;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t u = user_ids[b * user_step], i = item_ids[b * item_step];
+      scores_out[b] = C10_LIKELY(users_table.contains(u) && items_table.contains(i))
+                          ? dot_unrolled<kVectors>(users_table.data + u * users_table.row_stride,
+                                                   items_table.data + i * items_table.row_stride, tail)
+                          : std::numeric_limits<scalar_t>::quiet_NaN();
+    }
+    // The bad indices are recorded here, not in the first pass: its loop keeps fewer values live.
+    BadIndices bad_users, bad_items;
+    __at_align__ scalar_t scores[kLanes] = {};
+    for (int64_t block = begin; block < end; block += kLanes) {
+      const int64_t lanes = std::min(kLanes, end - block);
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        const int64_t b = block + lane, u = user_ids[b * user_step], i = item_ids[b * item_step];
+        const bool user_ok = users_table.contains(u), item_ok = items_table.contains(i);
+        if (C10_LIKELY(user_ok && item_ok)) {
+          scores[lane] = scores_out[b] + users_bias.bias(u) + items_bias.bias(i);
+        } else {
+          if (!user_ok) bad_users.add(u);
+          if (!item_ok) bad_items.add(i);
+          scores[lane] = scores_out[b];
+        }
+      }
+      if (model.has_range) squash(model, Vec::loadu(scores)).store(scores);
+      for (int64_t lane = 0; lane < lanes; ++lane) scores_out[block + lane] = scores[lane];
+    }
+    if (record && (bad_users.count > 0 || bad_items.count > 0)) {
+      record_bad_indices(index_errors, bad_users, users_table.rows, bad_items, items_table.rows);
+    }
+  });
+}
+
 // fp32/fp64 tables with contiguous rows of at most kMaxVectors vectors take the unrolled dot
 // without software prefetch (with it, ML-25M measured 10% slower: the straight-line loop keeps
-// enough rows in flight by itself); the rest take the general dot and the prefetch.
+// enough rows in flight by itself), in two passes when both index tensors have one type (one
+// instantiation per index type; mixed types, rare, take the one-pass loop); the rest take the
+// general dot and the prefetch.
 template <typename scalar_t>
 void forward_kernel(const Model<scalar_t>& model, const Indices& users, const Indices& items, int64_t B,
                     scalar_t* out, const Tensor& index_errors) {
@@ -325,6 +386,19 @@ void forward_kernel(const Model<scalar_t>& model, const Indices& users, const In
   const bool contiguous_rows = model.users_table.col_stride == 1 && model.items_table.col_stride == 1;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     const int64_t tail = model.D % kLanes;
+    if (contiguous_rows && users.is_long == items.is_long) {
+      const auto two_passes = [&](auto vectors) {
+        constexpr int kVectors = decltype(vectors)::value;
+        if (users.is_long) {
+          forward_two_passes<kVectors>(model, static_cast<const int64_t*>(users.data), users.stride,
+                                       static_cast<const int64_t*>(items.data), items.stride, B, out, index_errors);
+        } else {
+          forward_two_passes<kVectors>(model, static_cast<const int32_t*>(users.data), users.stride,
+                                       static_cast<const int32_t*>(items.data), items.stride, B, out, index_errors);
+        }
+      };
+      if (with_vector_count(model.D / kLanes, two_passes, std::make_integer_sequence<int, kMaxVectors>{})) return;
+    }
     const auto unrolled = [&](auto vectors) {
       forward_blocks(model, users, items, B, out, index_errors, false, [&](int64_t u, int64_t i, scalar_t*) {
         return dot_unrolled<decltype(vectors)::value>(model.users_table.data + u * model.users_table.row_stride,
