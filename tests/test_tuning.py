@@ -123,7 +123,7 @@ def _tiles(configs):
 
 def test_candidates_fit_shared_memory_and_the_problem():
     big_bf16 = gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 8192, 4096, 1024))
-    assert len(big_bf16) == len(gemm_launch._HOPPER_TILES)
+    assert len(big_bf16) == len(gemm_launch.hopper_tiles(gemm_launch.PORTABLE))
     big_fp32 = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.float32, 8192, 4096, 1024)))
     assert big_fp32 and not big_fp32 & {(128, 256, 64, 3), (256, 128, 64, 3), (128, 128, 64, 4)}
     for m, n, k, stages in big_fp32:
