@@ -134,6 +134,18 @@ def test_candidates_fit_shared_memory_and_the_problem():
     assert skinny and all(m == 64 for m, _, _, _ in skinny) and max(n for _, n, _, _ in skinny) == 256
 
 
+def test_hopper_tiles_are_one_table_for_both_gemm_families():
+    """Every tile of gemm_launch.HOPPER_TILES is timed by a family that exists, and the TMA
+    kernels' tiles fill whole warpgroups (4 or 8 warps), which their wgmma needs: a 2-warp tile
+    would compile them to the older mma path."""
+    from fastcore5.kernels import linear_relu_hopper
+
+    families = {gemm_launch.PORTABLE, gemm_launch.TMA}
+    assert all(tile_families and set(tile_families) <= families for tile_families in gemm_launch.HOPPER_TILES.values())
+    tma = gemm_launch.hopper_tiles(gemm_launch.TMA)
+    assert tma == linear_relu_hopper._TILES and all(warps in (4, 8) for *_, warps in tma)
+
+
 def test_launcher_chooses_once_per_bucket_then_launches_directly(monkeypatch):
     calls = []
     choose = lr._forward.tuned.choose
