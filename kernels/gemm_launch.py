@@ -28,8 +28,8 @@ from ._tuning import TunedKernel, launch_kwargs
 # stages for 16-bit operands, smaller tiles for skinny shapes and fp32. A TMA tile has 4 or 8 warps
 # (wgmma needs a whole warpgroup; 8 are two splitting BLOCK_M); its BLOCK_K = 64 is one 128-byte
 # swizzle row of 16-bit operands. Each family keeps the set it tuned over when it had a list of its
-# own: their union would add 2-6 compiles to a bucket's first tuning (the digits demo's buckets:
-# 2 -> 4), unmeasured on a GPU (bench/NOTES.md, 2026-12-04).
+# own: their union would add up to 6 compiles to a bucket's first tuning (the digits demo's
+# buckets: 2 -> 4), unmeasured on a GPU (bench/NOTES.md, 2026-12-04).
 PORTABLE, TMA = "portable", "tma"
 HOPPER_TILES = {
     (128, 256, 64, 3, 8): (PORTABLE, TMA),
@@ -50,7 +50,7 @@ HOPPER_TILES = {
 
 
 def hopper_tiles(family: str) -> list[tuple]:
-    """The tiles ``family`` times, in HOPPER_TILES' order (largest first)."""
+    """The tiles ``family`` times, in HOPPER_TILES' order."""
     return [tile for tile, families in HOPPER_TILES.items() if family in families]
 
 
