@@ -297,7 +297,7 @@ class SGD(LayerGroupFreezing, ContiguousMode, Optimizer):
             launch.new_buffers = buffers if first else None
             names = [param_name(i, index) for i in idx]
             if sparse:
-                launch.prepared = SparseGradStep()
+                launch.prepared = SparseGradStep(backends.select(OP, device, dtype))
             else:
                 launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
@@ -314,7 +314,7 @@ class SGD(LayerGroupFreezing, ContiguousMode, Optimizer):
         if self.capturable or len(launches) != 1:
             return None
         launch = launches[0]
-        if launch.first or launch.dtensor or launch.prepared.backend != "cpu":
+        if launch.first or launch.dtensor or type(launch.prepared) is not PreparedStep or launch.prepared.backend != "cpu":
             return None
         return cpu_step_plan(launch.members, launch.buffers, None, [p for p, miss in zip(params, missing) if miss])
 
