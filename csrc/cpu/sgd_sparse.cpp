@@ -61,6 +61,7 @@ constexpr int64_t kGrainElements = 32768;
 // A counting sort costs a pass over the table's rows; past this many rows per index a sort by
 // (row, position), O(nnz log nnz), is the cheaper grouping.
 constexpr int64_t kCountingSortRowsPerIndex = 16;
+constexpr int64_t kPrefetchGroupsAhead = 4;  // held rows between a prefetch of their rows and their update
 
 // One param's gradient grouped by row: rows[k] is the k-th distinct row (ascending) and its
 // entries are order[begin[k] .. begin[k + 1]), positions into the values in batch order.
@@ -173,27 +174,55 @@ void step_row(const SparseParam<scalar_t>& sp, int64_t r, int64_t group, const U
   }
 }
 
+void prefetch_bytes(const void* start, int64_t bytes) {
+  const char* first = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset);
+}
+
+// The value rows of held row ``k`` (scattered over the batch: the sort made their reads random)
+// and, when ``with_param``, its param and buffer rows, asked for ahead of their use.
+template <typename scalar_t>
+void prefetch_group(const SparseParam<scalar_t>& sp, int64_t k, bool with_param) {
+  const int64_t row_bytes = sp.D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t* order = sp.groups.order.data();
+  for (int64_t j = sp.groups.begin[k]; j < sp.groups.begin[k + 1]; ++j) {
+    prefetch_bytes(sp.values + order[j] * sp.D, row_bytes);
+  }
+  if (with_param) {
+    const int64_t r = sp.groups.rows[k];
+    prefetch_bytes(sp.p + r * sp.D, row_bytes);
+    if (sp.buf != nullptr) prefetch_bytes(sp.buf + r * sp.D, row_bytes);
+  }
+}
+
 template <typename scalar_t>
 void step_param(const SparseParam<scalar_t>& sp, const Update<at::opmath_type<scalar_t>>& u) {
   const int64_t held = static_cast<int64_t>(sp.groups.rows.size());
   const int64_t D = std::max<int64_t>(sp.D, 1);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
   if (!u.has_momentum && !(u.has_weight_decay && u.decoupled)) {
     // Only the rows the gradient holds move.
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
     at::parallel_for(0, held, grain, [&](int64_t begin, int64_t end) {
-      for (const auto k : c10::irange(begin, end)) step_row(sp, sp.groups.rows[k], k, u);
+      for (const auto k : c10::irange(begin, end)) {
+        if (k + kPrefetchGroupsAhead < end) prefetch_group(sp, k + kPrefetchGroupsAhead, true);
+        step_row(sp, sp.groups.rows[k], k, u);
+      }
     });
     return;
   }
-  // Every row moves: a thread takes a range of rows and walks the held ones alongside.
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
+  // Every row moves: a thread takes a range of rows (read in order) and walks the held ones alongside.
   at::parallel_for(0, sp.rows, grain, [&](int64_t begin, int64_t end) {
     const auto& rows = sp.groups.rows;
     int64_t k = std::lower_bound(rows.begin(), rows.end(), begin) - rows.begin();
     for (const auto r : c10::irange(begin, end)) {
       const bool is_held = k < held && rows[k] == r;
-      step_row(sp, r, is_held ? k : -1, u);
-      if (is_held) ++k;
+      if (is_held) {
+        if (k + kPrefetchGroupsAhead < held) prefetch_group(sp, k + kPrefetchGroupsAhead, false);
+        step_row(sp, r, k, u);
+        ++k;
+      } else {
+        step_row(sp, r, -1, u);
+      }
     }
   });
 }
