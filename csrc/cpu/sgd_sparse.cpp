@@ -37,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -55,19 +56,9 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
 constexpr const char* kOp = "fastcore5_native::sgd_sparse_step";
-// Elements per thread at least (at::internal::GRAIN_SIZE's 32k, as torch's CPU loops): below it a
-// fork and join costs more than the rows.
-constexpr int64_t kGrainElements = 32768;
-// A counting sort costs a pass over the table's rows; past this many rows per index a sort by
-// (row, position), O(nnz log nnz), is the cheaper grouping.
-constexpr int64_t kCountingSortRowsPerIndex = 16;
-constexpr int64_t kPrefetchGroupsAhead = 4;  // held rows between a prefetch of their rows and their update
-
-// One param's gradient grouped by row: rows[k] is the k-th distinct row (ascending) and its
-// entries are order[begin[k] .. begin[k + 1]), positions into the values in batch order.
-struct RowGroups {
-  std::vector<int64_t> rows, begin, order;
-};
+// A block of rows whose gradient sums (in the accumulation type) fill about this many bytes: the
+// sums of one block stay in L2 while its entries are added.
+constexpr int64_t kBlockBytes = 256 * 1024;
 
 std::string indexed(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
 
@@ -76,42 +67,41 @@ std::string indexed(const char* list, size_t i) { return std::string(list) + "["
        ", outside the ", rows, " rows of ", indexed("params", param));
 }
 
-RowGroups group_by_row(const int64_t* index, int64_t nnz, int64_t rows, size_t param) {
-  RowGroups g;
-  g.order.resize(nnz);
-  if (rows <= kCountingSortRowsPerIndex * nnz) {
-    std::vector<int64_t> start(rows + 1, 0);
-    for (const auto k : c10::irange(nnz)) {
-      const int64_t r = index[k];
-      if (r < 0 || r >= rows) fail_bad_index(param, k, r, rows);
-      ++start[r + 1];
-    }
-    for (const auto r : c10::irange(rows)) {
-      if (start[r + 1] != 0) {
-        g.rows.push_back(r);
-        g.begin.push_back(start[r]);
-      }
-      start[r + 1] += start[r];
-    }
-    for (const auto k : c10::irange(nnz)) g.order[start[index[k]]++] = k;  // ascending k: batch order
-  } else {
-    std::vector<std::pair<int64_t, int64_t>> keyed(nnz);
-    for (const auto k : c10::irange(nnz)) {
-      const int64_t r = index[k];
-      if (r < 0 || r >= rows) fail_bad_index(param, k, r, rows);
-      keyed[k] = {r, k};
-    }
-    std::sort(keyed.begin(), keyed.end());
-    for (const auto k : c10::irange(nnz)) {
-      if (k == 0 || keyed[k].first != keyed[k - 1].first) {
-        g.rows.push_back(keyed[k].first);
-        g.begin.push_back(k);
-      }
-      g.order[k] = keyed[k].second;
-    }
+// One param: p and buf (nullptr without momentum) of rows x D elements, its gradient's nnz entries
+// (index, values of nnz x D) and their grouping by block of block_rows rows: block b holds
+// begin[b + 1] - begin[b] entries.
+template <typename scalar_t>
+struct SparseParam {
+  scalar_t* p;
+  scalar_t* buf;
+  const int64_t* index;
+  const scalar_t* values;
+  int64_t rows, D, nnz, block_rows;
+  std::vector<int64_t> begin;
+};
+
+// Counts the entries of each block, checking every index (before anything is written).
+template <typename scalar_t>
+void count_blocks(SparseParam<scalar_t>& sp, size_t param) {
+  const int64_t blocks = (sp.rows + sp.block_rows - 1) / sp.block_rows;
+  sp.begin.assign(blocks + 1, 0);
+  for (const auto k : c10::irange(sp.nnz)) {
+    const int64_t r = sp.index[k];
+    if (r < 0 || r >= sp.rows) fail_bad_index(param, k, r, sp.rows);
+    ++sp.begin[r / sp.block_rows + 1];
   }
-  g.begin.push_back(nnz);
-  return g;
+  for (const auto b : c10::irange(blocks)) sp.begin[b + 1] += sp.begin[b];
+}
+
+// Bytes kept by the calling thread between calls for the bucketed entries (no page faults per step).
+char* scratch(size_t bytes) {
+  thread_local std::unique_ptr<char[]> buffer;
+  thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    buffer.reset(new char[bytes]);
+    capacity = bytes;
+  }
+  return buffer.get();
 }
 
 // Up to AccVec::size() elements of a row as a vector of the accumulation type, and back.
@@ -137,34 +127,20 @@ struct RowIO {
   }
 };
 
-// One param: p and buf (nullptr without momentum) of rows x D elements, values of nnz x D.
+// One row's update over D elements: by its summed gradient ``grad``, or as a row the gradient does
+// not hold when ``grad`` is nullptr.
 template <typename scalar_t>
-struct SparseParam {
-  scalar_t* p;
-  scalar_t* buf;
-  const scalar_t* values;
-  int64_t rows, D;
-  RowGroups groups;
-};
-
-// Row r's update, D elements in vectors; ``group`` is its entry in the RowGroups, or -1 when the
-// gradient does not hold it.
-template <typename scalar_t>
-void step_row(const SparseParam<scalar_t>& sp, int64_t r, int64_t group, const Update<at::opmath_type<scalar_t>>& u) {
+void step_row(scalar_t* p, scalar_t* buf, const at::opmath_type<scalar_t>* grad, int64_t D,
+              const Update<at::opmath_type<scalar_t>>& u) {
   using IO = RowIO<scalar_t>;
   using AccVec = typename IO::AccVec;
-  scalar_t* p = sp.p + r * sp.D;
-  scalar_t* buf = sp.buf == nullptr ? nullptr : sp.buf + r * sp.D;
   const bool read_buf = u.has_momentum && !u.first_step;
-  for (int64_t d = 0; d < sp.D; d += AccVec::size()) {
-    const int64_t count = std::min<int64_t>(AccVec::size(), sp.D - d);
+  for (int64_t d = 0; d < D; d += AccVec::size()) {
+    const int64_t count = std::min<int64_t>(AccVec::size(), D - d);
     AccVec pv = IO::load(p + d, count);
     AccVec bv = read_buf ? IO::load(buf + d, count) : AccVec(0);
-    if (group >= 0) {
-      const int64_t* position = sp.groups.order.data() + sp.groups.begin[group];
-      const int64_t* last = sp.groups.order.data() + sp.groups.begin[group + 1];
-      AccVec gv = IO::load(sp.values + *position * sp.D + d, count);
-      for (++position; position != last; ++position) gv = gv + IO::load(sp.values + *position * sp.D + d, count);
+    if (grad != nullptr) {
+      AccVec gv = AccVec::loadu(grad + d, count);
       u.apply(pv, gv, bv);
     } else {
       u.apply_absent(pv, bv);
@@ -174,54 +150,51 @@ void step_row(const SparseParam<scalar_t>& sp, int64_t r, int64_t group, const U
   }
 }
 
-void prefetch_bytes(const void* start, int64_t bytes) {
-  const char* first = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset);
-}
-
-// The value rows of held row ``k`` (scattered over the batch: the sort made their reads random)
-// and, when ``with_param``, its param and buffer rows, asked for ahead of their use.
-template <typename scalar_t>
-void prefetch_group(const SparseParam<scalar_t>& sp, int64_t k, bool with_param) {
-  const int64_t row_bytes = sp.D * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t* order = sp.groups.order.data();
-  for (int64_t j = sp.groups.begin[k]; j < sp.groups.begin[k + 1]; ++j) {
-    prefetch_bytes(sp.values + order[j] * sp.D, row_bytes);
-  }
-  if (with_param) {
-    const int64_t r = sp.groups.rows[k];
-    prefetch_bytes(sp.p + r * sp.D, row_bytes);
-    if (sp.buf != nullptr) prefetch_bytes(sp.buf + r * sp.D, row_bytes);
-  }
-}
-
+// The step of one param. The entries are first copied, in one sequential pass over the values, into
+// per-block buckets (batch order kept within each); then threads take whole blocks: a block's
+// entries are summed per row in an L2-resident buffer (first value copied, the next ones added, in
+// batch order) and the block's rows are stepped in order. Every read of the values and of the table
+// is sequential or within L2; the only scattered accesses are the bucket writes, one stream per block.
 template <typename scalar_t>
 void step_param(const SparseParam<scalar_t>& sp, const Update<at::opmath_type<scalar_t>>& u) {
-  const int64_t held = static_cast<int64_t>(sp.groups.rows.size());
-  const int64_t D = std::max<int64_t>(sp.D, 1);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / D);
-  if (!u.has_momentum && !(u.has_weight_decay && u.decoupled)) {
-    // Only the rows the gradient holds move.
-    at::parallel_for(0, held, grain, [&](int64_t begin, int64_t end) {
-      for (const auto k : c10::irange(begin, end)) {
-        if (k + kPrefetchGroupsAhead < end) prefetch_group(sp, k + kPrefetchGroupsAhead, true);
-        step_row(sp, sp.groups.rows[k], k, u);
-      }
-    });
-    return;
+  using acc_t = at::opmath_type<scalar_t>;
+  using AccVec = at::vec::Vectorized<acc_t>;
+  const int64_t D = sp.D, blocks = static_cast<int64_t>(sp.begin.size()) - 1;
+  auto* bucket_rows = reinterpret_cast<int64_t*>(scratch(sp.nnz * (sizeof(int64_t) + D * sizeof(scalar_t))));
+  auto* bucket_values = reinterpret_cast<scalar_t*>(bucket_rows + sp.nnz);
+  {
+    std::vector<int64_t> next(sp.begin.begin(), sp.begin.end() - 1);
+    for (const auto k : c10::irange(sp.nnz)) {
+      const int64_t r = sp.index[k], slot = next[r / sp.block_rows]++;
+      bucket_rows[slot] = r;
+      std::copy_n(sp.values + k * D, D, bucket_values + slot * D);
+    }
   }
-  // Every row moves: a thread takes a range of rows (read in order) and walks the held ones alongside.
-  at::parallel_for(0, sp.rows, grain, [&](int64_t begin, int64_t end) {
-    const auto& rows = sp.groups.rows;
-    int64_t k = std::lower_bound(rows.begin(), rows.end(), begin) - rows.begin();
-    for (const auto r : c10::irange(begin, end)) {
-      const bool is_held = k < held && rows[k] == r;
-      if (is_held) {
-        if (k + kPrefetchGroupsAhead < held) prefetch_group(sp, k + kPrefetchGroupsAhead, false);
-        step_row(sp, r, k, u);
-        ++k;
-      } else {
-        step_row(sp, r, -1, u);
+  const bool every_row_moves = u.has_momentum || (u.has_weight_decay && u.decoupled);
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    std::vector<acc_t> sums(sp.block_rows * D);
+    std::vector<uint8_t> held(sp.block_rows);
+    for (const auto b : c10::irange(first_block, end_block)) {
+      const int64_t r0 = b * sp.block_rows, block_rows = std::min(sp.block_rows, sp.rows - r0);
+      if (!every_row_moves && sp.begin[b] == sp.begin[b + 1]) continue;
+      std::fill_n(held.begin(), block_rows, uint8_t{0});
+      for (int64_t s = sp.begin[b]; s < sp.begin[b + 1]; ++s) {
+        const int64_t local = bucket_rows[s] - r0;
+        acc_t* sum = sums.data() + local * D;
+        const scalar_t* value = bucket_values + s * D;
+        for (int64_t d = 0; d < D; d += AccVec::size()) {
+          const int64_t count = std::min<int64_t>(AccVec::size(), D - d);
+          AccVec v = RowIO<scalar_t>::load(value + d, count);
+          if (held[local]) v = v + AccVec::loadu(sum + d, count);
+          v.store(sum + d, count);
+        }
+        held[local] = 1;
+      }
+      for (const auto local : c10::irange(block_rows)) {
+        if (!held[local] && !every_row_moves) continue;
+        const int64_t r = r0 + local;
+        step_row(sp.p + r * D, sp.buf == nullptr ? nullptr : sp.buf + r * D,
+                 held[local] ? sums.data() + local * D : nullptr, D, u);
       }
     }
   });
@@ -302,20 +275,23 @@ void sgd_sparse_step_cpu(at::TensorList params, at::TensorList indices, at::Tens
   const double lr_value = lr_tensor.has_value() ? read_scalar(*lr_tensor) : lr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_sparse_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Every param's indices are checked (while grouped) before the first write.
+    // Every param's indices are checked (while counted) before the first write.
     std::vector<Tensor> kept;  // contiguous copies of strided inputs, alive while stepping
-    std::vector<SparseParam<scalar_t>> stepped;
-    stepped.reserve(params.size());
+    std::vector<SparseParam<scalar_t>> stepped(params.size());
     for (const auto i : c10::irange(params.size())) {
       const Tensor index = indices[i].contiguous(), value = values[i].contiguous();
       kept.push_back(index);
       kept.push_back(value);
-      const int64_t rows = params[i].size(0);
-      const int64_t D = rows == 0 ? 0 : params[i].numel() / rows;
-      stepped.push_back({params[i].data_ptr<scalar_t>(),
-                         has_momentum ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr,
-                         value.const_data_ptr<scalar_t>(), rows, D,
-                         group_by_row(index.const_data_ptr<int64_t>(), index.numel(), rows, i)});
+      SparseParam<scalar_t>& sp = stepped[i];
+      sp.p = params[i].data_ptr<scalar_t>();
+      sp.buf = has_momentum ? momentum_buffers[i].data_ptr<scalar_t>() : nullptr;
+      sp.index = index.const_data_ptr<int64_t>();
+      sp.values = value.const_data_ptr<scalar_t>();
+      sp.rows = params[i].size(0);
+      sp.D = sp.rows == 0 ? 0 : params[i].numel() / sp.rows;
+      sp.nnz = index.numel();
+      sp.block_rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, sp.D * sizeof(acc_t)));
+      count_blocks(sp, i);
     }
     const Update<acc_t> update = make_update<acc_t>(lr_value, momentum, dampening, weight_decay, nesterov, maximize,
                                                     decoupled_weight_decay, first_step, grad_scale);
