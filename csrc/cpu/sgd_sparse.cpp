@@ -34,6 +34,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
+#include <c10/util/llvmMathExtras.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,15 +69,15 @@ std::string indexed(const char* list, size_t i) { return std::string(list) + "["
 }
 
 // One param: p and buf (nullptr without momentum) of rows x D elements, its gradient's nnz entries
-// (index, values of nnz x D) and their grouping by block of block_rows rows: block b holds
-// begin[b + 1] - begin[b] entries.
+// (index, values of nnz x D) and their grouping by block of 2^block_shift rows (a shift, not a
+// division, per entry): block b holds begin[b + 1] - begin[b] entries.
 template <typename scalar_t>
 struct SparseParam {
   scalar_t* p;
   scalar_t* buf;
   const int64_t* index;
   const scalar_t* values;
-  int64_t rows, D, nnz, block_rows;
+  int64_t rows, D, nnz, block_shift, block_rows;
   std::vector<int64_t> begin;
 };
 
@@ -88,7 +89,7 @@ void count_blocks(SparseParam<scalar_t>& sp, size_t param) {
   for (const auto k : c10::irange(sp.nnz)) {
     const int64_t r = sp.index[k];
     if (r < 0 || r >= sp.rows) fail_bad_index(param, k, r, sp.rows);
-    ++sp.begin[r / sp.block_rows + 1];
+    ++sp.begin[(r >> sp.block_shift) + 1];
   }
   for (const auto b : c10::irange(blocks)) sp.begin[b + 1] += sp.begin[b];
 }
@@ -165,7 +166,7 @@ void step_param(const SparseParam<scalar_t>& sp, const Update<at::opmath_type<sc
   {
     std::vector<int64_t> next(sp.begin.begin(), sp.begin.end() - 1);
     for (const auto k : c10::irange(sp.nnz)) {
-      const int64_t r = sp.index[k], slot = next[r / sp.block_rows]++;
+      const int64_t r = sp.index[k], slot = next[r >> sp.block_shift]++;
       bucket_rows[slot] = r;
       std::copy_n(sp.values + k * D, D, bucket_values + slot * D);
     }
@@ -290,7 +291,9 @@ void sgd_sparse_step_cpu(at::TensorList params, at::TensorList indices, at::Tens
       sp.rows = params[i].size(0);
       sp.D = sp.rows == 0 ? 0 : params[i].numel() / sp.rows;
       sp.nnz = index.numel();
-      sp.block_rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, sp.D * sizeof(acc_t)));
+      const int64_t fitting_rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, sp.D * sizeof(acc_t)));
+      sp.block_shift = 63 - c10::llvm::countLeadingZeros(static_cast<uint64_t>(fitting_rows));
+      sp.block_rows = int64_t{1} << sp.block_shift;
       count_blocks(sp, i);
     }
     const Update<acc_t> update = make_update<acc_t>(lr_value, momentum, dampening, weight_decay, nesterov, maximize,
