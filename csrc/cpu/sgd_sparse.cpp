@@ -94,6 +94,13 @@ void count_blocks(SparseParam<scalar_t>& sp, size_t param) {
   for (const auto b : c10::irange(blocks)) sp.begin[b + 1] += sp.begin[b];
 }
 
+constexpr int64_t kPrefetchRowsAhead = 4;
+
+void prefetch_bytes(const void* start, int64_t bytes) {
+  const char* first = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset, 1);
+}
+
 // Bytes kept by the calling thread between calls for the bucketed entries (no page faults per step).
 char* scratch(size_t bytes) {
   thread_local std::unique_ptr<char[]> buffer;
@@ -191,8 +198,22 @@ void step_param(const SparseParam<scalar_t>& sp, const Update<at::opmath_type<sc
         }
         held[local] = 1;
       }
+      // Without momentum only the held rows are read, with gaps the hardware prefetcher does not
+      // follow: ask for each a few held rows ahead (rows of a cache line or more; smaller rows,
+      // a bias table's, share lines and gain nothing from it).
+      const bool prefetch = !every_row_moves && D * static_cast<int64_t>(sizeof(scalar_t)) >= 64;
+      int64_t ahead = 0;
+      auto prefetch_next_held = [&] {
+        while (ahead < block_rows && !held[ahead]) ++ahead;
+        if (ahead < block_rows) prefetch_bytes(sp.p + (r0 + ahead) * D, D * static_cast<int64_t>(sizeof(scalar_t)));
+        ++ahead;
+      };
+      if (prefetch) {
+        for (int64_t i = 0; i < kPrefetchRowsAhead; ++i) prefetch_next_held();
+      }
       for (const auto local : c10::irange(block_rows)) {
         if (!held[local] && !every_row_moves) continue;
+        if (prefetch) prefetch_next_held();
         const int64_t r = r0 + local;
         step_row(sp.p + r * D, sp.buf == nullptr ? nullptr : sp.buf + r * D,
                  held[local] ? sums.data() + local * D : nullptr, D, u);
