@@ -143,12 +143,12 @@ def test_decoupled_weight_decay_matches_the_reference_backend(config, native_cal
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_identical_for_one_and_two_threads(dtype, momentum, cpu_kernel):
-    """Large enough to split across threads (>32k elements per param); 1000 rows looked up 40000
-    times, so every row holds many duplicates summed across what would be thread boundaries."""
-    table = torch.randn(1000, 50).to(dtype)
-    rows = torch.randint(0, 1000, (40000,))
+    """Large enough to split across threads: 5000 rows of 50 make five blocks of 1024 rows (fp32
+    sums), looked up 40000 times, so every row holds several duplicates."""
+    table = torch.randn(5000, 50).to(dtype)
+    rows = torch.randint(0, 5000, (40000,))
     values = torch.randn(40000, 50).to(dtype)
-    buffer = torch.randn(1000, 50).to(dtype)
+    buffer = torch.randn(5000, 50).to(dtype)
     results = []
     for n in (1, 2, 1):
         p, buf = table.clone(), buffer.clone()
@@ -161,10 +161,25 @@ def test_bitwise_identical_for_one_and_two_threads(dtype, momentum, cpu_kernel):
         assert torch.equal(p, results[0][0]) and torch.equal(buf, results[0][1])
 
 
-def test_a_table_much_larger_than_the_batch_groups_by_sorting(native_calls):
-    """Past 16 rows per index the op sorts instead of counting: the same trajectory."""
-    ours, theirs, _, _ = run_pair([(5000, 3)], CONFIGS["momentum"], F64, nnz=20)
-    torch.testing.assert_close(ours[0].detach(), theirs[0].detach(), rtol=0, atol=1e-12)
+def test_a_table_much_larger_than_the_batch(native_calls):
+    """Most blocks of rows hold no entry; with momentum they still move by their buffers."""
+    ours, theirs, _, _ = run_pair([(5000, 3), (70000, 1)], CONFIGS["momentum"], F64, nnz=20)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", ["plain", "momentum", "nesterov"])
+def test_an_empty_gradient_after_a_full_one(config, native_calls):
+    p = torch.randn(9, 4, dtype=F64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = SGD([p], **CONFIGS[config]), torch.optim.SGD([q], **CONFIGS[config])
+    for rows in (torch.tensor([1, 1, 4]), torch.tensor([], dtype=torch.int64)):
+        values = torch.randn(len(rows), 4, dtype=F64)
+        p.grad, q.grad = sparse_grad(rows, values, (9, 4)), sparse_grad(rows, values.clone(), (9, 4))
+        ours.step()
+        theirs.step()
+    assert native_calls[0] == 2
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-14)
 
 
 def test_a_sparse_gradient_over_two_dimensions_takes_the_reference(native_calls):

@@ -14,15 +14,18 @@
 // apply), the others by apply_absent. Decoupled weight decay scales every row; L2 weight decay is
 // refused (torch refuses it too: add(sparse, dense)).
 //
-// Determinism: each param's indices are grouped by row, batch order kept within a row (a counting
-// sort, or a sort by (row, position) when the table is much larger than the batch), on the calling
-// thread; then at::parallel_for hands each thread whole rows, and a row's duplicates are summed in
-// batch order in the accumulation type (fp32, fp64 for fp64) before one update. The result is
-// bitwise identical for any thread count and any run. Torch's coalesce may add the duplicates in
-// another order, so against torch the values agree within rounding (exactly in fp64 in the tests'
-// small integers, to a few ulps otherwise).
+// Work and determinism: on the calling thread, each param's entries are counted per block of
+// 2^k rows (an L2-sized block of row sums) and copied, in one sequential pass over the values, into
+// per-block buckets, batch order kept within each; then at::parallel_for hands each thread whole
+// blocks: it sums each row's duplicates in batch order in the accumulation type (fp32, fp64 for
+// fp64) and steps the block's rows in order. No value row or table row is read at random (the
+// first version, a counting sort by row that then gathered the values, was latency-bound: NOTES).
+// The result is bitwise identical for any thread count and any run. Torch's coalesce may add the
+// duplicates in another order, so against torch the values agree within rounding. The buckets live
+// in a buffer kept by the calling thread between calls (nnz x (8 + row bytes)), so a step does not
+// fault in fresh pages.
 //
-// Bad input: every index is checked against the param's rows while grouping, for all params of
+// Bad input: every index is checked against the param's rows while counting, for all params of
 // the call, before anything is written (IndexError naming indices[i]). A raised found_inf or
 // skip_flag (the GradScaler's overflow, an EmbeddingDotBias bad-index flag) returns first,
 // writing nothing and checking no index: a batch with a bad index leaves one in its gradient.
