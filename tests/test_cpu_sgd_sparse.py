@@ -313,3 +313,36 @@ def test_embedding_dot_bias_sparse_training_matches_torch_sgd(native_calls):
     assert native_calls[0] == 3
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12, msg=name)
+
+
+def _asan_good_call(rows, D, nnz, dtype, momentum, decoupled=False):
+    """A valid call on awkward sizes, for tests/test_cpu_asan.py."""
+    def call(ops):
+        p = torch.randn(rows, D).to(dtype)
+        index = torch.randint(0, rows, (nnz,)) if rows else torch.empty(0, dtype=torch.int64)
+        buffers = [torch.randn(rows, D).to(dtype)] if momentum else []
+        ops.sgd_sparse_step([p], [index], [torch.randn(nnz, D).to(dtype)], buffers, None, 0.1, momentum, 0.0,
+                            0.01 if decoupled else 0.0, False, False, decoupled, False, None, None, None)
+    return call
+
+
+# Run under AddressSanitizer by tests/test_cpu_asan.py: every refused call, and valid ones whose
+# last block of rows, last vector of a row or bucket are partial.
+ASAN_CALLS = [
+    (f"sgd_sparse_step: {case}", error, lambda ops, changes=changes: ops.sgd_sparse_step(**_op_args(**changes)))
+    for case, (changes, error, _) in BAD_ARGUMENTS.items()
+] + [
+    ("sgd_sparse_step: index past the end", IndexError,
+     lambda ops: ops.sgd_sparse_step(**_op_args(indices=[torch.tensor([0, 7, 6, 2]), torch.tensor([3, 3])]))),
+    ("sgd_sparse_step: negative index", IndexError,
+     lambda ops: ops.sgd_sparse_step(**_op_args(indices=[torch.tensor([0, 6, 6, -1]), torch.tensor([3, 3])]))),
+] + [
+    (f"sgd_sparse_step: {rows}x{D}, {nnz} entries, {dtype}, momentum {momentum}, decoupled {decoupled}", None,
+     _asan_good_call(rows, D, nnz, dtype, momentum, decoupled))
+    for rows, D, nnz, dtype, momentum, decoupled in [
+        (3001, 50, 5000, torch.float32, 0.0, False), (3001, 50, 5000, torch.float32, 0.9, False),
+        (13, 17, 40, torch.bfloat16, 0.9, False), (13, 17, 40, torch.float16, 0.0, True),
+        (40000, 1, 700, torch.float64, 0.9, False), (7, 5, 0, torch.float32, 0.9, False),
+        (0, 3, 0, torch.float32, 0.9, False),
+    ]
+]
