@@ -5,8 +5,10 @@ signature convention: runtime arguments, then the dtype's constexprs (INPUT_PREC
 ROUND_TF32, UPCAST, ACC_DTYPE) and the kernel's flags, then BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M,
 on a flat grid of output tiles. ``GemmLauncher`` launches such a kernel: a dict lookup per call
 once a (variant, extents, strides) was seen, the bucket's config from kernels/_tuning.py the
-first time. The candidate tiles are Hopper's (H100/H200), pruned per bucket. ``PlannedLauncher``,
-its base, is what it shares with the TMA kernels' launcher (kernels/linear_relu_hopper.py).
+first time. The candidate tiles are Hopper's (H100/H200), pruned per bucket: ``HOPPER_TILES``, the
+table both GEMM families draw their candidates from, with the shared-memory estimate both prune by.
+``PlannedLauncher``, its base, is what it shares with the TMA kernels' launcher
+(kernels/linear_relu_hopper.py).
 """
 import torch
 import triton
@@ -19,19 +21,63 @@ from ._common import (
 from ._tuning import TunedKernel, launch_kwargs
 
 
-# Hopper (H100/H200) tiles: 128x128..128x256 with 3-4 stages for 16-bit operands, smaller tiles for
-# skinny shapes and fp32. (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); block names follow each
-# kernel's output tile, BLOCK_K is its reduction step.
-_HOPPER_TILES = [
-    (128, 256, 64, 3, 8),
-    (256, 128, 64, 3, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 32, 4, 4),
-    (64, 256, 32, 4, 4),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 32, 5, 2),
-]
+# Hopper (H100/H200) tiles worth timing, (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), and the GEMM
+# kernel families that time each: PORTABLE (kernels/linear_relu.py, kernels/mlp.py; on every card,
+# pruned by its shared memory) and TMA (kernels/linear_relu_hopper_kernels.py, sm_90 only). Block
+# names follow each kernel's output tile, BLOCK_K is its reduction step. 128x128..128x256 with 3-4
+# stages for 16-bit operands, smaller tiles for skinny shapes and fp32. A TMA tile has 4 or 8 warps
+# (wgmma needs a whole warpgroup; 8 are two splitting BLOCK_M); its BLOCK_K = 64 is one 128-byte
+# swizzle row of 16-bit operands. Each family keeps the set it tuned over when it had a list of its
+# own: their union would add up to 6 compiles to a bucket's first tuning (the digits demo's
+# buckets: 2 -> 4), unmeasured on a GPU (bench/NOTES.md, 2026-12-04).
+PORTABLE, TMA = "portable", "tma"
+HOPPER_TILES = {
+    (128, 256, 64, 3, 8): (PORTABLE, TMA),
+    (256, 128, 64, 3, 8): (PORTABLE, TMA),
+    (128, 256, 32, 4, 8): (TMA,),
+    (128, 128, 64, 4, 8): (PORTABLE, TMA),
+    (128, 128, 64, 3, 8): (TMA,),
+    (128, 128, 32, 3, 8): (TMA,),
+    (128, 128, 32, 4, 4): (PORTABLE,),
+    (128, 128, 64, 3, 4): (TMA,),
+    (64, 256, 32, 4, 4): (PORTABLE,),
+    (128, 64, 32, 4, 4): (PORTABLE,),
+    (64, 128, 64, 4, 4): (TMA,),
+    (64, 128, 32, 4, 4): (PORTABLE,),
+    (64, 64, 64, 4, 4): (TMA,),
+    (64, 64, 32, 5, 2): (PORTABLE,),
+}
+
+
+def hopper_tiles(family: str) -> list[tuple]:
+    """The tiles ``family`` times, in HOPPER_TILES' order."""
+    return [tile for tile, families in HOPPER_TILES.items() if family in families]
+
+
+def shared_bytes(
+    tile: tuple, streamed_tiles: int, element_bytes: int, output_tiles: int = 0, fixed_bytes: int = 0,
+) -> int:
+    """Shared memory a config needs, at most: ``stages`` buffers of the streamed operand tiles
+    (``streamed_tiles`` of BLOCK_M x BLOCK_K per step: x; or grad_out and out) and of the BLOCK_K x
+    BLOCK_N operand, plus ``output_tiles`` BLOCK_M x BLOCK_N tiles held in shared memory (the TMA
+    kernels stage their output for the TMA store, and the MLP's grad-input reads a ``below`` tile;
+    the portable kernels store from registers) and ``fixed_bytes`` (the TMA kernels' barriers).
+    Operands and outputs share one dtype."""
+    m, n, k, stages, _ = tile
+    return (stages * (streamed_tiles * m * k + k * n) + output_tiles * m * n) * element_bytes + fixed_bytes
+
+
+def fitting_tiles(
+    tiles: list[tuple], bucket: tuple, streamed_tiles: int, output_tiles: int = 0, fixed_bytes: int = 0,
+) -> list[tuple]:
+    """``tiles`` whose shared_bytes fit the bucket's shared memory (``smem``: the device's, Hopper's
+    when absent), for its element size (``bytes``)."""
+    facts = dict(bucket)
+    limit = facts.get("smem", HOPPER_SHARED_MEMORY_BYTES)
+    return [t for t in tiles if shared_bytes(t, streamed_tiles, facts["bytes"], output_tiles, fixed_bytes) <= limit]
+
+
+_PORTABLE_TILES = hopper_tiles(PORTABLE)
 GROUP_M = 8  # tiles per group in the grouped (L2-friendly) tile order
 
 
@@ -70,9 +116,7 @@ def hopper_candidates(bucket: tuple, streamed_tiles: int = 1) -> list[triton.Con
     ``configs_for_problem``. ``streamed_tiles``: BLOCK_M x BLOCK_K tiles loaded per K step (2 for
     the backward kernels that read grad_out and out; the compile matrix found their 1-tile
     estimate admitting configs of 107-141 KB on 99 KB cards)."""
-    elem = dict(bucket)["bytes"]
-    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
-    fitting = [t for t in _HOPPER_TILES if t[3] * (streamed_tiles * t[0] * t[2] + t[2] * t[1]) * elem <= limit]
+    fitting = fitting_tiles(_PORTABLE_TILES, bucket, streamed_tiles)
     # the default fits every card: where no Hopper tile does (fp64 on sm_86/89), it is the candidate
     return configs_for_problem(fitting or [_default_tile(bucket)], bucket)
 

@@ -1,177 +1,30 @@
-"""Linear + bias + ReLU GEMMs written for Hopper (sm_90): TMA tensor descriptors, a persistent grid.
+"""Launching the Hopper (sm_90) Linear + bias + ReLU GEMMs, and the one choice between them and the
+portable kernels.
 
-Same three products as kernels/linear_relu.py (read its docstring for the maths):
-  forward  out    = relu(x @ W.T + b)             output tiles of (M, N), reduction over K
-  grad_x   dx     = g @ W                         output tiles of (M, K), reduction over N
-  grad_W   dW, db = g.T @ x, g.sum(0)             output tiles of (N, K), reduction over M
-with g = where(out > 0, grad_out, 0) formed from the grad_out and out tiles as they arrive in
-the K loop, never written to memory. The same kernels serve the MLP (kernels/mlp.py) through
-their flags: the output layer's forward without ReLU, the grad-input GEMM with g as given and its
-result masked by the layer below's output in the epilogue, grad_W with g as given.
-
-What differs from the portable kernels, and why:
-- Operand tiles arrive through host-built TMA descriptors (triton.tools.tensor_descriptor,
-  present in triton 3.6 and 3.9): one bulk copy per tile instead of per-thread address
-  arithmetic, zero-filled past the edges (so no masks in the loop), pipelined by Triton over
-  ``num_stages`` shared-memory buffers. Output tiles leave through a descriptor store too,
-  clipped at the edges. Host descriptors need no device allocator (in-kernel
-  ``tl.make_tensor_descriptor`` would need ``triton.set_allocator``, a per-thread context
-  variable that autograd's backward thread does not inherit).
-- A persistent grid: min(#SMs, #tiles) programs walk the output tiles in grouped order
-  (GROUP_M row tiles at a time, for L2 reuse of the shared operand); the tile loop is
-  flattened with the K loop so the next tile's first loads overlap this tile's epilogue.
-- grad_b is summed, in a fixed order, by the one program that owns each (N tile, K tile 0) of
-  grad_W: deterministic, no atomics, no partial buffers.
+The kernels (TMA descriptors, a persistent grid; the maths and why they differ from the portable
+ones) are in kernels/linear_relu_hopper_kernels.py, their descriptors in kernels/tma_descriptors.py.
+Here: their configs (Hopper's tile table of kernels/gemm_launch.py, pruned by each kernel's shared
+memory), one persistent launcher per (kernel, use), and the launch functions for Linear+ReLU and
+the MLP (kernels/mlp.py).
 TMA needs 16-byte aligned base pointers and leading strides and a unit inner stride. Which
 kernels run is decided in one place, ``takes_tma``, for every launcher of Linear+ReLU and the MLP
 and for torch.compile; everything it refuses (another card than sm_90, odd strides, fp32 without
-TF32, fp64, small products) stays on the portable kernels. Descriptors are cached per address,
-shape, strides, block shape, dtype and device (``cached_descriptor``).
-TMA coordinates are 32-bit by hardware (the descriptors carry 64-bit strides, so there is no
-element offset to overflow); the one pointer computed by hand, the bias, is offset in int64.
+TF32, fp64, small products) stays on the portable kernels.
 """
 import torch
 import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import (
-    HOPPER_SHARED_MEMORY_BYTES, cdiv, dot_precision, interpreting, new_output,
-    on_device_of, rounded_to, shared_memory_limit,
-)
+from ._common import cdiv, dot_precision, interpreting, new_output, on_device_of, shared_memory_limit
 from ._tuning import launch_kwargs
-from .gemm_launch import PlannedLauncher, configs_for_problem, positional_launch, tile_config
-from .gemm_tiles import dot_operand, grouped_tile, relu, relu_masked, round_to_tf32
+from .gemm_launch import (
+    TMA, PlannedLauncher, configs_for_problem, fitting_tiles, hopper_tiles, positional_launch, shared_bytes,
+    tile_config,
+)
+from .linear_relu_hopper_kernels import _bwd_weight_kernel, _fwd_and_grad_input_kernel
+from .tma_descriptors import descriptor
 
 
-_BIAS_DOT_COLUMNS = tl.constexpr(16)  # the narrowest wgmma N for 16-bit operands
-
-
-@triton.jit
-def _fwd_kernel(
-    x_desc, w_desc, b_ptr, out_desc, M, N, K,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-):
-    """RELU=False makes it a plain Linear (the output layer of an MLP, kernels/mlp.py)."""
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_m, tile_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        row, col = tile_m * BLOCK_M, tile_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for step in range(k_steps):
-            x_tile = x_desc.load([row, step * BLOCK_K])
-            w_tile = w_desc.load([col, step * BLOCK_K])
-            x_tile = dot_operand(x_tile, UPCAST, ROUND_TF32)
-            w_tile = dot_operand(w_tile, UPCAST, ROUND_TF32)
-            acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_BIAS:
-            cols = col.to(tl.int64) + tl.arange(0, BLOCK_N)
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(ACC_DTYPE)[None, :]
-        if RELU:
-            acc = relu(acc)
-        out_desc.store([row, col], rounded_to(acc, out_desc.dtype))
-
-
-@triton.jit
-def _bwd_input_kernel(
-    grad_desc, out_desc, w_desc, below_desc, dx_desc, M, N, K,
-    MASK_GRAD: tl.constexpr, MASK_BELOW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-):
-    """grad_x tiles: BLOCK_M over M, BLOCK_N over K (the output's columns), BLOCK_K steps over N.
-    MASK_GRAD: grad is masked by this layer's output ``out`` as it arrives (Linear+ReLU);
-    MASK_BELOW: the result is masked by ``below > 0``, the output of the ReLU layer underneath,
-    before its only store (the MLP's grad-input GEMM, kernels/mlp.py, whose grad is already
-    masked). A descriptor a flag leaves unread is any descriptor of the right block shape."""
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_N)
-    n_steps = tl.cdiv(N, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_m, tile_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
-        row, col = tile_m * BLOCK_M, tile_k * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for step in range(n_steps):
-            g_tile = grad_desc.load([row, step * BLOCK_K])
-            if MASK_GRAD:
-                g_tile = relu_masked(g_tile, out_desc.load([row, step * BLOCK_K]))
-            w_tile = w_desc.load([step * BLOCK_K, col])
-            g_tile = dot_operand(g_tile, UPCAST, ROUND_TF32)
-            w_tile = dot_operand(w_tile, UPCAST, ROUND_TF32)
-            acc = tl.dot(g_tile, w_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if MASK_BELOW:
-            acc = relu_masked(acc, below_desc.load([row, col]))
-        dx_desc.store([row, col], rounded_to(acc, dx_desc.dtype))
-
-
-@triton.jit
-def _bwd_weight_kernel(
-    grad_desc, out_desc, x_desc, dw_desc, db_ptr, M, N, K,
-    HAS_BIAS_GRAD: tl.constexpr, BIAS_BY_DOT: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-):
-    """grad_W tiles: BLOCK_M over N, BLOCK_N over K, BLOCK_K steps over M. grad_b of an N tile
-    is summed by the program holding that N tile's first K tile, in step order. RELU=False takes
-    grad as g unmasked (``out_desc`` is then not read): the MLP's gradients arrive masked."""
-    tiles = tl.cdiv(N, BLOCK_M) * tl.cdiv(K, BLOCK_N)
-    m_steps = tl.cdiv(M, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
-        tile_n, tile_k = grouped_tile(tile, N, K, BLOCK_M, BLOCK_N, GROUP_M)
-        row, col = tile_n * BLOCK_M, tile_k * BLOCK_N
-        sums_bias = HAS_BIAS_GRAD and tile_k == 0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        bias_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-        bias_cols = tl.zeros((BLOCK_M, _BIAS_DOT_COLUMNS), dtype=ACC_DTYPE)
-        for step in range(m_steps):
-            g_tile = grad_desc.load([step * BLOCK_K, row])
-            if RELU:
-                g_tile = relu_masked(g_tile, out_desc.load([step * BLOCK_K, row]))
-            gt_tile = g_tile.T
-            x_tile = x_desc.load([step * BLOCK_K, col])
-            if UPCAST:
-                gt_tile = gt_tile.to(tl.float32)
-                x_tile = x_tile.to(tl.float32)
-            if sums_bias:
-                if BIAS_BY_DOT:
-                    # Row sums as a narrow product with ones: the tensor cores read the operand
-                    # registers the main dot reads, where tl.sum made the compiler load each
-                    # tile from shared memory a second time, in every program, in another layout.
-                    ones = tl.full((BLOCK_K, _BIAS_DOT_COLUMNS), 1.0, gt_tile.dtype)
-                    bias_cols = tl.dot(gt_tile, ones, bias_cols, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                else:
-                    bias_acc += tl.sum(gt_tile.to(ACC_DTYPE), axis=1)
-            if ROUND_TF32:
-                gt_tile = round_to_tf32(gt_tile)
-                x_tile = round_to_tf32(x_tile)
-            acc = tl.dot(gt_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dw_desc.store([row, col], rounded_to(acc, dw_desc.dtype))
-        if sums_bias:
-            if BIAS_BY_DOT:
-                # every column holds the same sums; dividing by a power of two is exact, and NaN stays
-                bias_acc = tl.sum(bias_cols, axis=1) / _BIAS_DOT_COLUMNS
-            rows = row.to(tl.int64) + tl.arange(0, BLOCK_M)
-            tl.store(db_ptr + rows, rounded_to(bias_acc, db_ptr.dtype.element_ty), mask=rows < N)
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), block names following each kernel's output tile.
-# 8 warps are two warpgroups splitting BLOCK_M; BLOCK_K = 64 is one 128-byte swizzle row of
-# 16-bit operands. Pruned per kernel and dtype by _shared_bytes.
-_TILES = [
-    (128, 256, 64, 3, 8),
-    (256, 128, 64, 3, 8),
-    (128, 256, 32, 4, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 3, 8),
-    (128, 128, 32, 3, 8),
-    (128, 128, 64, 3, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-]
+_TILES = hopper_tiles(TMA)  # pruned per kernel and dtype by _shared_bytes
 _SMALL_BUFFERS_BYTES = 4096  # mbarriers and the bias sum's tile of ones, rounded up
 _INTERPRETER_CONFIG = tile_config(16, 16, 16, 1, 1, group=2)
 # Launched untuned: the first of these whose shared memory fits the kernel and dtype (the MLP's
@@ -182,12 +35,9 @@ _DEFAULT_TILES = [(128, 128, 32, 3, 8), (64, 128, 32, 3, 4)]
 
 
 def _shared_bytes(tile: tuple, streamed_tiles: int, element_bytes: int, output_tiles: int = 1) -> int:
-    """Shared memory a config needs, at most: ``stages`` buffers of the streamed operand tiles
-    (``streamed_tiles`` of BLOCK_M x BLOCK_K: x; or grad_out and out) and of the BLOCK_K x
-    BLOCK_N operand, plus ``output_tiles`` BLOCK_M x BLOCK_N tiles: the output staged for the TMA
-    store, and the MLP's ``below`` tile read in the epilogue (operands and output share one dtype)."""
-    m, n, k, stages, _ = tile
-    return (stages * (streamed_tiles * m * k + k * n) + output_tiles * m * n) * element_bytes + _SMALL_BUFFERS_BYTES
+    """gemm_launch.shared_bytes of a TMA kernel: its output tile (and the MLP's ``below`` tile)
+    staged in shared memory, and its barriers."""
+    return shared_bytes(tile, streamed_tiles, element_bytes, output_tiles, _SMALL_BUFFERS_BYTES)
 
 
 def candidates(bucket: tuple, streamed_tiles: int, output_tiles: int = 1) -> list[triton.Config]:
@@ -195,18 +45,14 @@ def candidates(bucket: tuple, streamed_tiles: int, output_tiles: int = 1) -> lis
     gemm_launch.configs_for_problem."""
     if interpreting():
         return [_INTERPRETER_CONFIG]
-    elem = dict(bucket)["bytes"]
-    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
-    fitting = [t for t in _TILES if _shared_bytes(t, streamed_tiles, elem, output_tiles) <= limit]
+    fitting = fitting_tiles(_TILES, bucket, streamed_tiles, output_tiles, _SMALL_BUFFERS_BYTES)
     return configs_for_problem(fitting, bucket)
 
 
 def default_config(bucket: tuple, streamed_tiles: int, output_tiles: int = 1) -> triton.Config:
     if interpreting():
         return _INTERPRETER_CONFIG
-    elem = dict(bucket)["bytes"]
-    limit = dict(bucket).get("smem", HOPPER_SHARED_MEMORY_BYTES)
-    fitting = [t for t in _DEFAULT_TILES if _shared_bytes(t, streamed_tiles, elem, output_tiles) <= limit]
+    fitting = fitting_tiles(_DEFAULT_TILES, bucket, streamed_tiles, output_tiles, _SMALL_BUFFERS_BYTES)
     return tile_config(*(fitting or _DEFAULT_TILES[-1:])[0])
 
 
@@ -230,10 +76,12 @@ class _PersistentLauncher(PlannedLauncher):
     Unlike the portable launchers the arguments depend on the config (each descriptor carries
     its block shape), so a launch passes ``make_args(config)``. The grid is min(#SMs, #tiles);
     NUM_PROGRAMS, the tile loop's stride, is the SM count itself, so that one compiled kernel
-    serves every problem size."""
+    serves every problem size. ``fixed``: constexprs this launcher always passes (which product of
+    a kernel that computes several it launches)."""
 
     def __init__(self, kernel, title: str, m_axis: int, streamed_tiles: int, flag_names: tuple[str, ...] = (),
-                 output_tiles: int = 1):
+                 output_tiles: int = 1, fixed: dict | None = None):
+        self.fixed = fixed or {}
         super().__init__(
             kernel, title, m_axis, flag_names,
             lambda bucket: candidates(bucket, streamed_tiles, output_tiles),
@@ -258,7 +106,7 @@ class _PersistentLauncher(PlannedLauncher):
 
     def _plan(self, key: tuple, make_args) -> tuple:
         device, variant, extents = key
-        constexprs = {**self.constexprs(variant), "NUM_PROGRAMS": _sm_count(device)}
+        constexprs = {**self.constexprs(variant), **self.fixed, "NUM_PROGRAMS": _sm_count(device)}
 
         def run(config):
             grid = self._grid(device, extents, config)
@@ -274,22 +122,27 @@ class _PersistentLauncher(PlannedLauncher):
 # Linear+ReLU's kernels, and the MLP's (kernels/mlp.py) with their own launchers (own plan caches,
 # tuning titles and shared-memory estimates): the MLP's grad-input GEMM streams grad alone
 # (already masked) and reads a ``below`` tile in its epilogue; its grad_W streams grad alone.
+_FORWARD = {"B_TRANSPOSED": True, "MASK_GRAD": False, "MASK_BELOW": False}
+_GRAD_INPUT = {"B_TRANSPOSED": False, "HAS_BIAS": False, "RELU": False}
 _forward = _PersistentLauncher(
-    _fwd_kernel, "Linear+ReLU forward (TMA)", m_axis=0, streamed_tiles=1, flag_names=("HAS_BIAS", "RELU")
+    _fwd_and_grad_input_kernel, "Linear+ReLU forward (TMA)", m_axis=0, streamed_tiles=1,
+    flag_names=("HAS_BIAS", "RELU"), fixed=_FORWARD,
 )
 _backward_input = _PersistentLauncher(
-    _bwd_input_kernel, "Linear+ReLU grad_x (TMA)", m_axis=0, streamed_tiles=2, flag_names=("MASK_GRAD", "MASK_BELOW")
+    _fwd_and_grad_input_kernel, "Linear+ReLU grad_x (TMA)", m_axis=0, streamed_tiles=2,
+    flag_names=("MASK_GRAD", "MASK_BELOW"), fixed=_GRAD_INPUT,
 )
 _backward_weight = _PersistentLauncher(
     _bwd_weight_kernel, "Linear+ReLU grad_W/grad_b (TMA)", m_axis=2, streamed_tiles=2,
     flag_names=("HAS_BIAS_GRAD", "BIAS_BY_DOT", "RELU"),
 )
 _mlp_output_forward = _PersistentLauncher(
-    _fwd_kernel, "MLP output layer forward (TMA)", m_axis=0, streamed_tiles=1, flag_names=("HAS_BIAS", "RELU")
+    _fwd_and_grad_input_kernel, "MLP output layer forward (TMA)", m_axis=0, streamed_tiles=1,
+    flag_names=("HAS_BIAS", "RELU"), fixed=_FORWARD,
 )
 _mlp_grad_input = _PersistentLauncher(
-    _bwd_input_kernel, "MLP grad_input (+ mask of the layer below) (TMA)", m_axis=0, streamed_tiles=1,
-    flag_names=("MASK_GRAD", "MASK_BELOW"), output_tiles=2,
+    _fwd_and_grad_input_kernel, "MLP grad_input (+ mask of the layer below) (TMA)", m_axis=0, streamed_tiles=1,
+    flag_names=("MASK_GRAD", "MASK_BELOW"), output_tiles=2, fixed=_GRAD_INPUT,
 )
 _mlp_grad_weight = _PersistentLauncher(
     _bwd_weight_kernel, "MLP grad_W/grad_b (TMA)", m_axis=2, streamed_tiles=1,
@@ -301,58 +154,6 @@ _LAUNCHERS = (_forward, _backward_input, _backward_weight, _mlp_output_forward, 
 def tuned_configs() -> list[dict]:
     """As kernels.linear_relu.tuned_configs, for the TMA kernels."""
     return [row for launcher in _LAUNCHERS for row in launcher.report()]
-
-
-# ---- descriptors ----------------------------------------------------------------------------
-
-class _DescriptorBase:
-    """What a launch reads of a descriptor's tensor: its address and dtype (Triton's launcher
-    calls ``base.data_ptr()``, its specialisation reads ``base.dtype``). A cached descriptor holds
-    this instead of the tensor, so the cache keeps no tensor's memory alive."""
-
-    __slots__ = ("dtype", "_address")
-
-    def __init__(self, dtype: torch.dtype, address: int):
-        self.dtype = dtype
-        self._address = address
-
-    def data_ptr(self) -> int:
-        return self._address
-
-
-_DESCRIPTORS: dict = {}
-_MAX_DESCRIPTORS = 1024
-
-
-def descriptor_key(t: torch.Tensor, block_shape: tuple) -> tuple:
-    """Everything a TMA descriptor encodes: address, shape, strides, block shape, dtype, and the
-    device the address belongs to. Two tensors with the same key get bitwise the same descriptor,
-    so a descriptor found under a tensor's key is that tensor's, even if the memory it was built
-    for has been freed and reused since."""
-    return (t.data_ptr(), tuple(t.shape), t.stride(), block_shape, t.dtype, t.get_device())
-
-
-def cached_descriptor(t: torch.Tensor, block_shape: tuple) -> TensorDescriptor:
-    """The TMA descriptor of ``t`` tiled by ``block_shape``, built once per descriptor_key.
-    Building one (TensorDescriptor's checks of alignment, strides and block shape) cost 2-5 us of
-    host time per operand per launch; a lookup costs the key's ~1 us."""
-    key = descriptor_key(t, block_shape)
-    descriptor = _DESCRIPTORS.get(key)
-    if descriptor is None:
-        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
-            _DESCRIPTORS.clear()
-        descriptor = _DESCRIPTORS[key] = TensorDescriptor(
-            _DescriptorBase(t.dtype, key[0]), list(key[1]), list(key[2]), list(block_shape)
-        )
-    return descriptor
-
-
-def _fresh_descriptor(t: torch.Tensor, block_shape: tuple) -> TensorDescriptor:
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
-
-
-# The interpreter copies each descriptor's tensor to the host and back: it needs the tensor itself.
-_descriptor = _fresh_descriptor if interpreting() else cached_descriptor
 
 
 # ---- the kernel choice ------------------------------------------------------------------------
@@ -458,7 +259,8 @@ def _launch_forward(launcher, x, weight, bias, relu: bool) -> torch.Tensor:
 
     def make_args(config):
         bm, bn, bk = _blocks(config)
-        return (_descriptor(x, (bm, bk)), _descriptor(weight, (bn, bk)), bias, _descriptor(out, (bm, bn)), M, N, K)
+        return (descriptor(x, (bm, bk)), None, descriptor(weight, (bn, bk)), bias, None, descriptor(out, (bm, bn)),
+                M, N, K)
 
     launcher(x.device, (dtype, dot_precision(dtype), has_bias, relu), (M, N, K), make_args)
     return out
@@ -486,10 +288,10 @@ def _launch_grad_input(launcher, grad, out, weight, below) -> torch.Tensor:
 
     def make_args(config):
         bm, bn, bk = _blocks(config)
-        grad_d = _descriptor(grad, (bm, bk))
-        dx_d = _descriptor(grad_x, (bm, bn))
-        return (grad_d, grad_d if out is None else _descriptor(out, (bm, bk)), _descriptor(weight, (bk, bn)),
-                dx_d if below is None else _descriptor(below, (bm, bn)), dx_d, M, N, K)
+        grad_d = descriptor(grad, (bm, bk))
+        dx_d = descriptor(grad_x, (bm, bn))
+        return (grad_d, grad_d if out is None else descriptor(out, (bm, bk)), descriptor(weight, (bk, bn)), None,
+                dx_d if below is None else descriptor(below, (bm, bn)), dx_d, M, N, K)
 
     dtype = grad.dtype
     launcher(grad.device, (dtype, dot_precision(dtype), out is not None, below is not None), (M, K, N), make_args)
@@ -506,9 +308,9 @@ def _launch_grad_weight(launcher, grad, out, x, need_bias_grad: bool):
 
     def make_args(config):
         bm, bn, bk = _blocks(config)
-        grad_d = _descriptor(grad, (bk, bm))
-        return (grad_d, grad_d if out is None else _descriptor(out, (bk, bm)), _descriptor(x, (bk, bn)),
-                _descriptor(grad_w, (bm, bn)), grad_w if grad_b is None else grad_b, M, N, K)
+        grad_d = descriptor(grad, (bk, bm))
+        return (grad_d, grad_d if out is None else descriptor(out, (bk, bm)), descriptor(x, (bk, bn)),
+                descriptor(grad_w, (bm, bn)), grad_w if grad_b is None else grad_b, M, N, K)
 
     # 16-bit bias sums as a dot with a tile of ones, fp32 by tl.sum (the kernel says why)
     variant = (dtype, dot_precision(dtype), need_bias_grad, dtype != torch.float32, out is not None)

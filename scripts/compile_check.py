@@ -46,7 +46,7 @@ OPS = ("linear_relu", "mlp", "linear_relu_hopper", "embedding_dot_bias", "sgd")
 OP_MODULES = {
     "linear_relu": ("linear_relu",),
     "mlp": ("mlp",),
-    "linear_relu_hopper": ("linear_relu_hopper",),
+    "linear_relu_hopper": ("linear_relu_hopper_kernels",),
     "embedding_dot_bias": ("embedding_dot_bias_kernels", "segment_reduce"),
     "sgd": ("sgd_kernel",),
 }

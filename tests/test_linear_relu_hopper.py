@@ -19,6 +19,7 @@ from fastcore5.kernels import _tuning
 from fastcore5.kernels._common import HOPPER_SHARED_MEMORY_BYTES
 from fastcore5.kernels import linear_relu as portable
 from fastcore5.kernels import linear_relu_hopper as hopper
+from fastcore5.kernels import tma_descriptors
 
 from conftest import HAS_CUDA
 from helpers import allow_tf32, assert_parity
@@ -133,15 +134,15 @@ def test_descriptor_cache_hits_only_for_the_same_address_shape_strides_block_dty
     wrong memory, silently: every fact a descriptor encodes must be in its key."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    hopper._DESCRIPTORS.clear()
+    tma_descriptors._DESCRIPTORS.clear()
     memory = torch.randn(64 * 64, dtype=torch.bfloat16)
     t = memory[: 64 * 48].view(64, 48)
-    d = hopper.cached_descriptor(t, (16, 32))
+    d = tma_descriptors.cached_descriptor(t, (16, 32))
     fresh = TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 32])
     assert (d.base.data_ptr(), d.base.dtype, d.shape, d.strides, d.block_shape) == (
         fresh.base.data_ptr(), fresh.base.dtype, fresh.shape, fresh.strides, fresh.block_shape)
-    assert hopper.cached_descriptor(t, (16, 32)) is d
-    assert hopper.cached_descriptor(memory[: 64 * 48].view(64, 48), (16, 32)) is d  # another view, same layout
+    assert tma_descriptors.cached_descriptor(t, (16, 32)) is d
+    assert tma_descriptors.cached_descriptor(memory[: 64 * 48].view(64, 48), (16, 32)) is d  # another view, same layout
     changed = {
         "address": memory[16 : 16 + 64 * 48].view(64, 48),
         "shape": memory[: 63 * 48].view(63, 48),
@@ -150,10 +151,10 @@ def test_descriptor_cache_hits_only_for_the_same_address_shape_strides_block_dty
         "copy": t.clone(),
     }
     for what, other in changed.items():
-        assert hopper.cached_descriptor(other, (16, 32)) is not d, what
-        assert hopper.cached_descriptor(other, (16, 32)).base.data_ptr() == other.data_ptr(), what
-    assert hopper.cached_descriptor(t, (32, 16)) is not d  # block shape
-    assert hopper.cached_descriptor(t, (16, 32)) is d  # still there
+        assert tma_descriptors.cached_descriptor(other, (16, 32)) is not d, what
+        assert tma_descriptors.cached_descriptor(other, (16, 32)).base.data_ptr() == other.data_ptr(), what
+    assert tma_descriptors.cached_descriptor(t, (32, 16)) is not d  # block shape
+    assert tma_descriptors.cached_descriptor(t, (16, 32)) is d  # still there
 
 
 def test_descriptor_key_names_the_device():
@@ -173,8 +174,8 @@ def test_descriptor_key_names_the_device():
         def get_device(self):
             return self.device
 
-    assert hopper.descriptor_key(OnDevice(0), (16, 32)) == hopper.descriptor_key(OnDevice(0), (16, 32))
-    assert hopper.descriptor_key(OnDevice(0), (16, 32)) != hopper.descriptor_key(OnDevice(1), (16, 32))
+    assert tma_descriptors.descriptor_key(OnDevice(0), (16, 32)) == tma_descriptors.descriptor_key(OnDevice(0), (16, 32))
+    assert tma_descriptors.descriptor_key(OnDevice(0), (16, 32)) != tma_descriptors.descriptor_key(OnDevice(1), (16, 32))
 
 
 def test_descriptor_cache_keeps_no_tensor_alive_and_stays_bounded(monkeypatch):
@@ -183,16 +184,16 @@ def test_descriptor_cache_keeps_no_tensor_alive_and_stays_bounded(monkeypatch):
 
     t = torch.randn(64, 48, dtype=torch.bfloat16)
     alive = weakref.ref(t)
-    descriptor = hopper.cached_descriptor(t, (16, 32))
+    descriptor = tma_descriptors.cached_descriptor(t, (16, 32))
     del t
     gc.collect()
     assert alive() is None and descriptor.base.data_ptr() % 16 == 0
-    monkeypatch.setattr(hopper, "_MAX_DESCRIPTORS", 4)
-    hopper._DESCRIPTORS.clear()
+    monkeypatch.setattr(tma_descriptors, "_MAX_DESCRIPTORS", 4)
+    tma_descriptors._DESCRIPTORS.clear()
     keep = [torch.randn(16, 16) for _ in range(10)]
     for x in keep:
-        hopper.cached_descriptor(x, (16, 16))
-        assert len(hopper._DESCRIPTORS) <= 4
+        tma_descriptors.cached_descriptor(x, (16, 16))
+        assert len(tma_descriptors._DESCRIPTORS) <= 4
 
 
 # ---- eligibility -----------------------------------------------------------------------------
@@ -275,7 +276,8 @@ def test_the_kernel_choice(sm90, monkeypatch):
 
 
 # Every Triton kernel a Linear+ReLU or MLP launch can run, by the name its launches are recorded under.
-_TMA_KERNELS = {"_fwd_kernel", "_bwd_input_kernel", "_bwd_weight_kernel"}
+_FWD_AND_GRAD_INPUT = "_fwd_and_grad_input_kernel"  # the forward when B_TRANSPOSED, else grad_x
+_TMA_KERNELS = {_FWD_AND_GRAD_INPUT, "_bwd_weight_kernel"}
 _PORTABLE_KERNELS = {"_linear_relu_fwd_kernel", "_linear_relu_bwd_input_kernel", "_linear_relu_bwd_weight_kernel",
                      "_mlp_grad_input_kernel"}
 
@@ -285,7 +287,7 @@ def launches(monkeypatch):
     """The (kernel, flags) of every launch of the GEMM kernels, in order; each launch still runs."""
     from fastcore5.kernels import linear_relu as portable_module, mlp as mlp_module
 
-    flag_names = ("HAS_BIAS", "RELU", "MASK_GRAD", "MASK_BELOW", "MASK", "HAS_BIAS_GRAD", "HAS_WEIGHT_GRAD")
+    flag_names = ("B_TRANSPOSED", "HAS_BIAS", "RELU", "MASK_GRAD", "MASK_BELOW", "MASK", "HAS_BIAS_GRAD", "HAS_WEIGHT_GRAD")
     seen = []
     kernels = [getattr(m, name) for m in (hopper, portable_module, mlp_module) for name in dir(m)
                if name in _TMA_KERNELS | _PORTABLE_KERNELS]
@@ -342,10 +344,11 @@ def _run_and_compare(model, x, grad_out, mlp):
 # choice says TMA: hidden layers' forward with ReLU, the output layer's without, the output
 # layer's grad_W, its grad-input masked by the hidden layer below, and so on down to grad_x.
 _MLP_TMA_LAUNCHES = [
-    ("_fwd_kernel", ("HAS_BIAS", "RELU")), ("_fwd_kernel", ("HAS_BIAS", "RELU")), ("_fwd_kernel", ("HAS_BIAS",)),
-    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), ("_bwd_input_kernel", ("MASK_BELOW",)),
-    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), ("_bwd_input_kernel", ("MASK_BELOW",)),
-    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), ("_bwd_input_kernel", ()),
+    (_FWD_AND_GRAD_INPUT, ("B_TRANSPOSED", "HAS_BIAS", "RELU")), (_FWD_AND_GRAD_INPUT, ("B_TRANSPOSED", "HAS_BIAS", "RELU")),
+    (_FWD_AND_GRAD_INPUT, ("B_TRANSPOSED", "HAS_BIAS")),
+    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), (_FWD_AND_GRAD_INPUT, ("MASK_BELOW",)),
+    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), (_FWD_AND_GRAD_INPUT, ("MASK_BELOW",)),
+    ("_bwd_weight_kernel", ("HAS_BIAS_GRAD",)), (_FWD_AND_GRAD_INPUT, ()),
 ]
 
 
@@ -453,9 +456,9 @@ def test_candidates_fit_shared_memory_and_the_problem(monkeypatch):
 def _estimate_inputs(row) -> tuple[int, int]:
     """(streamed tiles, output tiles) of the launcher that launched a TMA kernel's row."""
     c = row["constexprs"]
-    if row["kernel"] == "_fwd_kernel":
+    if row["kernel"] == _FWD_AND_GRAD_INPUT and c["B_TRANSPOSED"] == "True":  # the forward
         return 1, 1
-    if row["kernel"] == "_bwd_input_kernel":
+    if row["kernel"] == _FWD_AND_GRAD_INPUT:  # grad_x
         return (2, 1) if c["MASK_GRAD"] == "True" else (1, 2)  # Linear+ReLU's, the MLP's
     return (2, 1) if c["RELU"] == "True" else (1, 1)
 
@@ -470,13 +473,14 @@ def test_kernels_compile_for_sm90_with_tma_wgmma_and_pipelined_operands():
     rows = [r for r in compile_op("linear_relu_hopper") if r["kernel"] in _TMA_KERNELS]
     seen = {(r["kernel"], r["signature"].split("<")[1].split("[")[0]) for r in rows}
     assert seen == {(k, d) for k in _TMA_KERNELS for d in ("bf16", "fp16", "fp32")}
-    flag_names = ("HAS_BIAS", "RELU", "MASK_GRAD", "MASK_BELOW", "HAS_BIAS_GRAD")
+    flag_names = ("B_TRANSPOSED", "HAS_BIAS", "RELU", "MASK_GRAD", "MASK_BELOW", "HAS_BIAS_GRAD")
     variants = {(r["kernel"], *(f for f in flag_names if r["constexprs"].get(f) == "True")) for r in rows}
+    forward, grad_input = (_FWD_AND_GRAD_INPUT, "B_TRANSPOSED"), (_FWD_AND_GRAD_INPUT,)
     assert variants == {
-        ("_fwd_kernel", "HAS_BIAS", "RELU"), ("_fwd_kernel", "RELU"),  # Linear+ReLU
-        ("_fwd_kernel", "HAS_BIAS"), ("_fwd_kernel",),  # the MLP's output layer
-        ("_bwd_input_kernel", "MASK_GRAD"),  # Linear+ReLU
-        ("_bwd_input_kernel", "MASK_BELOW"), ("_bwd_input_kernel",),  # the MLP, above a hidden layer / the input
+        (*forward, "HAS_BIAS", "RELU"), (*forward, "RELU"),  # Linear+ReLU
+        (*forward, "HAS_BIAS"), forward,  # the MLP's output layer
+        (*grad_input, "MASK_GRAD"),  # Linear+ReLU
+        (*grad_input, "MASK_BELOW"), grad_input,  # the MLP, above a hidden layer / the input
         ("_bwd_weight_kernel", "RELU", "HAS_BIAS_GRAD"), ("_bwd_weight_kernel", "RELU"),  # Linear+ReLU
         ("_bwd_weight_kernel", "HAS_BIAS_GRAD"), ("_bwd_weight_kernel",),  # the MLP
     }

@@ -123,7 +123,7 @@ def _tiles(configs):
 
 def test_candidates_fit_shared_memory_and_the_problem():
     big_bf16 = gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 8192, 4096, 1024))
-    assert len(big_bf16) == len(gemm_launch._HOPPER_TILES)
+    assert len(big_bf16) == len(gemm_launch.hopper_tiles(gemm_launch.PORTABLE))
     big_fp32 = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.float32, 8192, 4096, 1024)))
     assert big_fp32 and not big_fp32 & {(128, 256, 64, 3), (256, 128, 64, 3), (128, 128, 64, 4)}
     for m, n, k, stages in big_fp32:
@@ -132,6 +132,18 @@ def test_candidates_fit_shared_memory_and_the_problem():
     assert tiny == {(64, 64, 32, 5)}
     skinny = _tiles(gemm_launch.hopper_candidates(_bucket(lr._forward, torch.bfloat16, 60, 4096, 4096)))
     assert skinny and all(m == 64 for m, _, _, _ in skinny) and max(n for _, n, _, _ in skinny) == 256
+
+
+def test_hopper_tiles_are_one_table_for_both_gemm_families():
+    """Every tile of gemm_launch.HOPPER_TILES is timed by a family that exists, and the TMA
+    kernels' tiles fill whole warpgroups (4 or 8 warps), which their wgmma needs: a 2-warp tile
+    would compile them to the older mma path."""
+    from fastcore5.kernels import linear_relu_hopper
+
+    families = {gemm_launch.PORTABLE, gemm_launch.TMA}
+    assert all(tile_families and set(tile_families) <= families for tile_families in gemm_launch.HOPPER_TILES.values())
+    tma = gemm_launch.hopper_tiles(gemm_launch.TMA)
+    assert tma == linear_relu_hopper._TILES and all(warps in (4, 8) for *_, warps in tma)
 
 
 def test_launcher_chooses_once_per_bucket_then_launches_directly(monkeypatch):
