@@ -8,6 +8,8 @@ indices and values are applied row by row, never formed into a dense gradient. E
 backend (and a gradient or layout the op does not take) runs the reference update."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .. import backends
@@ -41,13 +43,15 @@ class SparseGradStep:
     weight decay is refused, as torch refuses it (``check_sparse_grad``); decoupled weight decay
     scales the whole param. A grad_scale unscales the values in the step, without writing them
     back. ``backend``: the backend ``backends.select`` chose for the params; "cpu" runs the C++
-    op, the others the reference. Same interface as ``PreparedStep``."""
+    op, the others the reference. ``param_names`` name the params in errors (default:
+    ``params[i]``). Same interface as ``PreparedStep``."""
 
-    __slots__ = ("backend", "native")
+    __slots__ = ("backend", "native", "param_names")
 
-    def __init__(self, backend: str = "torch"):
+    def __init__(self, backend: str = "torch", param_names: list[str] | None = None):
         self.backend = backend
         self.native = _native_sparse_step() if backend == "cpu" else None
+        self.param_names = param_names
 
     def addresses_unchanged(self, params) -> bool:
         return True
@@ -61,10 +65,17 @@ class SparseGradStep:
         grad_scale, found_inf = on_device(device, grad_scale), on_device(device, found_inf)
         if self.native is not None and _takes(params, grads, buffers):
             # _indices/_values: the uncoalesced entries as they are (indices() would demand a coalesce).
-            self.native(
-                params, [g._indices()[0] for g in grads], [g._values() for g in grads], buffers,
-                *hyper.launcher_args(device), first_step, grad_scale, found_inf, skip_flag,
-            )
+            try:
+                self.native(
+                    params, [g._indices()[0] for g in grads], [g._values() for g in grads], buffers,
+                    *hyper.launcher_args(device), first_step, grad_scale, found_inf, skip_flag,
+                )
+            except IndexError as error:  # the op names its list position: name the param
+                position = re.search(r"indices\[(\d+)\]", str(error))
+                if self.param_names is None or position is None:
+                    raise
+                name = self.param_names[int(position.group(1))]
+                raise IndexError(f"the sparse .grad of {name} holds an index outside its rows: {error}") from None
             torch.autograd.graph.increment_version(params)
             return
         if grad_scale is not None:

@@ -297,7 +297,7 @@ class SGD(LayerGroupFreezing, ContiguousMode, Optimizer):
             launch.new_buffers = buffers if first else None
             names = [param_name(i, index) for i in idx]
             if sparse:
-                launch.prepared = SparseGradStep(backends.select(OP, device, dtype))
+                launch.prepared = SparseGradStep(backends.select(OP, device, dtype), names)
             else:
                 launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
