@@ -5,6 +5,7 @@
 //   linear_relu_forward, linear_relu_backward           kernel-level ops, like the Triton
 //   embedding_dot_bias_forward, embedding_dot_bias_backward   launchers of the same names in
 //   sgd_step                                            fastcore5.kernels (plus allow_tf32)
+//   sgd_sparse_step                                     CPU only: SGD of sparse COO gradients
 //   linear_relu, embedding_dot_bias                     autograd ops: autograd in C++ (Autograd
 //                                                       key), so an eager call crosses into C++ once
 // Two sets of kernels implement them, both optional:
@@ -96,6 +97,13 @@ TORCH_LIBRARY(fastcore5_native, m) {
       "sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor? lr_tensor, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool decoupled_weight_decay, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? skip_flag) -> ()");
+  // A step of params with sparse COO gradients (one sparse dimension), each given as its indices
+  // (nnz,) and values (nnz, *param.shape[1:]); CPU only (csrc/cpu/sgd_sparse.cpp).
+  m.def(
+      "sgd_sparse_step(Tensor(a!)[] params, Tensor[] indices, Tensor[] values, Tensor(b!)[] momentum_buffers, "
+      "Tensor? lr_tensor, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool decoupled_weight_decay, bool first_step, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? skip_flag) -> ()");
 }
 
 #ifdef FASTCORE5_WITH_CUDA

@@ -56,6 +56,11 @@ def _sgd_step(params, grads, momentum_buffers, lr_tensor, lr, momentum, dampenin
     return None
 
 
+def _sgd_sparse_step(params, indices, values, momentum_buffers, lr_tensor, lr, momentum, dampening, weight_decay,
+                     nesterov, maximize, decoupled_weight_decay, first_step, grad_scale, found_inf, skip_flag):
+    return None
+
+
 # linear_relu and embedding_dot_bias are the autograd ops (autograd in C++); their fakes are what
 # torch.compile sees below autograd.
 FAKES = {
@@ -66,6 +71,7 @@ FAKES = {
     "embedding_dot_bias_backward": _embedding_dot_bias_backward,
     "embedding_dot_bias": _embedding_dot_bias,
     "sgd_step": _sgd_step,
+    "sgd_sparse_step": _sgd_sparse_step,
 }
 
 _registered = False

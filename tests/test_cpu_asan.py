@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # The test modules whose ASAN_CALLS the child runs: each a list of (name, exception or None, callable).
-CALL_MODULES = ["test_cpu_sgd", "test_cpu_embedding_dot_bias", "test_cpu_linear_relu"]
+CALL_MODULES = ["test_cpu_sgd", "test_cpu_sgd_sparse", "test_cpu_embedding_dot_bias", "test_cpu_linear_relu"]
 
 CHILD = textwrap.dedent(
     """

@@ -40,6 +40,7 @@
 #include "../checks.h"
 #include "../sgd_checks.h"
 #include "sgd_kernel.h"
+#include "sgd_update.h"
 
 namespace fastcore5 {
 namespace cpu_sgd {
@@ -55,33 +56,6 @@ constexpr int64_t kChunksPerThreadAtLeast = 4;  // at::parallel_for's grain: sma
 // elements: one chunk each) would otherwise fork for 32k elements of work. Torch's own CPU loops
 // parallelise from 32k elements per thread (at::internal::GRAIN_SIZE).
 constexpr int64_t kParallelFromElements = 65536;
-
-// One step's coefficients, broadcast once per call. acc_t: float, or double for fp64 tensors.
-template <typename acc_t>
-struct Update {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec lr, scale, momentum, keep, weight_decay, decay;  // keep = 1 - dampening; decay = 1 - lr*wd
-  bool has_scale, maximize, has_weight_decay, decoupled, has_momentum, first_step, nesterov;
-
-  // ``grad`` comes in as stored and leaves unscaled (the value written back with a GradScaler);
-  // ``buf`` is read only after the first step.
-  void apply(Vec& p, Vec& grad, Vec& buf) const {
-    if (has_scale) grad = grad / scale;
-    Vec g = maximize ? grad.neg() : grad;
-    if (has_weight_decay) {
-      if (decoupled) {
-        p = p * decay;
-      } else {
-        g = g + weight_decay * p;
-      }
-    }
-    if (has_momentum) {
-      buf = first_step ? g : momentum * buf + keep * g;
-      g = nesterov ? g + momentum * buf : buf;
-    }
-    p = p - lr * g;
-  }
-};
 
 // n consecutive elements from p, g and (with momentum) b, for fp32 and fp64 tensors.
 template <typename scalar_t>
@@ -124,15 +98,6 @@ void step_reduced_precision(scalar_t* p, scalar_t* g, scalar_t* b, int64_t n, co
   }
 }
 
-// The value of a one-element floating tensor (checked by check_sgd_arguments) on the host.
-double read_scalar(const Tensor& t) {
-  double value = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sgd_step", [&] {
-    value = static_cast<double>(*t.const_data_ptr<scalar_t>());
-  });
-  return value;
-}
-
 template <typename scalar_t, typename acc_t>
 void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, int64_t total_numel,
               const Update<acc_t>& update) {
@@ -163,29 +128,6 @@ void run_step(const std::vector<TensorSpan>& spans, int64_t total_chunks, int64_
   } else {
     at::parallel_for(0, total_chunks, kChunksPerThreadAtLeast, walk);
   }
-}
-
-template <typename acc_t>
-Update<acc_t> make_update(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                          bool maximize, bool decoupled_weight_decay, bool first_step,
-                          const OptionalTensor& grad_scale) {
-  Update<acc_t> u;
-  // The products below in acc_t, as the GPU kernel forms them per element.
-  const acc_t lr_acc = static_cast<acc_t>(lr), wd_acc = static_cast<acc_t>(weight_decay);
-  u.lr = lr_acc;
-  u.has_scale = grad_scale.has_value();
-  u.scale = u.has_scale ? static_cast<acc_t>(read_scalar(*grad_scale)) : acc_t(1);
-  u.momentum = static_cast<acc_t>(momentum);
-  u.keep = static_cast<acc_t>(1.0 - dampening);
-  u.weight_decay = wd_acc;
-  u.decay = acc_t(1) - lr_acc * wd_acc;
-  u.has_weight_decay = weight_decay != 0.0;
-  u.decoupled = decoupled_weight_decay;
-  u.has_momentum = momentum != 0.0;
-  u.first_step = first_step;
-  u.nesterov = nesterov && u.has_momentum;
-  u.maximize = maximize;
-  return u;
 }
 
 }  // namespace

@@ -137,7 +137,8 @@ def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]
     """Forward, backward and a plain SGD step (lr only): dense gradients (each step allocates and
     zero-fills two gradient tables, then the optimizer walks every row) against sparse gradients
     with a row-wise update (torch.optim.SGD adds an uncoalesced COO gradient row by row); plus the
-    two full-table passes of the dense step timed alone."""
+    two full-table passes of the dense step timed alone. Then, without and with momentum 0.9, the
+    fused sparse step (fastcore5's SGD on the sparse gradients) against both."""
     def make_tables():
         return [
             (torch.randn(rows, cols, device=device) * scale).requires_grad_()
@@ -171,7 +172,21 @@ def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]
 
     table_bytes = (n_users + n_items) * factors * FLOAT_BYTES
     shape = f"{n_users}u.{n_items}i.D{factors}.B{batch}"
-    return [
+    fused_rows = []
+    for momentum in (0.0, 0.9):
+        # fastcore5's SGD on sparse gradients (the cpu backend's row-wise C++ step) against the dense
+        # gradients with fastcore5's SGD and the sparse ones with torch's SGD, each with its own tables.
+        tables = {label: make_tables() for label in ("fastcore5.sparse_fused", "fastcore5.dense", "torch_sgd.sparse")}
+        optimizers = {
+            label: (torch.optim.SGD if label.startswith("torch") else fastcore5.optim.SGD)(t, lr=STEP_LR, momentum=momentum)
+            for label, t in tables.items()
+        }
+        fused_rows.append(Case(
+            "embedding_dot_bias", f"{shape}.sparse_fused.momentum{momentum:g}", "fp32", "step",
+            {label: step(tables[label], optimizers[label], not label.endswith("dense")) for label in tables},
+            ours="fastcore5.sparse_fused",
+        ))
+    return fused_rows + [
         Case(
             "embedding_dot_bias", shape, "fp32", "step",
             {"fastcore5": step(dense_tables, dense_sgd, False), "fastcore5.sparse": step(sparse_tables, sparse_sgd, True)},

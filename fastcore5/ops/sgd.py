@@ -2,12 +2,14 @@
 
 Layers, as for every op (see linear_relu.py), except that SGD has no autograd (it runs under
 no_grad and only mutates):
-  * ``SGDHyper``: the hyper-parameters of one param group, the one record every layer passes;
+  * ``SGDHyper`` (``sgd_hyper.py``): the hyper-parameters of one param group, the one record
+    every layer passes;
   * ``sgd_step_op``: ``custom_op("fastcore5::sgd_step")`` that mutates params, grads (only with a
     grad_scale: the unscaled grads are written back, as torch's fused SGD does) and the momentum
     buffers; its fake implementation returns nothing, so it traces under torch.compile;
   * ``PreparedStep``: what ``fastcore5.optim.SGD`` keeps per (device, dtype) group between
     steps, calling the launcher without the dispatcher;
+  * ``SparseGradStep`` (``sgd_sparse.py``): the step of params whose gradient is sparse;
   * ``sgd_step``: the public functional form, mirroring ``reference.sgd_step``: it checks every
     argument (errors name it), groups the tensors by device, dtype and first-step-ness, and
     returns the momentum buffers.
@@ -37,9 +39,6 @@ from __future__ import annotations
 
 import functools
 import operator
-from numbers import Real
-from typing import NamedTuple
-
 from types import SimpleNamespace
 
 import torch
@@ -48,85 +47,13 @@ from torch import Tensor
 from .. import backends, reference
 from .._checks import FLOAT_DTYPES, check_tensor
 from .sgd_checks import check_flag, check_param_and_grad
+from .sgd_hyper import SGDHyper, on_device
+
+__all__ = ["OP", "KERNELS", "LAUNCHER_SCHEMA", "SGDHyper", "PreparedStep", "cpu_step_plan", "new_momentum_buffers",
+           "on_device", "reference_step", "run_traced_step", "sgd_step", "sgd_step_op"]
 
 OP = "sgd"
 _LAYOUT = operator.attrgetter("layout")
-_PLAIN_NUMBERS = frozenset((float, int))
-
-
-class SGDHyper(NamedTuple):
-    """One param group's hyper-parameters, as torch.optim.SGD names them (plus the decoupled decay)."""
-
-    lr: float | Tensor
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    maximize: bool = False
-    decoupled_weight_decay: bool = False
-
-    @classmethod
-    def from_group(cls, group: dict) -> SGDHyper:
-        return cls(
-            group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
-            group["maximize"], group["decoupled_weight_decay"],
-        )
-
-    def on(self, device: torch.device) -> SGDHyper:
-        """These hyper-parameters with a tensor lr on ``device`` (copied without blocking if needed)."""
-        lr = self.lr
-        if type(lr) is float or not isinstance(lr, Tensor) or lr.device == device:
-            return self
-        return self._replace(lr=lr.to(device, non_blocking=True))
-
-    def check_types(self) -> None:
-        """The types a step needs (torch itself fails on these only inside its step, halfway)."""
-        lr = self.lr
-        if (type(lr) in _PLAIN_NUMBERS and type(self.momentum) in _PLAIN_NUMBERS
-                and type(self.dampening) in _PLAIN_NUMBERS and type(self.weight_decay) in _PLAIN_NUMBERS):
-            return  # the common case, at every step: four type lookups
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-            if not lr.dtype.is_floating_point:
-                raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
-        elif not isinstance(lr, Real) or isinstance(lr, bool):  # Real: NumPy scalars too, as torch takes them
-            raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
-        for name in ("momentum", "dampening", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (Real, Tensor)) or isinstance(value, Tensor) and value.numel() != 1:
-                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-
-    def check(self, read_tensor_lr: bool = True) -> None:
-        """torch.optim.SGD's checks, with its messages (plus type checks torch leaves to later errors).
-        ``read_tensor_lr=False`` skips the sign check of a tensor lr, which reads it on the host (a
-        sync for a device tensor); the optimizer checks it once, at construction, as torch does."""
-        self.check_types()
-        lr = self.lr
-        if isinstance(lr, Tensor):
-            if read_tensor_lr and lr < 0.0:
-                raise ValueError(f"Invalid learning rate: {lr}")
-        elif lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if self.momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {self.momentum}")
-        if self.weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {self.weight_decay}")
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def launcher_args(self, device: torch.device) -> tuple:
-        """(lr_tensor, lr, momentum, dampening, weight_decay, nesterov, maximize, decoupled_weight_decay)
-        in the launcher contract's order and types; a tensor lr is read on ``device``."""
-        lr = self.lr
-        if isinstance(lr, Tensor):
-            lr_tensor, lr = on_device(device, lr.detach()), 0.0
-        else:
-            lr_tensor, lr = None, float(lr)
-        return (
-            lr_tensor, lr, float(self.momentum), float(self.dampening), float(self.weight_decay),
-            bool(self.nesterov), bool(self.maximize), bool(self.decoupled_weight_decay),
-        )
 
 
 def _triton_kernels():
@@ -175,11 +102,6 @@ def new_momentum_buffers(params) -> list[Tensor]:
     Zero, not uninitialised: a skipped first step leaves them zero, which the next step reads as
     torch's first step (module docstring), without reading found_inf on the host."""
     return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-
-
-def on_device(device: torch.device, t: Tensor | None) -> Tensor | None:
-    """``t`` (None, or a tensor such as grad_scale) on ``device``, copied without blocking if it is elsewhere."""
-    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
 def cpu_step_plan(params, buffers, grads=None, gradless=()):
@@ -250,7 +172,7 @@ class PreparedStep:
         device = params[0].device
         grad_scale, found_inf = on_device(device, grad_scale), on_device(device, found_inf)
         if self.backend == "torch":
-            _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, skip_flag)
+            reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, skip_flag)
             return
         if self.native_run is not None:  # bumps the params' versions itself
             self.native_run(hyper.on(device), first_step, grad_scale, found_inf, skip_flag)
@@ -269,12 +191,12 @@ def run_traced_step(backend, params, grads, buffers, hyper: SGDHyper, first_step
     device = params[0].device
     grad_scale, found_inf = on_device(device, grad_scale), on_device(device, found_inf)
     if backend == "torch":
-        _reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, None)
+        reference_step(params, grads, buffers, first_step, hyper, grad_scale, found_inf, None)
     else:
         sgd_step_op(params, grads, buffers, *hyper.launcher_args(device), first_step, grad_scale, found_inf, None, backend)
 
 
-def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_scale, found_inf, skip_flag) -> None:
+def reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_scale, found_inf, skip_flag) -> None:
     """The "torch" backend: reference.sgd_step plus the skip protocol the kernels follow, without
     a host read: with a flag, the update is computed on copies and written back through
     ``torch.where(skip, old, new)``, so a skipped step changes nothing, grads included. Sparse
@@ -306,35 +228,6 @@ def _reference_step(params, grads, buffers, first_step, hyper: SGDHyper, grad_sc
         updated = list(params) + [g for g in grads if g.layout is torch.strided] + list(buffers)
         for target, value in zip(targets, updated):
             target.copy_(torch.where(skip, target, value))
-
-
-class SparseGradStep:
-    """The params of one (device, dtype) whose ``.grad`` is sparse (``nn.Embedding(sparse=True)``),
-    on every backend: torch.optim.SGD's update, which without momentum touches only the rows the
-    gradient holds (``p.add_(grad, alpha=-lr)``, the fast path for a big embedding table). With
-    momentum the buffer is dense (torch keeps a sparse one that grows by the gradient's entries
-    every step; the values are the same). L2 weight decay is refused, as torch refuses it
-    (``check_sparse_grad``); decoupled weight decay scales the whole param. Same interface as
-    ``PreparedStep``."""
-
-    __slots__ = ()
-    backend = "torch"
-
-    def addresses_unchanged(self, params) -> bool:
-        return True
-
-    def check_grads(self, params, grads) -> None:
-        if not all(g.layout is torch.sparse_coo for g in grads):
-            raise TypeError("a sparse gradient was replaced by a dense one: the step is planned again")
-
-    def run(self, params, grads, buffers, hyper: SGDHyper, first_step: bool, grad_scale, found_inf, skip_flag) -> None:
-        device = params[0].device
-        if grad_scale is not None:
-            grads = [g.clone() for g in grads]  # unscaled copies: a sparse .grad is not written back
-        _reference_step(
-            params, grads, buffers, first_step, hyper, on_device(device, grad_scale), on_device(device, found_inf),
-            skip_flag,
-        )
 
 
 # The same parameters as reference.sgd_step, written again on purpose (a duplicate pair that stays):
@@ -411,7 +304,7 @@ def sgd_step(
             flags = (on_device(device, grad_scale), on_device(device, found_inf), on_device(device, skip_flag))
             backend = backends.select(OP, device, dtype)
             if backend == "torch":
-                _reference_step(ps, gs, bs, first, hyper, *flags)
+                reference_step(ps, gs, bs, first, hyper, *flags)
             else:
                 sgd_step_op(ps, gs, bs, *hyper.launcher_args(device), first, *flags, backend)
     return buffers

@@ -40,8 +40,12 @@ they say something changed are the ``.grad`` tensors looked at one by one. Const
 
 Where each part lives (each module one job):
 
-* ``sgd.py``: ``SGD`` itself: construction, ``step``, ``zero_grad``, state dicts, the
-  layer-group freezing and the path ``torch.compile`` traces.
+* ``sgd.py``: ``SGD`` itself: construction, ``step``, ``zero_grad``, state dicts and the path
+  ``torch.compile`` traces.
+* ``hooks.py``: the step's wrapper (torch.optim's pre/post hooks, the profiler label only while
+  profiling) and the CUDA-graph capture test.
+* ``freezing.py``: the layer-group freezing (``freeze_to``, ``freeze``, ``unfreeze``, ``refresh``),
+  a mixin of ``SGD``.
 * ``checks.py``: the optimizer's own checks (param groups, contiguous mode's limits, loaded
   state dicts, capturable steps).
 * ``contiguous.py``: contiguous mode's steps over the flat buffers (a mixin of ``SGD``).

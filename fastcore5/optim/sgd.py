@@ -1,24 +1,21 @@
 """``SGD``: torch.optim.SGD with one fused kernel launch per step, a drop-in (see the
 ``fastcore5.optim`` docstring). Normal mode's launch plans are in ``plan.py``, contiguous mode's
 flat buffers in ``flat.py`` and its steps in ``contiguous.py``, the optimizer's argument checks in
-``checks.py``, the kernels behind both modes in ``fastcore5.ops.sgd``.
+``checks.py``, the step's hook wrapper in ``hooks.py``, the layer-group freezing (a mixin) in
+``freezing.py``, the kernels behind both modes in ``fastcore5.ops.sgd``.
 """
 from __future__ import annotations
 
-import functools
 import operator
-import warnings
-from itertools import chain, repeat
+from itertools import repeat
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends, index_errors
-from .._checks import check_int
-from ..ops.sgd import (
-    OP, PreparedStep, SGDHyper, SparseGradStep, cpu_step_plan, new_momentum_buffers, on_device, sgd_step,
-)
+from ..ops.sgd import OP, PreparedStep, SGDHyper, cpu_step_plan, new_momentum_buffers, on_device, sgd_step
+from ..ops.sgd_sparse import SparseGradStep
 from ..ops.sgd_checks import check_param_and_grad, check_same_strides, check_sparse_grad
 from .checks import (
     check_capturable, check_contiguous_groups, check_group, check_loaded_buffers, param_name,
@@ -26,6 +23,8 @@ from .checks import (
 from .contiguous import ContiguousMode, device_skip_flag
 from .distributed import is_dtensor, local_tensor
 from .flat import FlatBuffers
+from .freezing import LayerGroupFreezing
+from .hooks import capturing_cuda_graph, with_hooks
 from .plan import Launch, Plan, backend_request
 
 __all__ = ["SGD"]
@@ -33,53 +32,7 @@ __all__ = ["SGD"]
 _GRAD = operator.attrgetter("grad")
 
 
-def _capturing() -> bool:
-    """A CUDA graph capture is under way on the current stream (never initialises CUDA)."""
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
-def _with_hooks(step):
-    """``step`` wrapped as torch.optim wraps every optimizer's step (``Optimizer.profile_hook_step``:
-    global and per-optimizer pre- and post-hooks, ``_optimizer_step_code``, a profiler label), except
-    that the label (``record_function``, two dispatcher calls, a third of a small step's host time on
-    a CPU when the caches are cold) is entered only while a profiler runs or torch.compile traces.
-    Marked ``hooked``, so Optimizer.__init__ does not wrap it again. On a torch without the global
-    hook tables, torch's own wrapper is kept."""
-    try:
-        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-    except ImportError:
-        return step
-
-    def run_hooked(self, args, kwargs):
-        if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
-            for pre_hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
-                result = pre_hook(self, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(
-                            f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
-                        )
-                    args, kwargs = result
-        out = step(*args, **kwargs)
-        self._optimizer_step_code()
-        if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
-            for post_hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
-                post_hook(self, args, kwargs)
-        return out
-
-    @functools.wraps(step)
-    def wrapper(*args, **kwargs):
-        self = args[0]
-        if not (torch.compiler.is_compiling() or torch.autograd._profiler_enabled()):
-            return run_hooked(self, args, kwargs)
-        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            return run_hooked(self, args, kwargs)
-
-    wrapper.hooked = True
-    return wrapper
-
-
-class SGD(ContiguousMode, Optimizer):
+class SGD(LayerGroupFreezing, ContiguousMode, Optimizer):
     """torch.optim.SGD (momentum, dampening, weight decay, Nesterov, maximize) with a fused step.
 
     Args: as torch.optim.SGD — ``params``, ``lr`` (float or 1-element tensor; a tensor is read on
@@ -102,7 +55,7 @@ class SGD(ContiguousMode, Optimizer):
         raises.
 
     Params whose ``.grad`` is None are skipped. Sparse gradients (``nn.Embedding(sparse=True)``) are
-    stepped as torch.optim.SGD steps them (``fastcore5.ops.sgd.SparseGradStep``). A refused call
+    stepped as torch.optim.SGD steps them (``fastcore5.ops.sgd_sparse.SparseGradStep``). A refused call
     changes nothing: a step checks every group before its first write (docs/errors.md). Works with ``torch.optim.lr_scheduler`` (also
     ``OneCycleLR`` with momentum cycling) and ``torch.amp.GradScaler``: an overflowed step changes
     nothing (read on the device). A step never reads a device value on the host. Momentum buffers
@@ -220,7 +173,7 @@ class SGD(ContiguousMode, Optimizer):
 
     # ------------------------------------------------------------------------------------- step
 
-    @_with_hooks
+    @with_hooks
     def step(self, closure=None):
         """One optimisation step (closure: re-evaluates the model and returns the loss)."""
         if torch.compiler.is_compiling():
@@ -234,7 +187,7 @@ class SGD(ContiguousMode, Optimizer):
             torch._C._set_grad_enabled(grad_enabled)
 
     def _eager_step(self, closure):
-        capturing = _capturing()
+        capturing = capturing_cuda_graph()
         if capturing and not self.capturable:
             raise RuntimeError(
                 "fastcore5.optim.SGD.step is being captured in a CUDA graph but the optimizer was built without "
@@ -344,7 +297,7 @@ class SGD(ContiguousMode, Optimizer):
             launch.new_buffers = buffers if first else None
             names = [param_name(i, index) for i in idx]
             if sparse:
-                launch.prepared = SparseGradStep()
+                launch.prepared = SparseGradStep(backends.select(OP, device, dtype), names)
             else:
                 launch.prepared = PreparedStep(backends.select(OP, device, dtype), members_local, launch.buffers, names)
             launch.prepared.check_grads(members_local, launch_grads)
@@ -361,7 +314,7 @@ class SGD(ContiguousMode, Optimizer):
         if self.capturable or len(launches) != 1:
             return None
         launch = launches[0]
-        if launch.first or launch.dtensor or launch.prepared.backend != "cpu":
+        if launch.first or launch.dtensor or type(launch.prepared) is not PreparedStep or launch.prepared.backend != "cpu":
             return None
         return cpu_step_plan(launch.members, launch.buffers, None, [p for p, miss in zip(params, missing) if miss])
 
@@ -435,38 +388,3 @@ class SGD(ContiguousMode, Optimizer):
                 launch.params(), launch.grads(grads), launch.buffers, hyper, launch.first, grad_scale, found_inf,
                 device_skip_flag(skip_flags, launch.device),
             )
-
-
-    def freeze_to(self, n: int) -> None:
-        """Treat each param group as a layer group: freeze groups [:n] (requires_grad=False and, in
-        normal mode, .grad=None so the step skips them) and unfreeze groups [n:]. Negative n counts
-        from the end, as in fastai: freeze_to(-1) leaves only the last group trainable."""
-        count = len(self.param_groups)
-        n = check_int("n", n, -count, count)
-        frozen = n if n >= 0 else count + n
-        if frozen >= count:
-            warnings.warn(f"freezing {frozen} groups of {count}: the whole model is frozen", stacklevel=2)
-        for i, group in enumerate(self.param_groups):
-            train = i >= frozen
-            for p in group["params"]:
-                p.requires_grad_(train)
-                if not train and not self.contiguous:
-                    p.grad = None
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Contiguous mode: re-read which params are trainable (requires_grad). The step reads it at
-        construction, after freeze_to/freeze/unfreeze and after load_state_dict, not every step (that
-        would cost a pass over all params); call this after toggling requires_grad yourself.
-        Normal mode: nothing to do (params whose .grad is None are skipped at every step)."""
-        for flats in self._flats.values():
-            for flat in flats:
-                flat.refresh_trainable()
-
-    def freeze(self) -> None:
-        """Train only the last param group (fastai's ``freeze``: the head of a pretrained model)."""
-        self.freeze_to(-1)
-
-    def unfreeze(self) -> None:
-        """Train every param group."""
-        self.freeze_to(0)
