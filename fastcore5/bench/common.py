@@ -74,6 +74,42 @@ def _cpu_repetitions(quick: bool) -> int:
     return 5 if quick else 11
 
 
+# Seconds each callable runs before its timing, and at least while timed (--quick: a tenth): a case
+# of a few tenths of a millisecond timed after one warm-up call, 11 repetitions in all, read up to
+# 2.5x slower than in steady state, and differently from run to run (bench/NOTES.md, 2026-12-04).
+_CPU_WARMUP_S, _CPU_MEASURE_S, _CPU_MAX_REPETITIONS = 0.05, 0.2, 400
+
+
+def _cpu_seconds(seconds: float, quick: bool) -> float:
+    return seconds / 10 if quick else seconds
+
+
+def _cpu_samples_ms(fns: dict[str, Callable[[], object]], quick: bool) -> dict[str, list[float]]:
+    """Wall-clock ms of each callable, repetition by repetition, the callables taking turns: at
+    least ``_cpu_repetitions`` of them, more (up to _CPU_MAX_REPETITIONS) until every callable
+    has run for _CPU_MEASURE_S, after each has warmed up for _CPU_WARMUP_S."""
+    warmup_s, measure_ms = _cpu_seconds(_CPU_WARMUP_S, quick), _cpu_seconds(_CPU_MEASURE_S, quick) * 1e3
+    for fn in fns.values():
+        start = time.perf_counter()
+        fn()
+        while time.perf_counter() - start < warmup_s:
+            fn()
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    repetitions = 0
+    while repetitions < _cpu_repetitions(quick) or (
+        repetitions < _CPU_MAX_REPETITIONS and min(spent.values()) < measure_ms
+    ):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - start) * 1e3
+            samples[label].append(elapsed)
+            spent[label] += elapsed
+        repetitions += 1
+    return samples
+
+
 def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> list[float]:
     """Quartiles of the milliseconds per call of ``fn`` on ``device``."""
     if device == "cuda":
@@ -83,19 +119,6 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool = False) -> list[
             fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.25, 0.5, 0.75]
         )]
     return quartiles(_cpu_samples_ms({"fn": fn}, quick)["fn"])
-
-
-def _cpu_samples_ms(fns: dict[str, Callable[[], object]], quick: bool) -> dict[str, list[float]]:
-    """Wall-clock ms of each callable, repetition by repetition, the callables taking turns."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(_cpu_repetitions(quick)):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[label].append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def _copy_GBps(device: str, quick: bool) -> float:
