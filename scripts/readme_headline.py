@@ -2,9 +2,10 @@
 and never typed by hand: `python scripts/readme_headline.py` prints it, `--write` puts it into
 README.md between its headline markers; tests/test_readme.py fails when the two differ.
 
-GPU rows: per op and per alternative, the best ratio (their time / fastcore5's) any published
-GPU run measured, with its case, backend, card, date and commit. CPU rows: the host time per call
-of each entry point that has a target (`fastcore5 bench --host`), as eager's time / fastcore5's.
+Kernel rows, GPU then CPU: per op and per alternative, the best ratio (their time / fastcore5's)
+any published kernel run on that device measured, with its case, backend, card, date and commit.
+Host rows: the host time per call of each entry point that has a target (`fastcore5 bench
+--host`, the latest published run), as eager's time / fastcore5's.
 A folder's provenance.json, when present, corrects fields its runs recorded wrongly (a commit).
 """
 from __future__ import annotations
@@ -39,10 +40,10 @@ def _when(run: dict) -> str:
     return f"{run.get('card', run['device'])}, {run['date'][:10]}, {commit}"
 
 
-def gpu_rows(runs: list[dict]) -> list[list[str]]:
+def kernel_rows(runs: list[dict], device: str) -> list[list[str]]:
     best: dict[tuple[str, str], tuple[float, dict, dict]] = {}
     for run in runs:
-        if run.get("device") != "cuda" or "results" not in run:
+        if run.get("device") != device or "results" not in run:
             continue
         for row in run["results"]:
             for label, ratio in row.get("speedup", {}).items():
@@ -58,7 +59,7 @@ def gpu_rows(runs: list[dict]) -> list[list[str]]:
     return lines
 
 
-def cpu_rows(runs: list[dict]) -> list[list[str]]:
+def host_rows(runs: list[dict]) -> list[list[str]]:
     host = [run for run in runs if run.get("device") == "cpu" and "cases" in run]
     if not host:
         return []
@@ -74,7 +75,7 @@ def headline() -> str:
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *("| " + " | ".join(cells) + " |" for cells in gpu_rows(runs) + cpu_rows(runs)),
+        *("| " + " | ".join(cells) + " |" for cells in kernel_rows(runs, "cuda") + kernel_rows(runs, "cpu") + host_rows(runs)),
     ]
     return "\n".join(lines)
 
