@@ -134,20 +134,17 @@ def _shape_cases(device, n_users, n_items, factors, batch, items_kind, compiled)
 
 
 def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]:
-    """Forward, backward and a plain SGD step (lr only): dense gradients (each step allocates and
-    zero-fills two gradient tables, then the optimizer walks every row) against sparse gradients
-    with a row-wise update (torch.optim.SGD adds an uncoalesced COO gradient row by row); plus the
-    two full-table passes of the dense step timed alone. Then, without and with momentum 0.9, the
-    fused sparse step (fastcore5's SGD on the sparse gradients) against both."""
+    """Forward, backward and an SGD step, without and with momentum 0.9: sparse gradients with
+    fastcore5's SGD (the cpu backend's fused row-wise step) against dense gradients with
+    fastcore5's SGD (each step allocates and zero-fills two gradient tables, then the optimizer
+    walks every row) and against the sparse gradients with torch.optim.SGD; plus the two
+    full-table passes of the dense step timed alone."""
     def make_tables():
         return [
             (torch.randn(rows, cols, device=device) * scale).requires_grad_()
             for rows, cols, scale in ((n_users, factors, 0.1), (n_items, factors, 0.1), (n_users, 1, 0.5), (n_items, 1, 0.5))
         ]
 
-    dense_tables, sparse_tables = make_tables(), make_tables()
-    dense_sgd = fastcore5.optim.SGD(dense_tables, lr=STEP_LR)
-    sparse_sgd = torch.optim.SGD(sparse_tables, lr=STEP_LR)
     users, items = torch.randint(0, n_users, (batch,), device=device), torch.randint(0, n_items, (batch,), device=device)
     grad_out = torch.randn(batch, device=device)
 
@@ -159,7 +156,7 @@ def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]
 
         return run
 
-    weights = [t.detach() for t in dense_tables[:2]]
+    weights = [t.detach() for t in make_tables()[:2]]
     grads = [torch.randn_like(w) for w in weights]
 
     def zero_fill():
@@ -187,10 +184,6 @@ def _training_step_cases(device, n_users, n_items, factors, batch) -> list[Case]
             ours="fastcore5.sparse_fused",
         ))
     return fused_rows + [
-        Case(
-            "embedding_dot_bias", shape, "fp32", "step",
-            {"fastcore5": step(dense_tables, dense_sgd, False), "fastcore5.sparse": step(sparse_tables, sparse_sgd, True)},
-        ),
         Case("embedding_dot_bias", shape + ".zero_fill_dense_grads", "fp32", "part", {"fastcore5": zero_fill},
              bytes_moved=table_bytes),
         Case("embedding_dot_bias", shape + ".sgd_full_table_pass", "fp32", "part", {"fastcore5": full_table_pass},
