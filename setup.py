@@ -84,7 +84,12 @@ def _cublaslt_paths():
 
 # Built whatever else is: the schemas and module (registration.cpp) and the autograd kernels that
 # serve every device.
-COMMON_SOURCES = ["csrc/registration.cpp", "csrc/linear_relu_autograd.cpp", "csrc/embedding_dot_bias_autograd.cpp"]
+COMMON_SOURCES = [
+    "csrc/registration.cpp",
+    "csrc/output_buffers.cpp",
+    "csrc/linear_relu_autograd.cpp",
+    "csrc/embedding_dot_bias_autograd.cpp",
+]
 # Written beside fastcore5/__init__.py when an optional build fails (fastcore5/backends.py reads it).
 BUILD_ERROR_FILE = "_C_build_error.txt"
 # at::parallel_for's OpenMP loop is inline in ATen's headers: without -fopenmp the CPU kernels

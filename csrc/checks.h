@@ -63,7 +63,8 @@ inline void check_index(const char* op, const char* name, const at::Tensor& t,
   }
 }
 
-// A fresh output tensor; NaN-filled when FASTCORE5_POISON=1 (registration.cpp).
+// A fresh output tensor (large CPU ones from a cache of freed outputs); NaN-filled when
+// FASTCORE5_POISON=1. csrc/output_buffers.cpp.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {

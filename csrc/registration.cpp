@@ -14,18 +14,15 @@
 //   CPU    csrc/cpu/<op>.cpp, each registering its own ops for the CPU dispatch key.
 // The autograd kernels of linear_relu and embedding_dot_bias serve both (csrc/linear_relu_autograd.cpp,
 // csrc/embedding_dot_bias_autograd.cpp). This file and those are compiled in every build (setup.py's
-// COMMON_SOURCES): this one holds the schemas, the error helper and the module.
+// COMMON_SOURCES): this one holds the schemas, the error helper and the module; csrc/output_buffers.cpp,
+// also common, where the kernels' outputs come from.
 // Fake (meta) implementations for torch.compile and opcheck live in fastcore5/_native_ops.py, the
 // module named by set_python_module below.
 #include <Python.h>
 
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -44,18 +41,6 @@ void throw_argument_error(ArgError kind, std::string message) {
     case ArgError::kRuntime: break;
   }
   throw c10::Error(where, std::move(message));
-}
-
-// FASTCORE5_POISON=1 (set by the test suite) fills every uninitialised output with NaN before a
-// kernel runs, as the Triton launchers do, so an element a kernel forgets to write fails a test.
-Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static const bool poison = [] {
-    const char* value = std::getenv("FASTCORE5_POISON");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  Tensor out = at::empty(sizes, options);
-  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
 }
 
 namespace {

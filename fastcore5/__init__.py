@@ -3,14 +3,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import backends, nn, optim, reference
+from . import backends, cpu_cache, nn, optim, reference
 from .backends import use_backend
 from .ops.embedding_dot_bias import embedding_dot_bias
 from .ops.linear_relu import linear_relu
 from .ops.mlp import mlp
 
 __version__ = "0.1.0"
-__all__ = ["backends", "nn", "optim", "reference", "use_backend", "linear_relu", "mlp", "embedding_dot_bias"]
+__all__ = ["backends", "cpu_cache", "nn", "optim", "reference", "use_backend", "linear_relu", "mlp", "embedding_dot_bias"]
 
 # Our own commands print this as their one-line error and exit 2.
 _COMMANDS = {"fastcore5", "bench"}

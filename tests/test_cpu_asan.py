@@ -1,6 +1,6 @@
-"""The C++ CPU kernels under AddressSanitizer: csrc/registration.cpp, csrc/*_autograd.cpp
-and csrc/cpu/*.cpp are built with -fsanitize=address into a fresh library and loaded in a child
-process (libasan preloaded, fastcore5._C never loaded there), which runs every bad-input call of
+"""The C++ CPU kernels under AddressSanitizer: setup.py's COMMON_SOURCES and csrc/cpu/*.cpp are
+built with -fsanitize=address into a fresh library and loaded in a child process (libasan
+preloaded, fastcore5._C never loaded there), which runs every bad-input call of
 the kernels' tests and a few good calls on awkward sizes. Any out-of-bounds access aborts the child
 with ASan's report (checked by hand: a full-width store in the SGD kernel's tail was reported as a
 heap-buffer-overflow). The build has no CPU_CAPABILITY flags, so Vectorized is ATen's portable
@@ -31,14 +31,15 @@ CALL_MODULES = ["test_cpu_sgd", "test_cpu_sgd_sparse", "test_cpu_embedding_dot_b
 
 CHILD = textwrap.dedent(
     """
-    import glob, importlib, sys
+    import ast, glob, importlib, sys
     import torch
     from torch.utils.cpp_extension import load
 
     root, build = sys.argv[1], sys.argv[2]
-    # setup.py's COMMON_SOURCES
-    common = ["registration.cpp", "linear_relu_autograd.cpp", "embedding_dot_bias_autograd.cpp"]
-    sources = [f"{root}/csrc/{name}" for name in common] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
+    setup = ast.parse(open(f"{root}/setup.py").read())
+    common = next(ast.literal_eval(node.value) for node in setup.body
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMMON_SOURCES")
+    sources = [f"{root}/{path}" for path in common] + sorted(glob.glob(f"{root}/csrc/cpu/*.cpp"))
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address", "-fopenmp"]
     load(name="fastcore5_asan", sources=sources, extra_cflags=flags, extra_ldflags=["-fsanitize=address", "-fopenmp"],
          build_directory=build, is_python_module=False)

@@ -153,7 +153,7 @@ LAYERS = (
     ("fastcore5.kernels", "fastcore5._native_ops", "fastcore5.reference", "fastcore5._checks", "fastcore5._op_shapes",
      "fastcore5.index_errors", "fastcore5._output_paths"),
     ("fastcore5.backends",),
-    ("fastcore5.ops",),
+    ("fastcore5.ops", "fastcore5.cpu_cache"),
     ("fastcore5.nn", "fastcore5.optim", "fastcore5.interpret"),
     ("fastcore5.cli", "fastcore5.__main__", "fastcore5.demo", "fastcore5.bench", "fastcore5.fastai"),
 )
