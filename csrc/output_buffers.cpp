@@ -24,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdint>
@@ -63,6 +64,8 @@ class CachedCpuAllocator final : public c10::Allocator {
   };
 
   c10::DataPtr allocate(size_t bytes) override {
+    // A cached tensor resized below the threshold (or to nothing) gets ordinary memory.
+    if (bytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(bytes);
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);

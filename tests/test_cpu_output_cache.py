@@ -120,6 +120,19 @@ def test_a_cached_tensor_behaves_like_any_cpu_tensor():
     assert grad.is_shared() and torch.equal(grad[:N_USERS], kept)
 
 
+def test_a_storage_freed_by_resizing_goes_back_to_the_cache():
+    """resize_(0) of the storage (what FSDP does to free a parameter) gives the buffer back at
+    once; the empty storage left behind is ordinary memory, not a cached buffer of 0 bytes."""
+    tables = random_tables(N_USERS, N_ITEMS, FACTORS)
+    (grad, *_), _ = backward_on_fresh_inputs(tables)
+    cpu_cache.empty()
+    grad.untyped_storage().resize_(0)
+    assert cpu_cache.stats()["held_bytes"] == CACHED_GRADIENT_BYTES
+    grad.untyped_storage().resize_(1024)
+    del grad
+    assert cpu_cache.stats()["held_bytes"] == CACHED_GRADIENT_BYTES
+
+
 def run_python(code, **environment):
     env = {**os.environ, **environment}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
