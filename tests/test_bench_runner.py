@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastcore5 import backends
-from fastcore5.bench import runner, table
+from fastcore5.bench import common, runner, table
 from fastcore5.bench.common import Case
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +111,22 @@ def _sgd_row(**extra) -> dict:
         "fraction_of_copy_ceiling": 0.8,
         **extra,
     }
+
+
+def test_cpu_turns_start_one_callable_later_each_repetition(monkeypatch):
+    """No callable always runs right after the same other one (its predecessor's memory traffic
+    decides how warm its caches are): over the repetitions each callable leads equally often."""
+    monkeypatch.setattr(common, "_CPU_WARMUP_S", 0.0)
+    monkeypatch.setattr(common, "_CPU_MEASURE_S", 0.0)
+    calls = []
+    fns = {label: (lambda label=label: calls.append(label)) for label in ("a", "b", "c")}
+    samples = common._cpu_samples_ms(fns, quick=False)
+    repetitions = common._cpu_repetitions(False)
+    assert all(len(times) == repetitions for times in samples.values())
+    turns = [calls[3 + 3 * k: 6 + 3 * k] for k in range(repetitions)]  # after one warm-up call each
+    assert turns[:4] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    leaders = [turn[0] for turn in turns[: repetitions - repetitions % 3]]
+    assert leaders.count("a") == leaders.count("b") == leaders.count("c")
 
 
 def test_table_has_one_line_per_comparison_with_its_spread_and_says_which_way_a_ratio_points():

@@ -85,9 +85,10 @@ def _cpu_seconds(seconds: float, quick: bool) -> float:
 
 
 def _cpu_samples_ms(fns: dict[str, Callable[[], object]], quick: bool) -> dict[str, list[float]]:
-    """Wall-clock ms of each callable, repetition by repetition, the callables taking turns: at
-    least ``_cpu_repetitions`` of them, more (up to _CPU_MAX_REPETITIONS) until every callable
-    has run for _CPU_MEASURE_S, after each has warmed up for _CPU_WARMUP_S."""
+    """Wall-clock ms of each callable, repetition by repetition, the callables taking turns in an
+    order rotated by one each repetition: at least ``_cpu_repetitions`` of them, more (up to
+    _CPU_MAX_REPETITIONS) until every callable has run for _CPU_MEASURE_S, after each has warmed
+    up for _CPU_WARMUP_S."""
     warmup_s, measure_ms = _cpu_seconds(_CPU_WARMUP_S, quick), _cpu_seconds(_CPU_MEASURE_S, quick) * 1e3
     for fn in fns.values():
         start = time.perf_counter()
@@ -96,11 +97,17 @@ def _cpu_samples_ms(fns: dict[str, Callable[[], object]], quick: bool) -> dict[s
             fn()
     samples: dict[str, list[float]] = {label: [] for label in fns}
     spent = dict.fromkeys(fns, 0.0)
+    order = list(fns.items())
     repetitions = 0
     while repetitions < _cpu_repetitions(quick) or (
         repetitions < _CPU_MAX_REPETITIONS and min(spent.values()) < measure_ms
     ):
-        for label, fn in fns.items():
+        # Each repetition starts one contender later: in a fixed order each callable always ran
+        # right after the same other one, whose memory traffic decided how much of its data was
+        # still cached (the SGD step on 40 collab tables read 1.08-1.12x torch's fused step in
+        # that order and 1.29-1.47x rotated; bench/NOTES.md, 2026-12-04 night).
+        first = repetitions % len(order)
+        for label, fn in order[first:] + order[:first]:
             start = time.perf_counter()
             fn()
             elapsed = (time.perf_counter() - start) * 1e3
