@@ -69,10 +69,10 @@ class CachedCpuAllocator final : public c10::Allocator {
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto& free_buffers = free_[bytes];
-      if (!free_buffers.empty()) {
-        data = free_buffers.back();
-        free_buffers.pop_back();
+      const auto found = free_.find(bytes);
+      if (found != free_.end() && !found->second.empty()) {
+        data = found->second.back();
+        found->second.pop_back();
         held_bytes_ -= bytes;
         ++hits_;
       } else {

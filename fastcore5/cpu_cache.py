@@ -26,8 +26,10 @@ def stats() -> dict[str, int]:
 
 def set_limit(limit_bytes: int) -> None:
     """Keep at most ``limit_bytes`` of freed outputs from now on (buffers beyond it are freed now)."""
-    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0:
-        raise ValueError(f"fastcore5.cpu_cache.set_limit: limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool):
+        raise TypeError(f"fastcore5.cpu_cache.set_limit: limit_bytes must be an int, got {type(limit_bytes).__name__}")
+    if limit_bytes < 0:
+        raise ValueError(f"fastcore5.cpu_cache.set_limit: limit_bytes must be >= 0, got {limit_bytes}")
     extension = backends.native_extension()
     if extension is not None:
         extension.cpu_cache_set_limit(limit_bytes)

@@ -99,9 +99,9 @@ def test_lowering_the_limit_frees_down_to_it():
     assert cpu_cache.stats()["held_bytes"] <= held - CACHED_GRADIENT_BYTES
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "256"])
-def test_set_limit_names_a_bad_argument(bad):
-    with pytest.raises(ValueError, match="limit_bytes"):
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("256", TypeError)])
+def test_set_limit_names_a_bad_argument(bad, error):
+    with pytest.raises(error, match="limit_bytes"):
         cpu_cache.set_limit(bad)
 
 
