@@ -67,6 +67,10 @@ inline void check_index(const char* op, const char* name, const at::Tensor& t,
 // FASTCORE5_POISON=1. csrc/output_buffers.cpp.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// A CPU byte buffer a kernel uses as scratch, from the same cache, so one kept between calls is
+// bounded and released with the outputs (fastcore5.cpu_cache); never poisoned. Same file.
+at::Tensor new_cpu_scratch(int64_t bytes);
+
 inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }

@@ -1,5 +1,5 @@
 // Where the native kernels' outputs come from: new_output, and the cache of large CPU output
-// buffers behind it.
+// buffers behind it, which also serves the CPU kernels' scratch (new_cpu_scratch).
 //
 // Why a cache. A training step's dense embedding gradients are tens of MB (45 MB at ML-25M) and
 // are freed at the next zero_grad. glibc hands memory that large back to the kernel (munmap, or
@@ -193,17 +193,26 @@ const bool registered =
 
 }  // namespace
 
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out;
+namespace {
+
+// An uninitialised tensor; on CPU, from the cache when it is large enough to be kept.
+at::Tensor new_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (options.device().is_cpu() && bytes >= kMinCachedBytes) {
-    out = at::detail::empty_generic(sizes, &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                    options.dtype().toScalarType(), std::nullopt);
-  } else {
-    out = at::empty(sizes, options);
+    return at::detail::empty_generic(sizes, &output_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
   }
+  return at::empty(sizes, options);
+}
+
+}  // namespace
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = new_tensor(sizes, options);
   if (poisoning()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
 }
+
+at::Tensor new_cpu_scratch(int64_t bytes) { return new_tensor({bytes}, at::TensorOptions(at::kByte)); }
 
 }  // namespace fastcore5

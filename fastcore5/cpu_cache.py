@@ -1,9 +1,9 @@
 """The cache of the C++ CPU kernels' large outputs (csrc/output_buffers.cpp says why it exists).
 
 An output of the cpu backend of at least 1 MiB (a dense embedding gradient, a (batch, features)
-activation) is allocated from this cache; when the tensor is freed its buffer is kept for the next
-output of the same byte size, so a training step does not fault tens of MB of fresh pages in
-again. The cache keeps at most its limit: 256 MiB unless FASTCORE5_CPU_CACHE_MB says otherwise
+activation), and a kernel's scratch that large (the sparse SGD step's buckets), is allocated from
+this cache; when the tensor is freed its buffer is kept for the next allocation of the same byte
+size, so a training step does not fault tens of MB of fresh pages in again. The cache keeps at most its limit: 256 MiB unless FASTCORE5_CPU_CACHE_MB says otherwise
 when the extension loads (0 turns it off). Like ``torch.cuda.empty_cache()``, ``empty()`` gives
 the kept buffers back to the allocator; buffers of live tensors are not the cache's to free.
 

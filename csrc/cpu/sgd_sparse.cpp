@@ -22,8 +22,8 @@
 // first version, a counting sort by row that then gathered the values, was latency-bound: NOTES).
 // The result is bitwise identical for any thread count and any run. Torch's coalesce may add the
 // duplicates in another order, so against torch the values agree within rounding. The buckets live
-// in a buffer kept by the calling thread between calls (nnz x (8 + row bytes)), so a step does not
-// fault in fresh pages.
+// in a scratch buffer (nnz x (8 + row bytes)) from the CPU outputs' cache (new_cpu_scratch), which
+// keeps it between steps, so a step does not fault in fresh pages.
 //
 // Bad input: every index is checked against the param's rows while counting, for all params of
 // the call, before anything is written (IndexError naming indices[i]). A raised found_inf or
@@ -41,7 +41,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -104,17 +103,6 @@ void prefetch_bytes(const void* start, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset, 1);
 }
 
-// Bytes kept by the calling thread between calls for the bucketed entries (no page faults per step).
-char* scratch(size_t bytes) {
-  thread_local std::unique_ptr<char[]> buffer;
-  thread_local size_t capacity = 0;
-  if (bytes > capacity) {
-    buffer.reset(new char[bytes]);
-    capacity = bytes;
-  }
-  return buffer.get();
-}
-
 // Up to AccVec::size() elements of a row as a vector of the accumulation type, and back.
 template <typename scalar_t>
 struct RowIO {
@@ -171,7 +159,8 @@ void step_param(const SparseParam<scalar_t>& sp, const Update<at::opmath_type<sc
   using acc_t = at::opmath_type<scalar_t>;
   using AccVec = at::vec::Vectorized<acc_t>;
   const int64_t D = sp.D, blocks = static_cast<int64_t>(sp.begin.size()) - 1;
-  auto* bucket_rows = reinterpret_cast<int64_t*>(scratch(sp.nnz * (sizeof(int64_t) + D * sizeof(scalar_t))));
+  const Tensor scratch = new_cpu_scratch(sp.nnz * static_cast<int64_t>(sizeof(int64_t) + D * sizeof(scalar_t)));
+  auto* bucket_rows = static_cast<int64_t*>(scratch.mutable_data_ptr());
   auto* bucket_values = reinterpret_cast<scalar_t*>(bucket_rows + sp.nnz);
   {
     std::vector<int64_t> next(sp.begin.begin(), sp.begin.end() - 1);
