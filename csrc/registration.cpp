@@ -1,5 +1,5 @@
-// The torch library of the native backends: namespace fastcore5_native (the name predates the CPU
-// kernels and is kept: the op layer and the tests call torch.ops.fastcore5_native.*).
+// The torch library of the native backends: namespace fastcore5_native, the C++ ops for CPU and
+// CUDA tensors (the op layer and the tests call torch.ops.fastcore5_native.*).
 //
 // Schemas (fixed by the cross-team contract; the Python op layer in fastcore5/ops calls these):
 //   linear_relu_forward, linear_relu_backward           kernel-level ops, like the Triton
