@@ -111,6 +111,7 @@ def test_a_cached_tensor_behaves_like_any_cpu_tensor():
     kept = grad.clone()
     grad.resize_(2 * N_USERS, FACTORS)  # a resize reallocates through the tensor's allocator
     assert torch.equal(grad[:N_USERS], kept)
+    grad[N_USERS:] = 1.0  # the grown rows are uninitialised (a reused buffer may hold NaN)
     saved = io.BytesIO()
     torch.save(grad, saved)
     saved.seek(0)
